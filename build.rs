@@ -1,0 +1,10 @@
+//! Compiles proto/kiam.proto with protox, so no system `protoc` is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/kiam.proto");
+    let fds = protox::compile(["proto/kiam.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! Command-line flags. Names and defaults follow Go kiam v4 so that a kiam
+//! manifest runs unchanged; every flag can also be set from `KIAM_<FLAG>`
+//! (e.g. `KIAM_SESSION_DURATION`), and `--host` also reads `HOST_IP`.
+//!
+//! Booleans accept both `--flag` and `--flag=false`, as kingpin did, so that
+//! `--iptables-remove=false` keeps working.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+/// Parses a Go-style duration (`1m`, `15m`, `1h30m`, `500ms`, `0s`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30s, 15m, 1h)"))
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "kiam", version, about = "Per-Pod AWS IAM credentials for Kubernetes")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server: watch Pods and Namespaces, apply policy, fetch STS credentials.
+    Server(Box<ServerArgs>),
+    /// Run the agent on each node: answer Pods' metadata API requests.
+    Agent(Box<AgentArgs>),
+    /// Ask a server for its health (for liveness/readiness probes).
+    Health(HealthArgs),
+    /// Create the CA, server and agent certificates for mutual TLS.
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Output log in JSON.
+    #[arg(long, env = "KIAM_JSON_LOG", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub json_log: bool,
+    /// Log level: debug, info, warn, error.
+    #[arg(long, env = "KIAM_LEVEL", default_value = "info",
+          value_parser = ["debug", "info", "warn", "error"])]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryArgs {
+    /// Prometheus HTTP listen address, e.g. localhost:9620 (empty: no metrics endpoint).
+    #[arg(long, env = "KIAM_PROMETHEUS_LISTEN_ADDR", default_value = "")]
+    pub prometheus_listen_addr: String,
+    /// How frequently to update Prometheus gauges.
+    #[arg(long, env = "KIAM_PROMETHEUS_SYNC_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub prometheus_sync_interval: Duration,
+    /// Accepted for compatibility with Go kiam; there is no pprof in this build.
+    #[arg(long, env = "KIAM_PPROF_LISTEN_ADDR", default_value = "", hide = true)]
+    pub pprof_listen_addr: String,
+}
+
+/// Certificate paths. Files are re-read when they change on disk.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// Certificate path (PEM; e.g. server.pem, agent.pem or tls.crt).
+    #[arg(long, env = "KIAM_CERT")]
+    pub cert: PathBuf,
+    /// Private key path (PEM; e.g. server-key.pem or tls.key).
+    #[arg(long, env = "KIAM_KEY")]
+    pub key: PathBuf,
+    /// CA certificate path (PEM; e.g. ca.pem or ca.crt).
+    #[arg(long, env = "KIAM_CA")]
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// gRPC bind address.
+    #[arg(long, env = "KIAM_BIND", default_value = "localhost:9610")]
+    pub bind: String,
+    /// Path to .kube/config (empty for in-cluster).
+    #[arg(long, env = "KIAM_KUBECONFIG", default_value = "")]
+    pub kubeconfig: String,
+    /// Pod and Namespace cache resync interval.
+    #[arg(long, env = "KIAM_SYNC", default_value = "1m", value_parser = parse_duration)]
+    pub sync: Duration,
+    /// Base ARN for roles, e.g. arn:aws:iam::123456789012:role/
+    #[arg(long, env = "KIAM_ROLE_BASE_ARN", default_value = "")]
+    pub role_base_arn: String,
+    /// Detect the base ARN from the EC2 metadata service's instance profile.
+    #[arg(long, env = "KIAM_ROLE_BASE_ARN_AUTODETECT", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub role_base_arn_autodetect: bool,
+    /// Match the namespace's iam.amazonaws.com/permitted regex without anchoring it.
+    #[arg(long, env = "KIAM_DISABLE_STRICT_NAMESPACE_REGEXP", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub disable_strict_namespace_regexp: bool,
+    /// Session name used when creating STS tokens (prefixed with `kiam-`).
+    #[arg(long, env = "KIAM_SESSION", default_value = "kiam")]
+    pub session: String,
+    /// Requested session duration for STS tokens (at least 15m).
+    #[arg(long, env = "KIAM_SESSION_DURATION", default_value = "60m", value_parser = parse_duration)]
+    pub session_duration: Duration,
+    /// How long before expiry credentials are refreshed; no credential with
+    /// less life than this is served. Default: half the duration, at most 30m.
+    #[arg(long, env = "KIAM_SESSION_REFRESH", value_parser = parse_duration)]
+    pub session_refresh: Option<Duration>,
+    /// IAM role the server assumes before assuming Pods' roles.
+    #[arg(long, env = "KIAM_ASSUME_ROLE_ARN", default_value = "")]
+    pub assume_role_arn: String,
+    /// AWS region for regional STS calls, e.g. us-west-2 (empty: global endpoint).
+    #[arg(long, env = "KIAM_REGION", default_value = "")]
+    pub region: String,
+    /// Number of parallel credential fetchers.
+    #[arg(long, env = "KIAM_FETCHERS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub fetchers: u32,
+    /// How many Pod events to buffer between the Pod watcher and the prefetcher.
+    #[arg(long, env = "KIAM_PREFETCH_BUFFER_SIZE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefetch_buffer_size: u32,
+    /// Permitted-role regex for namespaces without iam.amazonaws.com/permitted
+    /// (empty: such namespaces permit nothing, as in kiam).
+    #[arg(long, env = "KIAM_DEFAULT_PERMITTED_REGEXP", default_value = "")]
+    pub default_permitted_regexp: String,
+    /// Tag STS sessions with kiam-namespace, kiam-pod and kiam-service-account.
+    #[arg(long, env = "KIAM_SESSION_TAGS", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub session_tags: bool,
+
+    #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIME_DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub grpc_keepalive_time_duration: Duration,
+    #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIMEOUT_DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub grpc_keepalive_timeout_duration: Duration,
+    #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_IDLE_DURATION", default_value = "15m", value_parser = parse_duration)]
+    pub grpc_max_connection_idle_duration: Duration,
+    #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_AGE_DURATION", default_value = "15m", value_parser = parse_duration)]
+    pub grpc_max_connection_age_duration: Duration,
+    #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_AGE_GRACE_DURATION", default_value = "15m", value_parser = parse_duration)]
+    pub grpc_max_connection_age_grace_duration: Duration,
+
+    /// Parse flags and read files, then exit without binding any port.
+    #[arg(long, env = "KIAM_CHECK_CONFIG", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub check_config: bool,
+}
+
+/// Client-side gRPC options shared by `agent` and `health`.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// gRPC address of the kiam server service (host:port; a DNS name is
+    /// re-resolved and balanced over; a comma-separated list is accepted).
+    #[arg(long, env = "KIAM_SERVER_ADDRESS", default_value = "localhost:9610")]
+    pub server_address: String,
+    /// Deprecated in kiam and unused; accepted so old manifests still run.
+    #[arg(long, env = "KIAM_SERVER_ADDRESS_REFRESH", default_value = "0s", value_parser = parse_duration)]
+    pub server_address_refresh: Duration,
+    /// Timeout for one attempt to reach a server.
+    #[arg(long, env = "KIAM_GATEWAY_TIMEOUT_CREATION", default_value = "1s", value_parser = parse_duration)]
+    pub gateway_timeout_creation: Duration,
+    #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIME_DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub grpc_keepalive_time_duration: Duration,
+    #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIMEOUT_DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub grpc_keepalive_timeout_duration: Duration,
+    #[arg(long, env = "KIAM_GRPC_KEEPALIVE_PERMIT_WITHOUT_STREAM", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub grpc_keepalive_permit_without_stream: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// HTTP port.
+    #[arg(long, env = "KIAM_PORT", default_value_t = 3100)]
+    pub port: u16,
+    /// Allow the client IP to be given with ?ip=. Development use only.
+    #[arg(long, env = "KIAM_ALLOW_IP_QUERY", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub allow_ip_query: bool,
+    /// Only paths matching this regular expression are proxied to the metadata endpoint.
+    #[arg(long, env = "KIAM_ALLOW_ROUTE_REGEXP", default_value = "^$")]
+    pub allow_route_regexp: String,
+    /// Add the iptables DNAT rule for 169.254.169.254:80.
+    #[arg(long, env = "KIAM_IPTABLES", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub iptables: bool,
+    /// Remove the iptables rule at shutdown.
+    #[arg(long, env = "KIAM_IPTABLES_REMOVE", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub iptables_remove: bool,
+    /// Host IP address (the agent's address on the node).
+    #[arg(long, env = "HOST_IP")]
+    pub host: String,
+    /// Network interface of the pods, for the iptables rule (`!eth0` inverts).
+    #[arg(long, env = "KIAM_HOST_INTERFACE", default_value = "docker0")]
+    pub host_interface: String,
+    /// The node's real metadata service, for proxied paths.
+    #[arg(long, env = "KIAM_METADATA_ENDPOINT", default_value = "http://169.254.169.254")]
+    pub metadata_endpoint: String,
+    /// Refuse metadata GETs without an IMDSv2 token (401), like EC2's HttpTokens=required.
+    #[arg(long, env = "KIAM_REQUIRE_IMDSV2", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub require_imdsv2: bool,
+    /// While no server answers, keep serving a pod's last good credentials for
+    /// this long (never within 5m of their expiry). 0s turns this off.
+    #[arg(long, env = "KIAM_STALE_CREDENTIALS_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub stale_credentials_window: Duration,
+
+    /// Parse flags and read files, then exit without binding any port.
+    #[arg(long, env = "KIAM_CHECK_CONFIG", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Timeout for the health check.
+    #[arg(long, env = "KIAM_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CertsArgs {
+    /// Directory the PEM files are written to.
+    #[arg(long, env = "KIAM_OUT_DIR", default_value = ".")]
+    pub out_dir: PathBuf,
+    /// Extra server names (DNS names or IPs) beyond kiam-server, localhost, 127.0.0.1.
+    #[arg(long = "host", env = "KIAM_CERTS_HOST", value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    /// Validity of the certificates, in days.
+    #[arg(long, env = "KIAM_DAYS", default_value_t = 365)]
+    pub days: u32,
+    /// Overwrite existing files.
+    #[arg(long, default_value_t = false)]
+    pub force: bool,
+    /// Reissue the server and agent certificates from the existing ca.pem/ca-key.pem.
+    #[arg(long, default_value_t = false)]
+    pub reissue: bool,
+    /// Print the kiam-server-tls and kiam-agent-tls Secrets as YAML.
+    #[arg(long, default_value_t = false)]
+    pub print_secrets: bool,
+    /// Namespace of the printed Secrets.
+    #[arg(long, default_value = "kube-system")]
+    pub namespace: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn go_durations_parse() {
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn kingpin_style_booleans() {
+        let cli = Cli::try_parse_from([
+            "kiam", "agent", "--host", "10.0.0.1", "--cert", "a", "--key", "b", "--ca", "c",
+            "--iptables", "--iptables-remove=false",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        assert!(a.iptables);
+        assert!(!a.iptables_remove);
+    }
+}

@@ -1,0 +1,35 @@
+//! kiam in Rust: per-Pod AWS IAM credentials for Kubernetes.
+//!
+//! An agent on every node answers Pods' requests to the EC2 metadata API; a
+//! central server watches Pods and Namespaces, applies the role policy and
+//! fetches STS credentials. They talk gRPC (kiam's v3/v4 wire format) over
+//! mutual TLS.
+//!
+//! # Layout
+//! - [`cli`]: flags (kiam's names and defaults), shared by every role.
+//! - [`telemetry`]: `tracing` set-up and the Prometheus registry/endpoint.
+//! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
+//! - [`tls`]: the only place certificates are read; reloads them when they change.
+//! - [`server`]: `kiam server` — caches, policy, credentials, gRPC service.
+//! - [`agent`]: `kiam agent` — metadata API, IMDSv2, proxy, server pool, iptables.
+//! - [`health`]: `kiam health` — one GetHealth call for probes.
+//! - [`certs`]: `kiam certs` — a CA plus server and agent certificates.
+//! - [`proto`]: code generated from `proto/kiam.proto`.
+
+pub mod agent;
+pub mod certs;
+pub mod cli;
+pub mod health;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+
+/// Generated from `proto/kiam.proto` (package `kiam`).
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("kiam");
+}
+
+/// The exit code for bad flags or unreadable files (EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
