@@ -3,7 +3,7 @@
 //! before any port is bound.
 
 use clap::Parser;
-use kiam::cli::{Cli, Command};
+use kiam::cli::Cli;
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -21,6 +21,5 @@ fn main() {
             std::process::exit(kiam::EXIT_USAGE);
         }
     };
-    let _ = cli.command;
-    let _ = Command::Certs;
+    let _ = cli;
 }
