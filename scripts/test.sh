@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole test suite, from a clean clone: installs what the tests need
+# (system tools, moto and the AWS SDK clients), then runs format, lint and
+# every test. CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# System tools for the network-namespace and iptables tests.
+need=()
+for tool in iptables:iptables conntrack:conntrack ip:iproute2 curl:curl openssl:openssl; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    step "apt-get install ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "WARNING: missing ${need[*]} and not root: tests that need them will say SKIPPED" >&2
+  fi
+fi
+
+# Python: moto's STS server and the real botocore/boto3/awscli clients.
+venv="$root/.venv"
+if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ]; then
+  step "python venv with moto[server], boto3, awscli"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]' boto3 awscli
+fi
+export PATH="$venv/bin:$PATH"
+export MOTO_SERVER="$venv/bin/moto_server"
+
+# JavaScript SDK v3 for the end-to-end client tests (when present).
+if [ -f tests/js/package.json ] && [ ! -d tests/js/node_modules ]; then
+  step "npm install (tests/js)"
+  (cd tests/js && npm install --no-audit --no-fund --silent)
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked -- --test-threads="${KIAM_TEST_THREADS:-4}"
