@@ -33,3 +33,22 @@ pub mod proto {
 
 /// The exit code for bad flags or unreadable files (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
+
+/// Why a role stopped: `Usage` (bad flag or unreadable file: exit 64, one
+/// line naming the flag) or `Failed` (a runtime failure: exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Fatal {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Fatal::Usage(_) => EXIT_USAGE,
+            Fatal::Failed(_) => 1,
+        }
+    }
+}
