@@ -1,0 +1,506 @@
+//! `--iptables`: the DNAT rule that sends Pods' metadata requests to the agent.
+//!
+//! Unlike Go kiam, which appended the rule, this module inserts it at the top
+//! of `nat PREROUTING`. The nat table only decides the first packet of a
+//! connection, and the first rule that accepts, returns or NATs it wins: an
+//! earlier rule from a CNI plugin, Docker or an operator (for example a
+//! `-j ACCEPT` for the pod CIDR, or a Service whose external IP is the
+//! metadata address) would otherwise let a Pod reach the node's real metadata
+//! service and its role. kube-proxy and CNI plugins only ever ensure their own
+//! jump rules exist, so a rule above them is left alone. The position is not
+//! part of the rule's identity: a rule Go kiam appended is recognised and kept.
+//!
+//! Everything runs the `iptables` and `conntrack` binaries (no shell) with
+//! `-w` so that kube-proxy and CNI plugins holding the xtables lock are waited
+//! for instead of clobbered.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::process::{ExitStatus, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+/// The EC2 instance metadata address Pods talk to.
+pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The metadata service's port.
+pub const METADATA_PORT: u16 = 80;
+/// How often [`maintain`] re-checks that the rule is still there.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Seconds to wait for the xtables lock per call. Bounded rather than
+/// forever so that a stuck lock holder turns into a retried error instead of
+/// a shutdown that never finishes.
+const LOCK_WAIT_SECONDS: &str = "5";
+/// Removal attempts at shutdown and the first pause between them (doubled
+/// after each failure: 0.2 s, 0.4 s, 0.8 s, 1.6 s).
+const REMOVE_ATTEMPTS: u32 = 5;
+const REMOVE_FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// Linux interface names are at most IFNAMSIZ - 1 bytes.
+const MAX_INTERFACE_LEN: usize = 15;
+
+/// A missing `conntrack` binary is reported once per process, not on every
+/// restore.
+static CONNTRACK_MISSING_REPORTED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("--host-interface {value:?} is not a usable interface name: {reason}")]
+    InvalidInterface { value: String, reason: &'static str },
+    #[error(
+        "--host {0} is an IPv6 address, but the metadata address 169.254.169.254 is IPv4: \
+         --iptables needs an IPv4 --host"
+    )]
+    Ipv6Host(IpAddr),
+    #[error("--port 0 cannot be the target of the --iptables rule")]
+    ZeroPort,
+    #[error("--iptables: cannot run {program}: {source}")]
+    Spawn {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--iptables: `{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+}
+
+/// The metrics of [`maintain`], registered under Go kiam's `kiam_agent_` prefix.
+#[derive(Debug, Clone, Default)]
+pub struct IptablesMetrics {
+    /// Counts rules put back after something deleted them; a rising value
+    /// means another program (or a person) keeps flushing the nat table.
+    pub restored: Counter,
+}
+
+impl IptablesMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "kiam_agent_iptables_restored",
+            "iptables DNAT rules restored after being removed by someone else",
+            metrics.restored.clone(),
+        );
+        metrics
+    }
+}
+
+/// The DNAT rule of `--iptables`, validated at construction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IptablesRule {
+    /// The rule's match and target, everything after the chain name.
+    spec: Vec<String>,
+    target: SocketAddrV4,
+}
+
+impl IptablesRule {
+    /// The rule sending 169.254.169.254:80 arriving on `host_interface`
+    /// (`!eth0`: on any interface but eth0; `cali+`: any interface starting
+    /// with cali) to `host_ip:port`.
+    pub fn new(host_ip: IpAddr, port: u16, host_interface: &str) -> Result<Self, IptablesError> {
+        let host = match host_ip {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(_) => return Err(IptablesError::Ipv6Host(host_ip)),
+        };
+        if port == 0 {
+            return Err(IptablesError::ZeroPort);
+        }
+        let (negated, interface) = parse_interface(host_interface)?;
+        let target = SocketAddrV4::new(host, port);
+
+        let mut spec: Vec<String> = [
+            "-p",
+            "tcp",
+            "-d",
+            &METADATA_ADDRESS.to_string(),
+            "--dport",
+            &METADATA_PORT.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if negated {
+            spec.push("!".into());
+        }
+        spec.extend(["-i".into(), interface.to_string()]);
+        spec.extend([
+            "-j".into(),
+            "DNAT".into(),
+            "--to-destination".into(),
+            target.to_string(),
+        ]);
+        Ok(Self { spec, target })
+    }
+
+    /// The rule's arguments after `-t nat -A PREROUTING`, e.g. for logs or to
+    /// delete it by hand.
+    pub fn spec(&self) -> &[String] {
+        &self.spec
+    }
+
+    /// Where matching connections are sent: `--host:--port`.
+    pub fn target(&self) -> SocketAddrV4 {
+        self.target
+    }
+
+    /// Whether the rule is in `nat PREROUTING` (at any position).
+    pub async fn exists(&self) -> Result<bool, IptablesError> {
+        let args = self.args(&["-C", "PREROUTING"]);
+        let out = run("iptables", &args).await?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            // 1 is "no such rule"; real failures (bad arguments, lock
+            // timeout, no permission) exit with 2 or more.
+            Some(1) => Ok(false),
+            _ => Err(failed("iptables", &args, &out)),
+        }
+    }
+
+    /// Inserts the rule at the top of `nat PREROUTING` unless it is already
+    /// there, then flushes conntrack entries to the metadata address so
+    /// connections opened before the rule existed cannot keep talking to
+    /// the real service. Returns whether the rule was inserted.
+    pub async fn add(&self) -> Result<bool, IptablesError> {
+        if self.exists().await? {
+            return Ok(false);
+        }
+        let args = self.args(&["-I", "PREROUTING", "1"]);
+        let out = run("iptables", &args).await?;
+        if !out.status.success() {
+            return Err(failed("iptables", &args, &out));
+        }
+        flush_conntrack().await;
+        Ok(true)
+    }
+
+    /// Deletes the rule (every copy, should there be several), retrying
+    /// with backoff since kube-proxy or a CNI plugin may hold the lock for a
+    /// while. Returns whether anything was deleted; the last error if every
+    /// attempt failed.
+    pub async fn remove(&self) -> Result<bool, IptablesError> {
+        let mut removed = false;
+        let mut backoff = REMOVE_FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match self.delete_once().await {
+                Ok(true) => removed = true,
+                Ok(false) => return Ok(removed),
+                Err(e) if attempt < REMOVE_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "cannot remove the iptables rule yet, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One `-D` if the rule exists; `Ok(false)` once it is gone.
+    async fn delete_once(&self) -> Result<bool, IptablesError> {
+        if !self.exists().await? {
+            return Ok(false);
+        }
+        let args = self.args(&["-D", "PREROUTING"]);
+        let out = run("iptables", &args).await?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            // Deleted by someone else between the check and the delete.
+            Some(1) if !self.exists().await? => Ok(false),
+            _ => Err(failed("iptables", &args, &out)),
+        }
+    }
+
+    /// `-w <secs> -t nat <op...> <spec...>`.
+    fn args(&self, op: &[&str]) -> Vec<String> {
+        ["-w", LOCK_WAIT_SECONDS, "-t", "nat"]
+            .iter()
+            .chain(op)
+            .map(|s| s.to_string())
+            .chain(self.spec.iter().cloned())
+            .collect()
+    }
+}
+
+impl std::fmt::Display for IptablesRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "-t nat PREROUTING {}", self.spec.join(" "))
+    }
+}
+
+/// Splits off a leading `!` and checks the rest is an interface name
+/// iptables and the kernel accept. No shell is involved, so this is about
+/// giving a clear error at start-up rather than an obscure one from iptables
+/// (which only warns about some bad names and then never matches).
+fn parse_interface(value: &str) -> Result<(bool, &str), IptablesError> {
+    let invalid = |reason| IptablesError::InvalidInterface {
+        value: value.to_string(),
+        reason,
+    };
+    let (negated, name) = match value.strip_prefix('!') {
+        Some(rest) => (true, rest),
+        None => (false, value),
+    };
+    if name.is_empty() {
+        return Err(invalid("the name is empty"));
+    }
+    if name.len() > MAX_INTERFACE_LEN {
+        return Err(invalid("longer than 15 characters, the kernel's limit"));
+    }
+    let (stem, wildcard) = match name.strip_suffix('+') {
+        Some(stem) => (stem, true),
+        None => (name, false),
+    };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@');
+    if !stem.chars().all(allowed) {
+        return Err(invalid(
+            "use letters, digits, '-', '_', '.' or '@', a trailing '+' as wildcard \
+             and a leading '!' (no space) to invert",
+        ));
+    }
+    if !wildcard && (stem == "." || stem == "..") {
+        return Err(invalid("'.' and '..' are not interface names"));
+    }
+    Ok((negated, name))
+}
+
+/// Drops conntrack entries for TCP to 169.254.169.254:80. Best effort: the
+/// rule itself is what matters, so a missing or failing `conntrack` is only
+/// logged.
+async fn flush_conntrack() {
+    let args: Vec<String> = [
+        "-D",
+        "-p",
+        "tcp",
+        "--orig-dst",
+        &METADATA_ADDRESS.to_string(),
+        "--dport",
+        &METADATA_PORT.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    match run("conntrack", &args).await {
+        // 1 means no entry matched, the usual case.
+        Ok(out) if matches!(out.status.code(), Some(0 | 1)) => {}
+        Ok(out) => {
+            let e = failed("conntrack", &args, &out);
+            tracing::warn!(error = %e, "cannot flush conntrack entries to the metadata address");
+        }
+        Err(IptablesError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            if !CONNTRACK_MISSING_REPORTED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "conntrack is not installed: connections Pods opened to 169.254.169.254 \
+                     before the iptables rule existed keep reaching the real metadata service \
+                     until they close"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot flush conntrack entries to the metadata address")
+        }
+    }
+}
+
+/// Adds `rule`, puts it back whenever a check every `interval` finds it
+/// gone, and when `shutdown` is cancelled removes it (with retries) unless
+/// `remove_on_shutdown` is false (`--iptables-remove=false`, so Pods never
+/// reach the real metadata service while the agent restarts).
+///
+/// Fails only if the first add fails or the final removal does; a failed
+/// periodic check is logged and tried again at the next interval.
+pub async fn maintain(
+    rule: IptablesRule,
+    interval: Duration,
+    remove_on_shutdown: bool,
+    metrics: IptablesMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), IptablesError> {
+    if rule.add().await? {
+        tracing::info!(rule = %rule, "iptables rule added");
+    } else {
+        tracing::info!(rule = %rule, "iptables rule already present");
+    }
+
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate; the rule was just added
+    loop {
+        // A check, once started, runs to completion: dropping it halfway
+        // could leave an `iptables -I` running after the removal below.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        match rule.add().await {
+            Ok(true) => {
+                metrics.restored.inc();
+                tracing::warn!(rule = %rule, "iptables rule was removed by someone else; restored it");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the iptables rule; trying again later")
+            }
+        }
+    }
+
+    if !remove_on_shutdown {
+        tracing::info!(rule = %rule, "keeping the iptables rule (--iptables-remove=false)");
+        return Ok(());
+    }
+    match rule.remove().await {
+        Ok(true) => tracing::info!(rule = %rule, "iptables rule removed"),
+        Ok(false) => tracing::info!(rule = %rule, "iptables rule was already gone"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot remove the iptables rule, retries exhausted");
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+async fn run(program: &'static str, args: &[String]) -> Result<Output, IptablesError> {
+    Command::new(program)
+        .args(args)
+        .kill_on_drop(false)
+        .output()
+        .await
+        .map_err(|source| IptablesError::Spawn { program, source })
+}
+
+fn failed(program: &str, args: &[String], out: &Output) -> IptablesError {
+    IptablesError::Failed {
+        command: format!("{program} {}", args.join(" ")),
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(iface: &str) -> Result<IptablesRule, IptablesError> {
+        IptablesRule::new("10.0.0.7".parse().unwrap(), 3100, iface)
+    }
+
+    fn spec(iface: &str) -> String {
+        rule(iface).unwrap().spec().join(" ")
+    }
+
+    #[test]
+    fn plain_interface() {
+        assert_eq!(
+            spec("docker0"),
+            "-p tcp -d 169.254.169.254 --dport 80 -i docker0 -j DNAT --to-destination 10.0.0.7:3100"
+        );
+    }
+
+    #[test]
+    fn negated_interface_becomes_bang_before_dash_i() {
+        assert_eq!(
+            spec("!eth0"),
+            "-p tcp -d 169.254.169.254 --dport 80 ! -i eth0 -j DNAT --to-destination 10.0.0.7:3100"
+        );
+    }
+
+    #[test]
+    fn wildcards_pass_through() {
+        assert!(spec("cali+").contains(" -i cali+ -j "));
+        assert!(spec("!cali+").contains(" ! -i cali+ -j "));
+        assert!(spec("+").contains(" -i + -j "));
+    }
+
+    #[test]
+    fn target_is_host_and_port() {
+        let r = IptablesRule::new("192.168.1.2".parse().unwrap(), 8181, "eni+").unwrap();
+        assert_eq!(r.target(), "192.168.1.2:8181".parse().unwrap());
+        assert!(r.to_string().starts_with("-t nat PREROUTING -p tcp"));
+        assert!(r.to_string().ends_with("--to-destination 192.168.1.2:8181"));
+    }
+
+    #[test]
+    fn command_lines_wait_for_the_xtables_lock() {
+        let r = rule("docker0").unwrap();
+        let check = r.args(&["-C", "PREROUTING"]);
+        assert_eq!(&check[..6], ["-w", "5", "-t", "nat", "-C", "PREROUTING"]);
+        assert_eq!(&check[6..], r.spec());
+        let insert = r.args(&["-I", "PREROUTING", "1"]);
+        assert_eq!(&insert[4..7], ["-I", "PREROUTING", "1"]);
+    }
+
+    #[test]
+    fn ipv6_host_is_rejected_naming_host() {
+        let err = IptablesRule::new("fd00::1".parse().unwrap(), 3100, "docker0").unwrap_err();
+        assert!(matches!(err, IptablesError::Ipv6Host(_)));
+        let msg = err.to_string();
+        assert!(msg.contains("--host fd00::1"), "{msg}");
+        assert!(msg.contains("IPv4"), "{msg}");
+    }
+
+    #[test]
+    fn port_zero_is_rejected_naming_port() {
+        let err = IptablesRule::new("10.0.0.7".parse().unwrap(), 0, "docker0").unwrap_err();
+        assert!(err.to_string().contains("--port"), "{err}");
+    }
+
+    #[test]
+    fn bad_interface_names_are_rejected_naming_the_flag() {
+        for bad in [
+            "",
+            "!",
+            "! eth0",
+            "eth0 -j ACCEPT",
+            "eth0;reboot",
+            "$(id)",
+            "eth/0",
+            "eth:0",
+            "!!eth0",
+            "ca+li",
+            "eth0\n",
+            "averyveryverylongname",
+            "..",
+        ] {
+            let err = rule(bad).expect_err(bad);
+            assert!(
+                matches!(err, IptablesError::InvalidInterface { .. }),
+                "{bad:?}: {err}"
+            );
+            assert!(
+                err.to_string().starts_with("--host-interface "),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn longest_valid_names_are_accepted() {
+        assert!(rule("abcdefghijklmno").is_ok());
+        assert!(rule("!abcdefghijklmn+").is_ok());
+        assert!(rule("veth.100@x_y-z").is_ok());
+    }
+
+    #[test]
+    fn failure_message_names_the_flag_and_includes_stderr() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = Output {
+            status: ExitStatus::from_raw(4 << 8),
+            stdout: Vec::new(),
+            stderr: b"Another app is currently holding the xtables lock.\n".to_vec(),
+        };
+        let msg = failed("iptables", &["-w".into(), "5".into()], &out).to_string();
+        assert!(
+            msg.starts_with("--iptables: `iptables -w 5` failed"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("holding the xtables lock."), "{msg}");
+    }
+}
