@@ -7,6 +7,7 @@
 //! flight per identity; [`grpc`] answers agents by combining [`pods`],
 //! [`namespaces`] and [`policy`], and records [`events`] on the Pod.
 
+pub mod config;
 pub mod credentials;
 pub mod events;
 pub mod grpc;
