@@ -1,2 +1,290 @@
-//! TODO
+//! `kiam agent`: answers pods' requests to the EC2 metadata API on each node.
+//!
+//! The surprise: the agent never decides who a pod is from anything the pod
+//! sends. Identity is the TCP source address of the connection (the
+//! `--iptables` DNAT rule preserves it), and everything else — headers, the
+//! path's spelling, IMDSv2 tokens — is checked against it, never trusted.
+//!
+//! - [`metadata`]: the HTTP router (kiam's routes, IMDSv2, allow-listed proxy).
+//! - [`imdsv2`]: stateless IMDSv2 tokens bound to the caller's IP.
+//! - [`proxy`]: the client for `--metadata-endpoint`.
+//! - [`client`]: the pool of kiam servers (`--server-address`).
+//! - [`fallback`]: last good answers, served only while no server answers.
+//! - [`iptables`]: the DNAT rule for `169.254.169.254:80`.
+
+pub mod client;
+pub mod fallback;
+pub mod imdsv2;
 pub mod iptables;
+pub mod metadata;
+pub mod proxy;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::connect_info::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use regex::Regex;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Channel, Endpoint};
+use tower::ServiceExt;
+
+use crate::cli::AgentArgs;
+use crate::tls::{ClientTls, TlsError, TlsFiles};
+use client::{Connect, Pool, PoolConfig, SystemResolver};
+use metadata::{Config, Metrics, State};
+use proxy::Upstream;
+
+/// Largest request head accepted (hyper's minimum buffer); bigger heads get 431.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// A client must send its request head within this time (slow clients).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight requests may take to finish after shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one exchange with `--metadata-endpoint`.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the agent could not start. `Usage` variants are bad flags or files
+/// (exit 64).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("--allow-route-regexp {0:?} is not a valid regular expression: {1}")]
+    AllowRoute(String, regex::Error),
+    #[error("--host {0:?} is not an IP address")]
+    Host(String),
+    #[error(transparent)]
+    Endpoint(#[from] proxy::EndpointError),
+    #[error(transparent)]
+    ServerAddress(#[from] client::AddressError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("--port {port}: cannot listen: {source}")]
+    Bind { port: u16, source: std::io::Error },
+    #[error("--prometheus-listen-addr {addr:?}: cannot listen: {source}")]
+    Metrics { addr: String, source: std::io::Error },
+    /// A bad `--host-interface`/`--host` for the rule (usage error).
+    #[error("{0}")]
+    IptablesRule(String),
+    #[error("{0}")]
+    Iptables(String),
+    #[error("agent server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+impl AgentError {
+    /// Bad flags or files, reported before any port is bound.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            AgentError::AllowRoute(..)
+                | AgentError::Host(_)
+                | AgentError::Endpoint(_)
+                | AgentError::ServerAddress(_)
+                | AgentError::Tls(_)
+                | AgentError::IptablesRule(_)
+        )
+    }
+}
+
+impl From<AgentError> for crate::Fatal {
+    fn from(e: AgentError) -> Self {
+        if e.is_usage() {
+            crate::Fatal::Usage(e.to_string())
+        } else {
+            crate::Fatal::Failed(e.to_string())
+        }
+    }
+}
+
+/// The flags that need checking, checked; no I/O.
+#[derive(Debug)]
+pub struct Validated {
+    pub config: Config,
+    /// The `--iptables` rule, when asked for.
+    pub rule: Option<iptables::IptablesRule>,
+    pub pool: PoolConfig,
+}
+
+/// Checks every agent flag, naming the flag at fault.
+pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
+    let allow_route = Regex::new(&args.allow_route_regexp)
+        .map_err(|e| AgentError::AllowRoute(args.allow_route_regexp.clone(), e))?;
+    let host = args
+        .host
+        .trim()
+        .parse::<IpAddr>()
+        .map_err(|_| AgentError::Host(args.host.clone()))?;
+    // Parsed here only for the error; the router builds its own client.
+    Upstream::new(&args.metadata_endpoint, UPSTREAM_TIMEOUT)?;
+    let pool = PoolConfig::from_args(&args.client)?;
+    for t in &pool.targets {
+        crate::tls::server_name_of(&t.to_string())?;
+    }
+    let mut config = Config::new(allow_route);
+    config.allow_ip_query = args.allow_ip_query;
+    config.require_imdsv2 = args.require_imdsv2;
+    config.stale_window = args.stale_credentials_window;
+    let rule = if args.iptables {
+        Some(
+            iptables::IptablesRule::new(host, args.port, &args.host_interface)
+                .map_err(|e| AgentError::IptablesRule(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    Ok(Validated { config, rule, pool })
+}
+
+/// Channels to kiam servers over mutual TLS, verifying each server as the
+/// host named in `--server-address`.
+pub struct TlsConnect(pub ClientTls);
+
+impl Connect for TlsConnect {
+    fn channel(&self, endpoint: Endpoint, addr: SocketAddr, host: &str) -> Channel {
+        match self.0.connector(host) {
+            Ok(c) => endpoint.connect_with_connector_lazy(c),
+            Err(e) => {
+                // Names are checked at start-up; this is unreachable in
+                // practice. A channel that cannot connect keeps the pool
+                // honest (the member just fails over).
+                tracing::error!(server = %addr, error = %e, "cannot build TLS connector");
+                Endpoint::from_static("http://0.0.0.0:1").connect_lazy()
+            }
+        }
+    }
+}
+
+/// Runs the agent from its flags until SIGINT/SIGTERM. Flags and files are
+/// checked before any port is bound.
+pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
+    crate::telemetry::init_logging(&args.log);
+    let Validated { config, rule, pool: pool_cfg } = validate(&args)?;
+    let mut registry = Registry::default();
+    let tls = ClientTls::load(TlsFiles::from(&args.tls), &mut registry)?;
+    if args.check_config {
+        tracing::info!("configuration is valid");
+        return Ok(());
+    }
+
+    let metrics_listener = crate::telemetry::bind_metrics(&args.telemetry.prometheus_listen_addr)
+        .await
+        .map_err(|source| AgentError::Metrics {
+            addr: args.telemetry.prometheus_listen_addr.clone(),
+            source,
+        })?;
+    let listener = TcpListener::bind(("0.0.0.0", args.port))
+        .await
+        .map_err(|source| AgentError::Bind { port: args.port, source })?;
+
+    let metrics = Metrics::new(&mut registry);
+    let client_metrics = client::ClientMetrics::new(&mut registry);
+    let iptables_metrics = iptables::IptablesMetrics::register(&mut registry);
+    let pool = Pool::new(
+        pool_cfg,
+        Arc::new(TlsConnect(tls)),
+        Arc::new(SystemResolver),
+        client_metrics,
+    )
+    .await;
+    let upstream = Upstream::new(&args.metadata_endpoint, UPSTREAM_TIMEOUT)?;
+    let state = State::new(config, Arc::new(pool), Arc::new(upstream), metrics);
+
+    let shutdown = crate::shutdown::on_signal();
+    let registry = Arc::new(registry);
+    if let Some(l) = metrics_listener {
+        tokio::spawn(crate::telemetry::serve_metrics(l, registry.clone(), shutdown.child_token()));
+    }
+
+    let iptables_task = rule.map(|rule| {
+        tokio::spawn(iptables::maintain(
+            rule,
+            iptables::DEFAULT_CHECK_INTERVAL,
+            args.iptables_remove,
+            iptables_metrics,
+            shutdown.child_token(),
+        ))
+    });
+
+    tracing::info!(port = args.port, "agent listening");
+    let server = tokio::spawn(run(listener, state, shutdown.clone()));
+    // The rule task ends at shutdown (after removing the rule) or at once
+    // if the rule cannot be added, which stops the agent as kiam did.
+    let rule_result = match iptables_task {
+        Some(task) => {
+            let r = match task.await {
+                Ok(r) => r.map_err(|e| AgentError::Iptables(e.to_string())),
+                Err(e) => Err(AgentError::Iptables(e.to_string())),
+            };
+            shutdown.cancel();
+            r
+        }
+        None => Ok(()),
+    };
+    let served = match server.await {
+        Ok(r) => r.map_err(AgentError::Serve),
+        Err(e) => Err(AgentError::Serve(std::io::Error::other(e))),
+    };
+    rule_result.and(served)
+}
+
+/// Serves the metadata API on `listener` until `shutdown`, then lets
+/// in-flight requests finish (bounded by [`DRAIN_TIMEOUT`]).
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = metadata::router(state);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    let tracker = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            // The only source of identity: the TCP peer.
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req)
+        });
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
+    }
+    Ok(())
+}

@@ -1,0 +1,690 @@
+//! The agent's view of the kiam servers: a pool that spreads calls over every
+//! address `--server-address` resolves to and, within one call, skips a dead
+//! or hung server and asks the next one.
+//!
+//! Unlike a plain gRPC client, errors are classified by their *message*
+//! (`no pod found`, `forbidden by policy`), not their code: Go kiam servers
+//! send both with code `Unknown`, ours with `NotFound`/`PermissionDenied`.
+//! A failure that did not come from a server's answer (connection refused,
+//! reset, TLS failure, per-attempt timeout, `Unavailable`) moves on to the
+//! next server; only when every server failed that way does a call return
+//! [`ClientError::Unavailable`], the one error the credential fallback may
+//! paper over.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::cli::ClientArgs;
+use crate::proto;
+use crate::proto::kiam_service_client::KiamServiceClient;
+
+/// Credentials as a server returned them. Times are kept as the server's
+/// strings; the router reformats them for the metadata API.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub code: String,
+    pub kind: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub token: String,
+    pub expiration: String,
+    pub last_updated: String,
+}
+
+impl fmt::Debug for Credentials {
+    // Secrets never reach a log line, even at debug level.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration", &self.expiration)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<proto::Credentials> for Credentials {
+    fn from(c: proto::Credentials) -> Self {
+        Credentials {
+            code: c.code,
+            kind: c.r#type,
+            access_key_id: c.access_key_id,
+            secret_access_key: c.secret_access_key,
+            token: c.token,
+            expiration: c.expiration,
+            last_updated: c.last_updated,
+        }
+    }
+}
+
+impl From<Credentials> for proto::Credentials {
+    fn from(c: Credentials) -> Self {
+        proto::Credentials {
+            code: c.code,
+            r#type: c.kind,
+            access_key_id: c.access_key_id,
+            secret_access_key: c.secret_access_key,
+            token: c.token,
+            expiration: c.expiration,
+            last_updated: c.last_updated,
+        }
+    }
+}
+
+/// Why a call to the servers failed; the router branches on this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// A server answered `no pod found` for the IP.
+    #[error("no pod found")]
+    NotFound,
+    /// A server answered `forbidden by policy`: final, never retried.
+    #[error("forbidden by policy")]
+    Forbidden,
+    /// No server answered (all refused, reset, timed out or unavailable).
+    #[error("no kiam server answered (check --server-address): {0}")]
+    Unavailable(String),
+    /// A server answered with another error (e.g. STS failed).
+    #[error("kiam server error: {0}")]
+    Server(String),
+}
+
+impl ClientError {
+    /// Whether a server actually answered (so a fallback must not be used).
+    pub fn answered(&self) -> bool {
+        !matches!(self, ClientError::Unavailable(_))
+    }
+}
+
+/// What the router needs from the servers; a trait so router tests can use
+/// a fake.
+pub trait KiamClient: Send + Sync + 'static {
+    /// The role annotated on the pod at `ip`; `None` when it has none.
+    fn get_pod_role(&self, ip: IpAddr) -> BoxFuture<'_, Result<Option<String>, ClientError>>;
+    /// Credentials for `role` if the pod at `ip` may use it.
+    fn get_pod_credentials<'a>(
+        &'a self,
+        ip: IpAddr,
+        role: &'a str,
+    ) -> BoxFuture<'a, Result<Credentials, ClientError>>;
+    /// A server's health message (`ok` when healthy).
+    fn health(&self) -> BoxFuture<'_, Result<String, ClientError>>;
+}
+
+/// Maps a gRPC status to the agent's error: by message first (Go servers
+/// send `Unknown`), then by whether a server produced it at all.
+pub fn classify(status: &Status) -> ClientError {
+    let msg = status.message();
+    if msg.contains("no pod found") {
+        return ClientError::NotFound;
+    }
+    if msg.contains("forbidden by policy") {
+        return ClientError::Forbidden;
+    }
+    // A status with a source was made locally from a transport error, not
+    // decoded from a server's grpc-status.
+    let local = std::error::Error::source(status).is_some();
+    if local
+        || matches!(
+            status.code(),
+            Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded
+        )
+    {
+        return ClientError::Unavailable(format!("{:?}: {}", status.code(), msg));
+    }
+    ClientError::Server(format!("{:?}: {}", status.code(), msg))
+}
+
+/// One entry of `--server-address`: the name is also the TLS server name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("--server-address is empty")]
+    Empty,
+    #[error("--server-address entry {0:?} must be host:port")]
+    Malformed(String),
+}
+
+/// Parses `--server-address`: `host:port`, `[v6]:port`, a comma-separated
+/// list of those, each optionally prefixed with gRPC's `dns:///`.
+pub fn parse_server_address(s: &str) -> Result<Vec<Target>, AddressError> {
+    let mut out = Vec::new();
+    for raw in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let entry = raw
+            .strip_prefix("dns:///")
+            .or_else(|| {
+                // dns://resolver/host:port: the resolver part is ignored.
+                raw.strip_prefix("dns://").and_then(|r| r.split_once('/').map(|(_, h)| h))
+            })
+            .unwrap_or(raw);
+        let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or_else(|| AddressError::Malformed(raw.to_string()))?;
+            (h, p)
+        } else {
+            entry
+                .rsplit_once(':')
+                .ok_or_else(|| AddressError::Malformed(raw.to_string()))?
+        };
+        let port: u16 = port
+            .parse()
+            .map_err(|_| AddressError::Malformed(raw.to_string()))?;
+        if host.is_empty() || host.contains(['/', ' ']) || (host.contains(':') && !entry.starts_with('[')) {
+            return Err(AddressError::Malformed(raw.to_string()));
+        }
+        let t = Target { host: host.to_string(), port };
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    if out.is_empty() {
+        return Err(AddressError::Empty);
+    }
+    Ok(out)
+}
+
+/// Turns a name into addresses. A trait so tests can simulate servers
+/// coming and going behind one name.
+pub trait Resolve: Send + Sync + 'static {
+    fn resolve<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>>;
+}
+
+/// The system resolver (`getaddrinfo` through tokio).
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
+        Box::pin(async move {
+            if let Ok(ip) = target.host.parse::<IpAddr>() {
+                return Ok(vec![SocketAddr::new(ip, target.port)]);
+            }
+            let addrs = tokio::net::lookup_host((target.host.as_str(), target.port)).await?;
+            Ok(addrs.collect())
+        })
+    }
+}
+
+/// Makes the channel to one server address. The TLS connector verifies the
+/// server certificate against `host` (the name in `--server-address`), not
+/// against the resolved IP.
+pub trait Connect: Send + Sync + 'static {
+    /// A lazily connecting channel; `endpoint` carries timeouts and
+    /// keepalive already.
+    fn channel(&self, endpoint: Endpoint, addr: SocketAddr, host: &str) -> Channel;
+}
+
+/// Plain HTTP/2, for tests and for a mesh that already encrypts.
+pub struct Plaintext;
+
+impl Connect for Plaintext {
+    fn channel(&self, endpoint: Endpoint, _addr: SocketAddr, _host: &str) -> Channel {
+        endpoint.connect_lazy()
+    }
+}
+
+/// Pool tuning; [`PoolConfig::from_args`] maps the kiam flags.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub targets: Vec<Target>,
+    /// Connection set-up bound (`--gateway-timeout-creation`).
+    pub connect_timeout: Duration,
+    /// One attempt at GetPodRole/GetHealth on one server. Short so a hung
+    /// server costs a fraction of the SDK's ~1 s budget.
+    pub attempt_timeout: Duration,
+    /// One attempt at GetPodCredentials: a little longer because a server
+    /// whose cache is cold waits for STS.
+    pub credentials_attempt_timeout: Duration,
+    pub keepalive_time: Duration,
+    pub keepalive_timeout: Duration,
+    pub keepalive_while_idle: bool,
+    /// How often names are re-resolved to follow server scale-out/in.
+    pub refresh_interval: Duration,
+    /// How long a server that just failed is tried only after the others.
+    pub failure_cooldown: Duration,
+}
+
+impl PoolConfig {
+    pub fn from_args(args: &ClientArgs) -> Result<Self, AddressError> {
+        Ok(PoolConfig {
+            targets: parse_server_address(&args.server_address)?,
+            connect_timeout: args.gateway_timeout_creation,
+            attempt_timeout: Duration::from_millis(300),
+            credentials_attempt_timeout: Duration::from_millis(450),
+            keepalive_time: args.grpc_keepalive_time_duration,
+            keepalive_timeout: args.grpc_keepalive_timeout_duration,
+            keepalive_while_idle: args.grpc_keepalive_permit_without_stream,
+            refresh_interval: Duration::from_secs(15),
+            failure_cooldown: Duration::from_secs(2),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StartedLabels {
+    grpc_method: &'static str,
+    grpc_service: &'static str,
+    grpc_type: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_method: &'static str,
+    grpc_service: &'static str,
+    grpc_type: &'static str,
+    grpc_code: &'static str,
+}
+
+/// go-grpc-prometheus' client counters, so kiam dashboards keep working.
+#[derive(Clone, Default)]
+pub struct ClientMetrics {
+    started: Family<StartedLabels, Counter>,
+    handled: Family<HandledLabels, Counter>,
+}
+
+impl ClientMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = ClientMetrics::default();
+        registry.register(
+            "grpc_client_started",
+            "Total number of RPCs started on the client.",
+            m.started.clone(),
+        );
+        registry.register(
+            "grpc_client_handled",
+            "Total number of RPCs completed by the client, regardless of success or failure.",
+            m.handled.clone(),
+        );
+        m
+    }
+
+    fn started(&self, method: &'static str) {
+        self.started
+            .get_or_create(&StartedLabels {
+                grpc_method: method,
+                grpc_service: SERVICE,
+                grpc_type: "unary",
+            })
+            .inc();
+    }
+
+    fn handled(&self, method: &'static str, code: Code) {
+        self.handled
+            .get_or_create(&HandledLabels {
+                grpc_method: method,
+                grpc_service: SERVICE,
+                grpc_type: "unary",
+                grpc_code: code_name(code),
+            })
+            .inc();
+    }
+}
+
+const SERVICE: &str = "kiam.KiamService";
+
+/// Go's `codes.Code.String()`, which go-grpc-prometheus uses as the label.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// One server address and its channel.
+struct Member {
+    addr: SocketAddr,
+    host: String,
+    client: KiamServiceClient<Channel>,
+    /// Until when this member is tried only after healthy ones. std Mutex:
+    /// held for a copy, never across an await.
+    cooling_until: Mutex<Option<Instant>>,
+}
+
+impl Member {
+    fn is_cooling(&self, now: Instant) -> bool {
+        matches!(*self.cooling_until.lock().unwrap(), Some(t) if t > now)
+    }
+    fn mark(&self, failed_for: Option<Duration>) {
+        *self.cooling_until.lock().unwrap() = failed_for.map(|d| Instant::now() + d);
+    }
+}
+
+struct Shared {
+    cfg: PoolConfig,
+    connector: Arc<dyn Connect>,
+    resolver: Arc<dyn Resolve>,
+    metrics: ClientMetrics,
+    /// Replaced wholesale on re-resolution; calls take a snapshot. std
+    /// RwLock: never held across an await.
+    members: RwLock<Arc<Vec<Arc<Member>>>>,
+    next: AtomicUsize,
+    /// Wakes the resolver early when every server failed (scale-in/out).
+    resolve_now: Notify,
+}
+
+/// The pool of kiam servers. Dropping it stops its re-resolution task.
+pub struct Pool {
+    shared: Arc<Shared>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.refresher.abort();
+    }
+}
+
+impl Pool {
+    /// Resolves every target once and starts re-resolving in the
+    /// background. A name that does not resolve yet is not an error: calls
+    /// fail as unavailable until it does.
+    pub async fn new(
+        cfg: PoolConfig,
+        connector: Arc<dyn Connect>,
+        resolver: Arc<dyn Resolve>,
+        metrics: ClientMetrics,
+    ) -> Pool {
+        let shared = Arc::new(Shared {
+            cfg,
+            connector,
+            resolver,
+            metrics,
+            members: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+            resolve_now: Notify::new(),
+        });
+        shared.refresh().await;
+        // Holds the shared state strongly; `Pool::drop` aborts it.
+        let s = Arc::clone(&shared);
+        let refresher = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(s.cfg.refresh_interval) => {}
+                    _ = s.resolve_now.notified() => {
+                        // Rate-limit early refreshes.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                s.refresh().await;
+            }
+        });
+        Pool { shared, refresher }
+    }
+
+    /// The addresses currently in the pool.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.shared.members.read().unwrap().iter().map(|m| m.addr).collect()
+    }
+
+    /// Re-resolves now (tests; the background task does it periodically).
+    pub async fn refresh(&self) {
+        self.shared.refresh().await;
+    }
+}
+
+impl Shared {
+    async fn refresh(&self) {
+        let old = self.members.read().unwrap().clone();
+        let mut wanted: Vec<(SocketAddr, String)> = Vec::new();
+        for t in &self.cfg.targets {
+            match self.resolver.resolve(t).await {
+                Ok(addrs) if !addrs.is_empty() => {
+                    for a in addrs {
+                        if !wanted.iter().any(|(w, h)| *w == a && *h == t.host) {
+                            wanted.push((a, t.host.clone()));
+                        }
+                    }
+                }
+                // A DNS blip must not empty the pool: keep what we had.
+                Ok(_) => {
+                    tracing::warn!(target = %t, "server address resolved to nothing; keeping previous addresses");
+                    keep_old(&old, &t.host, &mut wanted);
+                }
+                Err(e) => {
+                    tracing::warn!(target = %t, error = %e, "cannot resolve server address; keeping previous addresses");
+                    keep_old(&old, &t.host, &mut wanted);
+                }
+            }
+        }
+        let by_key: HashMap<(SocketAddr, &str), &Arc<Member>> =
+            old.iter().map(|m| ((m.addr, m.host.as_str()), m)).collect();
+        let mut changed = wanted.len() != old.len();
+        let new: Vec<Arc<Member>> = wanted
+            .iter()
+            .map(|(addr, host)| match by_key.get(&(*addr, host.as_str())) {
+                Some(m) => Arc::clone(m),
+                None => {
+                    changed = true;
+                    Arc::new(self.member(*addr, host))
+                }
+            })
+            .collect();
+        if changed {
+            tracing::info!(addresses = ?new.iter().map(|m| m.addr).collect::<Vec<_>>(), "kiam server addresses");
+            *self.members.write().unwrap() = Arc::new(new);
+        }
+    }
+
+    fn member(&self, addr: SocketAddr, host: &str) -> Member {
+        let cfg = &self.cfg;
+        // The URI only labels the channel; connectors dial `addr`.
+        let mut endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a socket address is a valid URI authority")
+            .connect_timeout(cfg.connect_timeout)
+            .tcp_nodelay(true);
+        if !cfg.keepalive_time.is_zero() {
+            endpoint = endpoint
+                .http2_keep_alive_interval(cfg.keepalive_time)
+                .keep_alive_timeout(cfg.keepalive_timeout)
+                .keep_alive_while_idle(cfg.keepalive_while_idle);
+        }
+        let channel = self.connector.channel(endpoint, addr, host);
+        Member {
+            addr,
+            host: host.to_string(),
+            client: KiamServiceClient::new(channel),
+            cooling_until: Mutex::new(None),
+        }
+    }
+
+    /// Runs `call` on one server after another until one answers.
+    async fn call<T, F, Fut>(
+        &self,
+        method: &'static str,
+        attempt_timeout: Duration,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(KiamServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let members = self.members.read().unwrap().clone();
+        if members.is_empty() {
+            self.resolve_now.notify_one();
+            return Err(ClientError::Unavailable(
+                "no server address resolved yet".into(),
+            ));
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % members.len();
+        let now = Instant::now();
+        let rotated = members.iter().cycle().skip(start).take(members.len());
+        // Healthy members first (in round-robin order), then cooling ones:
+        // a server that just failed is still tried if nothing else works.
+        let (healthy, cooling): (Vec<_>, Vec<_>) = rotated.partition(|m| !m.is_cooling(now));
+        let mut last = String::new();
+        for m in healthy.into_iter().chain(cooling) {
+            self.metrics.started(method);
+            match tokio::time::timeout(attempt_timeout, call(m.client.clone())).await {
+                Ok(Ok(resp)) => {
+                    self.metrics.handled(method, Code::Ok);
+                    m.mark(None);
+                    return Ok(resp.into_inner());
+                }
+                Ok(Err(status)) => {
+                    self.metrics.handled(method, status.code());
+                    match classify(&status) {
+                        ClientError::Unavailable(msg) => {
+                            tracing::debug!(server = %m.addr, error = %msg, "server did not answer; trying the next");
+                            m.mark(Some(self.cfg.failure_cooldown));
+                            last = format!("{}: {msg}", m.addr);
+                        }
+                        answered => {
+                            m.mark(None);
+                            return Err(answered);
+                        }
+                    }
+                }
+                Err(_) => {
+                    self.metrics.handled(method, Code::DeadlineExceeded);
+                    tracing::debug!(server = %m.addr, "server timed out; trying the next");
+                    m.mark(Some(self.cfg.failure_cooldown));
+                    last = format!("{}: no answer within {:?}", m.addr, attempt_timeout);
+                }
+            }
+        }
+        self.resolve_now.notify_one();
+        Err(ClientError::Unavailable(last))
+    }
+}
+
+fn keep_old(old: &[Arc<Member>], host: &str, wanted: &mut Vec<(SocketAddr, String)>) {
+    for m in old.iter().filter(|m| m.host == host) {
+        if !wanted.iter().any(|(a, h)| *a == m.addr && h == host) {
+            wanted.push((m.addr, m.host.clone()));
+        }
+    }
+}
+
+impl KiamClient for Pool {
+    fn get_pod_role(&self, ip: IpAddr) -> BoxFuture<'_, Result<Option<String>, ClientError>> {
+        Box::pin(async move {
+            let ip = ip.to_string();
+            let role = self
+                .shared
+                .call("GetPodRole", self.shared.cfg.attempt_timeout, |mut c| {
+                    let ip = ip.clone();
+                    async move { c.get_pod_role(proto::GetPodRoleRequest { ip }).await }
+                })
+                .await?;
+            Ok(Some(role.name).filter(|n| !n.is_empty()))
+        })
+    }
+
+    fn get_pod_credentials<'a>(
+        &'a self,
+        ip: IpAddr,
+        role: &'a str,
+    ) -> BoxFuture<'a, Result<Credentials, ClientError>> {
+        Box::pin(async move {
+            let ip = ip.to_string();
+            let creds = self
+                .shared
+                .call(
+                    "GetPodCredentials",
+                    self.shared.cfg.credentials_attempt_timeout,
+                    |mut c| {
+                        let req = proto::GetPodCredentialsRequest {
+                            ip: ip.clone(),
+                            role: role.to_string(),
+                        };
+                        async move { c.get_pod_credentials(req).await }
+                    },
+                )
+                .await?;
+            Ok(creds.into())
+        })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<String, ClientError>> {
+        Box::pin(async move {
+            let h = self
+                .shared
+                .call("GetHealth", self.shared.cfg.attempt_timeout, |mut c| async move {
+                    c.get_health(proto::GetHealthRequest {}).await
+                })
+                .await?;
+            Ok(h.message)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_address_forms() {
+        let t = |h: &str, p| Target { host: h.into(), port: p };
+        assert_eq!(parse_server_address("localhost:9610").unwrap(), vec![t("localhost", 9610)]);
+        assert_eq!(
+            parse_server_address("dns:///kiam-server:443").unwrap(),
+            vec![t("kiam-server", 443)]
+        );
+        assert_eq!(
+            parse_server_address("a:1, b:2,a:1").unwrap(),
+            vec![t("a", 1), t("b", 2)]
+        );
+        assert_eq!(parse_server_address("[::1]:9610").unwrap(), vec![t("::1", 9610)]);
+        assert!(parse_server_address("kiam-server").is_err());
+        assert!(parse_server_address("").is_err());
+        assert!(parse_server_address("a:notaport").is_err());
+        assert!(parse_server_address("::1:9610").is_err());
+    }
+
+    #[test]
+    fn statuses_are_classified_by_message() {
+        // Go kiam sends these with code Unknown.
+        assert_eq!(classify(&Status::unknown("no pod found")), ClientError::NotFound);
+        assert_eq!(classify(&Status::unknown("forbidden by policy")), ClientError::Forbidden);
+        assert_eq!(classify(&Status::not_found("no pod found")), ClientError::NotFound);
+        assert_eq!(
+            classify(&Status::permission_denied("forbidden by policy")),
+            ClientError::Forbidden
+        );
+        assert!(matches!(classify(&Status::unavailable("down")), ClientError::Unavailable(_)));
+        assert!(matches!(classify(&Status::internal("sts failed")), ClientError::Server(_)));
+        let local = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert!(matches!(classify(&local), ClientError::Unavailable(_)));
+    }
+}

@@ -1,0 +1,257 @@
+//! Last good answers per pod, served only while no kiam server answers.
+//!
+//! The surprise: this cache is never consulted when a server *does* answer,
+//! even with an error. A `no pod found` or a role change drops what is kept
+//! for that IP at once, so a reused IP cannot inherit another pod's role —
+//! except during an outage, which is why the window is bounded
+//! (`--stale-credentials-window`, `0s` turns it off) and credentials within
+//! [`EXPIRY_MARGIN`] of their expiry are never served.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+
+use super::client::Credentials;
+
+/// Credentials this close to expiry are never served from the fallback:
+/// SDKs would refresh them at once, and the server is not there to answer.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// At most this many pod IPs are remembered (a node runs ~110 pods); the
+/// oldest entries go first.
+const MAX_PODS: usize = 4096;
+
+struct Kept<T> {
+    value: T,
+    fetched: Instant,
+}
+
+#[derive(Default)]
+struct Pod {
+    role: Option<Kept<String>>,
+    /// Keyed by the role name exactly as the pod asked for it.
+    credentials: HashMap<String, Kept<(Credentials, Timestamp)>>,
+}
+
+impl Pod {
+    fn newest(&self) -> Option<Instant> {
+        let r = self.role.as_ref().map(|k| k.fetched);
+        let c = self.credentials.values().map(|k| k.fetched).max();
+        r.max(c)
+    }
+}
+
+/// The fallback store. Methods are cheap and synchronous.
+pub struct Fallback {
+    window: Duration,
+    /// std Mutex: every critical section is a few map operations, no await.
+    pods: Mutex<HashMap<IpAddr, Pod>>,
+}
+
+impl Fallback {
+    pub fn new(window: Duration) -> Self {
+        Fallback { window, pods: Mutex::new(HashMap::new()) }
+    }
+
+    fn enabled(&self) -> bool {
+        !self.window.is_zero()
+    }
+
+    /// A server said `ip` has `role`: keep it, and forget credentials kept
+    /// for any other role of that IP (the IP may belong to a new pod now).
+    pub fn remember_role(&self, ip: IpAddr, role: &str) {
+        if !self.enabled() {
+            return;
+        }
+        let mut pods = self.pods.lock().unwrap();
+        self.make_room(&mut pods, ip);
+        let pod = pods.entry(ip).or_default();
+        pod.credentials.retain(|r, _| same_role(r, role));
+        pod.role = Some(Kept { value: role.to_string(), fetched: Instant::now() });
+    }
+
+    /// A server said `ip` has no pod or no role: forget everything about it.
+    pub fn forget_ip(&self, ip: IpAddr) {
+        self.pods.lock().unwrap().remove(&ip);
+    }
+
+    /// A server refused `role` for `ip`.
+    pub fn forget(&self, ip: IpAddr, role: &str) {
+        let mut pods = self.pods.lock().unwrap();
+        if let Some(pod) = pods.get_mut(&ip) {
+            pod.credentials.remove(role);
+            if pod.role.as_ref().is_some_and(|r| same_role(&r.value, role)) {
+                pod.role = None;
+            }
+        }
+    }
+
+    /// Keeps credentials a server just issued for (`ip`, `role`). Ones whose
+    /// expiry cannot be read are not kept: the expiry rule could not be applied.
+    pub fn remember_credentials(&self, ip: IpAddr, role: &str, creds: &Credentials) {
+        if !self.enabled() {
+            return;
+        }
+        let Ok(expiry) = creds.expiration.parse::<Timestamp>() else {
+            return;
+        };
+        let mut pods = self.pods.lock().unwrap();
+        self.make_room(&mut pods, ip);
+        let pod = pods.entry(ip).or_default();
+        if pod.role.as_ref().is_some_and(|r| !same_role(&r.value, role)) {
+            // Credentials granted for a role other than the one we last
+            // saw: the pod changed; the old role name is stale.
+            pod.role = None;
+        }
+        pod.credentials.insert(
+            role.to_string(),
+            Kept { value: (creds.clone(), expiry), fetched: Instant::now() },
+        );
+    }
+
+    /// The role last seen for `ip`, if fetched within the window.
+    pub fn role(&self, ip: IpAddr) -> Option<String> {
+        let pods = self.pods.lock().unwrap();
+        let kept = pods.get(&ip)?.role.as_ref()?;
+        (kept.fetched.elapsed() <= self.window).then(|| kept.value.clone())
+    }
+
+    /// The credentials last issued for (`ip`, `role`), if fetched within the
+    /// window and not within [`EXPIRY_MARGIN`] of expiry.
+    pub fn credentials(&self, ip: IpAddr, role: &str) -> Option<Credentials> {
+        let mut pods = self.pods.lock().unwrap();
+        let pod = pods.get_mut(&ip)?;
+        let kept = pod.credentials.get(role)?;
+        if kept.fetched.elapsed() > self.window || !outlives_margin(kept.value.1) {
+            pod.credentials.remove(role);
+            return None;
+        }
+        Some(kept.value.0.clone())
+    }
+
+    /// How many pod IPs are kept (tests and memory bound checks).
+    pub fn len(&self) -> usize {
+        self.pods.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bounds memory before inserting for `ip`: drop everything outside the
+    /// window, then the oldest pods.
+    fn make_room(&self, pods: &mut HashMap<IpAddr, Pod>, ip: IpAddr) {
+        if pods.len() < MAX_PODS || pods.contains_key(&ip) {
+            return;
+        }
+        let window = self.window;
+        pods.retain(|_, p| {
+            p.credentials
+                .retain(|_, k| k.fetched.elapsed() <= window && outlives_margin(k.value.1));
+            p.newest().is_some_and(|t| t.elapsed() <= window)
+        });
+        while pods.len() >= MAX_PODS {
+            let Some(oldest) = pods
+                .iter()
+                .min_by_key(|(_, p)| p.newest())
+                .map(|(ip, _)| *ip)
+            else {
+                break;
+            };
+            pods.remove(&oldest);
+        }
+    }
+}
+
+fn outlives_margin(expiry: Timestamp) -> bool {
+    let margin = jiff::SignedDuration::try_from(EXPIRY_MARGIN).expect("small duration");
+    Timestamp::now()
+        .checked_add(margin)
+        .is_ok_and(|limit| expiry > limit)
+}
+
+/// Role names as pods write them: `name` and `/name` are the same role.
+pub fn same_role(a: &str, b: &str) -> bool {
+    a.trim_start_matches('/') == b.trim_start_matches('/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(key: &str, expires_in: i64) -> Credentials {
+        let exp = Timestamp::now() + jiff::SignedDuration::from_secs(expires_in);
+        Credentials {
+            code: "Success".into(),
+            kind: "AWS-HMAC".into(),
+            access_key_id: key.into(),
+            secret_access_key: "s".into(),
+            token: "t".into(),
+            expiration: exp.to_string(),
+            last_updated: Timestamp::now().to_string(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn keyed_by_ip_and_role() {
+        let f = Fallback::new(Duration::from_secs(60));
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600));
+        assert_eq!(f.credentials(ip("10.0.0.1"), "a").unwrap().access_key_id, "K1");
+        assert!(f.credentials(ip("10.0.0.2"), "a").is_none());
+        assert!(f.credentials(ip("10.0.0.1"), "b").is_none());
+    }
+
+    #[test]
+    fn role_change_drops_other_roles_credentials() {
+        let f = Fallback::new(Duration::from_secs(60));
+        f.remember_role(ip("10.0.0.1"), "a");
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600));
+        f.remember_role(ip("10.0.0.1"), "b");
+        assert!(f.credentials(ip("10.0.0.1"), "a").is_none());
+        assert_eq!(f.role(ip("10.0.0.1")).as_deref(), Some("b"));
+        f.forget_ip(ip("10.0.0.1"));
+        assert!(f.role(ip("10.0.0.1")).is_none());
+    }
+
+    #[test]
+    fn never_near_expiry() {
+        let f = Fallback::new(Duration::from_secs(60));
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 4 * 60));
+        assert!(f.credentials(ip("10.0.0.1"), "a").is_none());
+    }
+
+    #[test]
+    fn zero_window_keeps_nothing() {
+        let f = Fallback::new(Duration::ZERO);
+        f.remember_role(ip("10.0.0.1"), "a");
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600));
+        assert!(f.is_empty());
+        assert!(f.role(ip("10.0.0.1")).is_none());
+    }
+
+    #[test]
+    fn outside_window_not_served() {
+        let f = Fallback::new(Duration::from_millis(1));
+        f.remember_role(ip("10.0.0.1"), "a");
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(f.role(ip("10.0.0.1")).is_none());
+        assert!(f.credentials(ip("10.0.0.1"), "a").is_none());
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let f = Fallback::new(Duration::from_secs(60));
+        for i in 0..(MAX_PODS as u32 + 100) {
+            f.remember_role(IpAddr::from(i.to_be_bytes()), "a");
+        }
+        assert!(f.len() <= MAX_PODS);
+    }
+}

@@ -1,0 +1,158 @@
+//! A scripted `KiamClient` for router tests: answers per pod IP, counts
+//! calls, and can play a queue of answers (e.g. "unavailable, then ok").
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use kiam::agent::client::{ClientError, Credentials, KiamClient};
+
+/// Credentials with a marker key, valid for an hour.
+pub fn creds(key: &str) -> Credentials {
+    let now = jiff::Timestamp::now();
+    Credentials {
+        code: "Success".into(),
+        kind: "AWS-HMAC".into(),
+        access_key_id: key.into(),
+        secret_access_key: format!("{key}-secret"),
+        token: format!("{key}-token"),
+        expiration: (now + jiff::SignedDuration::from_secs(3600)).to_string(),
+        last_updated: now.to_string(),
+    }
+}
+
+#[derive(Default)]
+pub struct FakeKiam {
+    /// Role per pod IP; IPs not listed answer `no pod found`.
+    roles: Mutex<HashMap<IpAddr, Option<String>>>,
+    /// Credentials per (IP, role); missing pairs answer `forbidden by policy`.
+    creds: Mutex<HashMap<(IpAddr, String), Credentials>>,
+    /// Errors played before the normal answers, one per call, for any method.
+    script: Mutex<VecDeque<ClientError>>,
+    /// When set, every call fails with this error.
+    always: Mutex<Option<ClientError>>,
+    health: Mutex<Option<String>>,
+    delay: Mutex<Duration>,
+    pub role_calls: AtomicUsize,
+    pub cred_calls: AtomicUsize,
+    pub health_calls: AtomicUsize,
+}
+
+impl FakeKiam {
+    pub fn new() -> Self {
+        let f = FakeKiam::default();
+        *f.health.lock().unwrap() = Some("ok".into());
+        f
+    }
+
+    pub fn pod(self, ip: &str, role: Option<&str>) -> Self {
+        self.set_pod(ip, role);
+        self
+    }
+
+    pub fn set_pod(&self, ip: &str, role: Option<&str>) {
+        self.roles
+            .lock()
+            .unwrap()
+            .insert(ip.parse().unwrap(), role.map(str::to_string));
+    }
+
+    pub fn remove_pod(&self, ip: &str) {
+        let ip: IpAddr = ip.parse().unwrap();
+        self.roles.lock().unwrap().remove(&ip);
+        self.creds.lock().unwrap().retain(|(i, _), _| *i != ip);
+    }
+
+    pub fn grant(self, ip: &str, role: &str, c: Credentials) -> Self {
+        self.creds
+            .lock()
+            .unwrap()
+            .insert((ip.parse().unwrap(), role.to_string()), c);
+        self
+    }
+
+    pub fn script(&self, errors: impl IntoIterator<Item = ClientError>) {
+        self.script.lock().unwrap().extend(errors);
+    }
+
+    pub fn fail_always(&self, e: Option<ClientError>) {
+        *self.always.lock().unwrap() = e;
+    }
+
+    pub fn set_health(&self, h: &str) {
+        *self.health.lock().unwrap() = Some(h.to_string());
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().unwrap() = d;
+    }
+
+    fn scripted(&self) -> Option<ClientError> {
+        if let Some(e) = self.always.lock().unwrap().clone() {
+            return Some(e);
+        }
+        self.script.lock().unwrap().pop_front()
+    }
+
+    async fn pause(&self) {
+        let d = *self.delay.lock().unwrap();
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
+        }
+    }
+}
+
+impl KiamClient for FakeKiam {
+    fn get_pod_role(&self, ip: IpAddr) -> BoxFuture<'_, Result<Option<String>, ClientError>> {
+        Box::pin(async move {
+            self.role_calls.fetch_add(1, Ordering::SeqCst);
+            self.pause().await;
+            if let Some(e) = self.scripted() {
+                return Err(e);
+            }
+            self.roles
+                .lock()
+                .unwrap()
+                .get(&ip)
+                .cloned()
+                .ok_or(ClientError::NotFound)
+        })
+    }
+
+    fn get_pod_credentials<'a>(
+        &'a self,
+        ip: IpAddr,
+        role: &'a str,
+    ) -> BoxFuture<'a, Result<Credentials, ClientError>> {
+        Box::pin(async move {
+            self.cred_calls.fetch_add(1, Ordering::SeqCst);
+            self.pause().await;
+            if let Some(e) = self.scripted() {
+                return Err(e);
+            }
+            if !self.roles.lock().unwrap().contains_key(&ip) {
+                return Err(ClientError::NotFound);
+            }
+            self.creds
+                .lock()
+                .unwrap()
+                .get(&(ip, role.to_string()))
+                .cloned()
+                .ok_or(ClientError::Forbidden)
+        })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<String, ClientError>> {
+        Box::pin(async move {
+            self.health_calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(e) = self.scripted() {
+                return Err(e);
+            }
+            Ok(self.health.lock().unwrap().clone().unwrap_or_default())
+        })
+    }
+}
