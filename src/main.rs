@@ -3,23 +3,72 @@
 //! before any port is bound.
 
 use clap::Parser;
-use kiam::cli::Cli;
+use kiam::cli::{Cli, Command, LogArgs};
+use kiam::Fatal;
 
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
                 std::process::exit(0);
             }
             // One line, naming the flag: clap's first line does.
             let rendered = e.render().to_string();
-            let line = rendered.lines().next().unwrap_or("error: invalid arguments");
+            let line = rendered
+                .lines()
+                .next()
+                .unwrap_or("error: invalid arguments");
             eprintln!("{line}");
             std::process::exit(kiam::EXIT_USAGE);
         }
     };
-    let _ = cli;
+    if let Err(e) = run(cli.command) {
+        eprintln!("error: {e}");
+        std::process::exit(e.exit_code());
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Fatal> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Fatal::Failed(format!("starting the async runtime: {e}")))
+}
+
+fn init_logging(log: &LogArgs) {
+    kiam::telemetry::init_logging(log);
+}
+
+fn run(command: Command) -> Result<(), Fatal> {
+    match command {
+        Command::Server(args) => {
+            init_logging(&args.log);
+            runtime()?.block_on(kiam::server::main(*args))
+        }
+        Command::Agent(args) => {
+            init_logging(&args.log);
+            runtime()?.block_on(kiam::agent::main(*args)).map_err(|e| {
+                if e.is_usage() {
+                    Fatal::Usage(e.to_string())
+                } else {
+                    Fatal::Failed(e.to_string())
+                }
+            })
+        }
+        Command::Health(args) => {
+            init_logging(&args.log);
+            let message = runtime()?.block_on(kiam::health::main(args))?;
+            println!("{message}");
+            Ok(())
+        }
+        Command::Certs(args) => kiam::certs::run(&args).map_err(|e| Fatal::Usage(e.to_string())),
+    }
 }

@@ -1,1 +1,332 @@
-//! TODO
+//! The `kiam.KiamService` gRPC service. Its one surprise: error *messages*
+//! are part of the wire contract — Go kiam agents compare them verbatim
+//! (`no pod found`, `forbidden by policy`) — so every refusal maps to a
+//! status here, in one place, with those exact strings.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tonic::{Code, Request, Response, Status};
+
+use super::credentials::CredentialCache;
+use super::events::{EventRecorder, Reason};
+use super::namespaces::NamespaceCache;
+use super::pods::{FindError, PodCache};
+use super::policy::{self, ArnResolver, Decision};
+use super::sts::{Credentials, SessionTags};
+use crate::proto::kiam_service_server::KiamService;
+use crate::proto::{
+    Credentials as PbCredentials, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest,
+    HealthStatus, Role,
+};
+
+/// The wire strings agents compare (Go kiam's `ErrPodNotFound`/`ErrPolicyForbidden`).
+pub const NO_POD_FOUND: &str = "no pod found";
+pub const FORBIDDEN_BY_POLICY: &str = "forbidden by policy";
+
+/// Formats a timestamp as the EC2 metadata API does: `2026-11-28T12:00:00Z`.
+pub fn metadata_time(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Everything the service answers from.
+pub struct Service {
+    pub pods: PodCache,
+    pub namespaces: NamespaceCache,
+    pub resolver: Arc<ArnResolver>,
+    pub credentials: CredentialCache,
+    pub events: EventRecorder,
+    /// `--session`, the default session-name suffix.
+    pub session: String,
+    /// `--session-tags`.
+    pub session_tags: bool,
+    /// Set once both caches completed their first full list; until then
+    /// every call is UNAVAILABLE so agents try another server.
+    pub ready: Arc<AtomicBool>,
+    pub metrics: GrpcMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_type: &'static str,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_type: &'static str,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: &'static str,
+}
+
+/// go-grpc-prometheus's server metrics, so kiam dashboards keep working.
+#[derive(Clone)]
+pub struct GrpcMetrics {
+    started: Family<MethodLabels, Counter>,
+    handled: Family<HandledLabels, Counter>,
+    handling: Family<MethodLabels, Histogram>,
+}
+
+impl GrpcMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let started = Family::<MethodLabels, Counter>::default();
+        let handled = Family::<HandledLabels, Counter>::default();
+        let handling = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])
+        });
+        registry.register(
+            "grpc_server_started",
+            "RPCs started on the server",
+            started.clone(),
+        );
+        registry.register(
+            "grpc_server_handled",
+            "RPCs completed on the server, by code",
+            handled.clone(),
+        );
+        registry.register(
+            "grpc_server_handling_seconds",
+            "Time to answer an RPC",
+            handling.clone(),
+        );
+        GrpcMetrics {
+            started,
+            handled,
+            handling,
+        }
+    }
+
+    fn observe<T>(
+        &self,
+        method: &'static str,
+        started: std::time::Instant,
+        result: &Result<T, Status>,
+    ) {
+        let labels = MethodLabels {
+            grpc_type: "unary",
+            grpc_service: "kiam.KiamService",
+            grpc_method: method,
+        };
+        self.handling
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        let code = match result {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.handled
+            .get_or_create(&HandledLabels {
+                grpc_type: labels.grpc_type,
+                grpc_service: labels.grpc_service,
+                grpc_method: labels.grpc_method,
+                grpc_code: code_name(code),
+            })
+            .inc();
+    }
+
+    fn start(&self, method: &'static str) -> std::time::Instant {
+        self.started
+            .get_or_create(&MethodLabels {
+                grpc_type: "unary",
+                grpc_service: "kiam.KiamService",
+                grpc_method: method,
+            })
+            .inc();
+        std::time::Instant::now()
+    }
+}
+
+/// gRPC code names as Go prints them (`codes.Code.String()`).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+fn parse_ip(ip: &str) -> Result<IpAddr, Status> {
+    ip.trim()
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("ip {ip:?} is not an IP address")))
+}
+
+fn find_error(ip: IpAddr, e: FindError) -> Status {
+    match e {
+        FindError::NotFound => Status::not_found(NO_POD_FOUND),
+        other => {
+            tracing::warn!(pod.ip = %ip, error = %other, "finding pod failed");
+            Status::unavailable(other.to_string())
+        }
+    }
+}
+
+pub fn to_proto(c: &Credentials) -> PbCredentials {
+    PbCredentials {
+        code: "Success".into(),
+        r#type: "AWS-HMAC".into(),
+        access_key_id: c.access_key_id.clone(),
+        secret_access_key: c.secret_access_key.clone(),
+        token: c.session_token.clone(),
+        expiration: metadata_time(c.expiration),
+        last_updated: metadata_time(c.last_updated),
+    }
+}
+
+impl Service {
+    fn ensure_ready(&self) -> Result<(), Status> {
+        if self.ready.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "kiam server is starting: Pod and Namespace caches not yet synced",
+            ))
+        }
+    }
+
+    async fn pod_role(&self, req: GetPodRoleRequest) -> Result<Role, Status> {
+        self.ensure_ready()?;
+        let ip = parse_ip(&req.ip)?;
+        let pod = self
+            .pods
+            .find_by_ip(ip)
+            .await
+            .map_err(|e| find_error(ip, e))?;
+        let name = pod.role.as_deref().unwrap_or_default().to_string();
+        tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip, pod.iam.role = %name, "found role");
+        Ok(Role { name })
+    }
+
+    async fn pod_credentials(
+        &self,
+        req: GetPodCredentialsRequest,
+    ) -> Result<PbCredentials, Status> {
+        self.ensure_ready()?;
+        let ip = parse_ip(&req.ip)?;
+        let pod = self
+            .pods
+            .find_by_ip(ip)
+            .await
+            .map_err(|e| find_error(ip, e))?;
+        let ns = self.namespaces.get(&pod.namespace);
+        let role_arn = match policy::check(&pod, &req.role, ns.as_deref(), &self.resolver) {
+            Decision::Allowed { role_arn } => role_arn,
+            Decision::Forbidden { explanation, .. } => {
+                tracing::warn!(
+                    pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip,
+                    pod.iam.requested_role = %req.role, policy.explanation = %explanation,
+                    "pod denied by policy"
+                );
+                self.events.record(
+                    &pod,
+                    Reason::RoleForbidden,
+                    format!("failed assuming role {:?}: {explanation}", req.role),
+                );
+                return Err(Status::permission_denied(FORBIDDEN_BY_POLICY));
+            }
+        };
+        let identity = super::sts::Identity {
+            role_arn: role_arn.into(),
+            session_name: policy::session_name(&self.session, pod.session_name.as_deref()).into(),
+            external_id: pod.external_id.clone(),
+        };
+        let tags = self.session_tags.then(|| SessionTags::for_pod(&pod));
+        match self.credentials.get(&identity, tags.as_ref()).await {
+            Ok(creds) => Ok(to_proto(&creds)),
+            Err(e) => {
+                tracing::error!(
+                    pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip,
+                    pod.iam.role = %identity.role_arn, error = %e, "error retrieving credentials"
+                );
+                self.events.record(
+                    &pod,
+                    Reason::CredentialError,
+                    format!("failed retrieving credentials: {e}"),
+                );
+                Err(Status::unavailable(format!(
+                    "error retrieving credentials: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// The tonic-facing handle.
+#[derive(Clone)]
+pub struct KiamGrpc(pub Arc<Service>);
+
+#[tonic::async_trait]
+impl KiamService for KiamGrpc {
+    async fn get_pod_role(
+        &self,
+        request: Request<GetPodRoleRequest>,
+    ) -> Result<Response<Role>, Status> {
+        let t = self.0.metrics.start("GetPodRole");
+        let r = self.0.pod_role(request.into_inner()).await;
+        self.0.metrics.observe("GetPodRole", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn get_pod_credentials(
+        &self,
+        request: Request<GetPodCredentialsRequest>,
+    ) -> Result<Response<PbCredentials>, Status> {
+        let t = self.0.metrics.start("GetPodCredentials");
+        let r = self.0.pod_credentials(request.into_inner()).await;
+        self.0.metrics.observe("GetPodCredentials", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn get_health(
+        &self,
+        _request: Request<GetHealthRequest>,
+    ) -> Result<Response<HealthStatus>, Status> {
+        let t = self.0.metrics.start("GetHealth");
+        let r = self.0.ensure_ready().map(|()| HealthStatus {
+            message: "ok".into(),
+        });
+        self.0.metrics.observe("GetHealth", t, &r);
+        r.map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_look_like_the_metadata_api() {
+        let t: jiff::Timestamp = "2026-11-28T12:34:56.789Z".parse().unwrap();
+        assert_eq!(metadata_time(t), "2026-11-28T12:34:56Z");
+    }
+
+    #[test]
+    fn bad_ips_are_invalid_arguments() {
+        assert_eq!(parse_ip("10.0.0.1").unwrap().to_string(), "10.0.0.1");
+        let e = parse_ip("not-an-ip").unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("not-an-ip"));
+    }
+}
