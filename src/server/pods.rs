@@ -1,13 +1,59 @@
 //! The Pod cache: a small projection of each Pod (not whole objects), kept by
 //! a kube-runtime watcher and indexed by pod IP and by role identity.
 //!
-//! Like any watch-based cache it may lag the API server; a miss on an IP is
-//! therefore confirmed with one direct API lookup before "no pod found".
+//! Like any watch-based cache it may lag the API server; a miss on an IP
+//! (or two live pods claiming one IP) is therefore settled by one direct API
+//! lookup (`fieldSelector=status.podIP=<ip>`) before answering, and an
+//! answer that is still ambiguous is an error, never a guess.
+//!
+//! What may be stale: a pod whose deletion or completion the watch has not
+//! delivered yet still matches its IP (there is no way to know without
+//! asking the API on every request). The window is the watch's lag, usually
+//! well under a second; kubelet only frees an IP after the old pod is gone.
+//!
+//! `--sync`: kube-runtime's watcher has no client-go style resync (which only
+//! replayed the cache to event handlers; kiam's handlers ignored it). Here
+//! `--sync` is the watch's server-side timeout: every `--sync` the watch is
+//! re-established from the last resourceVersion, so a silently dead
+//! connection is noticed within `--sync` + 5s. A full re-list happens only
+//! when the API server says the resourceVersion is too old (410 Gone); pods
+//! missing from that re-list are dropped.
+//!
+//! Lifetime: the watch runs in a spawned task that stops when the last
+//! [`PodCache`] handle is dropped (mini-redis' `DbDropGuard`).
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::policy::{
+    self, ArnResolver, PolicyError, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION,
+    SESSION_NAME_ANNOTATION,
+};
+use super::sts::Identity;
+
+/// At most this many direct pod lookups run at once, however many IPs miss:
+/// a `status.podIP` field selector is not indexed by the API server.
+const MAX_CONCURRENT_LOOKUPS: usize = 8;
+/// A direct lookup that takes longer than this answers an error; agents
+/// retry within their own deadline.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a deleted pod's uid is remembered, so that a direct lookup that
+/// raced with the deletion cannot re-insert it.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 
 /// The pod phases kiam cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +63,23 @@ pub enum PodPhase {
     Succeeded,
     Failed,
     Unknown,
+}
+
+impl PodPhase {
+    fn parse(phase: Option<&str>) -> Self {
+        match phase {
+            Some("Pending") => PodPhase::Pending,
+            Some("Running") => PodPhase::Running,
+            Some("Succeeded") => PodPhase::Succeeded,
+            Some("Failed") => PodPhase::Failed,
+            _ => PodPhase::Unknown,
+        }
+    }
+
+    /// Succeeded or Failed: the containers are gone and the IP may be reused.
+    pub fn is_completed(self) -> bool {
+        matches!(self, PodPhase::Succeeded | PodPhase::Failed)
+    }
 }
 
 /// What kiam keeps of a Pod.
@@ -40,4 +103,648 @@ pub struct PodInfo {
     /// `iam.amazonaws.com/external-id`.
     pub external_id: Option<Arc<str>>,
     pub service_account: Option<Arc<str>>,
+}
+
+impl PodInfo {
+    /// The projection of `pod`. Empty annotations count as absent (as in
+    /// kiam); only `status.podIP` is used (kiam's rule, and the only IP the
+    /// `status.podIP` field selector knows); an unparsable IP counts as none.
+    pub fn from_pod(pod: &Pod) -> Self {
+        let meta = &pod.metadata;
+        let annotation = |key: &str| {
+            meta.annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .filter(|v| !v.is_empty())
+                .map(|v| Arc::<str>::from(v.as_str()))
+        };
+        let status = pod.status.as_ref();
+        let spec = pod.spec.as_ref();
+        PodInfo {
+            namespace: meta.namespace.as_deref().unwrap_or_default().into(),
+            name: meta.name.as_deref().unwrap_or_default().into(),
+            uid: meta.uid.as_deref().unwrap_or_default().into(),
+            ip: status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok()),
+            phase: PodPhase::parse(status.and_then(|s| s.phase.as_deref())),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            deletion: meta
+                .deletion_timestamp
+                .as_ref()
+                .and_then(|t| from_k8s_time(&t.0)),
+            role: annotation(ROLE_ANNOTATION),
+            session_name: annotation(SESSION_NAME_ANNOTATION),
+            external_id: annotation(EXTERNAL_ID_ANNOTATION),
+            service_account: spec
+                .and_then(|s| s.service_account_name.as_deref())
+                .filter(|s| !s.is_empty())
+                .map(Into::into),
+        }
+    }
+
+    /// May a request from this pod's IP be answered with this pod at `now`?
+    /// Not when it has no IP, uses the host's network, has completed, or is
+    /// past its deletion deadline. Pending pods with an IP do match.
+    pub fn matches_ip_at(&self, now: Timestamp) -> bool {
+        self.ip.is_some()
+            && !self.host_network
+            && !self.phase.is_completed()
+            && self.deletion.is_none_or(|deadline| deadline > now)
+    }
+}
+
+/// k8s-openapi uses jiff 0.2 and this crate jiff 1; both count nanoseconds
+/// since the epoch.
+fn from_k8s_time(t: &k8s_openapi::jiff::Timestamp) -> Option<Timestamp> {
+    Timestamp::from_nanosecond(t.as_nanosecond()).ok()
+}
+
+/// Why [`PodCache::find_by_ip`] has no pod to answer with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FindError {
+    /// Agents compare this exact text (kiam's wire string).
+    #[error("no pod found")]
+    NotFound,
+    #[error("{} live pods share IP {ip} ({}); refusing to guess", pods.len(), pods.join(", "))]
+    Ambiguous {
+        ip: IpAddr,
+        /// `namespace/name` of each live pod the API server reported.
+        pods: Vec<String>,
+    },
+    #[error("asking the Kubernetes API for the pod with IP {ip}: {source}")]
+    Api {
+        ip: IpAddr,
+        #[source]
+        source: Arc<kube::Error>,
+    },
+    #[error("asking the Kubernetes API for the pod with IP {ip}: {reason}")]
+    Interrupted { ip: IpAddr, reason: &'static str },
+}
+
+/// Options for [`PodCache::spawn`], from the server's flags.
+#[derive(Debug, Clone)]
+pub struct PodCacheConfig {
+    /// `--session`: the session name for pods without
+    /// `iam.amazonaws.com/session-name`.
+    pub session: String,
+    /// `--prefetch-buffer-size`: capacity of the prefetch channel.
+    pub prefetch_buffer_size: usize,
+    /// `--sync`: the watch timeout (see the module doc); zero means
+    /// kube-runtime's default (290s).
+    pub resync: Duration,
+}
+
+/// A cheaply cloneable handle on the Pod cache. The watch stops when the
+/// last handle is dropped.
+#[derive(Clone)]
+pub struct PodCache {
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    state: Arc<State>,
+    _stop: DropGuard,
+}
+
+type Lookup = Shared<BoxFuture<'static, Result<Arc<PodInfo>, FindError>>>;
+
+struct State {
+    // std Mutex: no `.await` happens while it is held.
+    index: Mutex<Index>,
+    resolver: Arc<ArnResolver>,
+    session: String,
+    api: Api<Pod>,
+    prefetch: mpsc::Sender<PodInfo>,
+    dropped: Counter,
+    synced: Synced,
+    // std Mutex: held only to find or insert a lookup, never across `.await`.
+    lookups: Mutex<HashMap<IpAddr, Lookup>>,
+    lookup_permits: Semaphore,
+}
+
+impl PodCache {
+    /// Starts watching every Pod in the cluster. Returns the cache and the
+    /// prefetch receiver: a [`PodInfo`] arrives whenever a pod with a
+    /// resolvable role and an IP (Pending or Running) appears, or its role,
+    /// session name, external id or IP changes. When the receiver lags and
+    /// the channel is full, the announcement is dropped and counted in
+    /// `kiam_k8s_dropped_pods_total`; the watcher never waits.
+    ///
+    /// Must be called inside a tokio runtime (it spawns the watch).
+    pub fn spawn(
+        client: kube::Client,
+        resolver: Arc<ArnResolver>,
+        config: PodCacheConfig,
+        registry: &mut Registry,
+    ) -> (PodCache, mpsc::Receiver<PodInfo>) {
+        let (prefetch, receiver) = mpsc::channel(config.prefetch_buffer_size.max(1));
+        let dropped = Counter::default();
+        registry.register(
+            "kiam_k8s_dropped_pods",
+            "Number of dropped pods because of full buffer",
+            dropped.clone(),
+        );
+        let state = Arc::new(State {
+            index: Mutex::new(Index::default()),
+            resolver,
+            session: config.session,
+            api: Api::all(client),
+            prefetch,
+            dropped,
+            synced: Synced::default(),
+            lookups: Mutex::new(HashMap::new()),
+            lookup_permits: Semaphore::new(MAX_CONCURRENT_LOOKUPS),
+        });
+        let stop = CancellationToken::new();
+        let task_state = state.clone();
+        tokio::spawn(drive(
+            state.api.clone(),
+            config.resync,
+            stop.clone(),
+            "pod",
+            move |event| task_state.on_event(event),
+        ));
+        let cache = PodCache {
+            handle: Arc::new(Handle {
+                state,
+                _stop: stop.drop_guard(),
+            }),
+        };
+        (cache, receiver)
+    }
+
+    /// The one live pod using `ip`. Answers from the cache when it knows
+    /// exactly one live pod there; otherwise asks the API server once (at
+    /// most one lookup per IP is in flight, shared by concurrent callers) and
+    /// answers from that: one live pod (also put in the cache), none
+    /// ([`FindError::NotFound`]) or several ([`FindError::Ambiguous`]).
+    pub async fn find_by_ip(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+        let state = &self.handle.state;
+        let live = state.index.lock().unwrap().live_on(ip, Timestamp::now());
+        if let [only] = live.as_slice() {
+            return Ok(only.clone());
+        }
+        tracing::debug!(pod.ip = %ip, cached_live_pods = live.len(), "asking the API server for the pod");
+        state.clone().lookup(ip).await
+    }
+
+    /// Is any live (not completed, not host-network) pod annotated with a role
+    /// that resolves to this identity? The credential cache keeps refreshing
+    /// only such identities. A terminating pod counts until it is deleted.
+    pub fn identity_in_use(&self, identity: &Identity) -> bool {
+        self.handle
+            .state
+            .index
+            .lock()
+            .unwrap()
+            .identities
+            .contains_key(identity)
+    }
+
+    /// Every identity [`identity_in_use`](Self::identity_in_use) says is in use.
+    pub fn identities(&self) -> Vec<Identity> {
+        let index = self.handle.state.index.lock().unwrap();
+        index.identities.keys().cloned().collect()
+    }
+
+    /// The identity `pod` would receive (its annotated role, session name and
+    /// external id), with this cache's resolver and `--session`.
+    pub fn identity_for(&self, pod: &PodInfo) -> Result<Option<Identity>, PolicyError> {
+        let state = &self.handle.state;
+        policy::identity_for(pod, &state.resolver, &state.session)
+    }
+
+    pub fn resolver(&self) -> &Arc<ArnResolver> {
+        &self.handle.state.resolver
+    }
+
+    /// The cached projection of one pod, live or not.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<PodInfo>> {
+        let index = self.handle.state.index.lock().unwrap();
+        index
+            .pods
+            .get(&(Arc::from(namespace), Arc::from(name)))
+            .map(|e| e.info.clone())
+    }
+
+    /// How many pods are cached (live or not).
+    pub fn len(&self) -> usize {
+        self.handle.state.index.lock().unwrap().pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True once the first full list has been applied.
+    pub fn is_synced(&self) -> bool {
+        self.handle.state.synced.is_synced()
+    }
+
+    /// Waits for the first full list. Never returns while the API server is
+    /// unreachable; race it against shutdown.
+    pub async fn wait_synced(&self) {
+        self.handle.state.synced.wait().await
+    }
+}
+
+impl State {
+    fn entry(&self, pod: &Pod) -> Entry {
+        let info = PodInfo::from_pod(pod);
+        let identity = match policy::identity_for(&info, &self.resolver, &self.session) {
+            Ok(identity) => identity,
+            Err(error) => {
+                // Requests from this pod are refused by policy, which
+                // explains it in an Event; here it is only noise.
+                tracing::debug!(
+                    pod.namespace = %info.namespace, pod.name = %info.name, %error,
+                    "pod's role does not resolve"
+                );
+                None
+            }
+        };
+        Entry {
+            info: Arc::new(info),
+            identity,
+            resource_version: pod
+                .metadata
+                .resource_version
+                .as_deref()
+                .and_then(|rv| rv.parse().ok()),
+        }
+    }
+
+    fn on_event(&self, event: watcher::Event<Pod>) {
+        let announce = {
+            let mut index = self.index.lock().unwrap();
+            match event {
+                watcher::Event::Init => {
+                    index.relisted = Some(HashSet::new());
+                    None
+                }
+                watcher::Event::InitApply(pod) => {
+                    let entry = self.entry(&pod);
+                    if let Some(seen) = index.relisted.as_mut() {
+                        seen.insert(entry.key());
+                    }
+                    index.upsert(entry)
+                }
+                watcher::Event::InitDone => {
+                    let gone = index.finish_relist();
+                    drop(index);
+                    if gone > 0 {
+                        tracing::info!(
+                            pods = gone,
+                            "re-list dropped pods deleted while the watch was down"
+                        );
+                    }
+                    if !self.synced.is_synced() {
+                        tracing::info!("pod cache synced");
+                    }
+                    self.synced.set();
+                    return;
+                }
+                watcher::Event::Apply(pod) => index.upsert(self.entry(&pod)),
+                watcher::Event::Delete(pod) => {
+                    let info = PodInfo::from_pod(&pod);
+                    tracing::debug!(pod.namespace = %info.namespace, pod.name = %info.name, "pod deleted");
+                    index.delete(&(info.namespace, info.name), &info.uid);
+                    None
+                }
+            }
+        };
+        if let Some(info) = announce {
+            self.announce(&info);
+        }
+    }
+
+    fn announce(&self, info: &PodInfo) {
+        match self.prefetch.try_send(info.clone()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.dropped.inc();
+                tracing::warn!(
+                    pod.namespace = %info.namespace, pod.name = %info.name,
+                    "prefetch buffer full (--prefetch-buffer-size), dropping pod announcement"
+                );
+            }
+            // Nobody prefetches (e.g. in tests): nothing to tell.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Joins the in-flight lookup for `ip` or starts one. The lookup is a
+    /// task, so a caller that gives up (its gRPC deadline passed) neither
+    /// cancels it for the others nor leaves it half-done holding a permit.
+    async fn lookup(self: Arc<Self>, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+        let lookup = {
+            let mut lookups = self.lookups.lock().unwrap();
+            lookups
+                .entry(ip)
+                .or_insert_with(|| {
+                    let state = self.clone();
+                    let task = tokio::spawn(async move {
+                        let result = state.lookup_api(ip).await;
+                        state.lookups.lock().unwrap().remove(&ip);
+                        result
+                    });
+                    task.map(move |joined| {
+                        joined.unwrap_or(Err(FindError::Interrupted {
+                            ip,
+                            reason: "the server is shutting down",
+                        }))
+                    })
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        lookup.await
+    }
+
+    async fn lookup_api(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+        // The semaphore is never closed, so acquiring cannot fail.
+        let _permit = self.lookup_permits.acquire().await;
+        let params = ListParams::default().fields(&format!("status.podIP={ip}"));
+        let list = match tokio::time::timeout(LOOKUP_TIMEOUT, self.api.list(&params)).await {
+            Ok(Ok(list)) => list,
+            Ok(Err(e)) => {
+                return Err(FindError::Api {
+                    ip,
+                    source: Arc::new(e),
+                })
+            }
+            Err(_) => {
+                return Err(FindError::Interrupted {
+                    ip,
+                    reason: "no answer within 5s",
+                })
+            }
+        };
+        let now = Timestamp::now();
+        // Filter on the IP again: the field selector is the server's
+        // business, the rule "never another pod's role" is ours.
+        let mut live: Vec<Entry> = list
+            .items
+            .iter()
+            .map(|pod| self.entry(pod))
+            .filter(|e| e.info.ip == Some(ip) && e.info.matches_ip_at(now))
+            .collect();
+        match live.len() {
+            0 => Err(FindError::NotFound),
+            1 => {
+                let entry = live.pop().expect("one element");
+                let info = entry.info.clone();
+                tracing::debug!(
+                    pod.namespace = %info.namespace, pod.name = %info.name, pod.ip = %ip,
+                    "found pod through the API before its watch event"
+                );
+                let announce = self.index.lock().unwrap().insert_fresh(entry);
+                if let Some(announce) = announce {
+                    self.announce(&announce);
+                }
+                Ok(info)
+            }
+            _ => {
+                let pods: Vec<String> = live
+                    .iter()
+                    .map(|e| format!("{}/{}", e.info.namespace, e.info.name))
+                    .collect();
+                tracing::warn!(pod.ip = %ip, pods = ?pods, "several live pods share one IP; refusing to answer");
+                Err(FindError::Ambiguous { ip, pods })
+            }
+        }
+    }
+}
+
+type PodKey = (Arc<str>, Arc<str>);
+
+struct Entry {
+    info: Arc<PodInfo>,
+    /// Resolved once per change, not per request; `None` without a
+    /// (resolvable) role.
+    identity: Option<Identity>,
+    /// Lets a direct lookup replace only an older cached state of a pod.
+    resource_version: Option<u64>,
+}
+
+impl Entry {
+    fn key(&self) -> PodKey {
+        (self.info.namespace.clone(), self.info.name.clone())
+    }
+
+    /// Counted in the identity index: it may still ask for credentials.
+    fn uses_identity(&self) -> bool {
+        self.identity.is_some() && !self.info.host_network && !self.info.phase.is_completed()
+    }
+
+    /// Worth prefetching for: has a role and an IP, and runs or is about to.
+    fn announceable(&self) -> bool {
+        self.identity.is_some()
+            && self.info.ip.is_some()
+            && !self.info.host_network
+            && self.info.deletion.is_none()
+            && matches!(self.info.phase, PodPhase::Pending | PodPhase::Running)
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    pods: HashMap<PodKey, Entry>,
+    /// Every cached pod with an IP, live or not (liveness depends on time).
+    by_ip: HashMap<IpAddr, Vec<PodKey>>,
+    /// Live pods per identity.
+    identities: HashMap<Identity, usize>,
+    /// Uids deleted in the last [`TOMBSTONE_TTL`], oldest first.
+    tombstones: VecDeque<(Instant, Arc<str>)>,
+    tombstoned: HashSet<Arc<str>>,
+    /// During a re-list: the pods it has listed so far.
+    relisted: Option<HashSet<PodKey>>,
+}
+
+impl Index {
+    fn live_on(&self, ip: IpAddr, now: Timestamp) -> Vec<Arc<PodInfo>> {
+        let Some(keys) = self.by_ip.get(&ip) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter_map(|k| self.pods.get(k))
+            .filter(|e| e.info.matches_ip_at(now))
+            .map(|e| e.info.clone())
+            .collect()
+    }
+
+    /// Stores `entry`; returns the pod to announce for prefetch, if any:
+    /// when it became announceable, or what it would be given changed.
+    fn upsert(&mut self, entry: Entry) -> Option<PodInfo> {
+        let key = entry.key();
+        let old = self.remove(&key);
+        let changed = old.as_ref().is_none_or(|old| {
+            !old.announceable()
+                || old.info.uid != entry.info.uid
+                || old.identity != entry.identity
+                || old.info.ip != entry.info.ip
+        });
+        let announce = (entry.announceable() && changed).then(|| (*entry.info).clone());
+        if let Some(ip) = entry.info.ip {
+            self.by_ip.entry(ip).or_default().push(key.clone());
+        }
+        if entry.uses_identity() {
+            if let Some(identity) = &entry.identity {
+                *self.identities.entry(identity.clone()).or_default() += 1;
+            }
+        }
+        self.pods.insert(key, entry);
+        announce
+    }
+
+    /// Stores what a direct lookup found, unless the watch already knows
+    /// better: the pod was deleted meanwhile (its uid is tombstoned), or the
+    /// cache holds another pod under that name or a state at least as new.
+    fn insert_fresh(&mut self, entry: Entry) -> Option<PodInfo> {
+        if self.tombstoned.contains(&entry.info.uid) {
+            return None;
+        }
+        let newer = match self.pods.get(&entry.key()) {
+            None => true,
+            Some(old) => {
+                old.info.uid == entry.info.uid
+                    && matches!((old.resource_version, entry.resource_version),
+                                (Some(cached), Some(fresh)) if cached < fresh)
+            }
+        };
+        if newer {
+            self.upsert(entry)
+        } else {
+            None
+        }
+    }
+
+    fn remove(&mut self, key: &PodKey) -> Option<Entry> {
+        let old = self.pods.remove(key)?;
+        if let Some(ip) = old.info.ip {
+            if let Some(keys) = self.by_ip.get_mut(&ip) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.by_ip.remove(&ip);
+                }
+            }
+        }
+        if old.uses_identity() {
+            if let Some(identity) = &old.identity {
+                if let Some(count) = self.identities.get_mut(identity) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.identities.remove(identity);
+                    }
+                }
+            }
+        }
+        Some(old)
+    }
+
+    fn delete(&mut self, key: &PodKey, uid: &Arc<str>) {
+        // A Delete for an older pod of the same name must not remove its successor.
+        if self.pods.get(key).is_some_and(|e| e.info.uid == *uid) {
+            self.remove(key);
+        }
+        self.tombstone(uid.clone());
+    }
+
+    fn tombstone(&mut self, uid: Arc<str>) {
+        let now = Instant::now();
+        while let Some((at, _)) = self.tombstones.front() {
+            if now.duration_since(*at) < TOMBSTONE_TTL {
+                break;
+            }
+            if let Some((_, old)) = self.tombstones.pop_front() {
+                self.tombstoned.remove(&old);
+            }
+        }
+        if self.tombstoned.insert(uid.clone()) {
+            self.tombstones.push_back((now, uid));
+        }
+    }
+
+    /// Ends a re-list: pods it did not list were deleted meanwhile. Returns
+    /// how many were dropped.
+    fn finish_relist(&mut self) -> usize {
+        let Some(seen) = self.relisted.take() else {
+            return 0;
+        };
+        let gone: Vec<PodKey> = self
+            .pods
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for key in &gone {
+            if let Some(old) = self.remove(key) {
+                self.tombstone(old.info.uid.clone());
+            }
+        }
+        gone.len()
+    }
+}
+
+/// "The first full list has been applied", shared by the Pod and Namespace
+/// caches.
+#[derive(Debug)]
+pub(super) struct Synced(watch::Sender<bool>);
+
+impl Default for Synced {
+    fn default() -> Self {
+        Synced(watch::Sender::new(false))
+    }
+}
+
+impl Synced {
+    pub(super) fn set(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub(super) fn is_synced(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    pub(super) async fn wait(&self) {
+        let mut synced = self.0.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = synced.wait_for(|s| *s).await;
+    }
+}
+
+/// Runs a kube-runtime watcher until `stop` is cancelled, handing every
+/// event to `on_event`. Errors are logged and retried with kube-runtime's
+/// default backoff (0.8s doubling to 30s, like client-go); they never end
+/// the watch.
+pub(super) async fn drive<K>(
+    api: Api<K>,
+    resync: Duration,
+    stop: CancellationToken,
+    what: &'static str,
+    mut on_event: impl FnMut(watcher::Event<K>) + Send,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut config = watcher::Config::default();
+    if !resync.is_zero() {
+        let secs = resync.as_secs().clamp(1, u64::from(u32::MAX));
+        config = config.timeout(secs as u32);
+    }
+    let stream = watcher(api, config).default_backoff();
+    futures::pin_mut!(stream);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            next = stream.next() => match next {
+                Some(Ok(event)) => on_event(event),
+                Some(Err(error)) => tracing::warn!(%error, "{what} watch failed; retrying with backoff"),
+                // The watcher stream never ends by itself.
+                None => return,
+            },
+        }
+    }
 }
