@@ -1,0 +1,241 @@
+//! Server-side printing: the `meta.k8s.io/v1` `Table` that `kubectl get` asks for with
+//! `Accept: application/json;as=Table;...`, with the same columns a real server prints.
+
+use serde_json::{json, Value};
+
+use super::resources::Resource;
+
+/// Whether an Accept header prefers a Table (kubectl lists it before plain JSON).
+pub fn wants_table(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table"))
+}
+
+fn column(name: &str, kind: &str, priority: u8) -> Value {
+    let format = if name == "Name" { "name" } else { "" };
+    json!({"name": name, "type": kind, "format": format, "description": "", "priority": priority})
+}
+
+/// kubectl's short ages: 45s, 5m30s, 3h, 4d.
+fn age(timestamp: Option<&str>) -> String {
+    let Some(then) = timestamp.and_then(|t| t.parse::<jiff::Timestamp>().ok()) else {
+        return "<unknown>".to_string();
+    };
+    let secs = (jiff::Timestamp::now().as_second() - then.as_second()).max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 3 * 3600 => format!("{}m", s / 60),
+        s if s < 2 * 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn text<'a>(obj: &'a Value, pointer: &str) -> &'a str {
+    obj.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+fn or_none(s: &str) -> &str {
+    if s.is_empty() {
+        "<none>"
+    } else {
+        s
+    }
+}
+
+fn pod_cells(pod: &Value) -> Vec<Value> {
+    let containers = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let statuses = pod
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let ready = statuses
+        .iter()
+        .filter(|s| s.get("ready").and_then(Value::as_bool) == Some(true))
+        .count();
+    let restarts: i64 = statuses
+        .iter()
+        .filter_map(|s| s.get("restartCount").and_then(Value::as_i64))
+        .sum();
+    let status = if pod.pointer("/metadata/deletionTimestamp").is_some() {
+        "Terminating"
+    } else {
+        match text(pod, "/status/reason") {
+            "" => text(pod, "/status/phase"),
+            reason => reason,
+        }
+    };
+    vec![
+        text(pod, "/metadata/name").into(),
+        format!("{ready}/{containers}").into(),
+        status.into(),
+        restarts.to_string().into(),
+        age(pod
+            .pointer("/metadata/creationTimestamp")
+            .and_then(Value::as_str))
+        .into(),
+        or_none(text(pod, "/status/podIP")).into(),
+        or_none(text(pod, "/spec/nodeName")).into(),
+        or_none(text(pod, "/status/nominatedNodeName")).into(),
+        "<none>".into(),
+    ]
+}
+
+fn event_cells(event: &Value) -> Vec<Value> {
+    let last = [
+        "/lastTimestamp",
+        "/eventTime",
+        "/deprecatedLastTimestamp",
+        "/metadata/creationTimestamp",
+    ]
+    .iter()
+    .map(|p| text(event, p))
+    .find(|t| !t.is_empty());
+    let object = match (
+        text(event, "/involvedObject/kind"),
+        text(event, "/regarding/kind"),
+    ) {
+        ("", "") => String::new(),
+        ("", kind) => format!("{}/{}", kind.to_lowercase(), text(event, "/regarding/name")),
+        (kind, _) => format!(
+            "{}/{}",
+            kind.to_lowercase(),
+            text(event, "/involvedObject/name")
+        ),
+    };
+    let message = match text(event, "/message") {
+        "" => text(event, "/note"),
+        m => m,
+    };
+    vec![
+        age(last).into(),
+        text(event, "/type").into(),
+        text(event, "/reason").into(),
+        object.into(),
+        message.into(),
+    ]
+}
+
+fn columns(res: Resource) -> Vec<Value> {
+    match res {
+        Resource::Pods => vec![
+            column("Name", "string", 0),
+            column("Ready", "string", 0),
+            column("Status", "string", 0),
+            column("Restarts", "string", 0),
+            column("Age", "string", 0),
+            column("IP", "string", 1),
+            column("Node", "string", 1),
+            column("Nominated Node", "string", 1),
+            column("Readiness Gates", "string", 1),
+        ],
+        Resource::Namespaces => vec![
+            column("Name", "string", 0),
+            column("Status", "string", 0),
+            column("Age", "string", 0),
+        ],
+        Resource::Events | Resource::EventsV1 => vec![
+            column("Last Seen", "string", 0),
+            column("Type", "string", 0),
+            column("Reason", "string", 0),
+            column("Object", "string", 0),
+            column("Message", "string", 0),
+        ],
+    }
+}
+
+fn cells(res: Resource, obj: &Value) -> Vec<Value> {
+    match res {
+        Resource::Pods => pod_cells(obj),
+        Resource::Namespaces => vec![
+            text(obj, "/metadata/name").into(),
+            text(obj, "/status/phase").into(),
+            age(obj
+                .pointer("/metadata/creationTimestamp")
+                .and_then(Value::as_str))
+            .into(),
+        ],
+        Resource::Events | Resource::EventsV1 => event_cells(obj),
+    }
+}
+
+/// A Table of `objects`; `include_object` is the request's `includeObject` (default Metadata).
+pub fn render(
+    res: Resource,
+    objects: &[&Value],
+    list_metadata: Value,
+    include_object: &str,
+) -> Value {
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|obj| {
+            let object = match include_object {
+                "None" => Value::Null,
+                "Object" => {
+                    let mut full = (*obj).clone();
+                    full["kind"] = res.kind().into();
+                    full["apiVersion"] = res.api_version().into();
+                    full
+                }
+                _ => json!({
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({})),
+                }),
+            };
+            json!({"cells": cells(res, obj), "object": object})
+        })
+        .collect();
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": list_metadata,
+        "columnDefinitions": columns(res),
+        "rows": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubectl_accept_header_asks_for_a_table() {
+        assert!(wants_table(
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json"
+        ));
+        assert!(!wants_table("application/json"));
+    }
+
+    #[test]
+    fn pod_rows_show_readiness_status_and_ip() {
+        let pod = json!({
+            "metadata": {"name": "web", "creationTimestamp": "2020-01-01T00:00:00Z"},
+            "spec": {"containers": [{"name": "a"}, {"name": "b"}], "nodeName": "n1"},
+            "status": {"phase": "Running", "podIP": "198.18.0.1",
+                       "containerStatuses": [{"ready": true, "restartCount": 2}, {"ready": false, "restartCount": 1}]}
+        });
+        let table = render(Resource::Pods, &[&pod], json!({}), "Metadata");
+        assert_eq!(
+            table["rows"][0]["cells"],
+            json!([
+                "web",
+                "1/2",
+                "Running",
+                "3",
+                age(Some("2020-01-01T00:00:00Z")),
+                "198.18.0.1",
+                "n1",
+                "<none>",
+                "<none>"
+            ])
+        );
+        assert_eq!(table["rows"][0]["object"]["metadata"]["name"], "web");
+    }
+}
