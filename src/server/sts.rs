@@ -283,6 +283,14 @@ impl StsClient {
         })
     }
 
+    /// A client from an explicit SDK configuration, reading no environment
+    /// (tests and the sandbox point it at an emulator this way).
+    pub fn from_conf(conf: aws_sdk_sts::Config) -> StsClient {
+        StsClient {
+            client: aws_sdk_sts::Client::from_conf(conf),
+        }
+    }
+
     /// The region calls are signed for (and, without a custom endpoint, sent to).
     pub fn region(&self) -> Option<String> {
         self.client.config().region().map(|r| r.to_string())

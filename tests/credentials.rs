@@ -1,0 +1,414 @@
+//! The real STS client ([`kiam::server::sts::StsClient`]) against local
+//! stand-ins: a tiny fake that answers STS errors, and moto's STS server for
+//! the happy path (credentials, external id, regions, `--assume-role-arn`,
+//! `AWS_ENDPOINT_URL_STS` / `AWS_ENDPOINT_URL`).
+//!
+//! moto is found through `MOTO_SERVER` (path to `moto_server`) or `PATH`;
+//! without it the moto test prints a loud SKIP and passes. Tests here change
+//! process environment variables, so they run one at a time (`SERIAL`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use kiam::server::credentials::{CacheConfig, CredentialCache};
+use kiam::server::sts::{AssumeRole, Identity, SessionTags, StsClient, StsError};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// Environment variables are process-wide: one test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn identity(role: &str, external_id: Option<&str>) -> Identity {
+    Identity {
+        role_arn: format!("arn:aws:iam::123456789012:role/{role}").into(),
+        session_name: format!("kiam-{role}").into(),
+        external_id: external_id.map(Into::into),
+    }
+}
+
+/// A fake STS answering every request with `status` and `body`.
+async fn fake_sts(status: StatusCode, body: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || async move {
+        (status, [("content-type", "text/xml")], body).into_response()
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// A client for `endpoint` that reads no environment and does not retry.
+fn client_for(endpoint: &str) -> StsClient {
+    let conf = aws_sdk_sts::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_sts::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .retry_config(RetryConfig::disabled())
+        .build();
+    StsClient::from_conf(conf)
+}
+
+fn sts_error_xml(code: &str, message: &str) -> &'static str {
+    let xml = format!(
+        r#"<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>
+  <RequestId>4f1c2a9e-0000-0000-0000-000000000000</RequestId>
+</ErrorResponse>"#
+    );
+    Box::leak(xml.into_boxed_str())
+}
+
+async fn assume(
+    client: &StsClient,
+    id: &Identity,
+) -> Result<kiam::server::sts::Credentials, StsError> {
+    client.assume_role(id, HOUR, None).await
+}
+
+#[tokio::test]
+async fn access_denied_is_final_with_a_readable_message() {
+    let _serial = SERIAL.lock().await;
+    let body = sts_error_xml(
+        "AccessDenied",
+        "User: arn:aws:sts::123456789012:assumed-role/kiam-server/kiam is not authorized to perform: sts:AssumeRole on resource: arn:aws:iam::123456789012:role/reader",
+    );
+    let addr = fake_sts(StatusCode::FORBIDDEN, body).await;
+    let e = assume(
+        &client_for(&format!("http://{addr}")),
+        &identity("reader", None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code.as_deref(), Some("AccessDenied"));
+    assert!(!e.retryable);
+    assert!(
+        e.message.starts_with("AccessDenied: User: arn:aws:sts::123456789012:assumed-role/kiam-server/kiam is not authorized"),
+        "{}",
+        e.message
+    );
+}
+
+#[tokio::test]
+async fn throttling_and_server_errors_are_retryable() {
+    let _serial = SERIAL.lock().await;
+    let throttled = fake_sts(
+        StatusCode::BAD_REQUEST,
+        sts_error_xml("Throttling", "Rate exceeded"),
+    )
+    .await;
+    let e = assume(
+        &client_for(&format!("http://{throttled}")),
+        &identity("a", None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code.as_deref(), Some("Throttling"));
+    assert!(e.retryable, "{e:?}");
+    assert_eq!(e.message, "Throttling: Rate exceeded");
+
+    let unavailable = fake_sts(
+        StatusCode::SERVICE_UNAVAILABLE,
+        sts_error_xml("ServiceUnavailable", "try again"),
+    )
+    .await;
+    let e = assume(
+        &client_for(&format!("http://{unavailable}")),
+        &identity("a", None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.retryable, "{e:?}");
+
+    let invalid = fake_sts(
+        StatusCode::BAD_REQUEST,
+        sts_error_xml("ValidationError", "1 validation error detected"),
+    )
+    .await;
+    let e = assume(
+        &client_for(&format!("http://{invalid}")),
+        &identity("a", None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code.as_deref(), Some("ValidationError"));
+    assert!(!e.retryable, "{e:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_retryable() {
+    let _serial = SERIAL.lock().await;
+    // A port that was just free: nothing listens there any more.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let e = assume(&client_for(&format!("http://{addr}")), &identity("a", None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code.as_deref(), Some("Unreachable"), "{e:?}");
+    assert!(e.retryable);
+}
+
+/// moto's STS server on 127.0.0.1, killed on drop.
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MOTO_SERVER").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("moto_server"))
+        .find(|p| p.is_file())
+}
+
+/// Starts moto on a free port (`-p 0`) and reads the port it prints.
+fn start_moto() -> Option<Moto> {
+    let Some(bin) = moto_binary() else {
+        eprintln!(
+            "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+             SKIP: moto_server not found (set MOTO_SERVER or put it on PATH:\n\
+             pip install 'moto[server]'); the real STS client was NOT tested against moto\n\
+             !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+        );
+        return None;
+    };
+    let mut child = Command::new(&bin)
+        .args(["-H", "127.0.0.1", "-p", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Werkzeug prints " * Running on http://127.0.0.1:PORT" once bound; keep
+    // draining stderr afterwards so moto never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(rest) = line.split("Running on http://127.0.0.1:").nth(1) {
+                    let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                    let _ = tx.send(port);
+                    sent = true;
+                }
+            }
+        }
+    });
+    let mut moto = Moto {
+        child,
+        url: String::new(),
+    };
+    let port = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("{} did not report its port within 60s", bin.display()));
+    moto.url = format!("http://127.0.0.1:{port}");
+    Some(moto)
+}
+
+/// moto's record of the roles it was asked to assume:
+/// (role ARN, session name, external id, region).
+async fn moto_assumed_roles(moto: &Moto) -> Vec<(String, String, Option<String>, String)> {
+    let url = format!("{}/moto-api/data.json", moto.url);
+    let body = http_get(&url).await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["sts"]["AssumedRole"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| {
+            (
+                r["role_arn"].as_str().unwrap_or_default().to_string(),
+                r["session_name"].as_str().unwrap_or_default().to_string(),
+                r["external_id"].as_str().map(str::to_string),
+                r["region_name"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn http_get(url: &str) -> String {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// Points the AWS SDK's environment at moto with dummy credentials and no
+/// profile, IMDS or region.
+fn isolate_env(moto: &Moto, dir: &std::path::Path) {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    std::env::remove_var("AWS_SESSION_TOKEN");
+    std::env::set_var("AWS_ENDPOINT_URL_STS", &moto.url);
+    std::env::remove_var("AWS_ENDPOINT_URL");
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    std::env::set_var("AWS_CONFIG_FILE", dir.join("no-config"));
+    std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-credentials"));
+    for var in [
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_PROFILE",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ] {
+        std::env::remove_var(var);
+    }
+}
+
+#[tokio::test]
+async fn moto_issues_credentials_through_the_default_chain() {
+    let _serial = SERIAL.lock().await;
+    let Some(moto) = start_moto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    isolate_env(&moto, dir.path());
+
+    // No --region and none in the environment: us-east-1 (the global endpoint's).
+    let client = StsClient::from_env("", "").await.unwrap();
+    assert_eq!(client.region().as_deref(), Some("us-east-1"));
+    let id = identity("reader", Some("ex-1"));
+    let tags = SessionTags {
+        namespace: "team".into(),
+        pod: "web-1".into(),
+        service_account: "default".into(),
+    };
+    let creds = client
+        .assume_role(&id, HOUR, Some(&tags))
+        .await
+        .expect("moto issues credentials");
+    assert!(
+        creds.access_key_id.starts_with("ASIA"),
+        "{}",
+        creds.access_key_id
+    );
+    assert!(!creds.secret_access_key.is_empty() && !creds.session_token.is_empty());
+    let life = creds.expiration.duration_since(jiff::Timestamp::now());
+    assert!(
+        life > jiff::SignedDuration::from_secs(3600 - 120)
+            && life <= jiff::SignedDuration::from_secs(3600 + 5),
+        "expiration {} is not about an hour away",
+        creds.expiration
+    );
+    let assumed = moto_assumed_roles(&moto).await;
+    assert!(
+        assumed.contains(&(
+            "arn:aws:iam::123456789012:role/reader".into(),
+            "kiam-reader".into(),
+            Some("ex-1".into()),
+            "us-east-1".into()
+        )),
+        "{assumed:?}"
+    );
+
+    // --region picks the regional endpoint (still moto here, via the override).
+    let client = StsClient::from_env("eu-west-2", "").await.unwrap();
+    assert_eq!(client.region().as_deref(), Some("eu-west-2"));
+    client
+        .assume_role(&identity("regional", None), HOUR, None)
+        .await
+        .unwrap();
+    let assumed = moto_assumed_roles(&moto).await;
+    assert!(
+        assumed
+            .iter()
+            .any(|r| r.1 == "kiam-regional" && r.3 == "eu-west-2"),
+        "{assumed:?}"
+    );
+
+    // Without --region, AWS_REGION wins over the us-east-1 fallback.
+    std::env::set_var("AWS_REGION", "ap-southeast-2");
+    let client = StsClient::from_env("", "").await.unwrap();
+    assert_eq!(client.region().as_deref(), Some("ap-southeast-2"));
+    std::env::remove_var("AWS_REGION");
+
+    // --assume-role-arn: the server assumes its own role before the pod's.
+    let client = StsClient::from_env("", "arn:aws:iam::123456789012:role/kiam-server")
+        .await
+        .unwrap();
+    let creds = client
+        .assume_role(&identity("chained", None), HOUR, None)
+        .await
+        .unwrap();
+    assert!(creds.access_key_id.starts_with("ASIA"));
+    let assumed = moto_assumed_roles(&moto).await;
+    assert!(
+        assumed
+            .iter()
+            .any(|r| r.0 == "arn:aws:iam::123456789012:role/kiam-server" && r.1 == "kiam-server"),
+        "the server's own role was not assumed: {assumed:?}"
+    );
+    assert!(assumed.iter().any(|r| r.1 == "kiam-chained"), "{assumed:?}");
+
+    // The generic AWS_ENDPOINT_URL works as well as the STS-specific one.
+    std::env::remove_var("AWS_ENDPOINT_URL_STS");
+    std::env::set_var("AWS_ENDPOINT_URL", &moto.url);
+    let client = StsClient::from_env("", "").await.unwrap();
+    client
+        .assume_role(&identity("generic", None), HOUR, None)
+        .await
+        .unwrap();
+    assert!(moto_assumed_roles(&moto)
+        .await
+        .iter()
+        .any(|r| r.1 == "kiam-generic"));
+
+    // The cache over the real client: one call, then hits.
+    let mut registry = Registry::default();
+    let cache = CredentialCache::new(
+        Arc::new(client),
+        CacheConfig {
+            session_duration: HOUR,
+            session_refresh: Duration::from_secs(30 * 60),
+            fetchers: 2,
+            session_tags: false,
+            call_timeout: Duration::from_secs(15),
+        },
+        Arc::new(|_: &Identity| true),
+        &mut registry,
+        CancellationToken::new(),
+    );
+    let id = identity("cached", None);
+    let a = cache.get(&id, None).await.unwrap();
+    let b = cache.get(&id, None).await.unwrap();
+    assert_eq!(a.access_key_id, b.access_key_id);
+    assert!(a.access_key_id.starts_with("ASIA"));
+    let calls = moto_assumed_roles(&moto)
+        .await
+        .iter()
+        .filter(|r| r.1 == "kiam-cached")
+        .count();
+    assert_eq!(calls, 1);
+    let text = kiam::telemetry::encode(&registry);
+    assert!(text.contains("kiam_sts_cache_hit_total 1"), "{text}");
+    assert!(
+        text.contains("kiam_sts_assumerole_timing_seconds_count 1"),
+        "{text}"
+    );
+}
