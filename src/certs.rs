@@ -327,8 +327,11 @@ fn write_new(out_dir: &Path, hosts: &[String], days: u32, force: bool) -> Result
         refuse_existing(out_dir, &all)?;
     }
     let now = OffsetDateTime::now_utc();
+    // A unique name: two CAs both called "kiam-ca" make a wrong-CA error
+    // look like a bad signature.
+    let name = format!("kiam-ca-{:08x}", rand::random::<u32>());
     let ca = Ca::generate(
-        "kiam-ca",
+        &name,
         now - BACKDATE,
         now + Duration::days(i64::from(days.max(CA_MIN_DAYS))),
     )?;

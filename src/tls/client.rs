@@ -15,17 +15,92 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::load::{CertInfo, Material};
 use super::reload::Reloading;
-use super::verify::{explain, ServerVerifier};
+use super::verify::{explain, explain_alert, ServerVerifier};
 use super::{provider, Side, TlsError, TlsFiles, RELOAD_INTERVAL};
 use crate::cli::ClientArgs;
 
 /// The I/O type [`TlsConnector`] hands to tonic.
-pub type TlsStreamIo = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type TlsStreamIo = TokioIo<ClientIo>;
+
+/// A client TLS stream whose errors say what a server's alert means. With
+/// TLS 1.3 the server judges our certificate after our side of the
+/// handshake is done, so its refusal arrives on the first read, far from
+/// the connector; without this, it surfaces as
+/// "received fatal alert: CertificateExpired" deep inside a transport error.
+pub struct ClientIo {
+    inner: tokio_rustls::client::TlsStream<TcpStream>,
+}
+
+impl ClientIo {
+    pub fn get_ref(&self) -> &tokio_rustls::client::TlsStream<TcpStream> {
+        &self.inner
+    }
+}
+
+fn clarify(e: io::Error) -> io::Error {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(alert)) => io::Error::new(
+            e.kind(),
+            format!(
+                "the kiam server refused this client's certificate: {}",
+                explain_alert(*alert)
+            ),
+        ),
+        _ => e,
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner)
+            .poll_read(cx, buf)
+            .map_err(clarify)
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner)
+            .poll_write(cx, buf)
+            .map_err(clarify)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner)
+            .poll_write_vectored(cx, bufs)
+            .map_err(clarify)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx).map_err(clarify)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx).map_err(clarify)
+    }
+}
 
 /// HTTP/2 and connection settings for a channel to a kiam server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,7 +387,7 @@ impl tower::Service<Uri> for TlsConnector {
             let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{uri}: no addresses"));
             for addr in addrs {
                 match tls.handshake(addr, &name).await {
-                    Ok(s) => return Ok(TokioIo::new(s)),
+                    Ok(inner) => return Ok(TokioIo::new(ClientIo { inner })),
                     Err(e) => last = e,
                 }
             }

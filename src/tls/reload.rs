@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::load::{CertInfo, Material, Snapshot};
-use super::verify::{explain, verify_chain};
+use super::verify::{explain, fmt_time, verify_chain};
 use super::{provider, Side, TlsError, TlsFiles};
 
 /// Go kiam's three gauges per side, same names and meaning.
@@ -112,7 +112,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
             cert = %this.files.cert.display(),
             serial = %material.info.serial,
             subject = %material.info.subject,
-            not_after = material.info.not_after,
+            not_after = %fmt_time(material.info.not_after),
             "TLS certificate loaded; watching --cert, --key and --ca for changes"
         );
         match tokio::runtime::Handle::try_current() {
@@ -182,7 +182,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                     cert = %self.files.cert.display(),
                     old_serial = %old.info.serial,
                     serial = %material.info.serial,
-                    not_after = material.info.not_after,
+                    not_after = %fmt_time(material.info.not_after),
                     "TLS certificate files changed; new connections use the new certificate"
                 );
                 Ok(true)

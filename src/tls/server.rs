@@ -209,7 +209,7 @@ fn reason_of(e: &rustls::Error) -> &'static str {
     use rustls::CertificateError as C;
     match e {
         rustls::Error::NoCertificatesPresented => "no_client_cert",
-        rustls::Error::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => "unknown_ca",
         rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
         rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
             "not_yet_valid"

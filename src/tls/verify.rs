@@ -141,6 +141,8 @@ fn pki_error(side: Side, e: webpki::Error) -> rustls::Error {
             CertificateError::NotValidYetContext { time, not_before }
         }
         W::UnknownIssuer => CertificateError::UnknownIssuer,
+        // Path building found an issuer with the right name whose key did not
+        // sign this: in practice, a CA regenerated under the same name.
         W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
         W::RequiredEkuNotFoundContext(ctx) => {
             CertificateError::Other(OtherError(Arc::new(WrongUsage {
@@ -295,20 +297,20 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
-/// One line explaining a failed handshake, from either side's point of view.
-/// `side` is the side whose peer certificate was being checked.
+/// One line explaining a failed handshake. `peer` is the side whose
+/// certificate was being checked (for alerts: the side that sent it).
 pub(crate) fn explain(peer: Side, err: &rustls::Error) -> String {
-    use rustls::AlertDescription as A;
-    let who = match peer {
-        Side::Client => "client",
-        Side::Server => "server",
-    };
+    let who = peer.as_str();
     match err {
         rustls::Error::NoCertificatesPresented => format!("{who} presented no certificate"),
         rustls::Error::InvalidCertificate(c) => match c {
             CertificateError::UnknownIssuer => {
                 format!("{who} certificate is not signed by --ca (unknown issuer)")
             }
+            CertificateError::BadSignature => format!(
+                "{who} certificate is not signed by --ca (its issuer has the CA's name but \
+                 another key: was the CA regenerated?)"
+            ),
             CertificateError::ExpiredContext { not_after, .. } => {
                 format!(
                     "{who} certificate expired at {}",
@@ -316,35 +318,47 @@ pub(crate) fn explain(peer: Side, err: &rustls::Error) -> String {
                 )
             }
             CertificateError::Expired => format!("{who} certificate expired"),
-            CertificateError::NotValidYetContext { not_before, .. } => {
-                format!(
-                    "{who} certificate is not valid before {}",
-                    fmt_unix(not_before.as_secs())
-                )
-            }
-            CertificateError::BadSignature => format!("{who} certificate has a bad signature"),
+            CertificateError::NotValidYetContext { not_before, .. } => format!(
+                "{who} certificate is not valid before {}",
+                fmt_unix(not_before.as_secs())
+            ),
             CertificateError::Other(o) => o.to_string(),
             other => format!("{who} certificate rejected: {other:?}"),
         },
         rustls::Error::AlertReceived(alert) => {
-            let why = match alert {
-                A::CertificateRequired => "the server requires a client certificate".to_string(),
-                A::UnknownCA => "the peer does not trust our certificate's CA".to_string(),
-                A::CertificateExpired => "the peer says our certificate expired".to_string(),
-                A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown => {
-                    "the peer rejected our certificate".to_string()
-                }
-                A::DecryptError => "the peer could not verify our key".to_string(),
-                other => format!("{other:?}"),
-            };
-            format!("peer refused the handshake: {why}")
+            format!(
+                "the {who} refused our certificate: {}",
+                explain_alert(*alert)
+            )
         }
         other => other.to_string(),
     }
 }
 
+/// What a TLS alert about our own certificate means, in operator terms.
+pub(crate) fn explain_alert(alert: rustls::AlertDescription) -> String {
+    use rustls::AlertDescription as A;
+    match alert {
+        A::CertificateRequired => "a client certificate is required (--cert)".into(),
+        A::UnknownCA => "it does not trust the CA that signed --cert (check its --ca)".into(),
+        A::CertificateExpired => "it says --cert has expired (or is not valid yet)".into(),
+        A::DecryptError => {
+            "it says --cert is not signed by its --ca (same CA name, another key?)".into()
+        }
+        A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown => {
+            "it rejected --cert (wrong usage or not yet valid?)".into()
+        }
+        other => format!("alert {other:?}"),
+    }
+}
+
 fn fmt_unix(secs: u64) -> String {
-    match jiff::Timestamp::from_second(secs as i64) {
+    fmt_time(secs as i64)
+}
+
+/// RFC 3339 UTC, as operators compare it with `openssl x509 -enddate`.
+pub(crate) fn fmt_time(secs: i64) -> String {
+    match jiff::Timestamp::from_second(secs) {
         Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
         Err(_) => secs.to_string(),
     }
