@@ -235,7 +235,11 @@ impl CredentialCache {
     /// left: from the cache, from the fetch already in flight, or from a new
     /// STS call. `tags` (the requesting pod's, used only with
     /// `--session-tags`) go to STS if this call causes a fetch.
-    pub async fn get(&self, identity: &Identity, tags: Option<&SessionTags>) -> FetchResult {
+    pub async fn get(
+        &self,
+        identity: &Identity,
+        tags: Option<&SessionTags>,
+    ) -> Result<Arc<Credentials>, StsError> {
         let inner = &self.inner;
         let pending = {
             let mut entries = inner.lock();
