@@ -1,0 +1,372 @@
+//! The agent's server pool against real gRPC servers over mutual TLS (certs
+//! from `kiam certs`): a server killed or hung mid-traffic costs no request,
+//! the pool follows re-resolution, and when every server is gone the last
+//! good credentials are served inside the stale window and not after.
+//!
+//! Each server sits behind a small TCP relay the test controls, so "killed"
+//! means connections cut and the port closed, and "hung" means connections
+//! accepted but never answered — what a crashed or frozen process looks like
+//! from the agent.
+
+#[path = "support/imds.rs"]
+mod imds;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::connect_info::ConnectInfo;
+use futures::future::BoxFuture;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use imds::Imds;
+use kiam::agent::client::{ClientMetrics, Pool, PoolConfig, Resolve, SystemResolver, Target};
+use kiam::agent::metadata::{router, Config, Metrics, State};
+use kiam::agent::proxy::Upstream;
+use kiam::agent::TlsConnect;
+use kiam::proto::kiam_service_server::{KiamService, KiamServiceServer};
+use kiam::proto::{
+    Credentials, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest, HealthStatus, Role,
+};
+use kiam::tls::{self, ClientTls, ServerTls};
+use prometheus_client::registry::Registry;
+use regex::Regex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Response, Status};
+use tower::ServiceExt;
+
+const POD: &str = "10.2.0.5";
+const ROLE: &str = "pod-role";
+
+/// A kiam server stand-in: one pod with one role; Go kiam's error style
+/// (code Unknown, the message tells) for everything else.
+struct Srv {
+    name: &'static str,
+    calls: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl KiamService for Srv {
+    async fn get_pod_role(&self, r: tonic::Request<GetPodRoleRequest>) -> Result<Response<Role>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if r.into_inner().ip == POD {
+            Ok(Response::new(Role { name: ROLE.into() }))
+        } else {
+            Err(Status::unknown("no pod found"))
+        }
+    }
+
+    async fn get_pod_credentials(
+        &self,
+        r: tonic::Request<GetPodCredentialsRequest>,
+    ) -> Result<Response<Credentials>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let r = r.into_inner();
+        if r.ip != POD {
+            return Err(Status::unknown("no pod found"));
+        }
+        if r.role != ROLE {
+            return Err(Status::unknown("forbidden by policy"));
+        }
+        let now = jiff::Timestamp::now();
+        Ok(Response::new(Credentials {
+            code: "Success".into(),
+            r#type: "AWS-HMAC".into(),
+            access_key_id: format!("KEY-{}", self.name),
+            secret_access_key: "secret".into(),
+            token: "token".into(),
+            expiration: (now + jiff::SignedDuration::from_secs(3600)).to_string(),
+            last_updated: now.to_string(),
+        }))
+    }
+
+    async fn get_health(&self, _: tonic::Request<GetHealthRequest>) -> Result<Response<HealthStatus>, Status> {
+        Ok(Response::new(HealthStatus { message: "ok".into() }))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Pass,
+    Hang,
+    Dead,
+}
+
+/// A gRPC server over mTLS behind a controllable relay.
+struct Server {
+    addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    calls: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.mode.send(Mode::Dead);
+        self.stop.cancel();
+    }
+}
+
+impl Server {
+    async fn start(name: &'static str, files: tls::TlsFiles) -> Server {
+        let tls = ServerTls::load(files, &mut Registry::default()).unwrap();
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let svc = KiamServiceServer::new(Srv { name, calls: calls.clone() });
+        let signal = stop.clone().cancelled_owned();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(tls::incoming(backend, tls), signal)
+                .await
+                .unwrap();
+        });
+
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let (mode, rx) = watch::channel(Mode::Pass);
+        tokio::spawn(relay(front, backend_addr, rx));
+        Server { addr, mode, calls, stop }
+    }
+
+    fn set(&self, m: Mode) {
+        self.mode.send(m).unwrap();
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn relay(front: TcpListener, backend: SocketAddr, mut mode: watch::Receiver<Mode>) {
+    loop {
+        let accepted = tokio::select! {
+            a = front.accept() => a,
+            _ = mode.wait_for(|m| *m == Mode::Dead) => return, // closes the port
+        };
+        let Ok((mut client, _)) = accepted else { continue };
+        let mut mode = mode.clone();
+        tokio::spawn(async move {
+            if *mode.borrow() == Mode::Hang {
+                // Accept, then never answer.
+                let _ = mode.wait_for(|m| *m == Mode::Dead).await;
+                return;
+            }
+            let Ok(mut server) = TcpStream::connect(backend).await else { return };
+            let stopped = tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                _ = mode.wait_for(|m| *m != Mode::Pass) => true,
+            };
+            if stopped {
+                // Hung: keep both sockets open, forward nothing, until dead.
+                let _ = mode.wait_for(|m| *m == Mode::Dead).await;
+            }
+            // Dropping both sockets cuts the connection.
+        });
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    pki: kiam::certs::Pki,
+    _imds: Imds,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = kiam::certs::generate(dir.path(), &[], 30).unwrap();
+    Setup { _dir: dir, pki, _imds: Imds::start(false).await }
+}
+
+fn pool_config(servers: &[&Server]) -> PoolConfig {
+    PoolConfig {
+        targets: servers
+            .iter()
+            .map(|s| Target { host: "127.0.0.1".into(), port: s.addr.port() })
+            .collect(),
+        connect_timeout: Duration::from_millis(500),
+        attempt_timeout: Duration::from_millis(300),
+        credentials_attempt_timeout: Duration::from_millis(300),
+        keepalive_time: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(2),
+        keepalive_while_idle: false,
+        refresh_interval: Duration::from_secs(3600),
+        failure_cooldown: Duration::from_secs(2),
+    }
+}
+
+struct Agent {
+    state: Arc<State>,
+    registry: Registry,
+}
+
+async fn agent(s: &Setup, cfg: PoolConfig, resolver: Arc<dyn Resolve>, window: Duration) -> Agent {
+    let mut registry = Registry::default();
+    let client_tls = ClientTls::load(s.pki.agent_files(), &mut registry).unwrap();
+    let pool = Pool::new(cfg, Arc::new(TlsConnect(client_tls)), resolver, ClientMetrics::new(&mut registry)).await;
+    let mut config = Config::new(Regex::new("^$").unwrap());
+    config.stale_window = window;
+    let upstream = Upstream::new(&s._imds.url(), Duration::from_secs(2)).unwrap();
+    let state = State::new(config, Arc::new(pool), Arc::new(upstream), Metrics::new(&mut registry));
+    Agent { state, registry }
+}
+
+impl Agent {
+    async fn get(&self, path: &str) -> (StatusCode, String) {
+        let mut req = Request::get(path).body(Body::empty()).unwrap();
+        req.extensions_mut().insert(ConnectInfo(format!("{POD}:40000").parse::<SocketAddr>().unwrap()));
+        let resp = router(self.state.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// What an SDK does: list the role, then fetch its credentials.
+    async fn sdk_fetch(&self) -> Result<String, String> {
+        let (s, role) = self.get("/latest/meta-data/iam/security-credentials/").await;
+        if s != StatusCode::OK {
+            return Err(format!("role listing: {s} {role}"));
+        }
+        let (s, body) = self.get(&format!("/latest/meta-data/iam/security-credentials/{role}")).await;
+        if s != StatusCode::OK {
+            return Err(format!("credentials: {s} {body}"));
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        Ok(v["AccessKeyId"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+/// Runs SDK-style fetches from 4 pods' worth of concurrency until `n`
+/// have completed, calling `midway` after `n / 3`. Returns the failures.
+async fn traffic(a: &Agent, n: usize, midway: impl FnOnce()) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut midway = Some(midway);
+    for round in 0..n / 4 {
+        if round == n / 12 {
+            (midway.take().unwrap())();
+        }
+        let results = futures::future::join_all((0..4).map(|_| a.sdk_fetch())).await;
+        failures.extend(results.into_iter().filter_map(Result::err));
+    }
+    failures
+}
+
+#[tokio::test]
+async fn a_killed_server_costs_no_request() {
+    let s = setup().await;
+    let a_srv = Server::start("a", s.pki.server_files()).await;
+    let b_srv = Server::start("b", s.pki.server_files()).await;
+    let agent = agent(&s, pool_config(&[&a_srv, &b_srv]), Arc::new(SystemResolver), Duration::ZERO).await;
+
+    let failures = traffic(&agent, 120, || a_srv.set(Mode::Dead)).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(a_srv.calls() > 0, "both servers took traffic before the kill");
+    let b_before = b_srv.calls();
+    assert!(agent.sdk_fetch().await.is_ok());
+    assert!(b_srv.calls() > b_before);
+    let m = kiam::telemetry::encode(&agent.registry);
+    assert!(m.contains(r#"grpc_client_handled_total{grpc_method="GetPodRole",grpc_service="kiam.KiamService",grpc_type="unary",grpc_code="OK"}"#), "{m}");
+    assert!(m.contains(r#"grpc_client_started_total{grpc_method="GetPodCredentials",grpc_service="kiam.KiamService",grpc_type="unary"}"#), "{m}");
+}
+
+#[tokio::test]
+async fn a_hung_server_costs_no_request() {
+    let s = setup().await;
+    let a_srv = Server::start("a", s.pki.server_files()).await;
+    let b_srv = Server::start("b", s.pki.server_files()).await;
+    let agent = agent(&s, pool_config(&[&a_srv, &b_srv]), Arc::new(SystemResolver), Duration::ZERO).await;
+
+    let failures = traffic(&agent, 80, || a_srv.set(Mode::Hang)).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(b_srv.calls() > 0);
+    // The hang was hit and skipped, not avoided by luck.
+    let m = kiam::telemetry::encode(&agent.registry);
+    assert!(m.contains(r#"grpc_code="DeadlineExceeded"}"#), "{m}");
+}
+
+#[tokio::test]
+async fn server_errors_are_told_apart_by_message() {
+    let s = setup().await;
+    let srv = Server::start("a", s.pki.server_files()).await;
+    let agent = agent(&s, pool_config(&[&srv]), Arc::new(SystemResolver), Duration::ZERO).await;
+    // Go-style `Unknown: forbidden by policy` for a role that is not the pod's.
+    let before = srv.calls();
+    let (status, _) = agent.get("/latest/meta-data/iam/security-credentials/not-mine").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(srv.calls() - before, 2, "one denied credential call, one role check, no retries");
+    let (status, body) = agent.get("/latest/meta-data/iam/security-credentials/").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ROLE));
+}
+
+#[tokio::test]
+async fn all_servers_down_serves_kept_credentials_inside_the_window_only() {
+    let s = setup().await;
+    let a_srv = Server::start("a", s.pki.server_files()).await;
+    let b_srv = Server::start("b", s.pki.server_files()).await;
+    let window = Duration::from_secs(1);
+    let agent = agent(&s, pool_config(&[&a_srv, &b_srv]), Arc::new(SystemResolver), window).await;
+
+    let key = agent.sdk_fetch().await.unwrap();
+    a_srv.set(Mode::Dead);
+    b_srv.set(Mode::Dead);
+    assert_eq!(agent.sdk_fetch().await, Ok(key), "kept credentials served during the outage");
+    let m = kiam::telemetry::encode(&agent.registry);
+    assert!(m.contains(r#"kiam_agent_stale_credentials_served_total{handler="credentials"} 1"#), "{m}");
+
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    let err = agent.sdk_fetch().await.unwrap_err();
+    assert!(err.contains("502") || err.contains("504"), "{err}");
+}
+
+/// A resolver whose answer the test changes, standing for a DNS name that
+/// follows server scale-out and scale-in.
+struct Scripted(Mutex<Vec<SocketAddr>>);
+
+impl Resolve for Scripted {
+    fn resolve<'a>(&'a self, _: &'a Target) -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
+        Box::pin(async move { Ok(self.0.lock().unwrap().clone()) })
+    }
+}
+
+#[tokio::test]
+async fn the_pool_follows_re_resolution() {
+    let s = setup().await;
+    let a_srv = Server::start("a", s.pki.server_files()).await;
+    let b_srv = Server::start("b", s.pki.server_files()).await;
+    let resolver = Arc::new(Scripted(Mutex::new(vec![a_srv.addr])));
+    let mut cfg = pool_config(&[]);
+    cfg.targets = vec![Target { host: "127.0.0.1".into(), port: 0 }];
+    let mut registry = Registry::default();
+    let client_tls = ClientTls::load(s.pki.agent_files(), &mut registry).unwrap();
+    let pool = Pool::new(cfg, Arc::new(TlsConnect(client_tls)), resolver.clone(), ClientMetrics::new(&mut registry)).await;
+    assert_eq!(pool.addresses(), vec![a_srv.addr]);
+
+    // Scale out.
+    resolver.0.lock().unwrap().push(b_srv.addr);
+    pool.refresh().await;
+    assert_eq!(pool.addresses(), vec![a_srv.addr, b_srv.addr]);
+    use kiam::agent::client::KiamClient;
+    let ip: IpAddr = POD.parse().unwrap();
+    for _ in 0..6 {
+        pool.get_pod_role(ip).await.unwrap();
+    }
+    assert!(a_srv.calls() > 0 && b_srv.calls() > 0, "balanced over both");
+
+    // Scale in: a goes away from DNS and dies; b keeps answering.
+    *resolver.0.lock().unwrap() = vec![b_srv.addr];
+    pool.refresh().await;
+    assert_eq!(pool.addresses(), vec![b_srv.addr]);
+    a_srv.set(Mode::Dead);
+    assert_eq!(pool.get_pod_role(ip).await.unwrap().as_deref(), Some(ROLE));
+
+    // A DNS failure keeps the last known addresses.
+    resolver.0.lock().unwrap().clear();
+    pool.refresh().await;
+    assert_eq!(pool.addresses(), vec![b_srv.addr]);
+}
