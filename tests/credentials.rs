@@ -412,3 +412,74 @@ async fn moto_issues_credentials_through_the_default_chain() {
         "{text}"
     );
 }
+
+fn pod(namespace: &str, name: &str, uid: &str) -> kiam::server::pods::PodInfo {
+    kiam::server::pods::PodInfo {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: uid.into(),
+        ip: Some("198.18.0.10".parse().unwrap()),
+        phase: kiam::server::pods::PodPhase::Running,
+        host_network: false,
+        deletion: None,
+        role: Some("reader".into()),
+        session_name: None,
+        external_id: None,
+        service_account: Some("default".into()),
+    }
+}
+
+#[tokio::test]
+async fn a_denial_recorded_100_times_creates_one_event() {
+    use kiam::server::events::{EventRecorder, Reason};
+    use kiam_sandbox::apiserver::FakeApiServer;
+
+    let _serial = SERIAL.lock().await;
+    let api = FakeApiServer::start().await.unwrap();
+    api.create_namespace("team").unwrap();
+    kiam::ensure_crypto_provider();
+    let config = kube::Config::new(api.url().parse().unwrap());
+    let recorder = EventRecorder::new(kube::Client::try_from(config).unwrap());
+    let web = pod("team", "web-1", "0b5e6c1a-1111-4222-8333-944455556666");
+    let denial = "failed assuming role \"admin\": role arn:aws:iam::123456789012:role/admin is not permitted by namespace team";
+    for _ in 0..100 {
+        recorder.record(&web, Reason::RoleForbidden, denial.to_string());
+    }
+    // Events are written in order by one task: once this one is there, every
+    // earlier write has happened.
+    recorder.record(&web, Reason::CredentialError, "sentinel".to_string());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !api
+        .events("team")
+        .iter()
+        .any(|e| e["message"] == "sentinel")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sentinel event never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events = api.events("team");
+    let denials: Vec<_> = events
+        .iter()
+        .filter(|e| e["reason"] == "KiamRoleForbidden")
+        .collect();
+    assert_eq!(denials.len(), 1, "{events:#?}");
+    let e = denials[0];
+    assert_eq!(e["apiVersion"], "v1");
+    assert_eq!(e["type"], "Warning");
+    assert_eq!(e["message"], denial);
+    assert_eq!(e["involvedObject"]["kind"], "Pod");
+    assert_eq!(e["involvedObject"]["namespace"], "team");
+    assert_eq!(e["involvedObject"]["name"], "web-1");
+    assert_eq!(
+        e["involvedObject"]["uid"],
+        "0b5e6c1a-1111-4222-8333-944455556666"
+    );
+    assert_eq!(e["source"]["component"], "kiam");
+    assert_eq!(e["reportingComponent"], "kiam-server");
+    let posts =
+        api.count_requests(|r| r.method == "POST" && r.path == "/api/v1/namespaces/team/events");
+    assert_eq!(posts, 2, "one denial and the sentinel");
+}
