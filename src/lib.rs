@@ -52,3 +52,14 @@ impl Fatal {
         }
     }
 }
+
+/// Selects ring as rustls' process-wide provider. Two providers are linked
+/// (kube uses ring, the AWS SDK aws-lc-rs), so rustls cannot pick one itself
+/// and any client built without an explicit provider would panic. Idempotent.
+pub fn ensure_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider was installed first; that one stays.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

@@ -7,6 +7,7 @@ use kiam::cli::{Cli, Command, LogArgs};
 use kiam::Fatal;
 
 fn main() {
+    kiam::ensure_crypto_provider();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -62,6 +62,7 @@ impl Server {
         registry: &mut Registry,
         shutdown: CancellationToken,
     ) -> Result<Server, Fatal> {
+        crate::ensure_crypto_provider();
         let resolver = Arc::new(deps.resolver);
         let ns_config = NamespacePolicyConfig::new(
             config.strict_namespace_regexp,
@@ -191,6 +192,7 @@ async fn prefetch(
 /// Builds a Kubernetes client from `--kubeconfig` (empty: in-cluster, then
 /// the usual KUBECONFIG / ~/.kube/config inference).
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, Fatal> {
+    crate::ensure_crypto_provider();
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
