@@ -233,7 +233,8 @@ impl StsClient {
     /// env, profile, web identity (IRSA) or the instance profile; endpoint
     /// from `AWS_ENDPOINT_URL_STS` / `AWS_ENDPOINT_URL` (resolved by
     /// aws-config itself). `region` is `--region` (empty: `AWS_REGION` or the
-    /// profile's region, else us-east-1, where the global endpoint lives).
+    /// profile's region, else us-east-1, whose regional endpoint
+    /// `sts.us-east-1.amazonaws.com` serves what the global endpoint did).
     /// A non-empty `assume_role_arn` (`--assume-role-arn`) makes the server
     /// first assume that role and use it for every pod's AssumeRole.
     ///
