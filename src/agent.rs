@@ -66,7 +66,10 @@ pub enum AgentError {
     #[error("--port {port}: cannot listen: {source}")]
     Bind { port: u16, source: std::io::Error },
     #[error("--prometheus-listen-addr {addr:?}: cannot listen: {source}")]
-    Metrics { addr: String, source: std::io::Error },
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
     /// A bad `--host-interface`/`--host` for the rule (usage error).
     #[error("{0}")]
     IptablesRule(String),
@@ -163,7 +166,11 @@ impl Connect for TlsConnect {
 /// checked before any port is bound.
 pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
     crate::telemetry::init_logging(&args.log);
-    let Validated { config, rule, pool: pool_cfg } = validate(&args)?;
+    let Validated {
+        config,
+        rule,
+        pool: pool_cfg,
+    } = validate(&args)?;
     let mut registry = Registry::default();
     let tls = ClientTls::load(TlsFiles::from(&args.tls), &mut registry)?;
     if args.check_config {
@@ -179,7 +186,10 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         })?;
     let listener = TcpListener::bind(("0.0.0.0", args.port))
         .await
-        .map_err(|source| AgentError::Bind { port: args.port, source })?;
+        .map_err(|source| AgentError::Bind {
+            port: args.port,
+            source,
+        })?;
 
     let metrics = Metrics::new(&mut registry);
     let client_metrics = client::ClientMetrics::new(&mut registry);
@@ -197,7 +207,11 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
     let shutdown = crate::shutdown::on_signal();
     let registry = Arc::new(registry);
     if let Some(l) = metrics_listener {
-        tokio::spawn(crate::telemetry::serve_metrics(l, registry.clone(), shutdown.child_token()));
+        tokio::spawn(crate::telemetry::serve_metrics(
+            l,
+            registry.clone(),
+            shutdown.child_token(),
+        ));
     }
 
     let iptables_task = rule.map(|rule| {
@@ -283,8 +297,13 @@ pub async fn run(
     }
     drop(listener);
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
-        tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "in-flight requests did not finish within {DRAIN_TIMEOUT:?}; stopping anyway"
+        );
     }
     Ok(())
 }

@@ -29,9 +29,11 @@ use tower::ServiceExt;
 const POD_ROLE: &str = "pod-role";
 
 fn state(imds: &Imds, allow: &str, registry: &mut Registry) -> Arc<State> {
-    let fake = FakeKiam::new()
-        .pod("127.0.0.1", Some(POD_ROLE))
-        .grant("127.0.0.1", POD_ROLE, creds("PODKEY"));
+    let fake = FakeKiam::new().pod("127.0.0.1", Some(POD_ROLE)).grant(
+        "127.0.0.1",
+        POD_ROLE,
+        creds("PODKEY"),
+    );
     let mut cfg = Config::new(Regex::new(allow).unwrap());
     cfg.deadline = Duration::from_millis(200);
     State::new(
@@ -49,7 +51,10 @@ fn variants() -> Vec<String> {
         "meta-data/iam/security-credentials/".to_string(),
         "meta-data/iam/security-credentials".to_string(),
         format!("meta-data/iam/security-credentials/{}", imds::NODE_ROLE),
-        format!("meta-data/iam/security-credentials-extended/{}", imds::NODE_ROLE),
+        format!(
+            "meta-data/iam/security-credentials-extended/{}",
+            imds::NODE_ROLE
+        ),
         "meta-data/iam/security-credentials-extended/".to_string(),
         "meta-data/iam/info".to_string(),
         "meta-data/iam/".to_string(),
@@ -125,7 +130,10 @@ async fn leak_check(allow: &str) {
 
     let mut requests: Vec<(&str, String)> = variants().into_iter().map(|v| ("GET", v)).collect();
     for m in ["HEAD", "POST", "PUT", "DELETE"] {
-        for v in ["/latest/meta-data/iam/security-credentials/", "/latest/meta-data/iam/info"] {
+        for v in [
+            "/latest/meta-data/iam/security-credentials/",
+            "/latest/meta-data/iam/info",
+        ] {
             requests.push((m, v.to_string()));
             requests.push((m, v.replace('/', "%2F").replacen("%2F", "/", 1)));
         }
@@ -146,12 +154,21 @@ async fn leak_check(allow: &str) {
         let replies = futures::future::join_all(chunk.iter().map(|(m, p)| raw(addr, m, p))).await;
         for ((m, p), reply) in chunk.iter().zip(replies) {
             let text = String::from_utf8_lossy(&reply).to_lowercase();
-            assert!(!text.is_empty() || p.contains('#') || p.contains('\\'), "{m} {p}: no answer");
+            assert!(
+                !text.is_empty() || p.contains('#') || p.contains('\\'),
+                "{m} {p}: no answer"
+            );
             for marker in imds::NODE_MARKERS {
-                assert!(!text.contains(&marker.to_lowercase()), "{m} {p} leaked {marker}:\n{text}");
+                assert!(
+                    !text.contains(&marker.to_lowercase()),
+                    "{m} {p} leaked {marker}:\n{text}"
+                );
             }
             if allow == "^$" {
-                assert!(!text.contains(&imds::USER_DATA.to_lowercase()), "{m} {p} got user-data");
+                assert!(
+                    !text.contains(&imds::USER_DATA.to_lowercase()),
+                    "{m} {p} got user-data"
+                );
             }
             if text.starts_with("http/1.1 200") {
                 seen_ok += 1;
@@ -164,7 +181,10 @@ async fn leak_check(allow: &str) {
     // Nothing IAM-like ever reached the upstream, in any spelling.
     for s in imds.seen() {
         let l = imds::lenient(&s.path);
-        let squashed: String = l.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '/').collect();
+        let squashed: String = l
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '/')
+            .collect();
         assert!(
             !squashed.contains("iam") && !squashed.contains("credentials"),
             "forwarded upstream: {} {}",
@@ -173,7 +193,11 @@ async fn leak_check(allow: &str) {
         );
     }
     if allow == "^$" {
-        assert!(imds.seen().is_empty(), "default allow-list proxied {:?}", imds.seen());
+        assert!(
+            imds.seen().is_empty(),
+            "default allow-list proxied {:?}",
+            imds.seen()
+        );
     }
     stop.cancel();
     server.await.unwrap().unwrap();
@@ -189,17 +213,14 @@ async fn node_role_never_leaks_even_when_everything_is_allowed() {
     leak_check(".*").await;
 }
 
-async fn get(
-    state: &Arc<State>,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, String) {
+async fn get(state: &Arc<State>, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
     let mut req = Request::get(path);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let mut req = req.body(Body::empty()).unwrap();
-    req.extensions_mut().insert(ConnectInfo("127.0.0.1:5555".parse::<SocketAddr>().unwrap()));
+    req.extensions_mut()
+        .insert(ConnectInfo("127.0.0.1:5555".parse::<SocketAddr>().unwrap()));
     let resp = router(state.clone()).oneshot(req).await.unwrap();
     let status = resp.status();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -215,8 +236,14 @@ async fn user_data_is_blocked_by_default() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(!body.contains(imds::USER_DATA));
     let m = kiam::telemetry::encode(&registry);
-    assert!(m.contains("kiam_metadata_proxy_requests_blocked_total 1"), "{m}");
-    assert!(m.contains(r#"kiam_metadata_responses_total{handler="proxy",code="404"} 1"#), "{m}");
+    assert!(
+        m.contains("kiam_metadata_proxy_requests_blocked_total 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"kiam_metadata_responses_total{handler="proxy",code="404"} 1"#),
+        "{m}"
+    );
     assert!(imds.seen().is_empty());
 }
 
@@ -224,16 +251,29 @@ async fn user_data_is_blocked_by_default() {
 async fn allowed_paths_are_proxied_without_identity_headers() {
     let imds = Imds::start(false).await;
     let mut registry = Registry::default();
-    let state = state(&imds, "^/latest/(meta-data/placement/.*|user-data)$", &mut registry);
+    let state = state(
+        &imds,
+        "^/latest/(meta-data/placement/.*|user-data)$",
+        &mut registry,
+    );
 
     // The pod's own IMDSv2 token must not travel upstream either.
     let mut req = Request::put("/latest/api/token")
         .header("x-aws-ec2-metadata-token-ttl-seconds", "60")
         .body(Body::empty())
         .unwrap();
-    req.extensions_mut().insert(ConnectInfo("127.0.0.1:5555".parse::<SocketAddr>().unwrap()));
+    req.extensions_mut()
+        .insert(ConnectInfo("127.0.0.1:5555".parse::<SocketAddr>().unwrap()));
     let resp = router(state.clone()).oneshot(req).await.unwrap();
-    let pod_token = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let pod_token = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
 
     let (status, body) = get(
         &state,
@@ -258,13 +298,25 @@ async fn allowed_paths_are_proxied_without_identity_headers() {
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[0].path, "/latest/meta-data/placement/region");
     for s in &seen {
-        for h in ["x-forwarded-for", "forwarded", "x-real-ip", "x-aws-ec2-metadata-token"] {
-            assert!(!s.headers.contains_key(h), "{h} reached the upstream: {:?}", s.headers);
+        for h in [
+            "x-forwarded-for",
+            "forwarded",
+            "x-real-ip",
+            "x-aws-ec2-metadata-token",
+        ] {
+            assert!(
+                !s.headers.contains_key(h),
+                "{h} reached the upstream: {:?}",
+                s.headers
+            );
         }
     }
     assert_eq!(seen[0].headers["user-agent"], "aws-sdk-test");
     let m = kiam::telemetry::encode(&registry);
-    assert!(m.contains(r#"kiam_metadata_success_total{handler="proxy"} 2"#), "{m}");
+    assert!(
+        m.contains(r#"kiam_metadata_success_total{handler="proxy"} 2"#),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -281,7 +333,11 @@ async fn upstream_requiring_imdsv2_still_works() {
     let (status, body) = get(&state, "/health", &[]).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, imds::INSTANCE_ID));
     assert_eq!(imds.tokens_issued(), 1);
-    let gets: Vec<_> = imds.seen().into_iter().filter(|s| s.method == http::Method::GET).collect();
+    let gets: Vec<_> = imds
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == http::Method::GET)
+        .collect();
     assert!(gets
         .iter()
         .filter(|s| s.headers.contains_key("x-aws-ec2-metadata-token"))

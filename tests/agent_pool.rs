@@ -51,7 +51,10 @@ struct Srv {
 
 #[tonic::async_trait]
 impl KiamService for Srv {
-    async fn get_pod_role(&self, r: tonic::Request<GetPodRoleRequest>) -> Result<Response<Role>, Status> {
+    async fn get_pod_role(
+        &self,
+        r: tonic::Request<GetPodRoleRequest>,
+    ) -> Result<Response<Role>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if r.into_inner().ip == POD {
             Ok(Response::new(Role { name: ROLE.into() }))
@@ -84,8 +87,13 @@ impl KiamService for Srv {
         }))
     }
 
-    async fn get_health(&self, _: tonic::Request<GetHealthRequest>) -> Result<Response<HealthStatus>, Status> {
-        Ok(Response::new(HealthStatus { message: "ok".into() }))
+    async fn get_health(
+        &self,
+        _: tonic::Request<GetHealthRequest>,
+    ) -> Result<Response<HealthStatus>, Status> {
+        Ok(Response::new(HealthStatus {
+            message: "ok".into(),
+        }))
     }
 }
 
@@ -118,7 +126,10 @@ impl Server {
         let backend_addr = backend.local_addr().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        let svc = KiamServiceServer::new(Srv { name, calls: calls.clone() });
+        let svc = KiamServiceServer::new(Srv {
+            name,
+            calls: calls.clone(),
+        });
         let signal = stop.clone().cancelled_owned();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
@@ -132,7 +143,12 @@ impl Server {
         let addr = front.local_addr().unwrap();
         let (mode, rx) = watch::channel(Mode::Pass);
         tokio::spawn(relay(front, backend_addr, rx));
-        Server { addr, mode, calls, stop }
+        Server {
+            addr,
+            mode,
+            calls,
+            stop,
+        }
     }
 
     fn set(&self, m: Mode) {
@@ -150,7 +166,9 @@ async fn relay(front: TcpListener, backend: SocketAddr, mut mode: watch::Receive
             a = front.accept() => a,
             _ = mode.wait_for(|m| *m == Mode::Dead) => return, // closes the port
         };
-        let Ok((mut client, _)) = accepted else { continue };
+        let Ok((mut client, _)) = accepted else {
+            continue;
+        };
         let mut mode = mode.clone();
         tokio::spawn(async move {
             if *mode.borrow() == Mode::Hang {
@@ -158,7 +176,9 @@ async fn relay(front: TcpListener, backend: SocketAddr, mut mode: watch::Receive
                 let _ = mode.wait_for(|m| *m == Mode::Dead).await;
                 return;
             }
-            let Ok(mut server) = TcpStream::connect(backend).await else { return };
+            let Ok(mut server) = TcpStream::connect(backend).await else {
+                return;
+            };
             let stopped = tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
                 _ = mode.wait_for(|m| *m != Mode::Pass) => true,
@@ -181,14 +201,21 @@ struct Setup {
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let pki = kiam::certs::generate(dir.path(), &[], 30).unwrap();
-    Setup { _dir: dir, pki, _imds: Imds::start(false).await }
+    Setup {
+        _dir: dir,
+        pki,
+        _imds: Imds::start(false).await,
+    }
 }
 
 fn pool_config(servers: &[&Server]) -> PoolConfig {
     PoolConfig {
         targets: servers
             .iter()
-            .map(|s| Target { host: "127.0.0.1".into(), port: s.addr.port() })
+            .map(|s| Target {
+                host: "127.0.0.1".into(),
+                port: s.addr.port(),
+            })
             .collect(),
         connect_timeout: Duration::from_millis(500),
         attempt_timeout: Duration::from_millis(300),
@@ -209,18 +236,31 @@ struct Agent {
 async fn agent(s: &Setup, cfg: PoolConfig, resolver: Arc<dyn Resolve>, window: Duration) -> Agent {
     let mut registry = Registry::default();
     let client_tls = ClientTls::load(s.pki.agent_files(), &mut registry).unwrap();
-    let pool = Pool::new(cfg, Arc::new(TlsConnect(client_tls)), resolver, ClientMetrics::new(&mut registry)).await;
+    let pool = Pool::new(
+        cfg,
+        Arc::new(TlsConnect(client_tls)),
+        resolver,
+        ClientMetrics::new(&mut registry),
+    )
+    .await;
     let mut config = Config::new(Regex::new("^$").unwrap());
     config.stale_window = window;
     let upstream = Upstream::new(&s._imds.url(), Duration::from_secs(2)).unwrap();
-    let state = State::new(config, Arc::new(pool), Arc::new(upstream), Metrics::new(&mut registry));
+    let state = State::new(
+        config,
+        Arc::new(pool),
+        Arc::new(upstream),
+        Metrics::new(&mut registry),
+    );
     Agent { state, registry }
 }
 
 impl Agent {
     async fn get(&self, path: &str) -> (StatusCode, String) {
         let mut req = Request::get(path).body(Body::empty()).unwrap();
-        req.extensions_mut().insert(ConnectInfo(format!("{POD}:40000").parse::<SocketAddr>().unwrap()));
+        req.extensions_mut().insert(ConnectInfo(
+            format!("{POD}:40000").parse::<SocketAddr>().unwrap(),
+        ));
         let resp = router(self.state.clone()).oneshot(req).await.unwrap();
         let status = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -229,11 +269,17 @@ impl Agent {
 
     /// What an SDK does: list the role, then fetch its credentials.
     async fn sdk_fetch(&self) -> Result<String, String> {
-        let (s, role) = self.get("/latest/meta-data/iam/security-credentials/").await;
+        let (s, role) = self
+            .get("/latest/meta-data/iam/security-credentials/")
+            .await;
         if s != StatusCode::OK {
             return Err(format!("role listing: {s} {role}"));
         }
-        let (s, body) = self.get(&format!("/latest/meta-data/iam/security-credentials/{role}")).await;
+        let (s, body) = self
+            .get(&format!(
+                "/latest/meta-data/iam/security-credentials/{role}"
+            ))
+            .await;
         if s != StatusCode::OK {
             return Err(format!("credentials: {s} {body}"));
         }
@@ -262,11 +308,20 @@ async fn a_killed_server_costs_no_request() {
     let s = setup().await;
     let a_srv = Server::start("a", s.pki.server_files()).await;
     let b_srv = Server::start("b", s.pki.server_files()).await;
-    let agent = agent(&s, pool_config(&[&a_srv, &b_srv]), Arc::new(SystemResolver), Duration::ZERO).await;
+    let agent = agent(
+        &s,
+        pool_config(&[&a_srv, &b_srv]),
+        Arc::new(SystemResolver),
+        Duration::ZERO,
+    )
+    .await;
 
     let failures = traffic(&agent, 120, || a_srv.set(Mode::Dead)).await;
     assert!(failures.is_empty(), "{failures:?}");
-    assert!(a_srv.calls() > 0, "both servers took traffic before the kill");
+    assert!(
+        a_srv.calls() > 0,
+        "both servers took traffic before the kill"
+    );
     let b_before = b_srv.calls();
     assert!(agent.sdk_fetch().await.is_ok());
     assert!(b_srv.calls() > b_before);
@@ -280,7 +335,13 @@ async fn a_hung_server_costs_no_request() {
     let s = setup().await;
     let a_srv = Server::start("a", s.pki.server_files()).await;
     let b_srv = Server::start("b", s.pki.server_files()).await;
-    let agent = agent(&s, pool_config(&[&a_srv, &b_srv]), Arc::new(SystemResolver), Duration::ZERO).await;
+    let agent = agent(
+        &s,
+        pool_config(&[&a_srv, &b_srv]),
+        Arc::new(SystemResolver),
+        Duration::ZERO,
+    )
+    .await;
 
     let failures = traffic(&agent, 80, || a_srv.set(Mode::Hang)).await;
     assert!(failures.is_empty(), "{failures:?}");
@@ -294,13 +355,27 @@ async fn a_hung_server_costs_no_request() {
 async fn server_errors_are_told_apart_by_message() {
     let s = setup().await;
     let srv = Server::start("a", s.pki.server_files()).await;
-    let agent = agent(&s, pool_config(&[&srv]), Arc::new(SystemResolver), Duration::ZERO).await;
+    let agent = agent(
+        &s,
+        pool_config(&[&srv]),
+        Arc::new(SystemResolver),
+        Duration::ZERO,
+    )
+    .await;
     // Go-style `Unknown: forbidden by policy` for a role that is not the pod's.
     let before = srv.calls();
-    let (status, _) = agent.get("/latest/meta-data/iam/security-credentials/not-mine").await;
+    let (status, _) = agent
+        .get("/latest/meta-data/iam/security-credentials/not-mine")
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert_eq!(srv.calls() - before, 2, "one denied credential call, one role check, no retries");
-    let (status, body) = agent.get("/latest/meta-data/iam/security-credentials/").await;
+    assert_eq!(
+        srv.calls() - before,
+        2,
+        "one denied credential call, one role check, no retries"
+    );
+    let (status, body) = agent
+        .get("/latest/meta-data/iam/security-credentials/")
+        .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, ROLE));
 }
 
@@ -310,14 +385,27 @@ async fn all_servers_down_serves_kept_credentials_inside_the_window_only() {
     let a_srv = Server::start("a", s.pki.server_files()).await;
     let b_srv = Server::start("b", s.pki.server_files()).await;
     let window = Duration::from_secs(1);
-    let agent = agent(&s, pool_config(&[&a_srv, &b_srv]), Arc::new(SystemResolver), window).await;
+    let agent = agent(
+        &s,
+        pool_config(&[&a_srv, &b_srv]),
+        Arc::new(SystemResolver),
+        window,
+    )
+    .await;
 
     let key = agent.sdk_fetch().await.unwrap();
     a_srv.set(Mode::Dead);
     b_srv.set(Mode::Dead);
-    assert_eq!(agent.sdk_fetch().await, Ok(key), "kept credentials served during the outage");
+    assert_eq!(
+        agent.sdk_fetch().await,
+        Ok(key),
+        "kept credentials served during the outage"
+    );
     let m = kiam::telemetry::encode(&agent.registry);
-    assert!(m.contains(r#"kiam_agent_stale_credentials_served_total{handler="credentials"} 1"#), "{m}");
+    assert!(
+        m.contains(r#"kiam_agent_stale_credentials_served_total{handler="credentials"} 1"#),
+        "{m}"
+    );
 
     tokio::time::sleep(window + Duration::from_millis(200)).await;
     let err = agent.sdk_fetch().await.unwrap_err();
@@ -341,10 +429,19 @@ async fn the_pool_follows_re_resolution() {
     let b_srv = Server::start("b", s.pki.server_files()).await;
     let resolver = Arc::new(Scripted(Mutex::new(vec![a_srv.addr])));
     let mut cfg = pool_config(&[]);
-    cfg.targets = vec![Target { host: "127.0.0.1".into(), port: 0 }];
+    cfg.targets = vec![Target {
+        host: "127.0.0.1".into(),
+        port: 0,
+    }];
     let mut registry = Registry::default();
     let client_tls = ClientTls::load(s.pki.agent_files(), &mut registry).unwrap();
-    let pool = Pool::new(cfg, Arc::new(TlsConnect(client_tls)), resolver.clone(), ClientMetrics::new(&mut registry)).await;
+    let pool = Pool::new(
+        cfg,
+        Arc::new(TlsConnect(client_tls)),
+        resolver.clone(),
+        ClientMetrics::new(&mut registry),
+    )
+    .await;
     assert_eq!(pool.addresses(), vec![a_srv.addr]);
 
     // Scale out.

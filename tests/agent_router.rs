@@ -61,7 +61,13 @@ async fn agent_with(fake: FakeKiam, tweak: impl FnOnce(&mut Config)) -> Agent {
     let fake = Arc::new(fake);
     let upstream = Upstream::new(&imds.url(), Duration::from_secs(2)).unwrap();
     let state = State::new(cfg, fake.clone(), Arc::new(upstream), metrics);
-    Agent { app: router(state.clone()), fake, state, registry, _imds: imds }
+    Agent {
+        app: router(state.clone()),
+        fake,
+        state,
+        registry,
+        _imds: imds,
+    }
 }
 
 async fn agent() -> Agent {
@@ -87,7 +93,11 @@ impl Agent {
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+        Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
     }
 
     async fn get(&self, uri: &str, from: &str) -> Reply {
@@ -99,8 +109,13 @@ impl Agent {
     }
 
     async fn token(&self, from: &str, ttl: &str) -> Reply {
-        self.call("PUT", "/latest/api/token", from, &[("x-aws-ec2-metadata-token-ttl-seconds", ttl)])
-            .await
+        self.call(
+            "PUT",
+            "/latest/api/token",
+            from,
+            &[("x-aws-ec2-metadata-token-ttl-seconds", ttl)],
+        )
+        .await
     }
 }
 
@@ -119,11 +134,21 @@ async fn ping_answers_pong() {
 async fn health_returns_upstream_instance_id() {
     let a = agent().await;
     let r = a.get("/health", POD).await;
-    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, imds::INSTANCE_ID));
-    assert_eq!(a.fake.health_calls.load(Ordering::SeqCst), 0, "shallow health must not ask the server");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, imds::INSTANCE_ID)
+    );
+    assert_eq!(
+        a.fake.health_calls.load(Ordering::SeqCst),
+        0,
+        "shallow health must not ask the server"
+    );
 
     let r = a.get("/health?deep=1", POD).await;
-    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, imds::INSTANCE_ID));
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, imds::INSTANCE_ID)
+    );
     assert_eq!(a.fake.health_calls.load(Ordering::SeqCst), 1);
 
     a.fake.set_health("degraded");
@@ -145,7 +170,8 @@ async fn health_fails_when_upstream_is_gone() {
         Metrics::new(&mut registry),
     );
     let mut req = Request::get("/health").body(Body::empty()).unwrap();
-    req.extensions_mut().insert(ConnectInfo("10.0.0.1:1".parse::<SocketAddr>().unwrap()));
+    req.extensions_mut()
+        .insert(ConnectInfo("10.0.0.1:1".parse::<SocketAddr>().unwrap()));
     let resp = router(state).oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
@@ -154,7 +180,9 @@ async fn health_fails_when_upstream_is_gone() {
 async fn listing_without_slash_redirects_for_any_version() {
     let a = agent().await;
     for v in ["latest", "2016-09-02", "1.0"] {
-        let r = a.get(&format!("/{v}/meta-data/iam/security-credentials"), POD).await;
+        let r = a
+            .get(&format!("/{v}/meta-data/iam/security-credentials"), POD)
+            .await;
         assert_eq!(r.status, StatusCode::MOVED_PERMANENTLY, "{v}");
         assert_eq!(
             r.headers["location"].to_str().unwrap(),
@@ -167,45 +195,71 @@ async fn listing_without_slash_redirects_for_any_version() {
 async fn role_name_is_plain_text_without_newline() {
     let a = agent().await;
     for v in ["latest", "2016-09-02"] {
-        let r = a.get(&format!("/{v}/meta-data/iam/security-credentials/"), POD).await;
-        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "app-role"), "{v}");
+        let r = a
+            .get(&format!("/{v}/meta-data/iam/security-credentials/"), POD)
+            .await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (StatusCode::OK, "app-role"),
+            "{v}"
+        );
     }
-    let r = a.get("/latest/meta-data/iam/security-credentials/", OTHER_POD).await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/", OTHER_POD)
+        .await;
     assert_eq!(r.body, "other-role");
     let m = a.metrics();
-    assert!(m.contains(r#"kiam_metadata_success_total{handler="roleName"} 3"#), "{m}");
-    assert!(m.contains(r#"kiam_metadata_responses_total{handler="roleName",code="200"} 3"#), "{m}");
+    assert!(
+        m.contains(r#"kiam_metadata_success_total{handler="roleName"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"kiam_metadata_responses_total{handler="roleName",code="200"} 3"#),
+        "{m}"
+    );
 }
 
 #[tokio::test]
 async fn role_name_strips_leading_slash() {
     let a = agent_with(FakeKiam::new().pod(POD, Some("/slashed")), |_| {}).await;
-    let r = a.get("/latest/meta-data/iam/security-credentials/", POD).await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/", POD)
+        .await;
     assert_eq!(r.body, "slashed");
 }
 
 #[tokio::test]
 async fn no_role_is_404() {
     let a = agent().await;
-    let r = a.get("/latest/meta-data/iam/security-credentials/", NO_ROLE_POD).await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/", NO_ROLE_POD)
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    assert!(a.metrics().contains(r#"kiam_metadata_empty_role_total{handler="roleName"} 1"#));
+    assert!(a
+        .metrics()
+        .contains(r#"kiam_metadata_empty_role_total{handler="roleName"} 1"#));
 }
 
 #[tokio::test]
 async fn unknown_pod_is_404_after_retries() {
     let a = agent().await;
-    let r = a.get("/latest/meta-data/iam/security-credentials/", "10.9.9.9").await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/", "10.9.9.9")
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     // `no pod found` is retried inside the deadline (pod start-up race).
     assert!(a.fake.role_calls.load(Ordering::SeqCst) > 1);
-    assert!(a.metrics().contains(r#"kiam_metadata_find_role_errors_total{handler="roleName"} 1"#));
+    assert!(a
+        .metrics()
+        .contains(r#"kiam_metadata_find_role_errors_total{handler="roleName"} 1"#));
 }
 
 #[tokio::test]
 async fn credentials_json_has_kiam_shape() {
     let a = agent().await;
-    let r = a.get("/latest/meta-data/iam/security-credentials/app-role", POD).await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/app-role", POD)
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.headers["content-type"], "application/json");
     let keys: Vec<&str> = r
@@ -216,7 +270,15 @@ async fn credentials_json_has_kiam_shape() {
         .collect();
     assert_eq!(
         keys,
-        ["Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"]
+        [
+            "Code",
+            "LastUpdated",
+            "Type",
+            "AccessKeyId",
+            "SecretAccessKey",
+            "Token",
+            "Expiration"
+        ]
     );
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(v["Code"], "Success");
@@ -229,28 +291,52 @@ async fn credentials_json_has_kiam_shape() {
         assert!(time.is_match(v[k].as_str().unwrap()), "{k}: {}", v[k]);
     }
     let m = a.metrics();
-    assert!(m.contains(r#"kiam_metadata_success_total{handler="credentials"} 1"#), "{m}");
-    assert!(metric_line(&m, r#"kiam_metadata_handler_latency_seconds_count{handler="credentials"} 1"#).is_some(), "{m}");
+    assert!(
+        m.contains(r#"kiam_metadata_success_total{handler="credentials"} 1"#),
+        "{m}"
+    );
+    assert!(
+        metric_line(
+            &m,
+            r#"kiam_metadata_handler_latency_seconds_count{handler="credentials"} 1"#
+        )
+        .is_some(),
+        "{m}"
+    );
 }
 
 #[tokio::test]
 async fn another_pods_role_is_404() {
     let a = agent().await;
-    let r = a.get("/latest/meta-data/iam/security-credentials/other-role", POD).await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/other-role", POD)
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert!(!r.body.contains("OTHERKEY"));
-    assert_eq!(a.fake.cred_calls.load(Ordering::SeqCst), 1, "a denial is not retried");
+    assert_eq!(
+        a.fake.cred_calls.load(Ordering::SeqCst),
+        1,
+        "a denial is not retried"
+    );
 }
 
 #[tokio::test]
 async fn policy_denial_is_403_at_once() {
     // The pod's own role, but the namespace does not permit it.
     let a = agent_with(FakeKiam::new().pod(POD, Some("app-role")), |_| {}).await;
-    let r = a.get("/latest/meta-data/iam/security-credentials/app-role", POD).await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/app-role", POD)
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert!(r.body.contains("forbidden by policy"));
-    assert_eq!(a.fake.cred_calls.load(Ordering::SeqCst), 1, "a denial is not retried");
-    assert!(a.metrics().contains(r#"kiam_metadata_credential_fetch_errors_total{handler="credentials"} 1"#));
+    assert_eq!(
+        a.fake.cred_calls.load(Ordering::SeqCst),
+        1,
+        "a denial is not retried"
+    );
+    assert!(a
+        .metrics()
+        .contains(r#"kiam_metadata_credential_fetch_errors_total{handler="credentials"} 1"#));
 }
 
 #[tokio::test]
@@ -260,7 +346,9 @@ async fn transient_errors_are_retried() {
         ClientError::Unavailable("down".into()),
         ClientError::Server("sts hiccup".into()),
     ]);
-    let r = a.get("/latest/meta-data/iam/security-credentials/app-role", POD).await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/app-role", POD)
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(a.fake.cred_calls.load(Ordering::SeqCst), 3);
 }
@@ -268,13 +356,22 @@ async fn transient_errors_are_retried() {
 #[tokio::test]
 async fn persistent_errors_map_to_5xx() {
     let a = agent().await;
-    a.fake.fail_always(Some(ClientError::Server("sts failed".into())));
-    let r = a.get("/latest/meta-data/iam/security-credentials/app-role", POD).await;
+    a.fake
+        .fail_always(Some(ClientError::Server("sts failed".into())));
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/app-role", POD)
+        .await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(a.fake.cred_calls.load(Ordering::SeqCst) > 1, "server errors are retried");
+    assert!(
+        a.fake.cred_calls.load(Ordering::SeqCst) > 1,
+        "server errors are retried"
+    );
 
-    a.fake.fail_always(Some(ClientError::Unavailable("refused".into())));
-    let r = a.get("/latest/meta-data/iam/security-credentials/app-role", POD).await;
+    a.fake
+        .fail_always(Some(ClientError::Unavailable("refused".into())));
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/app-role", POD)
+        .await;
     assert!(
         r.status == StatusCode::BAD_GATEWAY || r.status == StatusCode::GATEWAY_TIMEOUT,
         "{}",
@@ -286,7 +383,9 @@ async fn persistent_errors_map_to_5xx() {
 async fn slow_servers_hit_the_deadline() {
     let a = agent().await;
     a.fake.set_delay(Duration::from_secs(5));
-    let r = a.get("/latest/meta-data/iam/security-credentials/app-role", POD).await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/app-role", POD)
+        .await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
 }
 
@@ -294,7 +393,10 @@ async fn slow_servers_hit_the_deadline() {
 async fn extended_credentials_carry_account_of_arn_roles() {
     let a = agent().await;
     let r = a
-        .get(&format!("/latest/meta-data/iam/security-credentials-extended/{ROLE_ARN}"), ARN_POD)
+        .get(
+            &format!("/latest/meta-data/iam/security-credentials-extended/{ROLE_ARN}"),
+            ARN_POD,
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
@@ -303,15 +405,27 @@ async fn extended_credentials_carry_account_of_arn_roles() {
 
     // A bare role name does not tell the account: the field is left out
     // rather than guessed.
-    let r = a.get("/latest/meta-data/iam/security-credentials-extended/app-role", POD).await;
+    let r = a
+        .get(
+            "/latest/meta-data/iam/security-credentials-extended/app-role",
+            POD,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert!(v.get("AccountId").is_none());
     assert_eq!(v["AccessKeyId"], "PODKEY");
 
-    let r = a.get("/latest/meta-data/iam/security-credentials-extended/", POD).await;
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials-extended/", POD)
+        .await;
     assert_eq!(r.body, "app-role");
-    let r = a.get("/latest/meta-data/iam/security-credentials-extended/other-role", POD).await;
+    let r = a
+        .get(
+            "/latest/meta-data/iam/security-credentials-extended/other-role",
+            POD,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
@@ -322,20 +436,34 @@ async fn iam_info_is_the_pods_never_the_nodes() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(v["Code"], "Success");
-    assert_eq!(v["InstanceProfileArn"], "arn:aws:iam::210987654321:instance-profile/team/app");
+    assert_eq!(
+        v["InstanceProfileArn"],
+        "arn:aws:iam::210987654321:instance-profile/team/app"
+    );
     assert!(v["InstanceProfileId"].as_str().unwrap().starts_with("AIPA"));
     for marker in imds::NODE_MARKERS {
         assert!(!r.body.contains(marker));
     }
     // Unknown account (bare role name) or no role: 404, never proxied.
-    assert_eq!(a.get("/latest/meta-data/iam/info", POD).await.status, StatusCode::NOT_FOUND);
-    assert_eq!(a.get("/latest/meta-data/iam/info", NO_ROLE_POD).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        a.get("/latest/meta-data/iam/info", POD).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        a.get("/latest/meta-data/iam/info", NO_ROLE_POD)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
     assert!(a._imds.seen().is_empty());
 }
 
 #[tokio::test]
 async fn unknown_iam_paths_are_404_and_not_proxied() {
-    let a = agent_with(default_fake(), |c| c.allow_route = Regex::new(".*").unwrap()).await;
+    let a = agent_with(default_fake(), |c| {
+        c.allow_route = Regex::new(".*").unwrap()
+    })
+    .await;
     for p in [
         "/latest/meta-data/iam/other",
         "/latest/meta-data/iam/security-credentials/app-role/extra",
@@ -346,7 +474,14 @@ async fn unknown_iam_paths_are_404_and_not_proxied() {
         assert_ne!(r.status, StatusCode::OK, "{p}");
         assert!(!r.body.contains(imds::NODE_ROLE), "{p}");
     }
-    let r = a.call("POST", "/latest/meta-data/iam/security-credentials/", POD, &[]).await;
+    let r = a
+        .call(
+            "POST",
+            "/latest/meta-data/iam/security-credentials/",
+            POD,
+            &[],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(a._imds.seen().is_empty(), "{:?}", a._imds.seen());
 }
@@ -357,12 +492,20 @@ async fn imdsv2_token_put_rules() {
     let r = a.token(POD, "21600").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.headers["x-aws-ec2-metadata-token-ttl-seconds"], "21600");
-    assert!(r.body.len() >= 32, "token too short to be unguessable: {}", r.body);
+    assert!(
+        r.body.len() >= 32,
+        "token too short to be unguessable: {}",
+        r.body
+    );
     let again = a.token(POD, "21600").await;
     assert_eq!(again.status, StatusCode::OK);
 
     for bad in ["0", "21601", "-5", "ten", ""] {
-        assert_eq!(a.token(POD, bad).await.status, StatusCode::BAD_REQUEST, "ttl {bad:?}");
+        assert_eq!(
+            a.token(POD, bad).await.status,
+            StatusCode::BAD_REQUEST,
+            "ttl {bad:?}"
+        );
     }
     let r = a.call("PUT", "/latest/api/token", POD, &[]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -371,11 +514,17 @@ async fn imdsv2_token_put_rules() {
             "PUT",
             "/latest/api/token",
             POD,
-            &[("x-aws-ec2-metadata-token-ttl-seconds", "60"), ("x-forwarded-for", "10.1.0.5")],
+            &[
+                ("x-aws-ec2-metadata-token-ttl-seconds", "60"),
+                ("x-forwarded-for", "10.1.0.5"),
+            ],
         )
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    assert!(a._imds.seen().is_empty(), "token requests are answered by the agent");
+    assert!(
+        a._imds.seen().is_empty(),
+        "token requests are answered by the agent"
+    );
 }
 
 #[tokio::test]
@@ -383,16 +532,27 @@ async fn imdsv2_tokens_are_checked_and_bound_to_the_caller() {
     let a = agent().await;
     let token = a.token(POD, "60").await.body;
     let path = "/latest/meta-data/iam/security-credentials/";
-    let r = a.call("GET", path, POD, &[("x-aws-ec2-metadata-token", &token)]).await;
+    let r = a
+        .call("GET", path, POD, &[("x-aws-ec2-metadata-token", &token)])
+        .await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "app-role"));
 
     // The same token from another pod.
-    let r = a.call("GET", path, OTHER_POD, &[("x-aws-ec2-metadata-token", &token)]).await;
+    let r = a
+        .call(
+            "GET",
+            path,
+            OTHER_POD,
+            &[("x-aws-ec2-metadata-token", &token)],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert!(!r.body.contains("role"));
 
     for bad in ["", "garbage", "ffffffff.00", &token[..token.len() - 2]] {
-        let r = a.call("GET", path, POD, &[("x-aws-ec2-metadata-token", bad)]).await;
+        let r = a
+            .call("GET", path, POD, &[("x-aws-ec2-metadata-token", bad)])
+            .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "token {bad:?}");
     }
     // Tokenless is fine without --require-imdsv2.
@@ -404,10 +564,15 @@ async fn require_imdsv2_refuses_tokenless_gets() {
     let a = agent_with(default_fake(), |c| c.require_imdsv2 = true).await;
     let path = "/latest/meta-data/iam/security-credentials/app-role";
     assert_eq!(a.get(path, POD).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(a.get("/latest/user-data", POD).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        a.get("/latest/user-data", POD).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(a.fake.cred_calls.load(Ordering::SeqCst), 0);
     let token = a.token(POD, "60").await.body;
-    let r = a.call("GET", path, POD, &[("x-aws-ec2-metadata-token", &token)]).await;
+    let r = a
+        .call("GET", path, POD, &[("x-aws-ec2-metadata-token", &token)])
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     // Probes stay open.
     assert_eq!(a.get("/ping", POD).await.status, StatusCode::OK);
@@ -422,32 +587,76 @@ async fn spoofed_headers_never_change_the_pod() {
         ("forwarded", "for=10.1.0.6"),
         ("host", "10.1.0.6"),
     ];
-    let r = a.call("GET", "/latest/meta-data/iam/security-credentials/", POD, &spoof).await;
+    let r = a
+        .call(
+            "GET",
+            "/latest/meta-data/iam/security-credentials/",
+            POD,
+            &spoof,
+        )
+        .await;
     assert_eq!(r.body, "app-role");
     let r = a
-        .call("GET", "/latest/meta-data/iam/security-credentials/other-role", POD, &spoof)
+        .call(
+            "GET",
+            "/latest/meta-data/iam/security-credentials/other-role",
+            POD,
+            &spoof,
+        )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert!(!r.body.contains("OTHERKEY"));
-    let r = a.call("GET", "/latest/meta-data/iam/security-credentials/app-role", POD, &spoof).await;
+    let r = a
+        .call(
+            "GET",
+            "/latest/meta-data/iam/security-credentials/app-role",
+            POD,
+            &spoof,
+        )
+        .await;
     assert!(r.body.contains("PODKEY"));
 }
 
 #[tokio::test]
 async fn ip_query_is_ignored_unless_allowed() {
     let a = agent().await;
-    let r = a.get(&format!("/latest/meta-data/iam/security-credentials/?ip={OTHER_POD}"), POD).await;
+    let r = a
+        .get(
+            &format!("/latest/meta-data/iam/security-credentials/?ip={OTHER_POD}"),
+            POD,
+        )
+        .await;
     assert_eq!(r.body, "app-role");
-    let r = a.get(&format!("/latest/meta-data/iam/security-credentials/other-role?ip={OTHER_POD}"), POD).await;
+    let r = a
+        .get(
+            &format!("/latest/meta-data/iam/security-credentials/other-role?ip={OTHER_POD}"),
+            POD,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 
     let a = agent_with(default_fake(), |c| c.allow_ip_query = true).await;
-    let r = a.get(&format!("/latest/meta-data/iam/security-credentials/?ip={OTHER_POD}"), POD).await;
+    let r = a
+        .get(
+            &format!("/latest/meta-data/iam/security-credentials/?ip={OTHER_POD}"),
+            POD,
+        )
+        .await;
     assert_eq!(r.body, "other-role");
-    let r = a.get("/latest/meta-data/iam/security-credentials/?ip=not-an-ip", POD).await;
+    let r = a
+        .get(
+            "/latest/meta-data/iam/security-credentials/?ip=not-an-ip",
+            POD,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     // A redirect keeps the query so the override survives it.
-    let r = a.get(&format!("/latest/meta-data/iam/security-credentials?ip={OTHER_POD}"), POD).await;
+    let r = a
+        .get(
+            &format!("/latest/meta-data/iam/security-credentials?ip={OTHER_POD}"),
+            POD,
+        )
+        .await;
     assert_eq!(
         r.headers["location"].to_str().unwrap(),
         format!("/latest/meta-data/iam/security-credentials/?ip={OTHER_POD}")
@@ -462,15 +671,22 @@ async fn fallback_serves_last_good_answers_only_while_no_server_answers() {
     assert_eq!(a.get(list, POD).await.status, StatusCode::OK);
     assert_eq!(a.get(get, POD).await.status, StatusCode::OK);
 
-    a.fake.fail_always(Some(ClientError::Unavailable("all servers down".into())));
+    a.fake
+        .fail_always(Some(ClientError::Unavailable("all servers down".into())));
     let r = a.get(list, POD).await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "app-role"));
     let r = a.get(get, POD).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.contains("PODKEY"));
     let m = a.metrics();
-    assert!(m.contains(r#"kiam_agent_stale_credentials_served_total{handler="credentials"} 1"#), "{m}");
-    assert!(m.contains(r#"kiam_agent_stale_credentials_served_total{handler="roleName"} 1"#), "{m}");
+    assert!(
+        m.contains(r#"kiam_agent_stale_credentials_served_total{handler="credentials"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"kiam_agent_stale_credentials_served_total{handler="roleName"} 1"#),
+        "{m}"
+    );
     // Another pod never gets them.
     assert_ne!(a.get(get, OTHER_POD).await.status, StatusCode::OK);
 
@@ -478,7 +694,8 @@ async fn fallback_serves_last_good_answers_only_while_no_server_answers() {
     a.fake.fail_always(None);
     a.fake.remove_pod(POD);
     assert_eq!(a.get(get, POD).await.status, StatusCode::NOT_FOUND);
-    a.fake.fail_always(Some(ClientError::Unavailable("all servers down".into())));
+    a.fake
+        .fail_always(Some(ClientError::Unavailable("all servers down".into())));
     assert_ne!(a.get(get, POD).await.status, StatusCode::OK);
     assert_ne!(a.get(list, POD).await.status, StatusCode::OK);
 }
@@ -488,12 +705,17 @@ async fn fallback_never_covers_server_errors_and_can_be_off() {
     let a = agent().await;
     let get = "/latest/meta-data/iam/security-credentials/app-role";
     assert_eq!(a.get(get, POD).await.status, StatusCode::OK);
-    a.fake.fail_always(Some(ClientError::Server("sts down".into())));
-    assert_eq!(a.get(get, POD).await.status, StatusCode::INTERNAL_SERVER_ERROR);
+    a.fake
+        .fail_always(Some(ClientError::Server("sts down".into())));
+    assert_eq!(
+        a.get(get, POD).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
 
     let a = agent_with(default_fake(), |c| c.stale_window = Duration::ZERO).await;
     assert_eq!(a.get(get, POD).await.status, StatusCode::OK);
-    a.fake.fail_always(Some(ClientError::Unavailable("down".into())));
+    a.fake
+        .fail_always(Some(ClientError::Unavailable("down".into())));
     assert_ne!(a.get(get, POD).await.status, StatusCode::OK);
     assert!(a.state.fallback().is_empty());
 }
@@ -502,15 +724,28 @@ async fn fallback_never_covers_server_errors_and_can_be_off() {
 async fn iam_listing_and_paths_in_other_spellings() {
     let a = agent().await;
     let r = a.get("/latest/meta-data/iam/", POD).await;
-    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "security-credentials/"));
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, "security-credentials/")
+    );
     let r = a.get("/latest/meta-data/iam/", ARN_POD).await;
     assert_eq!(r.body, "info\nsecurity-credentials/");
     // Encoded and dotted spellings reach the same handler.
-    let r = a.get("/latest/meta-data%2Fiam%2Fsecurity-credentials%2F", POD).await;
+    let r = a
+        .get("/latest/meta-data%2Fiam%2Fsecurity-credentials%2F", POD)
+        .await;
     assert_eq!(r.body, "app-role");
-    let r = a.get("/latest/./meta-data/x/../iam//security-credentials/app-role", POD).await;
+    let r = a
+        .get(
+            "/latest/./meta-data/x/../iam//security-credentials/app-role",
+            POD,
+        )
+        .await;
     assert!(r.body.contains("PODKEY"));
-    assert_eq!(a.get("/latest/meta-data/iam/%00", POD).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        a.get("/latest/meta-data/iam/%00", POD).await.status,
+        StatusCode::BAD_REQUEST
+    );
 }
 
 /// The real listener: identity from the TCP peer, bounded heads, and
@@ -536,17 +771,30 @@ async fn served_over_tcp_with_graceful_shutdown() {
         format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Connection: close\r\n\r\n")
     };
 
-    let resp = raw(addr, get("/latest/meta-data/iam/security-credentials/", "X-Forwarded-For: 10.1.0.5\r\n")).await;
+    let resp = raw(
+        addr,
+        get(
+            "/latest/meta-data/iam/security-credentials/",
+            "X-Forwarded-For: 10.1.0.5\r\n",
+        ),
+    )
+    .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("loopback-role"), "{resp}");
 
     let huge = format!("X-Big: {}\r\n", "a".repeat(64 * 1024));
     let resp = raw(addr, get("/ping", &huge)).await;
-    assert!(resp.starts_with("HTTP/1.1 431") || resp.is_empty(), "{resp}");
+    assert!(
+        resp.starts_with("HTTP/1.1 431") || resp.is_empty(),
+        "{resp}"
+    );
 
     // A slow request is in flight when shutdown starts; it still completes.
     a.fake.set_delay(Duration::from_millis(300));
-    let slow = tokio::spawn(raw(addr, get("/latest/meta-data/iam/security-credentials/", "")));
+    let slow = tokio::spawn(raw(
+        addr,
+        get("/latest/meta-data/iam/security-credentials/", ""),
+    ));
     while a.fake.role_calls.load(Ordering::SeqCst) < 2 {
         tokio::task::yield_now().await;
     }
@@ -554,5 +802,8 @@ async fn served_over_tcp_with_graceful_shutdown() {
     let resp = slow.await.unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     server.await.unwrap().unwrap();
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener closed after shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed after shutdown"
+    );
 }

@@ -180,7 +180,8 @@ pub fn parse_server_address(s: &str) -> Result<Vec<Target>, AddressError> {
             .strip_prefix("dns:///")
             .or_else(|| {
                 // dns://resolver/host:port: the resolver part is ignored.
-                raw.strip_prefix("dns://").and_then(|r| r.split_once('/').map(|(_, h)| h))
+                raw.strip_prefix("dns://")
+                    .and_then(|r| r.split_once('/').map(|(_, h)| h))
             })
             .unwrap_or(raw);
         let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
@@ -196,10 +197,16 @@ pub fn parse_server_address(s: &str) -> Result<Vec<Target>, AddressError> {
         let port: u16 = port
             .parse()
             .map_err(|_| AddressError::Malformed(raw.to_string()))?;
-        if host.is_empty() || host.contains(['/', ' ']) || (host.contains(':') && !entry.starts_with('[')) {
+        if host.is_empty()
+            || host.contains(['/', ' '])
+            || (host.contains(':') && !entry.starts_with('['))
+        {
             return Err(AddressError::Malformed(raw.to_string()));
         }
-        let t = Target { host: host.to_string(), port };
+        let t = Target {
+            host: host.to_string(),
+            port,
+        };
         if !out.contains(&t) {
             out.push(t);
         }
@@ -213,14 +220,18 @@ pub fn parse_server_address(s: &str) -> Result<Vec<Target>, AddressError> {
 /// Turns a name into addresses. A trait so tests can simulate servers
 /// coming and going behind one name.
 pub trait Resolve: Send + Sync + 'static {
-    fn resolve<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>>;
+    fn resolve<'a>(&'a self, target: &'a Target)
+        -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>>;
 }
 
 /// The system resolver (`getaddrinfo` through tokio).
 pub struct SystemResolver;
 
 impl Resolve for SystemResolver {
-    fn resolve<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
+    fn resolve<'a>(
+        &'a self,
+        target: &'a Target,
+    ) -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
         Box::pin(async move {
             if let Ok(ip) = target.host.parse::<IpAddr>() {
                 return Ok(vec![SocketAddr::new(ip, target.port)]);
@@ -454,7 +465,13 @@ impl Pool {
 
     /// The addresses currently in the pool.
     pub fn addresses(&self) -> Vec<SocketAddr> {
-        self.shared.members.read().unwrap().iter().map(|m| m.addr).collect()
+        self.shared
+            .members
+            .read()
+            .unwrap()
+            .iter()
+            .map(|m| m.addr)
+            .collect()
     }
 
     /// Re-resolves now (tests; the background task does it periodically).
@@ -640,9 +657,11 @@ impl KiamClient for Pool {
         Box::pin(async move {
             let h = self
                 .shared
-                .call("GetHealth", self.shared.cfg.attempt_timeout, |mut c| async move {
-                    c.get_health(proto::GetHealthRequest {}).await
-                })
+                .call(
+                    "GetHealth",
+                    self.shared.cfg.attempt_timeout,
+                    |mut c| async move { c.get_health(proto::GetHealthRequest {}).await },
+                )
                 .await?;
             Ok(h.message)
         })
@@ -655,8 +674,14 @@ mod tests {
 
     #[test]
     fn server_address_forms() {
-        let t = |h: &str, p| Target { host: h.into(), port: p };
-        assert_eq!(parse_server_address("localhost:9610").unwrap(), vec![t("localhost", 9610)]);
+        let t = |h: &str, p| Target {
+            host: h.into(),
+            port: p,
+        };
+        assert_eq!(
+            parse_server_address("localhost:9610").unwrap(),
+            vec![t("localhost", 9610)]
+        );
         assert_eq!(
             parse_server_address("dns:///kiam-server:443").unwrap(),
             vec![t("kiam-server", 443)]
@@ -665,7 +690,10 @@ mod tests {
             parse_server_address("a:1, b:2,a:1").unwrap(),
             vec![t("a", 1), t("b", 2)]
         );
-        assert_eq!(parse_server_address("[::1]:9610").unwrap(), vec![t("::1", 9610)]);
+        assert_eq!(
+            parse_server_address("[::1]:9610").unwrap(),
+            vec![t("::1", 9610)]
+        );
         assert!(parse_server_address("kiam-server").is_err());
         assert!(parse_server_address("").is_err());
         assert!(parse_server_address("a:notaport").is_err());
@@ -675,15 +703,30 @@ mod tests {
     #[test]
     fn statuses_are_classified_by_message() {
         // Go kiam sends these with code Unknown.
-        assert_eq!(classify(&Status::unknown("no pod found")), ClientError::NotFound);
-        assert_eq!(classify(&Status::unknown("forbidden by policy")), ClientError::Forbidden);
-        assert_eq!(classify(&Status::not_found("no pod found")), ClientError::NotFound);
+        assert_eq!(
+            classify(&Status::unknown("no pod found")),
+            ClientError::NotFound
+        );
+        assert_eq!(
+            classify(&Status::unknown("forbidden by policy")),
+            ClientError::Forbidden
+        );
+        assert_eq!(
+            classify(&Status::not_found("no pod found")),
+            ClientError::NotFound
+        );
         assert_eq!(
             classify(&Status::permission_denied("forbidden by policy")),
             ClientError::Forbidden
         );
-        assert!(matches!(classify(&Status::unavailable("down")), ClientError::Unavailable(_)));
-        assert!(matches!(classify(&Status::internal("sts failed")), ClientError::Server(_)));
+        assert!(matches!(
+            classify(&Status::unavailable("down")),
+            ClientError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(&Status::internal("sts failed")),
+            ClientError::Server(_)
+        ));
         let local = Status::from_error(Box::new(std::io::Error::other("connection reset")));
         assert!(matches!(classify(&local), ClientError::Unavailable(_)));
     }

@@ -53,7 +53,10 @@ pub struct Fallback {
 
 impl Fallback {
     pub fn new(window: Duration) -> Self {
-        Fallback { window, pods: Mutex::new(HashMap::new()) }
+        Fallback {
+            window,
+            pods: Mutex::new(HashMap::new()),
+        }
     }
 
     fn enabled(&self) -> bool {
@@ -70,7 +73,10 @@ impl Fallback {
         self.make_room(&mut pods, ip);
         let pod = pods.entry(ip).or_default();
         pod.credentials.retain(|r, _| same_role(r, role));
-        pod.role = Some(Kept { value: role.to_string(), fetched: Instant::now() });
+        pod.role = Some(Kept {
+            value: role.to_string(),
+            fetched: Instant::now(),
+        });
     }
 
     /// A server said `ip` has no pod or no role: forget everything about it.
@@ -101,14 +107,21 @@ impl Fallback {
         let mut pods = self.pods.lock().unwrap();
         self.make_room(&mut pods, ip);
         let pod = pods.entry(ip).or_default();
-        if pod.role.as_ref().is_some_and(|r| !same_role(&r.value, role)) {
+        if pod
+            .role
+            .as_ref()
+            .is_some_and(|r| !same_role(&r.value, role))
+        {
             // Credentials granted for a role other than the one we last
             // saw: the pod changed; the old role name is stale.
             pod.role = None;
         }
         pod.credentials.insert(
             role.to_string(),
-            Kept { value: (creds.clone(), expiry), fetched: Instant::now() },
+            Kept {
+                value: (creds.clone(), expiry),
+                fetched: Instant::now(),
+            },
         );
     }
 
@@ -203,7 +216,10 @@ mod tests {
     fn keyed_by_ip_and_role() {
         let f = Fallback::new(Duration::from_secs(60));
         f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600));
-        assert_eq!(f.credentials(ip("10.0.0.1"), "a").unwrap().access_key_id, "K1");
+        assert_eq!(
+            f.credentials(ip("10.0.0.1"), "a").unwrap().access_key_id,
+            "K1"
+        );
         assert!(f.credentials(ip("10.0.0.2"), "a").is_none());
         assert!(f.credentials(ip("10.0.0.1"), "b").is_none());
     }

@@ -117,8 +117,21 @@ mod tests {
     fn ttl_bounds() {
         assert_eq!(Tokens::parse_ttl(Some(b"1")), Ok(1));
         assert_eq!(Tokens::parse_ttl(Some(b"21600")), Ok(21600));
-        for bad in [&b"0"[..], b"21601", b"-1", b"abc", b"", b" 5", b"1.5", b"99999999999999999999999"] {
-            assert_eq!(Tokens::parse_ttl(Some(bad)), Err(TokenError::BadTtl), "{bad:?}");
+        for bad in [
+            &b"0"[..],
+            b"21601",
+            b"-1",
+            b"abc",
+            b"",
+            b" 5",
+            b"1.5",
+            b"99999999999999999999999",
+        ] {
+            assert_eq!(
+                Tokens::parse_ttl(Some(bad)),
+                Err(TokenError::BadTtl),
+                "{bad:?}"
+            );
         }
         assert_eq!(Tokens::parse_ttl(None), Err(TokenError::BadTtl));
     }
@@ -131,7 +144,10 @@ mod tests {
         let tok = t.mint(a, Duration::from_secs(60));
         assert_eq!(t.verify(a, tok.as_bytes()), Ok(()));
         assert_eq!(t.verify(b, tok.as_bytes()), Err(TokenError::Invalid));
-        assert_eq!(Tokens::new().verify(a, tok.as_bytes()), Err(TokenError::Invalid));
+        assert_eq!(
+            Tokens::new().verify(a, tok.as_bytes()),
+            Err(TokenError::Invalid)
+        );
         // Tampering with the expiry breaks the MAC.
         let (_, tag) = tok.split_once('.').unwrap();
         let forged = format!("{:x}.{tag}", now_secs() + 99_999);

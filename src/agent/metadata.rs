@@ -286,7 +286,10 @@ impl NormalPath {
         if segments.is_empty() {
             trailing_slash = true;
         }
-        Ok(NormalPath { segments, trailing_slash })
+        Ok(NormalPath {
+            segments,
+            trailing_slash,
+        })
     }
 
     /// The decoded path, e.g. `/latest/meta-data/`: what the allow-list sees.
@@ -386,7 +389,12 @@ impl IntoResponse for Reject {
             Reject::Internal(m) => m.clone(),
             _ => status.canonical_reason().unwrap_or("error").to_string(),
         };
-        (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            body,
+        )
+            .into_response()
     }
 }
 
@@ -424,7 +432,11 @@ where
             Ok(Err(e)) => {
                 answered |= e.answered();
                 if stop(&e) {
-                    return Err(Failure { err: e, timed_out: false, answered });
+                    return Err(Failure {
+                        err: e,
+                        timed_out: false,
+                        answered,
+                    });
                 }
                 last = Some(e);
             }
@@ -439,7 +451,11 @@ where
     let err = last.unwrap_or_else(|| {
         ClientError::Unavailable("no kiam server answered before the deadline".into())
     });
-    Err(Failure { err, timed_out: true, answered })
+    Err(Failure {
+        err,
+        timed_out: true,
+        answered,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -492,19 +508,26 @@ async fn dispatch(AxumState(state): AxumState<Arc<State>>, req: Request) -> Resp
     }
 
     // IMDSv2: a token, if sent, must be good; with --require-imdsv2 it must be sent.
-    match parts.headers.get(TOKEN_HEADER) {
-        Some(t) => {
-            if state.tokens.verify(caller, t.as_bytes()).is_err() {
-                tracing::info!(pod.ip = %caller, "refused request with an invalid IMDSv2 token");
-                return Reject::Unauthorized.into_response();
-            }
-        }
-        None if state.cfg.require_imdsv2 => return Reject::Unauthorized.into_response(),
-        None => {}
+    let token_ok = match parts.headers.get(TOKEN_HEADER) {
+        Some(t) => state.tokens.verify(caller, t.as_bytes()).is_ok(),
+        None => !state.cfg.require_imdsv2,
+    };
+    if !token_ok {
+        tracing::info!(pod.ip = %caller, "refused request without a valid IMDSv2 token");
+        return Reject::Unauthorized.into_response();
     }
 
     if let [version, "meta-data", "iam", rest @ ..] = segs.as_slice() {
-        return iam(&state, caller, &parts.method, version, rest, &path, &parts.uri).await;
+        return iam(
+            &state,
+            caller,
+            &parts.method,
+            version,
+            rest,
+            &path,
+            &parts.uri,
+        )
+        .await;
     }
     if path.is_sensitive() {
         let start = Instant::now();
@@ -534,7 +557,10 @@ impl State {
             .observe(start.elapsed().as_secs_f64());
         self.metrics
             .responses
-            .get_or_create(&ResponseLabels { handler, code: status.as_u16().to_string() })
+            .get_or_create(&ResponseLabels {
+                handler,
+                code: status.as_u16().to_string(),
+            })
             .inc();
         if status == StatusCode::OK {
             Metrics::inc(&self.metrics.success, handler);
@@ -582,7 +608,10 @@ fn put_token(state: &State, caller: IpAddr, headers: &HeaderMap) -> Result<Respo
     Ok((
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("text/plain")),
-            (header::HeaderName::from_static(TTL_HEADER), HeaderValue::from(ttl)),
+            (
+                header::HeaderName::from_static(TTL_HEADER),
+                HeaderValue::from(ttl),
+            ),
         ],
         token,
     )
@@ -617,15 +646,23 @@ async fn iam(
             } else {
                 // kiam answers the slash-less listing with a redirect.
                 let mut location = format!("/{version}/meta-data/iam/{listing}/");
-                location = NormalPath::parse(&location).map(|p| p.encoded()).unwrap_or(location);
+                location = NormalPath::parse(&location)
+                    .map(|p| p.encoded())
+                    .unwrap_or(location);
                 if let Some(q) = uri.query() {
                     location.push('?');
                     location.push_str(q);
                 }
-                Ok((StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, location)]).into_response())
+                Ok((
+                    StatusCode::MOVED_PERMANENTLY,
+                    [(header::LOCATION, location)],
+                )
+                    .into_response())
             }
         }
-        ["security-credentials", role @ ..] => credentials(state, caller, &role.join("/"), false).await,
+        ["security-credentials", role @ ..] => {
+            credentials(state, caller, &role.join("/"), false).await
+        }
         ["security-credentials-extended", role @ ..] => {
             credentials(state, caller, &role.join("/"), true).await
         }
@@ -704,7 +741,11 @@ async fn credentials(
     role: &str,
     extended: bool,
 ) -> Result<Response, Reject> {
-    let handler = if extended { handler::CREDENTIALS_EXTENDED } else { handler::CREDENTIALS };
+    let handler = if extended {
+        handler::CREDENTIALS_EXTENDED
+    } else {
+        handler::CREDENTIALS
+    };
     if role.is_empty() {
         return Err(Reject::NotFound);
     }
@@ -741,7 +782,9 @@ async fn credentials(
                 }
             }
             tracing::warn!(pod.ip = %caller, pod.iam.requestedRole = %role, error = %f.err, "error fetching credentials");
-            if matches!(f.err, ClientError::Forbidden) && !is_pods_role(state, caller, role, deadline).await {
+            if matches!(f.err, ClientError::Forbidden)
+                && !is_pods_role(state, caller, role, deadline).await
+            {
                 // Like EC2 for a role that is not the instance's.
                 return Err(Reject::NotFound);
             }
@@ -797,7 +840,11 @@ fn credentials_json(c: &Credentials, role: &str, extended: bool) -> Response {
         expiration: imds_time(&c.expiration),
         // Only when the role names its account: a guessed account would
         // send account-routed SDK calls to the wrong place.
-        account_id: if extended { arn.as_ref().map(|a| a.account) } else { None },
+        account_id: if extended {
+            arn.as_ref().map(|a| a.account)
+        } else {
+            None
+        },
     };
     let body = serde_json::to_string(&doc).expect("plain strings serialise");
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -829,7 +876,11 @@ impl<'a> RoleArn<'a> {
             && account.len() == 12
             && account.bytes().all(|b| b.is_ascii_digit())
             && !name.is_empty();
-        ok.then_some(RoleArn { partition, account, name })
+        ok.then_some(RoleArn {
+            partition,
+            account,
+            name,
+        })
     }
 }
 
@@ -852,10 +903,16 @@ async fn iam_info(state: &State, caller: IpAddr) -> Result<Response, Reject> {
     let Some(arn) = RoleArn::parse(&role) else {
         return Err(Reject::NotFound);
     };
-    let profile = format!("arn:{}:iam::{}:instance-profile/{}", arn.partition, arn.account, arn.name);
+    let profile = format!(
+        "arn:{}:iam::{}:instance-profile/{}",
+        arn.partition, arn.account, arn.name
+    );
     let digest = ring::digest::digest(&ring::digest::SHA256, profile.as_bytes());
     const B32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let id: String = digest.as_ref()[..17].iter().map(|b| B32[(b & 31) as usize] as char).collect();
+    let id: String = digest.as_ref()[..17]
+        .iter()
+        .map(|b| B32[(b & 31) as usize] as char)
+        .collect();
     let doc = InfoDoc {
         code: "Success",
         last_updated: Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
@@ -889,7 +946,9 @@ async fn health(state: &State, deep: bool) -> Result<Response, Reject> {
             resp.status()
         ))),
         Ok(Err(e)) => Err(Reject::Internal(e.to_string())),
-        Err(_) => Err(Reject::Internal("metadata endpoint did not answer in time".into())),
+        Err(_) => Err(Reject::Internal(
+            "metadata endpoint did not answer in time".into(),
+        )),
     }
 }
 
@@ -935,18 +994,42 @@ mod tests {
 
     #[test]
     fn normalisation() {
-        assert_eq!(norm("/latest/meta-data/iam/security-credentials/"), "/latest/meta-data/iam/security-credentials/");
-        assert_eq!(norm("/latest/meta-data/iam/security-credentials"), "/latest/meta-data/iam/security-credentials");
-        assert_eq!(norm("//latest///meta-data/./iam/x/../security-credentials/"), "/latest/meta-data/iam/security-credentials/");
-        assert_eq!(norm("/latest/meta-data%2Fiam%2fsecurity-credentials"), "/latest/meta-data/iam/security-credentials");
-        assert_eq!(norm("/latest/meta-data/%252e%252e/meta-data/iam/"), "/latest/meta-data/iam/");
-        assert_eq!(norm("/latest/meta-data/iam;x=1/info"), "/latest/meta-data/iam/info");
+        assert_eq!(
+            norm("/latest/meta-data/iam/security-credentials/"),
+            "/latest/meta-data/iam/security-credentials/"
+        );
+        assert_eq!(
+            norm("/latest/meta-data/iam/security-credentials"),
+            "/latest/meta-data/iam/security-credentials"
+        );
+        assert_eq!(
+            norm("//latest///meta-data/./iam/x/../security-credentials/"),
+            "/latest/meta-data/iam/security-credentials/"
+        );
+        assert_eq!(
+            norm("/latest/meta-data%2Fiam%2fsecurity-credentials"),
+            "/latest/meta-data/iam/security-credentials"
+        );
+        assert_eq!(
+            norm("/latest/meta-data/%252e%252e/meta-data/iam/"),
+            "/latest/meta-data/iam/"
+        );
+        assert_eq!(
+            norm("/latest/meta-data/iam;x=1/info"),
+            "/latest/meta-data/iam/info"
+        );
         assert_eq!(norm("/latest\\meta-data\\iam"), "/latest/meta-data/iam");
         assert_eq!(norm("/../../.."), "/");
-        assert_eq!(norm("/latest/meta-data/iam/security-credentials/.."), "/latest/meta-data/iam/");
+        assert_eq!(
+            norm("/latest/meta-data/iam/security-credentials/.."),
+            "/latest/meta-data/iam/"
+        );
         assert_eq!(NormalPath::parse("/a%00b"), Err(PathError::Control));
         assert_eq!(NormalPath::parse("/a%ffb"), Err(PathError::NotUtf8));
-        assert_eq!(NormalPath::parse("/a%2525252525252Fb"), Err(PathError::TooEncoded));
+        assert_eq!(
+            NormalPath::parse("/a%2525252525252Fb"),
+            Err(PathError::TooEncoded)
+        );
     }
 
     #[test]
@@ -962,7 +1045,11 @@ mod tests {
         ] {
             assert!(NormalPath::parse(p).unwrap().is_sensitive(), "{p}");
         }
-        for p in ["/latest/meta-data/instance-id", "/latest/user-data", "/latest/meta-data/placement/region"] {
+        for p in [
+            "/latest/meta-data/instance-id",
+            "/latest/user-data",
+            "/latest/meta-data/placement/region",
+        ] {
             assert!(!NormalPath::parse(p).unwrap().is_sensitive(), "{p}");
         }
     }
@@ -977,7 +1064,10 @@ mod tests {
     #[test]
     fn role_arns() {
         let a = RoleArn::parse("arn:aws:iam::123456789012:role/path/name").unwrap();
-        assert_eq!((a.partition, a.account, a.name), ("aws", "123456789012", "path/name"));
+        assert_eq!(
+            (a.partition, a.account, a.name),
+            ("aws", "123456789012", "path/name")
+        );
         assert!(RoleArn::parse("name").is_none());
         assert!(RoleArn::parse("arn:aws:iam::12345:role/x").is_none());
         assert!(RoleArn::parse("arn:aws:s3:::bucket").is_none());
@@ -985,8 +1075,14 @@ mod tests {
 
     #[test]
     fn imds_times() {
-        assert_eq!(imds_time("2024-01-02T03:04:05.678Z"), "2024-01-02T03:04:05Z");
-        assert_eq!(imds_time("2024-01-02T04:04:05+01:00"), "2024-01-02T03:04:05Z");
+        assert_eq!(
+            imds_time("2024-01-02T03:04:05.678Z"),
+            "2024-01-02T03:04:05Z"
+        );
+        assert_eq!(
+            imds_time("2024-01-02T04:04:05+01:00"),
+            "2024-01-02T03:04:05Z"
+        );
         assert_eq!(imds_time("garbage"), "garbage");
     }
 }

@@ -86,7 +86,12 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Ok(Upstream { base, client, timeout, token: Mutex::new(None) })
+        Ok(Upstream {
+            base,
+            client,
+            timeout,
+            token: Mutex::new(None),
+        })
     }
 
     /// The endpoint as configured (`http://host[:port]`).
@@ -175,7 +180,8 @@ impl Upstream {
         req.headers_mut().extend(headers.clone());
         if let Some(t) = token {
             let v = HeaderValue::from_str(t).map_err(|e| UpstreamError::Request(e.to_string()))?;
-            req.headers_mut().insert(HeaderName::from_static(TOKEN_HEADER), v);
+            req.headers_mut()
+                .insert(HeaderName::from_static(TOKEN_HEADER), v);
         }
         let exchange = async {
             let resp = self
@@ -229,9 +235,23 @@ mod tests {
     #[test]
     fn endpoint_validation() {
         let t = Duration::from_secs(1);
-        assert_eq!(Upstream::new("http://169.254.169.254", t).unwrap().base(), "http://169.254.169.254");
-        assert_eq!(Upstream::new("http://127.0.0.1:8080/", t).unwrap().base(), "http://127.0.0.1:8080");
-        for bad in ["", "169.254.169.254", "https://x", "http://x/latest", "ftp://x", "http://u@x", "http://x?a=b"] {
+        assert_eq!(
+            Upstream::new("http://169.254.169.254", t).unwrap().base(),
+            "http://169.254.169.254"
+        );
+        assert_eq!(
+            Upstream::new("http://127.0.0.1:8080/", t).unwrap().base(),
+            "http://127.0.0.1:8080"
+        );
+        for bad in [
+            "",
+            "169.254.169.254",
+            "https://x",
+            "http://x/latest",
+            "ftp://x",
+            "http://u@x",
+            "http://x?a=b",
+        ] {
             assert!(Upstream::new(bad, t).is_err(), "{bad}");
         }
     }

@@ -118,7 +118,11 @@ pub fn lenient(path: &str) -> String {
     let s = s.to_lowercase().replace('\\', "/");
     let mut out: Vec<&str> = Vec::new();
     for seg in s.split('/') {
-        let seg = seg.split(';').next().unwrap_or("").trim_matches(|c: char| c.is_whitespace() || c == '\0');
+        let seg = seg
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim_matches(|c: char| c.is_whitespace() || c == '\0');
         match seg {
             "" | "." => {}
             ".." => {
@@ -149,7 +153,11 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         if parts.headers.contains_key("x-forwarded-for") {
             return StatusCode::FORBIDDEN.into_response();
         }
-        let Some(ttl) = parts.headers.get("x-aws-ec2-metadata-token-ttl-seconds").cloned() else {
+        let Some(ttl) = parts
+            .headers
+            .get("x-aws-ec2-metadata-token-ttl-seconds")
+            .cloned()
+        else {
             return StatusCode::BAD_REQUEST.into_response();
         };
         let n = inner.tokens_issued.fetch_add(1, Ordering::SeqCst);
@@ -170,14 +178,19 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         }
     }
 
-    let squashed: String = path.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '/').collect();
+    let squashed: String = path
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '/')
+        .collect();
     if squashed.contains("iam") || squashed.contains("credentials") {
         // Whatever was asked, a leaky server hands out the node's identity.
         let body = if squashed.ends_with("/info") {
             format!(
                 r#"{{"Code":"Success","LastUpdated":"2024-01-01T00:00:00Z","InstanceProfileArn":"arn:aws:iam::123456789012:instance-profile/{NODE_PROFILE}","InstanceProfileId":"{NODE_PROFILE_ID}"}}"#
             )
-        } else if squashed.ends_with("securitycredentials") || squashed.ends_with("securitycredentialsextended") {
+        } else if squashed.ends_with("securitycredentials")
+            || squashed.ends_with("securitycredentialsextended")
+        {
             NODE_ROLE.to_string()
         } else {
             node_credentials()
