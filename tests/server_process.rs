@@ -1,0 +1,232 @@
+//! The real `kiam server` process: kubeconfig pointing at the in-memory API
+//! server over HTTP, STS from moto's server, `kiam health` against it, and
+//! flags checked before anything starts.
+
+#[path = "support/procs.rs"]
+mod procs;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kiam::proto::kiam_service_client::KiamServiceClient;
+use kiam::proto::GetPodCredentialsRequest;
+use kiam::tls::{ChannelOpts, ClientTls};
+use kiam_sandbox::apiserver::FakeApiServer;
+use procs::{free_port, kiam_bin, moto_env, start_moto, ChildGuard};
+use serde_json::json;
+
+fn run_health(pki: &kiam::certs::Pki, port: u16) -> std::process::Output {
+    kiam_bin()
+        .args([
+            "health",
+            "--server-address",
+            &format!("localhost:{port}"),
+            "--timeout",
+            "2s",
+        ])
+        .arg("--cert")
+        .arg(pki.path("agent.pem"))
+        .arg("--key")
+        .arg(pki.path("agent-key.pem"))
+        .arg("--ca")
+        .arg(pki.path("ca.pem"))
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_process_serves_moto_credentials() {
+    let Some((_moto, sts_url)) = start_moto() else {
+        return;
+    };
+    let api = FakeApiServer::start().await.unwrap();
+    api.create_namespace(json!({"metadata": {"name": "team-a",
+        "annotations": {"iam.amazonaws.com/permitted": ".*"}}}))
+        .unwrap();
+    api.apply_pod(json!({
+        "metadata": {"name": "web", "namespace": "team-a",
+                     "annotations": {"iam.amazonaws.com/role": "web-role"}},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+        "status": {"phase": "Running", "podIP": "198.18.2.10"}
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let pki = kiam::certs::generate(&dir.path().join("certs"), &[], 1).unwrap();
+
+    let port = free_port();
+    let metrics_port = free_port();
+    let mut cmd = kiam_bin();
+    cmd.args([
+        "server",
+        "--role-base-arn",
+        "arn:aws:iam::123456789012:role/",
+    ])
+    .args(["--bind", &format!("127.0.0.1:{port}")])
+    .args([
+        "--prometheus-listen-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+    ])
+    .arg("--kubeconfig")
+    .arg(&kubeconfig)
+    .arg("--cert")
+    .arg(pki.path("server.pem"))
+    .arg("--key")
+    .arg(pki.path("server-key.pem"))
+    .arg("--ca")
+    .arg(pki.path("ca.pem"))
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
+    moto_env(&mut cmd, &sts_url);
+    let _server = ChildGuard {
+        child: cmd.spawn().unwrap(),
+        name: "kiam server".into(),
+    };
+
+    // `kiam health` exits 0 and prints ok once the caches synced.
+    let mut last = None;
+    for _ in 0..100 {
+        let out = run_health(&pki, port);
+        if out.status.success() {
+            last = Some(out);
+            break;
+        }
+        last = Some(out);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = last.unwrap();
+    assert!(
+        out.status.success(),
+        "kiam health failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+
+    let tls = ClientTls::load(pki.agent_files(), &mut Default::default()).unwrap();
+    let channel = tls
+        .channel(&format!("localhost:{port}"), &ChannelOpts::default())
+        .unwrap();
+    let mut client = KiamServiceClient::new(channel);
+    let creds = client
+        .get_pod_credentials(GetPodCredentialsRequest {
+            ip: "198.18.2.10".into(),
+            role: "web-role".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // moto issues temporary keys with the ASIA prefix, like real STS.
+    assert!(
+        creds.access_key_id.starts_with("ASIA"),
+        "{}",
+        creds.access_key_id
+    );
+    assert_eq!(creds.code, "Success");
+    assert!(!creds.token.is_empty());
+
+    // The metrics endpoint speaks kiam's names.
+    let body = reqwest_get(&format!("http://127.0.0.1:{metrics_port}/metrics")).await;
+    for name in [
+        "kiam_sts_cache_miss_total",
+        "kiam_sts_assumerole_timing_seconds",
+        "grpc_server_handled_total",
+        "grpc_server_tls_certificate_expiry_seconds",
+    ] {
+        assert!(body.contains(name), "{name} missing from metrics:\n{body}");
+    }
+
+    // A health check against a port with nothing behind it fails with a reason.
+    let out = run_health(&pki, free_port());
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).trim().is_empty());
+}
+
+/// A tiny HTTP GET over a raw TCP stream (no extra client dependency).
+async fn reqwest_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn server_cmd(extra: &[&str], pki: &kiam::certs::Pki) -> Command {
+    let mut cmd = kiam_bin();
+    cmd.arg("server")
+        .arg("--cert")
+        .arg(pki.path("server.pem"))
+        .arg("--key")
+        .arg(pki.path("server-key.pem"))
+        .arg("--ca")
+        .arg(pki.path("ca.pem"))
+        .args(extra);
+    cmd
+}
+
+fn expect_usage(cmd: &mut Command, flag: &str) {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains(flag), "{flag} not named in: {stderr}");
+}
+
+#[test]
+fn bad_flags_exit_64_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = kiam::certs::generate(dir.path(), &[], 1).unwrap();
+    let base = [
+        "--role-base-arn",
+        "arn:aws:iam::123456789012:role/",
+        "--check-config",
+    ];
+
+    // Sanity: a good configuration passes the check without binding anything.
+    let out = server_cmd(&base, &pki).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    expect_usage(
+        &mut server_cmd(&["--check-config"], &pki),
+        "--role-base-arn",
+    );
+    expect_usage(
+        &mut server_cmd(&[&base[..], &["--session-duration", "10m"]].concat(), &pki),
+        "--session-duration",
+    );
+    expect_usage(
+        &mut server_cmd(
+            &[
+                &base[..],
+                &["--session-duration", "30m", "--session-refresh", "30m"],
+            ]
+            .concat(),
+            &pki,
+        ),
+        "--session-refresh",
+    );
+    expect_usage(
+        &mut server_cmd(&[&base[..], &["--sync", "soon"]].concat(), &pki),
+        "--sync",
+    );
+    let mut missing = kiam_bin();
+    missing
+        .args(["server", "--cert", "/nonexistent/server.pem"])
+        .arg("--key")
+        .arg(pki.path("server-key.pem"))
+        .arg("--ca")
+        .arg(pki.path("ca.pem"))
+        .args(base);
+    expect_usage(&mut missing, "--cert");
+}
