@@ -20,7 +20,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "kiam", version, about = "Per-Pod AWS IAM credentials for Kubernetes")]
+#[command(
+    name = "kiam",
+    version,
+    about = "Per-Pod AWS IAM credentials for Kubernetes"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -214,7 +218,11 @@ pub struct AgentArgs {
     #[arg(long, env = "KIAM_HOST_INTERFACE", default_value = "docker0")]
     pub host_interface: String,
     /// The node's real metadata service, for proxied paths.
-    #[arg(long, env = "KIAM_METADATA_ENDPOINT", default_value = "http://169.254.169.254")]
+    #[arg(
+        long,
+        env = "KIAM_METADATA_ENDPOINT",
+        default_value = "http://169.254.169.254"
+    )]
     pub metadata_endpoint: String,
     /// Refuse metadata GETs without an IMDSv2 token (401), like EC2's HttpTokens=required.
     #[arg(long, env = "KIAM_REQUIRE_IMDSV2", default_value_t = false, num_args = 0..=1,
@@ -291,11 +299,23 @@ mod tests {
     #[test]
     fn kingpin_style_booleans() {
         let cli = Cli::try_parse_from([
-            "kiam", "agent", "--host", "10.0.0.1", "--cert", "a", "--key", "b", "--ca", "c",
-            "--iptables", "--iptables-remove=false",
+            "kiam",
+            "agent",
+            "--host",
+            "10.0.0.1",
+            "--cert",
+            "a",
+            "--key",
+            "b",
+            "--ca",
+            "c",
+            "--iptables",
+            "--iptables-remove=false",
         ])
         .unwrap();
-        let Command::Agent(a) = cli.command else { panic!("not agent") };
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
         assert!(a.iptables);
         assert!(!a.iptables_remove);
     }

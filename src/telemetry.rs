@@ -16,9 +16,15 @@ use crate::cli::LogArgs;
 /// Installs the global `tracing` subscriber: text by default, JSON with
 /// `--json-log`, filtered at `--level` (`RUST_LOG` overrides for debugging).
 pub fn init_logging(args: &LogArgs) {
-    let filter = EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{},h2=warn,hyper=warn,rustls=warn,tower=warn,kube=warn,aws=warn", args.level)));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{},h2=warn,hyper=warn,rustls=warn,tower=warn,kube=warn,aws=warn",
+            args.level
+        ))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let res = if args.json_log {
         builder.json().flatten_event(true).try_init()
     } else {
@@ -44,11 +50,16 @@ pub async fn serve_metrics(
 ) -> std::io::Result<()> {
     async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
         (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             encode(&registry),
         )
     }
-    let app = Router::new().route("/metrics", get(metrics)).with_state(registry);
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(registry);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
