@@ -52,8 +52,9 @@ const MAX_CONCURRENT_LOOKUPS: usize = 8;
 /// retry within their own deadline.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a deleted pod's uid is remembered, so that a direct lookup that
-/// raced with the deletion cannot re-insert it.
-const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+/// raced with the deletion cannot re-insert it. A lookup's answer is at most
+/// [`LOOKUP_TIMEOUT`] old when it is inserted, so this is ample.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(60);
 
 /// The pod phases kiam cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
