@@ -54,7 +54,7 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("--allow-route-regexp {0:?} is not a valid regular expression: {1}")]
-    AllowRoute(String, regex::Error),
+    AllowRoute(String, String),
     #[error("--host {0:?} is not an IP address")]
     Host(String),
     #[error(transparent)]
@@ -115,8 +115,19 @@ pub struct Validated {
 
 /// Checks every agent flag, naming the flag at fault.
 pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
-    let allow_route = Regex::new(&args.allow_route_regexp)
-        .map_err(|e| AgentError::AllowRoute(args.allow_route_regexp.clone(), e))?;
+    let allow_route = Regex::new(&args.allow_route_regexp).map_err(|e| {
+        // regex's message spans lines (pattern, caret, reason): keep the reason.
+        let text = e.to_string();
+        let reason = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("invalid");
+        AgentError::AllowRoute(
+            args.allow_route_regexp.clone(),
+            reason.trim_start_matches("error: ").to_string(),
+        )
+    })?;
     let host = args
         .host
         .trim()
@@ -163,9 +174,8 @@ impl Connect for TlsConnect {
 }
 
 /// Runs the agent from its flags until SIGINT/SIGTERM. Flags and files are
-/// checked before any port is bound.
+/// checked before any port is bound. Logging is the caller's to set up.
 pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
-    crate::telemetry::init_logging(&args.log);
     let Validated {
         config,
         rule,

@@ -372,11 +372,8 @@ async fn persistent_errors_map_to_5xx() {
     let r = a
         .get("/latest/meta-data/iam/security-credentials/app-role", POD)
         .await;
-    assert!(
-        r.status == StatusCode::BAD_GATEWAY || r.status == StatusCode::GATEWAY_TIMEOUT,
-        "{}",
-        r.status
-    );
+    // Every attempt refused outright: no server answered.
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
 }
 
 #[tokio::test]

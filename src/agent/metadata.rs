@@ -371,7 +371,7 @@ impl Reject {
             ClientError::NotFound => Reject::NotFound,
             ClientError::Forbidden => Reject::Forbidden("forbidden by policy"),
             ClientError::Server(m) => Reject::Server(m),
-            ClientError::Unavailable(_) if f.timed_out => Reject::GatewayTimeout,
+            ClientError::Unavailable(_) if f.interrupted => Reject::GatewayTimeout,
             ClientError::Unavailable(m) => Reject::BadGateway(m),
         }
     }
@@ -405,8 +405,9 @@ impl IntoResponse for Reject {
 #[derive(Debug)]
 struct Failure {
     err: ClientError,
-    /// The deadline ended the retries.
-    timed_out: bool,
+    /// The deadline cut an attempt short (504) rather than every attempt
+    /// failing outright (502 when no server answered).
+    interrupted: bool,
     /// Some server answered at some point (so no fallback).
     answered: bool,
 }
@@ -426,6 +427,7 @@ where
     let mut backoff = Duration::from_millis(5);
     let mut last: Option<ClientError> = None;
     let mut answered = false;
+    let mut interrupted = false;
     loop {
         match tokio::time::timeout_at(deadline, op()).await {
             Ok(Ok(v)) => return Ok(v),
@@ -434,13 +436,16 @@ where
                 if stop(&e) {
                     return Err(Failure {
                         err: e,
-                        timed_out: false,
+                        interrupted: false,
                         answered,
                     });
                 }
                 last = Some(e);
             }
-            Err(_) => break,
+            Err(_) => {
+                interrupted = true;
+                break;
+            }
         }
         if Instant::now() + backoff >= deadline {
             break;
@@ -453,7 +458,7 @@ where
     });
     Err(Failure {
         err,
-        timed_out: true,
+        interrupted,
         answered,
     })
 }
