@@ -77,7 +77,7 @@ async fn server_process_serves_moto_credentials() {
     .arg("--ca")
     .arg(pki.path("ca.pem"))
     .stdout(Stdio::null())
-    .stderr(Stdio::inherit());
+    .stderr(procs::child_stderr());
     moto_env(&mut cmd, &sts_url);
     let _server = ChildGuard {
         child: cmd.spawn().unwrap(),
@@ -229,4 +229,100 @@ fn bad_flags_exit_64_naming_the_flag() {
         .arg(pki.path("ca.pem"))
         .args(base);
     expect_usage(&mut missing, "--cert");
+}
+
+/// A minimal IMDS that only knows the instance profile (IMDSv2 token first,
+/// as the aws-config client does).
+async fn profile_imds(instance_profile_arn: &'static str) -> std::net::SocketAddr {
+    use axum::routing::{get, put};
+    let app = axum::Router::new()
+        .route(
+            "/latest/api/token",
+            put(|| async { ([("x-aws-ec2-metadata-token-ttl-seconds", "21600")], "test-token") }),
+        )
+        .route(
+            "/latest/meta-data/iam/info",
+            get(move || async move {
+                format!(
+                    r#"{{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","InstanceProfileArn":"{instance_profile_arn}","InstanceProfileId":"AIPAEXAMPLE"}}"#
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_arn_autodetected_from_the_instance_profile() {
+    let Some((_moto, sts_url)) = start_moto() else {
+        return;
+    };
+    let imds = profile_imds("arn:aws:iam::999988887777:instance-profile/nodes").await;
+    let api = FakeApiServer::start().await.unwrap();
+    // Only the detected account's roles are permitted: success proves the
+    // bare role name was resolved against the detected base.
+    api.create_namespace(json!({"metadata": {"name": "auto",
+        "annotations": {"iam.amazonaws.com/permitted": "arn:aws:iam::999988887777:role/.*"}}}))
+        .unwrap();
+    api.apply_pod(json!({
+        "metadata": {"name": "p", "namespace": "auto",
+                     "annotations": {"iam.amazonaws.com/role": "auto-role"}},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+        "status": {"phase": "Running", "podIP": "198.18.2.20"}
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let pki = kiam::certs::generate(&dir.path().join("certs"), &[], 1).unwrap();
+    let port = free_port();
+    let mut cmd = server_cmd(
+        &[
+            "--role-base-arn-autodetect",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &pki,
+    );
+    cmd.arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(procs::child_stderr());
+    moto_env(&mut cmd, &sts_url);
+    cmd.env_remove("AWS_EC2_METADATA_DISABLED").env(
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+        format!("http://{imds}"),
+    );
+    let _server = ChildGuard {
+        child: cmd.spawn().unwrap(),
+        name: "kiam server".into(),
+    };
+    let tls = ClientTls::load(pki.agent_files(), &mut Default::default()).unwrap();
+    let channel = tls
+        .channel(&format!("localhost:{port}"), &ChannelOpts::default())
+        .unwrap();
+    let mut client = KiamServiceClient::new(channel);
+    let mut last = None;
+    for _ in 0..100 {
+        match client
+            .get_pod_credentials(GetPodCredentialsRequest {
+                ip: "198.18.2.20".into(),
+                role: "auto-role".into(),
+            })
+            .await
+        {
+            Ok(r) => {
+                last = Some(Ok(r.into_inner()));
+                break;
+            }
+            Err(e) => last = Some(Err(e)),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let creds = last
+        .unwrap()
+        .expect("credentials for the autodetected role ARN");
+    assert!(creds.access_key_id.starts_with("ASIA"));
 }

@@ -104,8 +104,15 @@ pub fn moto_env(cmd: &mut Command, sts_url: &str) {
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ENDPOINT_URL_STS", sts_url)
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_SESSION_TOKEN");
+}
+
+/// Where a child's stderr goes: inherited with `KIAM_TEST_LOGS=1`, else dropped.
+pub fn child_stderr() -> std::process::Stdio {
+    if std::env::var_os("KIAM_TEST_LOGS").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
 }
