@@ -44,6 +44,9 @@ fn state(imds: &Imds, allow: &str, registry: &mut Registry) -> Arc<State> {
     )
 }
 
+/// One way of respelling a path.
+type Transform = Box<dyn Fn(&str) -> String>;
+
 /// Path spellings aimed at the node's IAM data.
 fn variants() -> Vec<String> {
     let versions = ["latest", "2016-09-02", "1.0", "garbage"];
@@ -61,7 +64,7 @@ fn variants() -> Vec<String> {
         "meta-data/iam".to_string(),
         "meta-data/identity-credentials/ec2/security-credentials/ec2-instance".to_string(),
     ];
-    let transforms: Vec<Box<dyn Fn(&str) -> String>> = vec![
+    let transforms: Vec<Transform> = vec![
         Box::new(|p| p.to_string()),
         Box::new(|p| format!("/{}", p[1..].replace('/', "%2F"))),
         Box::new(|p| format!("/{}", p[1..].replace('/', "%2f"))),
