@@ -167,7 +167,13 @@ async fn prefetch(
         let Some(role) = pod.role.as_deref() else {
             continue;
         };
-        let ns = service.namespaces.get(&pod.namespace);
+        let ns = match service.namespaces.find(&pod.namespace).await {
+            Ok(ns) => ns,
+            Err(e) => {
+                tracing::debug!(pod.namespace = %pod.namespace, error = %e, "not prefetching: namespace unreadable");
+                continue;
+            }
+        };
         match policy::check(&pod, role, ns.as_deref(), &service.resolver) {
             Decision::Allowed { .. } => {}
             Decision::Forbidden { explanation, .. } => {

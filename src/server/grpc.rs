@@ -230,7 +230,12 @@ impl Service {
             .find_by_ip(ip)
             .await
             .map_err(|e| find_error(ip, e))?;
-        let ns = self.namespaces.get(&pod.namespace);
+        // A namespace created moments ago may not be in the cache yet: ask
+        // the API rather than refuse for good.
+        let ns = self.namespaces.find(&pod.namespace).await.map_err(|e| {
+            tracing::warn!(pod.namespace = %pod.namespace, error = %e, "reading namespace failed");
+            Status::unavailable(format!("reading namespace {}: {e}", pod.namespace))
+        })?;
         let role_arn = match policy::check(&pod, &req.role, ns.as_deref(), &self.resolver) {
             Decision::Allowed { role_arn } => role_arn,
             Decision::Forbidden { explanation, .. } => {
