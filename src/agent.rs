@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use regex::Regex;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
@@ -46,6 +47,9 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests may take to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections beyond this wait in the kernel's backlog: a flood of
+/// idle or slow clients cannot exhaust the agent's file descriptors.
+const MAX_CONNECTIONS: usize = 4096;
 /// Bound on one exchange with `--metadata-endpoint`.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -270,7 +274,12 @@ pub async fn run(
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
     let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -292,6 +301,7 @@ pub async fn run(
         let conn = http.serve_connection(TokioIo::new(stream), svc);
         let stop = shutdown.clone();
         tracker.spawn(async move {
+            let _slot = slot;
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,

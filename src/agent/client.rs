@@ -359,6 +359,9 @@ impl ClientMetrics {
 
 const SERVICE: &str = "kiam.KiamService";
 
+/// A lookup that hangs must not stall start-up or the refresh loop.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Go's `codes.Code.String()`, which go-grpc-prometheus uses as the label.
 fn code_name(code: Code) -> &'static str {
     match code {
@@ -485,7 +488,15 @@ impl Shared {
         let old = self.members.read().unwrap().clone();
         let mut wanted: Vec<(SocketAddr, String)> = Vec::new();
         for t in &self.cfg.targets {
-            match self.resolver.resolve(t).await {
+            let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, self.resolver.resolve(t))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "DNS lookup timed out",
+                    ))
+                });
+            match resolved {
                 Ok(addrs) if !addrs.is_empty() => {
                     for a in addrs {
                         if !wanted.iter().any(|(w, h)| *w == a && *h == t.host) {
