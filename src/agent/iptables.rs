@@ -370,7 +370,6 @@ pub async fn maintain(
 async fn run(program: &'static str, args: &[String]) -> Result<Output, IptablesError> {
     Command::new(program)
         .args(args)
-        .kill_on_drop(false)
         .output()
         .await
         .map_err(|source| IptablesError::Spawn { program, source })

@@ -1,0 +1,320 @@
+//! `--iptables` with real packets: Pods made of network namespaces reach a
+//! stand-in agent through 169.254.169.254:80 only because of the rule. Root
+//! only (CI is root); otherwise each test prints SKIPPED.
+//!
+//! Tests on an isolated node run the rule's `iptables` and `conntrack` inside
+//! the node namespace by entering it on the test thread; they rely on
+//! `#[tokio::test]`'s current-thread runtime so that spawned tasks and child
+//! processes start from that thread too.
+
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::http::Uri;
+use axum::Router;
+use kiam::agent::iptables::{maintain, IptablesMetrics, IptablesRule};
+use netns::{Footprint, Node, METADATA_URL};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+
+/// Stands in for the agent: answers any path with "<caller ip> <path>", so a
+/// test sees both that the request arrived and whom it came from.
+async fn stand_in_agent(ip: Ipv4Addr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(
+        |ConnectInfo(peer): ConnectInfo<SocketAddr>, uri: Uri| async move {
+            format!("{} {}", peer.ip(), uri.path())
+        },
+    );
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    addr
+}
+
+fn rule_to(agent: SocketAddr, host_interface: &str) -> IptablesRule {
+    IptablesRule::new(agent.ip(), agent.port(), host_interface).unwrap()
+}
+
+/// Asks through the metadata address and expects the stand-in agent to
+/// answer, having seen the Pod's own address.
+async fn assert_reaches_agent(pod: &netns::Pod) {
+    let body = pod
+        .http_get(&format!("{METADATA_URL}{CREDENTIALS_PATH}"))
+        .await
+        .unwrap_or_else(|e| panic!("pod {} cannot reach the agent: {e}", pod.ip));
+    assert_eq!(body, format!("{} {CREDENTIALS_PATH}", pod.ip));
+}
+
+/// Copies of the rule in this namespace's `nat PREROUTING`.
+fn copies(rule: &IptablesRule) -> usize {
+    let out = Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-S", "PREROUTING"])
+        .output()
+        .unwrap();
+    let target = format!("--to-destination {}", rule.target());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(&target))
+        .count()
+}
+
+/// `iptables -t nat <op> PREROUTING <rule>`, as an administrator would type it.
+fn iptables_by_hand(op: &str, rule: &IptablesRule) {
+    let out = Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", op, "PREROUTING"])
+        .args(rule.spec())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "iptables {op}: {out:?}");
+}
+
+/// Waits (up to a generous bound, for slow CI) until the rule's presence is
+/// `present`.
+async fn until_rule(rule: &IptablesRule, present: bool) {
+    for _ in 0..200 {
+        if rule.exists().await.unwrap() == present {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("rule {rule} never became present={present}");
+}
+
+fn assert_nothing_left(footprint: Footprint) {
+    let left = footprint.leftovers();
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+#[tokio::test]
+async fn pod_reaches_the_agent_through_the_metadata_address() {
+    let Some(node) = Node::new("pod_reaches_the_agent_through_the_metadata_address", 1) else {
+        return;
+    };
+    let agent = stand_in_agent(node.ip()).await;
+    let rule = rule_to(agent, &node.pod(0).host_if);
+
+    assert!(rule.add().await.unwrap(), "the rule was new");
+    assert!(rule.exists().await.unwrap());
+    assert_reaches_agent(node.pod(0)).await;
+
+    assert!(rule.remove().await.unwrap());
+    assert!(!rule.exists().await.unwrap());
+    let footprint = node.footprint();
+    drop(node);
+    assert_nothing_left(footprint);
+}
+
+#[tokio::test]
+async fn wildcard_interface_covers_every_pod() {
+    let Some(node) = Node::isolated("wildcard_interface_covers_every_pod", 3) else {
+        return;
+    };
+    let inside = node.enter();
+    let agent = stand_in_agent(node.ip()).await;
+    let rule = rule_to(agent, &node.interface_wildcard());
+    rule.add().await.unwrap();
+    for pod in node.pods() {
+        assert_reaches_agent(pod).await;
+    }
+    drop(inside);
+    let footprint = node.footprint();
+    drop(node);
+    assert_nothing_left(footprint);
+}
+
+#[tokio::test]
+async fn negated_interface_matches_only_other_interfaces() {
+    let Some(node) = Node::isolated("negated_interface_matches_only_other_interfaces", 2) else {
+        return;
+    };
+    let inside = node.enter();
+    let agent = stand_in_agent(node.ip()).await;
+    let excluded = node.pod(1);
+    let rule = rule_to(agent, &format!("!{}", excluded.host_if));
+    assert!(rule.spec().contains(&"!".to_string()));
+    rule.add().await.unwrap();
+
+    assert_reaches_agent(node.pod(0)).await;
+    // The isolated node has no route to 169.254.169.254, so an unmatched
+    // request fails at once and goes nowhere.
+    excluded
+        .http_get(&format!("{METADATA_URL}{CREDENTIALS_PATH}"))
+        .await
+        .expect_err("traffic from the excluded interface must not be redirected");
+
+    // The rule lives in the node namespace only.
+    drop(inside);
+    assert!(!rule.exists().await.unwrap());
+    let footprint = node.footprint();
+    drop(node);
+    assert_nothing_left(footprint);
+}
+
+#[tokio::test]
+async fn adding_twice_leaves_one_rule_and_remove_deletes_every_copy() {
+    let Some(node) = Node::isolated("adding_twice_leaves_one_rule", 1) else {
+        return;
+    };
+    let inside = node.enter();
+    let rule = rule_to(SocketAddr::from((node.ip(), 3100)), &node.pod(0).host_if);
+
+    assert!(rule.add().await.unwrap());
+    assert!(!rule.add().await.unwrap(), "second add must find the rule");
+    assert_eq!(copies(&rule), 1);
+
+    // A copy Go kiam appended (or an operator added) counts as present and
+    // goes too at removal.
+    iptables_by_hand("-A", &rule);
+    assert!(!rule.add().await.unwrap());
+    assert_eq!(copies(&rule), 2);
+    assert!(rule.remove().await.unwrap());
+    assert_eq!(copies(&rule), 0);
+    assert!(!rule.remove().await.unwrap(), "nothing left to remove");
+    drop(inside);
+    drop(node);
+}
+
+#[tokio::test]
+async fn adding_flushes_conntrack_entries_to_the_metadata_address() {
+    let Some(node) = Node::isolated("adding_flushes_conntrack_entries", 1) else {
+        return;
+    };
+    let inside = node.enter();
+    let pod = node.pod(0);
+    let conntrack = |args: &[&str]| Command::new("conntrack").args(args).output().unwrap();
+    let insert = |dst: &str, sport: &str, dport: &str| {
+        let out = conntrack(&[
+            "-I",
+            "-p",
+            "tcp",
+            "-s",
+            &pod.ip.to_string(),
+            "-d",
+            dst,
+            "--sport",
+            sport,
+            "--dport",
+            dport,
+            "--state",
+            "ESTABLISHED",
+            "-u",
+            "ASSURED",
+            "-t",
+            "120",
+        ]);
+        assert!(out.status.success(), "conntrack -I: {out:?}");
+    };
+    let entries_to = |dst: &str| {
+        let out = conntrack(&["-L", "-p", "tcp", "--orig-dst", dst]);
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    // A connection a Pod opened to the real metadata service before the
+    // rule existed, and an unrelated one.
+    insert("169.254.169.254", "40000", "80");
+    insert(&node.ip().to_string(), "40001", "8080");
+    assert_eq!(entries_to("169.254.169.254"), 1);
+
+    let rule = rule_to(SocketAddr::from((node.ip(), 3100)), &pod.host_if);
+    assert!(rule.add().await.unwrap());
+    assert_eq!(
+        entries_to("169.254.169.254"),
+        0,
+        "the old connection must be forgotten"
+    );
+    assert_eq!(
+        entries_to(&node.ip().to_string()),
+        1,
+        "other connections stay"
+    );
+    drop(inside);
+    drop(node);
+}
+
+#[tokio::test]
+async fn maintain_restores_a_deleted_rule_and_removes_it_at_shutdown() {
+    let Some(node) = Node::new("maintain_restores_a_deleted_rule", 1) else {
+        return;
+    };
+    let agent = stand_in_agent(node.ip()).await;
+    let rule = rule_to(agent, &node.pod(0).host_if);
+    let mut registry = Registry::default();
+    let metrics = IptablesMetrics::register(&mut registry);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(maintain(
+        rule.clone(),
+        Duration::from_millis(200),
+        true,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    until_rule(&rule, true).await;
+
+    // Deleted behind the agent's back: blocking calls, so the maintenance
+    // task cannot run between the delete and the check.
+    iptables_by_hand("-D", &rule);
+    assert_eq!(copies(&rule), 0);
+    // The counter moves only once the whole add (insert and conntrack
+    // flush) is done, so it, not the rule's presence, says "restored".
+    for _ in 0..200 {
+        if metrics.restored.get() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metrics.restored.get(), 1, "restored exactly once");
+    assert_eq!(copies(&rule), 1);
+    assert!(kiam::telemetry::encode(&registry).contains("kiam_agent_iptables_restored_total 1"));
+    assert_reaches_agent(node.pod(0)).await;
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert!(!rule.exists().await.unwrap(), "removed at shutdown");
+    assert_eq!(copies(&rule), 0);
+    let footprint = node.footprint();
+    drop(node);
+    assert_nothing_left(footprint);
+}
+
+#[tokio::test]
+async fn maintain_keeps_the_rule_at_shutdown_when_told_to() {
+    let Some(node) = Node::isolated("maintain_keeps_the_rule_at_shutdown", 1) else {
+        return;
+    };
+    let inside = node.enter();
+    let agent = stand_in_agent(node.ip()).await;
+    let rule = rule_to(agent, &node.pod(0).host_if);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(maintain(
+        rule.clone(),
+        Duration::from_millis(200),
+        false,
+        IptablesMetrics::default(),
+        shutdown.clone(),
+    ));
+    until_rule(&rule, true).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    assert!(
+        rule.exists().await.unwrap(),
+        "--iptables-remove=false keeps the rule"
+    );
+    assert_reaches_agent(node.pod(0)).await;
+    assert!(rule.remove().await.unwrap());
+    drop(inside);
+    drop(node);
+}
