@@ -1132,7 +1132,7 @@ mod tests {
         index.upsert(kept);
         assert_eq!(index.finish_relist(), 1);
         assert!(index.pods.keys().all(|(_, name)| &**name == "kept"));
-        assert!(index.by_ip.get(&ip("10.0.0.1")).is_none());
+        assert!(!index.by_ip.contains_key(&ip("10.0.0.1")));
         assert_eq!(index.identities.values().sum::<usize>(), 1);
         assert!(index.tombstoned.contains("u1"));
     }
