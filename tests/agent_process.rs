@@ -1,0 +1,222 @@
+//! Real processes: one `kiam agent` in front of two `kiam server`s (moto for
+//! STS, the in-memory API server for Kubernetes). A server killed with
+//! SIGKILL mid-traffic costs no request; with every server down the agent
+//! serves the last good credentials inside its stale window, and refuses
+//! after it.
+
+#[path = "support/procs.rs"]
+mod procs;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use kiam_sandbox::apiserver::FakeApiServer;
+use procs::{child_stderr, free_port, kiam_bin, moto_env, start_moto, wait_for_port, ChildGuard};
+use serde_json::json;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    pki: kiam::certs::Pki,
+    kubeconfig: std::path::PathBuf,
+    sts_url: String,
+}
+
+fn start_server(f: &Fixture, port: u16) -> ChildGuard {
+    let mut cmd = kiam_bin();
+    cmd.args([
+        "server",
+        "--role-base-arn",
+        "arn:aws:iam::123456789012:role/",
+    ])
+    .args(["--bind", &format!("127.0.0.1:{port}")])
+    .arg("--kubeconfig")
+    .arg(&f.kubeconfig)
+    .arg("--cert")
+    .arg(f.pki.path("server.pem"))
+    .arg("--key")
+    .arg(f.pki.path("server-key.pem"))
+    .arg("--ca")
+    .arg(f.pki.path("ca.pem"))
+    .stdout(Stdio::null())
+    .stderr(child_stderr());
+    moto_env(&mut cmd, &f.sts_url);
+    ChildGuard {
+        child: cmd.spawn().unwrap(),
+        name: format!("kiam server :{port}"),
+    }
+}
+
+/// One HTTP/1.1 GET on a fresh connection, as SDKs do: (status, body).
+async fn get(port: u16, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let call = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("bad response: {out:?}"))?;
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    };
+    // SDKs give up after about a second.
+    tokio::time::timeout(Duration::from_secs(1), call)
+        .await
+        .map_err(|_| "no answer within 1s".to_string())?
+}
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/web-role?ip=198.18.3.10";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_survives_server_loss_and_serves_stale_inside_the_window() {
+    let Some((_moto, sts_url)) = start_moto() else {
+        return;
+    };
+    let api = FakeApiServer::start().await.unwrap();
+    api.create_namespace(json!({"metadata": {"name": "team-a",
+        "annotations": {"iam.amazonaws.com/permitted": ".*"}}}))
+        .unwrap();
+    api.apply_pod(json!({
+        "metadata": {"name": "web", "namespace": "team-a",
+                     "annotations": {"iam.amazonaws.com/role": "web-role"}},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+        "status": {"phase": "Running", "podIP": "198.18.3.10"}
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let pki = kiam::certs::generate(&dir.path().join("certs"), &[], 1).unwrap();
+    let f = Fixture {
+        _dir: dir,
+        pki,
+        kubeconfig,
+        sts_url,
+    };
+
+    let (p1, p2) = (free_port(), free_port());
+    let mut s1 = start_server(&f, p1);
+    let mut s2 = start_server(&f, p2);
+    assert!(
+        wait_for_port(p1, Duration::from_secs(20)) && wait_for_port(p2, Duration::from_secs(20))
+    );
+
+    let agent_port = free_port();
+    let mut cmd = kiam_bin();
+    cmd.args(["agent", "--host", "127.0.0.1", "--allow-ip-query"])
+        .args(["--port", &agent_port.to_string()])
+        .args([
+            "--server-address",
+            &format!("localhost:{p1},localhost:{p2}"),
+        ])
+        .args(["--stale-credentials-window", "4s"])
+        // No upstream metadata service in this test.
+        .args([
+            "--metadata-endpoint",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
+        .arg("--cert")
+        .arg(f.pki.path("agent.pem"))
+        .arg("--key")
+        .arg(f.pki.path("agent-key.pem"))
+        .arg("--ca")
+        .arg(f.pki.path("ca.pem"))
+        .stdout(Stdio::null())
+        .stderr(child_stderr());
+    let _agent = ChildGuard {
+        child: cmd.spawn().unwrap(),
+        name: "kiam agent".into(),
+    };
+    assert!(wait_for_port(agent_port, Duration::from_secs(20)));
+
+    // Warm up: both servers synced, credentials cached.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first_key = loop {
+        if let Ok((200, body)) = get(agent_port, CREDS).await {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            break v["AccessKeyId"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "agent never served credentials");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(first_key.starts_with("ASIA"), "{first_key}");
+    // Make sure the second server answers too before killing the first.
+    for _ in 0..20 {
+        let (code, _) = get(agent_port, CREDS).await.unwrap();
+        assert_eq!(code, 200);
+    }
+
+    // Steady load, SIGKILL one server in the middle: zero failed requests.
+    let load = tokio::spawn(async move {
+        let mut failures = Vec::new();
+        let mut sent = 0;
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            let mut batch = Vec::new();
+            for _ in 0..8 {
+                batch.push(tokio::spawn(get(agent_port, CREDS)));
+            }
+            for r in batch {
+                sent += 1;
+                match r.await.unwrap() {
+                    Ok((200, _)) => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+        }
+        (sent, failures)
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s1.child.kill().unwrap();
+    let _ = s1.child.wait();
+    let (sent, failures) = load.await.unwrap();
+    assert!(sent > 50, "load too small to mean anything: {sent}");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:?}",
+        failures.len()
+    );
+
+    // Every server down: the last good credentials (each server has its
+    // own STS session, so take them from the survivor), inside the window only.
+    let (code, body) = get(agent_port, CREDS).await.unwrap();
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let last_key = v["AccessKeyId"].as_str().unwrap().to_string();
+    s2.child.kill().unwrap();
+    let _ = s2.child.wait();
+    let killed = Instant::now();
+    let (code, body) = get(agent_port, CREDS).await.expect("an answer within 1s");
+    assert_eq!(code, 200, "stale credentials inside the window: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["AccessKeyId"], last_key.as_str());
+
+    // After the window (4s from the last successful fetch) the agent refuses.
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed())).await;
+    let answer = get(agent_port, CREDS).await;
+    match answer {
+        Ok((code, body)) => {
+            assert!(
+                code >= 500,
+                "expected an error after the stale window, got {code}: {body}"
+            );
+            assert!(!body.contains(&last_key));
+        }
+        Err(e) => panic!("the agent must answer, with an error: {e}"),
+    }
+}
