@@ -166,7 +166,10 @@ async fn negated_interface_matches_only_other_interfaces() {
 
 #[tokio::test]
 async fn adding_twice_leaves_one_rule_and_remove_deletes_every_copy() {
-    let Some(node) = Node::isolated("adding_twice_leaves_one_rule", 1) else {
+    let Some(node) = Node::isolated(
+        "adding_twice_leaves_one_rule_and_remove_deletes_every_copy",
+        1,
+    ) else {
         return;
     };
     let inside = node.enter();
@@ -190,7 +193,10 @@ async fn adding_twice_leaves_one_rule_and_remove_deletes_every_copy() {
 
 #[tokio::test]
 async fn adding_flushes_conntrack_entries_to_the_metadata_address() {
-    let Some(node) = Node::isolated("adding_flushes_conntrack_entries", 1) else {
+    let Some(node) = Node::isolated(
+        "adding_flushes_conntrack_entries_to_the_metadata_address",
+        1,
+    ) else {
         return;
     };
     let inside = node.enter();
@@ -246,7 +252,10 @@ async fn adding_flushes_conntrack_entries_to_the_metadata_address() {
 
 #[tokio::test]
 async fn maintain_restores_a_deleted_rule_and_removes_it_at_shutdown() {
-    let Some(node) = Node::new("maintain_restores_a_deleted_rule", 1) else {
+    let Some(node) = Node::new(
+        "maintain_restores_a_deleted_rule_and_removes_it_at_shutdown",
+        1,
+    ) else {
         return;
     };
     let agent = stand_in_agent(node.ip()).await;
@@ -291,7 +300,7 @@ async fn maintain_restores_a_deleted_rule_and_removes_it_at_shutdown() {
 
 #[tokio::test]
 async fn maintain_keeps_the_rule_at_shutdown_when_told_to() {
-    let Some(node) = Node::isolated("maintain_keeps_the_rule_at_shutdown", 1) else {
+    let Some(node) = Node::isolated("maintain_keeps_the_rule_at_shutdown_when_told_to", 1) else {
         return;
     };
     let inside = node.enter();

@@ -11,7 +11,9 @@
 //!   then panic).
 //! - [`Node::isolated`]: the node side is a namespace of its own. Nothing on
 //!   the machine is touched, so rules that match every interface
-//!   (`! -i eth0`) are safe and tests run in parallel. Code that must run "on
+//!   (`! -i eth0`) are safe and tests run in parallel. It forwards (as a
+//!   real node does) but has no uplink, so what no rule redirects is
+//!   refused at once. Code that must run "on
 //!   the node" runs there through [`Node::enter`] (this thread only: use a
 //!   current-thread runtime, the `#[tokio::test]` default) or
 //!   [`Node::exec_node`].
@@ -32,6 +34,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -100,7 +103,11 @@ impl Node {
     fn create(test: &str, pods: usize, isolated: bool) -> Option<Node> {
         assert!((1..=16).contains(&pods), "a node has 1 to 16 Pods");
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED: {test}: network namespaces and iptables require root");
+            // Straight to stderr: libtest hides eprintln! of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: {test}: network namespaces and iptables require root"
+            );
             return None;
         }
         for tool in ["ip", "iptables", "conntrack", "curl"] {
@@ -134,6 +141,19 @@ impl Node {
         if let Some(ns) = &node.ns {
             run(&["ip", "netns", "add", ns]);
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            // As on a real node. With no uplink it only makes the node
+            // answer "unreachable" at once to what no rule redirects,
+            // instead of dropping it silently.
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+            ]);
         }
         for (k, slot) in free_slots(pods, isolated).into_iter().enumerate() {
             node.add_pod(k, slot);
