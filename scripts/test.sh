@@ -47,4 +47,4 @@ step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
-cargo test --workspace --locked -- --test-threads="${KIAM_TEST_THREADS:-4}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${KIAM_TEST_THREADS:-4}"
