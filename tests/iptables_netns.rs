@@ -104,7 +104,7 @@ async fn pod_reaches_the_agent_through_the_metadata_address() {
     let Some(node) = Node::new("pod_reaches_the_agent_through_the_metadata_address", 1) else {
         return;
     };
-    let agent = stand_in_agent(node.ip()).await;
+    let agent = stand_in_agent(node.host_ip()).await;
     let rule = rule_to(agent, &node.pod(0).host_if);
 
     assert!(rule.add().await.unwrap(), "the rule was new");
@@ -124,7 +124,7 @@ async fn wildcard_interface_covers_every_pod() {
         return;
     };
     let inside = node.enter();
-    let agent = stand_in_agent(node.ip()).await;
+    let agent = stand_in_agent(node.host_ip()).await;
     let rule = rule_to(agent, &node.interface_wildcard());
     rule.add().await.unwrap();
     for pod in node.pods() {
@@ -142,7 +142,7 @@ async fn negated_interface_matches_only_other_interfaces() {
         return;
     };
     let inside = node.enter();
-    let agent = stand_in_agent(node.ip()).await;
+    let agent = stand_in_agent(node.host_ip()).await;
     let excluded = node.pod(1);
     let rule = rule_to(agent, &format!("!{}", excluded.host_if));
     assert!(rule.spec().contains(&"!".to_string()));
@@ -173,7 +173,10 @@ async fn adding_twice_leaves_one_rule_and_remove_deletes_every_copy() {
         return;
     };
     let inside = node.enter();
-    let rule = rule_to(SocketAddr::from((node.ip(), 3100)), &node.pod(0).host_if);
+    let rule = rule_to(
+        SocketAddr::from((node.host_ip(), 3100)),
+        &node.pod(0).host_if,
+    );
 
     assert!(rule.add().await.unwrap());
     assert!(!rule.add().await.unwrap(), "second add must find the rule");
@@ -231,10 +234,10 @@ async fn adding_flushes_conntrack_entries_to_the_metadata_address() {
     // A connection a Pod opened to the real metadata service before the
     // rule existed, and an unrelated one.
     insert("169.254.169.254", "40000", "80");
-    insert(&node.ip().to_string(), "40001", "8080");
+    insert(&node.host_ip().to_string(), "40001", "8080");
     assert_eq!(entries_to("169.254.169.254"), 1);
 
-    let rule = rule_to(SocketAddr::from((node.ip(), 3100)), &pod.host_if);
+    let rule = rule_to(SocketAddr::from((node.host_ip(), 3100)), &pod.host_if);
     assert!(rule.add().await.unwrap());
     assert_eq!(
         entries_to("169.254.169.254"),
@@ -242,7 +245,7 @@ async fn adding_flushes_conntrack_entries_to_the_metadata_address() {
         "the old connection must be forgotten"
     );
     assert_eq!(
-        entries_to(&node.ip().to_string()),
+        entries_to(&node.host_ip().to_string()),
         1,
         "other connections stay"
     );
@@ -258,7 +261,7 @@ async fn maintain_restores_a_deleted_rule_and_removes_it_at_shutdown() {
     ) else {
         return;
     };
-    let agent = stand_in_agent(node.ip()).await;
+    let agent = stand_in_agent(node.host_ip()).await;
     let rule = rule_to(agent, &node.pod(0).host_if);
     let mut registry = Registry::default();
     let metrics = IptablesMetrics::register(&mut registry);
@@ -304,7 +307,7 @@ async fn maintain_keeps_the_rule_at_shutdown_when_told_to() {
         return;
     };
     let inside = node.enter();
-    let agent = stand_in_agent(node.ip()).await;
+    let agent = stand_in_agent(node.host_ip()).await;
     let rule = rule_to(agent, &node.pod(0).host_if);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(maintain(

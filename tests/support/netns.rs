@@ -224,7 +224,7 @@ impl Node {
     }
 
     /// The node address: where the agent listens (`--host`).
-    pub fn ip(&self) -> Ipv4Addr {
+    pub fn host_ip(&self) -> Ipv4Addr {
         self.pods[0].gateway
     }
 
