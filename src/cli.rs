@@ -143,14 +143,20 @@ pub struct ServerArgs {
           default_missing_value = "true", action = ArgAction::Set)]
     pub session_tags: bool,
 
+    /// gRPC keepalive: HTTP/2 PING interval (0s: no pings).
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIME_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub grpc_keepalive_time_duration: Duration,
+    /// gRPC keepalive: how long a PING may go unanswered.
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIMEOUT_DURATION", default_value = "2s", value_parser = parse_duration)]
     pub grpc_keepalive_timeout_duration: Duration,
+    /// Accepted for compatibility with Go kiam; connections are recycled by
+    /// --grpc-max-connection-age-duration instead.
     #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_IDLE_DURATION", default_value = "15m", value_parser = parse_duration)]
     pub grpc_max_connection_idle_duration: Duration,
+    /// Close agent connections after this long, so agents rebalance across servers.
     #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_AGE_DURATION", default_value = "15m", value_parser = parse_duration)]
     pub grpc_max_connection_age_duration: Duration,
+    /// How long in-flight RPCs may finish on a connection closed for age.
     #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_AGE_GRACE_DURATION", default_value = "15m", value_parser = parse_duration)]
     pub grpc_max_connection_age_grace_duration: Duration,
 
@@ -173,10 +179,13 @@ pub struct ClientArgs {
     /// Timeout for one attempt to reach a server.
     #[arg(long, env = "KIAM_GATEWAY_TIMEOUT_CREATION", default_value = "1s", value_parser = parse_duration)]
     pub gateway_timeout_creation: Duration,
+    /// gRPC keepalive: HTTP/2 PING interval (0s: no pings).
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIME_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub grpc_keepalive_time_duration: Duration,
+    /// gRPC keepalive: how long a PING may go unanswered.
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIMEOUT_DURATION", default_value = "2s", value_parser = parse_duration)]
     pub grpc_keepalive_timeout_duration: Duration,
+    /// gRPC keepalive: ping even with no RPC in flight.
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_PERMIT_WITHOUT_STREAM", default_value_t = false,
           num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub grpc_keepalive_permit_without_stream: bool,
