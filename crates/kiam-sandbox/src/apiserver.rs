@@ -463,18 +463,22 @@ impl FakeApiServer {
         self.shared.store.compact();
     }
 
-    /// While unavailable, every request is answered 503 and open watches are cut.
+    /// Simulates an unreachable API server: while unavailable, connections are closed as
+    /// soon as they are accepted and open ones (watches included) are dropped, so clients
+    /// see connection errors rather than HTTP answers, and fail fast.
     pub fn set_unavailable(&self, unavailable: bool) {
+        self.shared.refuse.send_replace(unavailable);
+    }
+
+    /// While set, every request is answered 503 ServiceUnavailable (a `Status`) and open
+    /// watches are cut. Note that kube-rs clients retry 503 with backoff for minutes unless
+    /// their `kube::Config` has `default_retry = false`; use
+    /// [`FakeApiServer::set_unavailable`] to make them fail fast.
+    pub fn set_service_unavailable(&self, unavailable: bool) {
         self.shared.unavailable.store(unavailable, Ordering::SeqCst);
         if unavailable {
             self.cut_watches();
         }
-    }
-
-    /// While refusing, connections are closed as soon as they are accepted and open ones
-    /// (watches included) are dropped, so clients see connection errors, not HTTP answers.
-    pub fn set_refuse_connections(&self, refuse: bool) {
-        self.shared.refuse.send_replace(refuse);
     }
 
     /// How often watches that asked for bookmarks get one (default 1s); applies to

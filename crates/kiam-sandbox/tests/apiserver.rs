@@ -299,3 +299,502 @@ async fn a_watcher_sees_creates_modifications_and_deletes() {
     fake.delete_pod("a", "early").unwrap();
     eventually("early disappears", || async { names(&store) == ["late"] }).await;
 }
+
+#[tokio::test]
+async fn a_watcher_relists_and_converges_after_compaction_and_a_cut() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.create_namespace("a").unwrap();
+    fake.apply_pod(pod("a", "stays", "198.18.0.1")).unwrap();
+    fake.apply_pod(pod("a", "goes", "198.18.0.2")).unwrap();
+    let store = reflect_pods(client(&fake), watcher::Config::default());
+    within("initial list", store.wait_until_ready())
+        .await
+        .unwrap();
+    within("the watch to open", fake.wait_for_open_watches(1)).await;
+    let lists_before = fake.count_requests(|r| r.verb == "list" && r.path == "/api/v1/pods");
+
+    // Changes the watcher cannot see, then history that no longer covers its
+    // resourceVersion: resuming must fail with 410 and make it re-list.
+    fake.hold_watch_events(true);
+    fake.delete_pod("a", "goes").unwrap();
+    fake.apply_pod(pod("a", "new", "198.18.0.3")).unwrap();
+    fake.compact();
+    fake.cut_watches();
+    fake.hold_watch_events(false);
+
+    eventually("the store converges", || async {
+        names(&store) == ["new", "stays"]
+    })
+    .await;
+    let lists_after = fake.count_requests(|r| r.verb == "list" && r.path == "/api/v1/pods");
+    assert!(lists_after > lists_before, "the watcher re-listed");
+    // And it keeps watching from the new list.
+    within("the watch to reopen", fake.wait_for_open_watches(1)).await;
+    fake.apply_pod(pod("a", "later", "198.18.0.4")).unwrap();
+    eventually("later appears", || async {
+        names(&store).contains(&"later".to_string())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cut_watch_resumes_from_its_resource_version_without_a_relist() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.create_namespace("a").unwrap();
+    let store = reflect_pods(client(&fake), watcher::Config::default());
+    within("initial list", store.wait_until_ready())
+        .await
+        .unwrap();
+    within("the watch to open", fake.wait_for_open_watches(1)).await;
+    fake.hold_watch_events(true);
+    fake.apply_pod(pod("a", "during-cut", "198.18.0.1"))
+        .unwrap();
+    fake.cut_watches();
+    fake.hold_watch_events(false);
+    eventually("the pod arrives", || async {
+        names(&store) == ["during-cut"]
+    })
+    .await;
+    assert_eq!(
+        fake.count_requests(|r| r.verb == "list" && r.path == "/api/v1/pods"),
+        1,
+        "history covered the gap, so no re-list was needed"
+    );
+}
+
+#[tokio::test]
+async fn watches_send_bookmarks_when_asked() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.set_bookmark_interval(Duration::from_millis(20));
+    let pods: Api<Pod> = Api::all(client(&fake));
+    let list = pods.list(&ListParams::default()).await.unwrap();
+    let rv = list.metadata.resource_version.unwrap();
+    let wp = WatchParams::default(); // kube-rs asks for bookmarks by default
+    let stream = pods.watch(&wp, &rv).await.unwrap();
+    futures::pin_mut!(stream);
+    match within("a bookmark", stream.try_next()).await.unwrap() {
+        Some(WatchEvent::Bookmark(bookmark)) => {
+            assert_eq!(bookmark.metadata.resource_version, rv);
+            assert_eq!(bookmark.types.kind, "Pod");
+        }
+        other => panic!("expected a bookmark, got {other:?}"),
+    }
+    let request = fake.requests().pop().unwrap();
+    assert_eq!(request.verb, "watch");
+    assert_eq!(request.param("allowWatchBookmarks"), Some("true"));
+}
+
+#[tokio::test]
+async fn streaming_lists_end_initial_events_with_a_marked_bookmark() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.create_namespace("a").unwrap();
+    fake.apply_pod(pod("a", "one", "198.18.0.1")).unwrap();
+    let store = reflect_pods(client(&fake), watcher::Config::default().streaming_lists());
+    within("initial events", store.wait_until_ready())
+        .await
+        .unwrap();
+    assert_eq!(names(&store), ["one"]);
+    assert_eq!(fake.count_requests(|r| r.verb == "list"), 0);
+    fake.apply_pod(pod("a", "two", "198.18.0.2")).unwrap();
+    eventually("two appears", || async { names(&store) == ["one", "two"] }).await;
+}
+
+#[tokio::test]
+async fn a_too_old_resource_version_is_an_error_event_with_410() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.create_namespace("a").unwrap();
+    let old_rv = fake.resource_version();
+    fake.apply_pod(pod("a", "one", "198.18.0.1")).unwrap();
+    fake.compact();
+    let pods: Api<Pod> = Api::all(client(&fake));
+    let stream = pods.watch(&WatchParams::default(), &old_rv).await.unwrap();
+    let events: Vec<_> = within("the error event", stream.collect()).await;
+    match events.as_slice() {
+        [Ok(WatchEvent::Error(status))] => {
+            assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+        }
+        other => panic!("expected one 410 ERROR event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn selector_watches_see_objects_leave_as_deleted() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.create_namespace("a").unwrap();
+    fake.apply_pod(pod("a", "web", "198.18.0.1")).unwrap();
+    let pods: Api<Pod> = Api::namespaced(client(&fake), "a");
+    let wp = WatchParams::default().labels("app=web").disable_bookmarks();
+    let stream = pods.watch(&wp, "0").await.unwrap();
+    futures::pin_mut!(stream);
+    let first = within("initial ADDED", stream.try_next()).await.unwrap();
+    assert!(matches!(first, Some(WatchEvent::Added(p)) if p.name_any() == "web"));
+    fake.patch_pod("a", "web", json!({"metadata": {"labels": {"app": "db"}}}))
+        .unwrap();
+    let left = within("DELETED", stream.try_next()).await.unwrap();
+    match left {
+        Some(WatchEvent::Deleted(p)) => assert_eq!(p.labels()["app"], "db"),
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+    fake.patch_pod("a", "web", json!({"metadata": {"labels": {"app": "web"}}}))
+        .unwrap();
+    let back = within("ADDED", stream.try_next()).await.unwrap();
+    assert!(matches!(back, Some(WatchEvent::Added(_))));
+}
+
+#[tokio::test]
+async fn held_events_reach_list_and_get_but_not_watchers_until_released() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.create_namespace("a").unwrap();
+    let client = client(&fake);
+    let store = reflect_pods(client.clone(), watcher::Config::default());
+    within("initial list", store.wait_until_ready())
+        .await
+        .unwrap();
+    within("the watch to open", fake.wait_for_open_watches(1)).await;
+    let rv_before = fake.resource_version();
+
+    fake.hold_watch_events(true);
+    let pods: Api<Pod> = Api::namespaced(client, "a");
+    pods.create(&PostParams::default(), &typed_pod("a", "held"))
+        .await
+        .unwrap();
+    assert_eq!(pods.get("held").await.unwrap().name_any(), "held");
+    assert_eq!(
+        pods.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+
+    // A watch that runs to its end while events are held sees nothing of them.
+    let wp = WatchParams::default().timeout(1).disable_bookmarks();
+    let seen: Vec<_> = within(
+        "the short watch",
+        pods.watch(&wp, &rv_before).await.unwrap().collect(),
+    )
+    .await;
+    assert!(seen.is_empty(), "held event leaked: {seen:?}");
+    assert!(store.state().is_empty());
+
+    fake.hold_watch_events(false);
+    eventually("the held pod arrives", || async {
+        names(&store) == ["held"]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unavailable_server_refuses_connections() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let pods: Api<Pod> = Api::all(client(&fake));
+    pods.list(&ListParams::default()).await.unwrap();
+    fake.set_unavailable(true);
+    let err = pods.list(&ListParams::default()).await.unwrap_err();
+    assert!(
+        !matches!(err, kube::Error::Api(_)),
+        "not an HTTP answer: {err:?}"
+    );
+    fake.set_unavailable(false);
+    pods.list(&ListParams::default()).await.unwrap();
+}
+
+#[tokio::test]
+async fn service_unavailable_answers_503_statuses() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let mut config = kube::Config::new(fake.url().parse().unwrap());
+    // kube-rs would otherwise retry the 503 with backoff for minutes.
+    config.default_retry = false;
+    let pods: Api<Pod> = Api::all(Client::try_from(config).unwrap());
+    fake.set_service_unavailable(true);
+    let (code, reason) = api_error(pods.list(&ListParams::default()).await.unwrap_err());
+    assert_eq!((code, reason.as_str()), (503, "ServiceUnavailable"));
+    fake.set_service_unavailable(false);
+    pods.list(&ListParams::default()).await.unwrap();
+}
+
+#[tokio::test]
+async fn events_are_recorded_from_core_clients_and_the_kube_recorder() {
+    use k8s_openapi::api::core::v1::{Event, ObjectReference};
+    use kube::runtime::events::{Event as RecorderEvent, EventType, Recorder, Reporter};
+
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.create_namespace("a").unwrap();
+    let web = fake.apply_pod(pod("a", "web", "198.18.0.1")).unwrap();
+    let client = client(&fake);
+    let reference = ObjectReference {
+        kind: Some("Pod".into()),
+        api_version: Some("v1".into()),
+        namespace: Some("a".into()),
+        name: Some("web".into()),
+        uid: web["metadata"]["uid"].as_str().map(str::to_string),
+        ..Default::default()
+    };
+
+    let events: Api<Event> = Api::namespaced(client.clone(), "a");
+    let event = Event {
+        metadata: kube::api::ObjectMeta {
+            name: Some("web.1".into()),
+            ..Default::default()
+        },
+        involved_object: reference.clone(),
+        reason: Some("KiamRoleForbidden".into()),
+        message: Some("role denied".into()),
+        type_: Some("Warning".into()),
+        count: Some(1),
+        ..Default::default()
+    };
+    events.create(&PostParams::default(), &event).await.unwrap();
+    events
+        .patch(
+            "web.1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"count": 2})),
+        )
+        .await
+        .unwrap();
+    let by_reason = events
+        .list(&ListParams::default().fields("involvedObject.name=web,reason=KiamRoleForbidden"))
+        .await
+        .unwrap();
+    assert_eq!(by_reason.items[0].count, Some(2));
+
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "kiam".into(),
+            instance: None,
+        },
+    );
+    let published = RecorderEvent {
+        type_: EventType::Warning,
+        reason: "KiamCredentialError".into(),
+        note: Some("sts failed".into()),
+        action: "GetCredentials".into(),
+        secondary: None,
+    };
+    recorder.publish(&published, &reference).await.unwrap();
+    recorder.publish(&published, &reference).await.unwrap();
+
+    let recorded = fake.events("a");
+    let reasons: Vec<(&str, &str)> = recorded
+        .iter()
+        .map(|e| {
+            (
+                e["apiVersion"].as_str().unwrap(),
+                e["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("v1", "KiamRoleForbidden"),
+            ("events.k8s.io/v1", "KiamCredentialError")
+        ]
+    );
+    assert_eq!(recorded[1]["series"]["count"], 2);
+}
+
+#[tokio::test]
+async fn the_demo_cluster_loads() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let loaded = fake
+        .load_yaml(include_str!("../demo/cluster.yaml"))
+        .unwrap();
+    assert!(loaded.len() >= 5);
+    let namespaces = fake.list(Resource::Namespaces, None);
+    let permitted = namespaces
+        .iter()
+        .filter(|ns| {
+            ns.pointer("/metadata/annotations/iam.amazonaws.com~1permitted")
+                .is_some()
+        })
+        .count();
+    assert_eq!(
+        (namespaces.len(), permitted),
+        (3, 1),
+        "default plus two, one permitting"
+    );
+    let pods = fake.list(Resource::Pods, None);
+    assert!(pods.len() >= 3);
+    for pod in &pods {
+        assert_eq!(pod["status"]["phase"], "Running");
+        let ip: std::net::Ipv4Addr = pod["status"]["podIP"].as_str().unwrap().parse().unwrap();
+        assert_eq!(ip.octets()[0], 198);
+        assert!(
+            matches!(ip.octets()[1], 18 | 19),
+            "{ip} is in 198.18.0.0/15"
+        );
+        assert!(pod
+            .pointer("/metadata/annotations/iam.amazonaws.com~1role")
+            .is_some());
+    }
+}
+
+/// Raw HTTP/1.1, for what kube-rs never sends.
+async fn raw(fake: &FakeApiServer, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(fake.addr()).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    within("the raw response", stream.read_to_string(&mut response))
+        .await
+        .unwrap();
+    response
+}
+
+fn status_body(response: &str) -> Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+#[tokio::test]
+async fn malformed_requests_get_status_objects() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let bad_json = raw(
+        &fake,
+        "POST /api/v1/namespaces/default/pods HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 5\r\nConnection: close\r\n\r\n{oops",
+    )
+    .await;
+    assert!(bad_json.starts_with("HTTP/1.1 400"), "{bad_json}");
+    let status = status_body(&bad_json);
+    assert_eq!(
+        (status["kind"].as_str(), status["reason"].as_str()),
+        (Some("Status"), Some("BadRequest"))
+    );
+
+    let unknown = raw(
+        &fake,
+        "GET /api/v1/secrets HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+    assert_eq!(status_body(&unknown)["code"], 404);
+
+    let apply = raw(
+        &fake,
+        "PATCH /api/v1/namespaces/default HTTP/1.1\r\nHost: x\r\nContent-Type: application/apply-patch+yaml\r\n\
+         Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .await;
+    assert!(apply.starts_with("HTTP/1.1 415"), "{apply}");
+}
+
+#[tokio::test]
+async fn watches_are_chunked_newline_delimited_json() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let response = raw(
+        &fake,
+        "GET /api/v1/namespaces?watch=1&timeoutSeconds=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let lower = response.to_ascii_lowercase();
+    assert!(lower.contains("transfer-encoding: chunked"), "{response}");
+    let event = response
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("one event line");
+    let event: Value = serde_json::from_str(event).unwrap();
+    assert_eq!(event["type"], "ADDED");
+    assert_eq!(event["object"]["kind"], "Namespace");
+    assert_eq!(event["object"]["metadata"]["name"], "default");
+}
+
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn kubectl_gets_creates_annotates_and_deletes_pods() {
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        eprintln!("!!! SKIPPED kubectl_gets_creates_annotates_and_deletes_pods: kubectl is not on PATH !!!");
+        return;
+    }
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.load_yaml(include_str!("../demo/cluster.yaml"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    fake.write_kubeconfig(&kubeconfig).unwrap();
+    let manifest = dir.path().join("pod.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: made-by-kubectl\n  namespace: default\n\
+         spec:\n  containers:\n  - name: main\n    image: busybox\n",
+    )
+    .unwrap();
+
+    let seeded = fake.list(Resource::Pods, None);
+    let (first_ns, first_name) = (
+        seeded[0]["metadata"]["namespace"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        seeded[0]["metadata"]["name"].as_str().unwrap().to_string(),
+    );
+    let path = kubeconfig.clone();
+    let listed =
+        tokio::task::spawn_blocking(move || kubectl(&path, &["get", "pods", "-A", "-o", "wide"]))
+            .await
+            .unwrap();
+    assert!(listed.starts_with("NAMESPACE"), "{listed}");
+    assert!(
+        listed.contains(&first_name) && listed.contains(&first_ns),
+        "{listed}"
+    );
+    let ip = seeded[0]["status"]["podIP"].as_str().unwrap();
+    assert!(listed.contains(ip), "{listed}");
+
+    let path = kubeconfig.clone();
+    let created = tokio::task::spawn_blocking(move || {
+        kubectl(&path, &["create", "-f", manifest.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
+    assert_eq!(created.trim(), "pod/made-by-kubectl created");
+    assert!(fake.pod("default", "made-by-kubectl").is_some());
+
+    let path = kubeconfig.clone();
+    tokio::task::spawn_blocking(move || {
+        kubectl(
+            &path,
+            &[
+                "annotate",
+                "pod",
+                "made-by-kubectl",
+                "iam.amazonaws.com/role=from-kubectl",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let annotated = fake.pod("default", "made-by-kubectl").unwrap();
+    assert_eq!(
+        annotated["metadata"]["annotations"]["iam.amazonaws.com/role"],
+        "from-kubectl"
+    );
+
+    let path = kubeconfig.clone();
+    let deleted =
+        tokio::task::spawn_blocking(move || kubectl(&path, &["delete", "pod", "made-by-kubectl"]))
+            .await
+            .unwrap();
+    assert_eq!(deleted.trim(), "pod \"made-by-kubectl\" deleted");
+    assert!(fake.pod("default", "made-by-kubectl").is_none());
+}

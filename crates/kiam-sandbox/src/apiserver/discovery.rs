@@ -100,3 +100,73 @@ pub fn resource_list(group: &str) -> Value {
         "resources": resources
     })
 }
+
+fn group_version_path(group: &str) -> String {
+    match group {
+        "" => "api/v1".to_string(),
+        g => format!("apis/{g}/v1"),
+    }
+}
+
+/// `/openapi/v3`: where each group version's document is.
+pub fn openapi_root() -> Value {
+    let mut paths = serde_json::Map::new();
+    for group in ["", "events.k8s.io"] {
+        let path = group_version_path(group);
+        paths.insert(
+            path.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash=kiam-sandbox")}),
+        );
+    }
+    json!({"paths": paths})
+}
+
+/// `/openapi/v3/api/v1` or `/openapi/v3/apis/{group}/v1`: just enough of the OpenAPI
+/// document for kubectl to see that PATCH and POST take `fieldValidation`, so it leaves
+/// validation to the server instead of needing full schemas.
+pub fn openapi_group_version(path: &str) -> Option<Value> {
+    let group = match path {
+        "api/v1" => "",
+        other => other.strip_prefix("apis/")?.strip_suffix("/v1")?,
+    };
+    let resources: Vec<Resource> = Resource::ALL
+        .into_iter()
+        .filter(|r| r.group() == group)
+        .collect();
+    if resources.is_empty() {
+        return None;
+    }
+    let field_validation = json!({
+        "name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}
+    });
+    let mut paths = serde_json::Map::new();
+    for res in resources {
+        let gvk = json!({"group": res.group(), "version": "v1", "kind": res.kind()});
+        let operation = |verb: &str| {
+            json!({
+                "operationId": format!("{verb}{}", res.kind()),
+                "parameters": [field_validation],
+                "responses": {"200": {"description": "OK"}},
+                "x-kubernetes-action": verb,
+                "x-kubernetes-group-version-kind": gvk,
+            })
+        };
+        let prefix = format!("/{}", group_version_path(group));
+        let collection = if res.namespaced() {
+            format!("{prefix}/namespaces/{{namespace}}/{}", res.plural())
+        } else {
+            format!("{prefix}/{}", res.plural())
+        };
+        paths.insert(collection.clone(), json!({"post": operation("post")}));
+        paths.insert(
+            format!("{collection}/{{name}}"),
+            json!({"put": operation("put"), "patch": operation("patch")}),
+        );
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": "v1.33.0-kiam-sandbox"},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }))
+}

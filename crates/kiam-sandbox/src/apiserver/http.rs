@@ -52,6 +52,10 @@ fn route(path: &str, server_address: &str) -> Option<Route> {
         ["api", "v1"] => doc(super::discovery::resource_list("")),
         ["api", "v1", rest @ ..] => target("", rest).map(Route::Resource),
         ["apis"] => doc(super::discovery::groups()),
+        ["openapi", "v3"] => doc(super::discovery::openapi_root()),
+        ["openapi", "v3", rest @ ..] => {
+            super::discovery::openapi_group_version(&rest.join("/")).map(Route::Document)
+        }
         ["apis", group] => super::discovery::group_document(group).map(Route::Document),
         ["apis", group, "v1"] => super::discovery::group_document(group)
             .map(|_| Route::Document(super::discovery::resource_list(group))),
@@ -322,10 +326,16 @@ where
             if let Some(name) = &target.name {
                 selectors.fields = selectors.fields.and_name(name);
             }
-            Ok(watch::respond(
-                shared.clone(),
-                watch_request(&target, params, selectors)?,
-            ))
+            let mut req = watch_request(&target, params, selectors)?;
+            if table::wants_table(accept(headers)) {
+                req.table = Some(
+                    params
+                        .get("includeObject")
+                        .unwrap_or("Metadata")
+                        .to_string(),
+                );
+            }
+            Ok(watch::respond(shared.clone(), req))
         }
         (&Method::GET, None) => list(shared, &target, headers, params),
         (&Method::GET, Some(name)) => {
@@ -423,8 +433,9 @@ fn watch_request(
             ))
         })?),
     };
+    // Zero means "the server's default" on a real server, which is to run for a long time.
     let timeout = match params.get("timeoutSeconds") {
-        None | Some("") => None,
+        None | Some("" | "0") => None,
         Some(s) => Some(Duration::from_secs(s.parse().map_err(|_| {
             ApiError::bad_request(format!("invalid timeoutSeconds {s:?}"))
         })?)),
@@ -444,6 +455,7 @@ fn watch_request(
         bookmarks: params.flag("allowWatchBookmarks"),
         send_initial_events,
         timeout,
+        table: None,
     })
 }
 

@@ -158,6 +158,25 @@ fn check_preconditions(
     Ok(())
 }
 
+/// How an update is applied.
+#[derive(Clone, Copy)]
+struct UpdateMode {
+    /// Through the `/status` subresource: only `.status` changes.
+    status_only: bool,
+    origin: Origin,
+    dry_run: bool,
+}
+
+impl UpdateMode {
+    fn api(status_only: bool, dry_run: bool) -> Self {
+        UpdateMode {
+            status_only,
+            origin: Origin::Api,
+            dry_run,
+        }
+    }
+}
+
 /// Builds the stored form of an update of `old` into `new` and stores it.
 fn commit_update(
     w: &mut Writer<'_>,
@@ -165,9 +184,7 @@ fn commit_update(
     key: Key,
     old: &Value,
     mut new: Value,
-    status_only: bool,
-    origin: Origin,
-    dry_run: bool,
+    mode: UpdateMode,
 ) -> Result<Arc<Value>, ApiError> {
     if name_of(&new) != name_of(old) {
         return Err(ApiError::invalid(
@@ -185,7 +202,7 @@ fn commit_update(
             "Invalid value: field is immutable".into(),
         ));
     }
-    if status_only {
+    if mode.status_only {
         // The status subresource changes status and nothing else.
         let mut merged = old.clone();
         match new.get("status") {
@@ -199,9 +216,14 @@ fn commit_update(
         }
         new = merged;
     }
-    resources::prepare_update(res, old, &mut new, status_only || origin == Origin::Control);
-    resources::validate(res, &new, origin)?;
-    if dry_run {
+    resources::prepare_update(
+        res,
+        old,
+        &mut new,
+        mode.status_only || mode.origin == Origin::Control,
+    );
+    resources::validate(res, &new, mode.origin)?;
+    if mode.dry_run {
         return Ok(Arc::new(new));
     }
     Ok(w.put(res, key, new))
@@ -252,7 +274,14 @@ pub fn replace(
                 resource_version: Some(rv),
             },
         )?;
-        commit_update(w, res, key, &old, obj, status_only, Origin::Api, dry_run)
+        commit_update(
+            w,
+            res,
+            key,
+            &old,
+            obj,
+            UpdateMode::api(status_only, dry_run),
+        )
     })
 }
 
@@ -314,7 +343,14 @@ pub fn patch(
         if !rv.is_empty() && rv != resource_version_of(&old) {
             return Err(ApiError::stale_resource_version(res, name));
         }
-        commit_update(w, res, key, &old, new, status_only, Origin::Api, dry_run)
+        commit_update(
+            w,
+            res,
+            key,
+            &old,
+            new,
+            UpdateMode::api(status_only, dry_run),
+        )
     })
 }
 
@@ -383,7 +419,18 @@ pub fn apply(store: &Store, mut obj: Value) -> Result<Arc<Value>, ApiError> {
         require_namespace(w, res, &namespace)?;
         let key = key(res, &namespace, &name);
         match w.get(res, &key) {
-            Some(old) => commit_update(w, res, key, &old, obj, false, Origin::Control, false),
+            Some(old) => commit_update(
+                w,
+                res,
+                key,
+                &old,
+                obj,
+                UpdateMode {
+                    status_only: false,
+                    origin: Origin::Control,
+                    dry_run: false,
+                },
+            ),
             None => {
                 resources::prepare_create(res, &mut obj, Origin::Control);
                 Ok(w.put(res, key, obj))

@@ -31,6 +31,8 @@ pub struct WatchRequest {
     /// `sendInitialEvents=true`: end the synthetic ADDED events with a marked BOOKMARK.
     pub send_initial_events: bool,
     pub timeout: Option<Duration>,
+    /// For `kubectl get -w`: send each object as a one-row Table; the value is `includeObject`.
+    pub table: Option<String>,
 }
 
 type Chunk = Result<Bytes, std::io::Error>;
@@ -40,6 +42,23 @@ fn line(event_type: &str, object: &Value) -> Chunk {
         .expect("JSON values always serialise");
     bytes.push(b'\n');
     Ok(Bytes::from(bytes))
+}
+
+/// An ADDED/MODIFIED/DELETED event line, in the representation the watch asked for.
+fn object_line(req: &WatchRequest, event_type: &str, object: &Value) -> Chunk {
+    match &req.table {
+        None => line(event_type, object),
+        Some(include_object) => {
+            let rv = super::resources::resource_version_of(object).to_string();
+            let table = super::table::render(
+                req.resource,
+                &[object],
+                json!({"resourceVersion": rv}),
+                include_object,
+            );
+            line(event_type, &table)
+        }
+    }
 }
 
 fn bookmark(res: Resource, rv: u64, initial_events_end: bool) -> Chunk {
@@ -130,7 +149,7 @@ async fn run(
                 .namespace
                 .as_deref()
                 .is_none_or(|ns| namespace_of(obj) == ns)
-            && !send(line("ADDED", obj)).await
+            && !send(object_line(&req, "ADDED", obj)).await
         {
             return Ok(());
         }
@@ -141,7 +160,7 @@ async fn run(
     for record in &sub.replay {
         seen_rv = seen_rv.max(record.rv);
         if let Some(kind) = event_type(&req, record) {
-            if !send(line(kind, &record.object)).await {
+            if !send(object_line(&req, kind, &record.object)).await {
                 return Ok(());
             }
         }
@@ -178,7 +197,7 @@ async fn run(
                 Ok(record) => {
                     seen_rv = seen_rv.max(record.rv);
                     if let Some(kind) = event_type(&req, &record) {
-                        if !send(line(kind, &record.object)).await {
+                        if !send(object_line(&req, kind, &record.object)).await {
                             return Ok(());
                         }
                     }
