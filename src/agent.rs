@@ -206,7 +206,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         })?;
 
     let metrics = Metrics::new(&mut registry);
-    let client_metrics = client::ClientMetrics::new(&mut registry);
+    let client_metrics = crate::grpc_metrics::GrpcMetrics::client(&mut registry);
     let iptables_metrics = iptables::IptablesMetrics::register(&mut registry);
     let pool = Pool::new(
         pool_cfg,

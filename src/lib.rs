@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`cli`]: flags (kiam's names and defaults), shared by every role.
+//! - [`grpc_metrics`]: go-grpc-prometheus' families for both ends of the wire.
 //! - [`telemetry`]: `tracing` set-up and the Prometheus registry/endpoint.
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
 //! - [`tls`]: the only place certificates are read; reloads them when they change.
@@ -19,6 +20,7 @@
 pub mod agent;
 pub mod certs;
 pub mod cli;
+pub mod grpc_metrics;
 pub mod health;
 pub mod server;
 pub mod shutdown;

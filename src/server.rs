@@ -97,7 +97,7 @@ impl Server {
             session: config.session.clone(),
             session_tags: config.session_tags,
             ready: Arc::new(AtomicBool::new(false)),
-            metrics: GrpcMetrics::new(registry),
+            metrics: GrpcMetrics::server(registry),
         });
         tokio::spawn(become_ready(service.clone(), shutdown.clone()));
         tokio::spawn(prefetch(service.clone(), prefetch_rx, shutdown.clone()));

@@ -22,7 +22,7 @@ use futures::future::BoxFuture;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use imds::Imds;
-use kiam::agent::client::{ClientMetrics, Pool, PoolConfig, Resolve, SystemResolver, Target};
+use kiam::agent::client::{Pool, PoolConfig, Resolve, SystemResolver, Target};
 use kiam::agent::metadata::{router, Config, Metrics, State};
 use kiam::agent::proxy::Upstream;
 use kiam::agent::TlsConnect;
@@ -240,7 +240,7 @@ async fn agent(s: &Setup, cfg: PoolConfig, resolver: Arc<dyn Resolve>, window: D
         cfg,
         Arc::new(TlsConnect(client_tls)),
         resolver,
-        ClientMetrics::new(&mut registry),
+        kiam::grpc_metrics::GrpcMetrics::client(&mut registry),
     )
     .await;
     let mut config = Config::new(Regex::new("^$").unwrap());
@@ -439,7 +439,7 @@ async fn the_pool_follows_re_resolution() {
         cfg,
         Arc::new(TlsConnect(client_tls)),
         resolver.clone(),
-        ClientMetrics::new(&mut registry),
+        kiam::grpc_metrics::GrpcMetrics::client(&mut registry),
     )
     .await;
     assert_eq!(pool.addresses(), vec![a_srv.addr]);

@@ -20,15 +20,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::cli::ClientArgs;
+pub use crate::grpc_metrics::GrpcMetrics;
 use crate::proto;
 use crate::proto::kiam_service_client::KiamServiceClient;
 
@@ -297,93 +294,8 @@ impl PoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StartedLabels {
-    grpc_method: &'static str,
-    grpc_service: &'static str,
-    grpc_type: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HandledLabels {
-    grpc_method: &'static str,
-    grpc_service: &'static str,
-    grpc_type: &'static str,
-    grpc_code: &'static str,
-}
-
-/// go-grpc-prometheus' client counters, so kiam dashboards keep working.
-#[derive(Clone, Default)]
-pub struct ClientMetrics {
-    started: Family<StartedLabels, Counter>,
-    handled: Family<HandledLabels, Counter>,
-}
-
-impl ClientMetrics {
-    pub fn new(registry: &mut Registry) -> Self {
-        let m = ClientMetrics::default();
-        registry.register(
-            "grpc_client_started",
-            "Total number of RPCs started on the client.",
-            m.started.clone(),
-        );
-        registry.register(
-            "grpc_client_handled",
-            "Total number of RPCs completed by the client, regardless of success or failure.",
-            m.handled.clone(),
-        );
-        m
-    }
-
-    fn started(&self, method: &'static str) {
-        self.started
-            .get_or_create(&StartedLabels {
-                grpc_method: method,
-                grpc_service: SERVICE,
-                grpc_type: "unary",
-            })
-            .inc();
-    }
-
-    fn handled(&self, method: &'static str, code: Code) {
-        self.handled
-            .get_or_create(&HandledLabels {
-                grpc_method: method,
-                grpc_service: SERVICE,
-                grpc_type: "unary",
-                grpc_code: code_name(code),
-            })
-            .inc();
-    }
-}
-
-const SERVICE: &str = "kiam.KiamService";
-
 /// A lookup that hangs must not stall start-up or the refresh loop.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Go's `codes.Code.String()`, which go-grpc-prometheus uses as the label.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "Canceled",
-        Code::Unknown => "Unknown",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Aborted => "Aborted",
-        Code::OutOfRange => "OutOfRange",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        Code::DataLoss => "DataLoss",
-        Code::Unauthenticated => "Unauthenticated",
-    }
-}
 
 /// One server address and its channel.
 struct Member {
@@ -408,7 +320,7 @@ struct Shared {
     cfg: PoolConfig,
     connector: Arc<dyn Connect>,
     resolver: Arc<dyn Resolve>,
-    metrics: ClientMetrics,
+    metrics: GrpcMetrics,
     /// Replaced wholesale on re-resolution; calls take a snapshot. std
     /// RwLock: never held across an await.
     members: RwLock<Arc<Vec<Arc<Member>>>>,
@@ -437,7 +349,7 @@ impl Pool {
         cfg: PoolConfig,
         connector: Arc<dyn Connect>,
         resolver: Arc<dyn Resolve>,
-        metrics: ClientMetrics,
+        metrics: GrpcMetrics,
     ) -> Pool {
         let shared = Arc::new(Shared {
             cfg,
@@ -582,15 +494,15 @@ impl Shared {
         let (healthy, cooling): (Vec<_>, Vec<_>) = rotated.partition(|m| !m.is_cooling(now));
         let mut last = String::new();
         for m in healthy.into_iter().chain(cooling) {
-            self.metrics.started(method);
+            let started = self.metrics.started(method);
             match tokio::time::timeout(attempt_timeout, call(m.client.clone())).await {
                 Ok(Ok(resp)) => {
-                    self.metrics.handled(method, Code::Ok);
+                    self.metrics.handled(method, started, Code::Ok);
                     m.mark(None);
                     return Ok(resp.into_inner());
                 }
                 Ok(Err(status)) => {
-                    self.metrics.handled(method, status.code());
+                    self.metrics.handled(method, started, status.code());
                     match classify(&status) {
                         ClientError::Unavailable(msg) => {
                             tracing::debug!(server = %m.addr, error = %msg, "server did not answer; trying the next");
@@ -604,7 +516,8 @@ impl Shared {
                     }
                 }
                 Err(_) => {
-                    self.metrics.handled(method, Code::DeadlineExceeded);
+                    self.metrics
+                        .handled(method, started, Code::DeadlineExceeded);
                     tracing::debug!(server = %m.addr, "server timed out; trying the next");
                     m.mark(Some(self.cfg.failure_cooldown));
                     last = format!("{}: no answer within {:?}", m.addr, attempt_timeout);

@@ -7,11 +7,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 use tonic::{Code, Request, Response, Status};
 
 use super::credentials::CredentialCache;
@@ -20,6 +15,7 @@ use super::namespaces::NamespaceCache;
 use super::pods::{FindError, PodCache};
 use super::policy::{self, ArnResolver, Decision};
 use super::sts::{Credentials, SessionTags};
+pub use crate::grpc_metrics::GrpcMetrics;
 use crate::proto::kiam_service_server::KiamService;
 use crate::proto::{
     Credentials as PbCredentials, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest,
@@ -52,119 +48,8 @@ pub struct Service {
     pub metrics: GrpcMetrics,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MethodLabels {
-    grpc_type: &'static str,
-    grpc_service: &'static str,
-    grpc_method: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HandledLabels {
-    grpc_type: &'static str,
-    grpc_service: &'static str,
-    grpc_method: &'static str,
-    grpc_code: &'static str,
-}
-
-/// go-grpc-prometheus's server metrics, so kiam dashboards keep working.
-#[derive(Clone)]
-pub struct GrpcMetrics {
-    started: Family<MethodLabels, Counter>,
-    handled: Family<HandledLabels, Counter>,
-    handling: Family<MethodLabels, Histogram>,
-}
-
-impl GrpcMetrics {
-    pub fn new(registry: &mut Registry) -> Self {
-        let started = Family::<MethodLabels, Counter>::default();
-        let handled = Family::<HandledLabels, Counter>::default();
-        let handling = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])
-        });
-        registry.register(
-            "grpc_server_started",
-            "RPCs started on the server",
-            started.clone(),
-        );
-        registry.register(
-            "grpc_server_handled",
-            "RPCs completed on the server, by code",
-            handled.clone(),
-        );
-        registry.register(
-            "grpc_server_handling_seconds",
-            "Time to answer an RPC",
-            handling.clone(),
-        );
-        GrpcMetrics {
-            started,
-            handled,
-            handling,
-        }
-    }
-
-    fn observe<T>(
-        &self,
-        method: &'static str,
-        started: std::time::Instant,
-        result: &Result<T, Status>,
-    ) {
-        let labels = MethodLabels {
-            grpc_type: "unary",
-            grpc_service: "kiam.KiamService",
-            grpc_method: method,
-        };
-        self.handling
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
-        let code = match result {
-            Ok(_) => Code::Ok,
-            Err(s) => s.code(),
-        };
-        self.handled
-            .get_or_create(&HandledLabels {
-                grpc_type: labels.grpc_type,
-                grpc_service: labels.grpc_service,
-                grpc_method: labels.grpc_method,
-                grpc_code: code_name(code),
-            })
-            .inc();
-    }
-
-    fn start(&self, method: &'static str) -> std::time::Instant {
-        self.started
-            .get_or_create(&MethodLabels {
-                grpc_type: "unary",
-                grpc_service: "kiam.KiamService",
-                grpc_method: method,
-            })
-            .inc();
-        std::time::Instant::now()
-    }
-}
-
-/// gRPC code names as Go prints them (`codes.Code.String()`).
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "Canceled",
-        Code::Unknown => "Unknown",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Aborted => "Aborted",
-        Code::OutOfRange => "OutOfRange",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        Code::DataLoss => "DataLoss",
-        Code::Unauthenticated => "Unauthenticated",
-    }
+fn code_of<T>(r: &Result<T, Status>) -> Code {
+    r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok)
 }
 
 fn parse_ip(ip: &str) -> Result<IpAddr, Status> {
@@ -288,9 +173,9 @@ impl KiamService for KiamGrpc {
         &self,
         request: Request<GetPodRoleRequest>,
     ) -> Result<Response<Role>, Status> {
-        let t = self.0.metrics.start("GetPodRole");
+        let t = self.0.metrics.started("GetPodRole");
         let r = self.0.pod_role(request.into_inner()).await;
-        self.0.metrics.observe("GetPodRole", t, &r);
+        self.0.metrics.handled("GetPodRole", t, code_of(&r));
         r.map(Response::new)
     }
 
@@ -298,9 +183,9 @@ impl KiamService for KiamGrpc {
         &self,
         request: Request<GetPodCredentialsRequest>,
     ) -> Result<Response<PbCredentials>, Status> {
-        let t = self.0.metrics.start("GetPodCredentials");
+        let t = self.0.metrics.started("GetPodCredentials");
         let r = self.0.pod_credentials(request.into_inner()).await;
-        self.0.metrics.observe("GetPodCredentials", t, &r);
+        self.0.metrics.handled("GetPodCredentials", t, code_of(&r));
         r.map(Response::new)
     }
 
@@ -308,11 +193,11 @@ impl KiamService for KiamGrpc {
         &self,
         _request: Request<GetHealthRequest>,
     ) -> Result<Response<HealthStatus>, Status> {
-        let t = self.0.metrics.start("GetHealth");
+        let t = self.0.metrics.started("GetHealth");
         let r = self.0.ensure_ready().map(|()| HealthStatus {
             message: "ok".into(),
         });
-        self.0.metrics.observe("GetHealth", t, &r);
+        self.0.metrics.handled("GetHealth", t, code_of(&r));
         r.map(Response::new)
     }
 }
