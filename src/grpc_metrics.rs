@@ -17,16 +17,16 @@ pub const SERVICE: &str = "kiam.KiamService";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
-    grpc_type: &'static str,
-    grpc_service: &'static str,
     grpc_method: &'static str,
+    grpc_service: &'static str,
+    grpc_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandledLabels {
-    grpc_type: &'static str,
-    grpc_service: &'static str,
     grpc_method: &'static str,
+    grpc_service: &'static str,
+    grpc_type: &'static str,
     grpc_code: &'static str,
 }
 
