@@ -798,3 +798,123 @@ async fn kubectl_gets_creates_annotates_and_deletes_pods() {
     assert_eq!(deleted.trim(), "pod \"made-by-kubectl\" deleted");
     assert!(fake.pod("default", "made-by-kubectl").is_none());
 }
+
+#[tokio::test]
+async fn patch_types_behave_like_the_real_server() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client(&fake), "default");
+    let mut generated = typed_pod("default", "ignored");
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("web-".into());
+    let created = pods
+        .create(&PostParams::default(), &generated)
+        .await
+        .unwrap();
+    let name = created.name_any();
+    assert!(
+        name.starts_with("web-") && name.len() == "web-".len() + 5,
+        "{name}"
+    );
+
+    let json_patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "add", "path": "/metadata/labels/tier", "value": "front"}
+    ]))
+    .unwrap();
+    let patched = pods
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::<()>::Json(json_patch),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.labels()["tier"], "front");
+
+    let failing: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/labels/tier", "value": "back"}
+    ]))
+    .unwrap();
+    let (code, _) = api_error(
+        pods.patch(&name, &PatchParams::default(), &Patch::<()>::Json(failing))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+
+    let strategic = pods
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"metadata": {"annotations": {"a": "b"}, "$retainKeys": ["x"]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(strategic.annotations()["a"], "b");
+    assert!(!strategic.annotations().contains_key("$retainKeys"));
+
+    // A resourceVersion in a patch is a precondition.
+    let stale = json!({"metadata": {"resourceVersion": created.resource_version().unwrap(), "labels": {"x": "y"}}});
+    let (code, reason) = api_error(
+        pods.patch(&name, &PatchParams::default(), &Patch::Merge(stale))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((code, reason.as_str()), (409, "Conflict"));
+
+    // Server-side apply is not spoken.
+    let (code, _) = api_error(
+        pods.patch(
+            &name,
+            &PatchParams::apply("test"),
+            &Patch::Apply(json!({"metadata": {"labels": {"x": "y"}}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(code, 415);
+
+    // Patching a pod's status through the main resource changes nothing there.
+    let unchanged = pods
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Failed"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        unchanged.status.as_ref().unwrap().phase.as_deref(),
+        Some("Pending")
+    );
+    assert_eq!(
+        unchanged.resource_version(),
+        strategic.resource_version(),
+        "a no-op write"
+    );
+}
+
+#[tokio::test]
+async fn a_written_kubeconfig_works_for_kube_rs() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    fake.write_kubeconfig(&path).unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(config.default_namespace, "default");
+    let client = Client::try_from(config).unwrap();
+    let namespaces: Api<Namespace> = Api::all(client);
+    let names: Vec<String> = namespaces
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
+    assert_eq!(names, ["default"]);
+}
