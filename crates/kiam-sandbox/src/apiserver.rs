@@ -2,8 +2,8 @@
 //!
 //! Unlike a real API server, it can be made to misbehave on purpose: hold watch events
 //! back while LIST and GET already see them, cut every watch mid-stream, forget its
-//! history so old resourceVersions get 410 Gone, or answer 503 to everything. Otherwise it
-//! tries to be indistinguishable from the real thing for kube-rs and `kubectl`: core/v1
+//! history so old resourceVersions get 410 Gone, refuse connections, or answer 503 to
+//! everything. Otherwise it tries to be indistinguishable from the real thing for kube-rs and `kubectl`: core/v1
 //! pods, namespaces and events (plus events.k8s.io/v1 events), discovery, one global
 //! resourceVersion counter, optimistic concurrency, merge/strategic/JSON patches, label and
 //! field selectors, `limit`/`continue` paging, and chunked watches with bookmarks.
