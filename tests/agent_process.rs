@@ -10,41 +10,9 @@ mod procs;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kiam_sandbox::apiserver::FakeApiServer;
-use procs::{child_stderr, free_port, kiam_bin, moto_env, start_moto, wait_for_port, ChildGuard};
-use serde_json::json;
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    pki: kiam::certs::Pki,
-    kubeconfig: std::path::PathBuf,
-    sts_url: String,
-}
-
-fn start_server(f: &Fixture, port: u16) -> ChildGuard {
-    let mut cmd = kiam_bin();
-    cmd.args([
-        "server",
-        "--role-base-arn",
-        "arn:aws:iam::123456789012:role/",
-    ])
-    .args(["--bind", &format!("127.0.0.1:{port}")])
-    .arg("--kubeconfig")
-    .arg(&f.kubeconfig)
-    .arg("--cert")
-    .arg(f.pki.path("server.pem"))
-    .arg("--key")
-    .arg(f.pki.path("server-key.pem"))
-    .arg("--ca")
-    .arg(f.pki.path("ca.pem"))
-    .stdout(Stdio::null())
-    .stderr(child_stderr());
-    moto_env(&mut cmd, &f.sts_url);
-    ChildGuard {
-        child: cmd.spawn().unwrap(),
-        name: format!("kiam server :{port}"),
-    }
-}
+use procs::{
+    child_stderr, free_port, kiam_bin, start_moto, wait_for_port, ChildGuard, ProcCluster,
+};
 
 /// One HTTP/1.1 GET on a fresh connection, as SDKs do: (status, body).
 async fn get(port: u16, path: &str) -> Result<(u16, String), String> {
@@ -87,31 +55,24 @@ async fn agent_survives_server_loss_and_serves_stale_inside_the_window() {
     let Some((_moto, sts_url)) = start_moto() else {
         return;
     };
-    let api = FakeApiServer::start().await.unwrap();
-    api.create_namespace(json!({"metadata": {"name": "team-a",
-        "annotations": {"iam.amazonaws.com/permitted": ".*"}}}))
-        .unwrap();
-    api.apply_pod(json!({
-        "metadata": {"name": "web", "namespace": "team-a",
-                     "annotations": {"iam.amazonaws.com/role": "web-role"}},
-        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
-        "status": {"phase": "Running", "podIP": "198.18.3.10"}
-    }))
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let pki = kiam::certs::generate(&dir.path().join("certs"), &[], 1).unwrap();
-    let f = Fixture {
-        _dir: dir,
-        pki,
-        kubeconfig,
-        sts_url,
+    let c = ProcCluster::start().await;
+    c.namespace("team-a", ".*");
+    c.pod("team-a", "web", "198.18.3.10", "web-role");
+    let server = |port: u16| {
+        c.spawn_server(
+            &sts_url,
+            &[
+                "--role-base-arn",
+                "arn:aws:iam::123456789012:role/",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+            ],
+        )
     };
 
     let (p1, p2) = (free_port(), free_port());
-    let mut s1 = start_server(&f, p1);
-    let mut s2 = start_server(&f, p2);
+    let mut s1 = server(p1);
+    let mut s2 = server(p2);
     assert!(
         wait_for_port(p1, Duration::from_secs(20)) && wait_for_port(p2, Duration::from_secs(20))
     );
@@ -130,14 +91,9 @@ async fn agent_survives_server_loss_and_serves_stale_inside_the_window() {
             "--metadata-endpoint",
             &format!("http://127.0.0.1:{}", free_port()),
         ])
-        .arg("--cert")
-        .arg(f.pki.path("agent.pem"))
-        .arg("--key")
-        .arg(f.pki.path("agent-key.pem"))
-        .arg("--ca")
-        .arg(f.pki.path("ca.pem"))
         .stdout(Stdio::null())
         .stderr(child_stderr());
+    c.tls_args(&mut cmd, "agent");
     let _agent = ChildGuard {
         child: cmd.spawn().unwrap(),
         name: "kiam agent".into(),

@@ -421,12 +421,12 @@ async fn a_re_list_after_lost_history_drops_pods_deleted_meanwhile() {
         })
     };
     assert_eq!(lists(&f.api), 1);
-    f.api.set_refuse_connections(true);
+    f.api.set_unavailable(true);
     let api = f.api.clone();
     eventually("the watch to drop", || api.open_watches() == 0).await;
     f.api.delete_pod(NS, "gone").unwrap();
     f.api.compact();
-    f.api.set_refuse_connections(false);
+    f.api.set_unavailable(false);
 
     f.gone("gone").await;
     assert_eq!(lists(&f.api), 2, "the deletion was learnt from a re-list");

@@ -5,33 +5,49 @@
 #[path = "support/procs.rs"]
 mod procs;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::proto::GetPodCredentialsRequest;
 use kiam::tls::{ChannelOpts, ClientTls};
-use kiam_sandbox::apiserver::FakeApiServer;
-use procs::{free_port, kiam_bin, moto_env, start_moto, ChildGuard};
-use serde_json::json;
+use procs::{free_port, kiam_bin, start_moto, ChildGuard, ProcCluster};
 
-fn run_health(pki: &kiam::certs::Pki, port: u16) -> std::process::Output {
-    kiam_bin()
-        .args([
-            "health",
-            "--server-address",
-            &format!("localhost:{port}"),
-            "--timeout",
-            "2s",
-        ])
-        .arg("--cert")
-        .arg(pki.path("agent.pem"))
-        .arg("--key")
-        .arg(pki.path("agent-key.pem"))
-        .arg("--ca")
-        .arg(pki.path("ca.pem"))
-        .output()
-        .unwrap()
+const BASE: &str = "arn:aws:iam::123456789012:role/";
+
+fn run_health(c: &ProcCluster, port: u16) -> std::process::Output {
+    let mut cmd = kiam_bin();
+    cmd.args(["health", "--server-address", &format!("localhost:{port}")])
+        .args(["--timeout", "2s"]);
+    c.tls_args(&mut cmd, "agent");
+    cmd.output().unwrap()
+}
+
+/// Asks for credentials until the server has synced (or ~10 s pass).
+async fn credentials(
+    c: &ProcCluster,
+    port: u16,
+    ip: &str,
+    role: &str,
+) -> Result<kiam::proto::Credentials, tonic::Status> {
+    let tls = ClientTls::load(c.pki.agent_files(), &mut Default::default()).unwrap();
+    let channel = tls
+        .channel(&format!("localhost:{port}"), &ChannelOpts::default())
+        .unwrap();
+    let mut client = KiamServiceClient::new(channel);
+    let mut last = None;
+    for _ in 0..100 {
+        let req = GetPodCredentialsRequest {
+            ip: ip.into(),
+            role: role.into(),
+        };
+        match client.get_pod_credentials(req).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,63 +55,32 @@ async fn server_process_serves_moto_credentials() {
     let Some((_moto, sts_url)) = start_moto() else {
         return;
     };
-    let api = FakeApiServer::start().await.unwrap();
-    api.create_namespace(json!({"metadata": {"name": "team-a",
-        "annotations": {"iam.amazonaws.com/permitted": ".*"}}}))
-        .unwrap();
-    api.apply_pod(json!({
-        "metadata": {"name": "web", "namespace": "team-a",
-                     "annotations": {"iam.amazonaws.com/role": "web-role"}},
-        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
-        "status": {"phase": "Running", "podIP": "198.18.2.10"}
-    }))
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let pki = kiam::certs::generate(&dir.path().join("certs"), &[], 1).unwrap();
-
+    let c = ProcCluster::start().await;
+    c.namespace("team-a", ".*");
+    c.pod("team-a", "web", "198.18.2.10", "web-role");
     let port = free_port();
     let metrics_port = free_port();
-    let mut cmd = kiam_bin();
-    cmd.args([
-        "server",
-        "--role-base-arn",
-        "arn:aws:iam::123456789012:role/",
-    ])
-    .args(["--bind", &format!("127.0.0.1:{port}")])
-    .args([
-        "--prometheus-listen-addr",
-        &format!("127.0.0.1:{metrics_port}"),
-    ])
-    .arg("--kubeconfig")
-    .arg(&kubeconfig)
-    .arg("--cert")
-    .arg(pki.path("server.pem"))
-    .arg("--key")
-    .arg(pki.path("server-key.pem"))
-    .arg("--ca")
-    .arg(pki.path("ca.pem"))
-    .stdout(Stdio::null())
-    .stderr(procs::child_stderr());
-    moto_env(&mut cmd, &sts_url);
-    let _server = ChildGuard {
-        child: cmd.spawn().unwrap(),
-        name: "kiam server".into(),
-    };
+    let _server = c.spawn_server(
+        &sts_url,
+        &[
+            "--role-base-arn",
+            BASE,
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--prometheus-listen-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ],
+    );
 
     // `kiam health` exits 0 and prints ok once the caches synced.
-    let mut last = None;
+    let mut out = run_health(&c, port);
     for _ in 0..100 {
-        let out = run_health(&pki, port);
         if out.status.success() {
-            last = Some(out);
             break;
         }
-        last = Some(out);
         tokio::time::sleep(Duration::from_millis(100)).await;
+        out = run_health(&c, port);
     }
-    let out = last.unwrap();
     assert!(
         out.status.success(),
         "kiam health failed: {}",
@@ -103,19 +88,9 @@ async fn server_process_serves_moto_credentials() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 
-    let tls = ClientTls::load(pki.agent_files(), &mut Default::default()).unwrap();
-    let channel = tls
-        .channel(&format!("localhost:{port}"), &ChannelOpts::default())
-        .unwrap();
-    let mut client = KiamServiceClient::new(channel);
-    let creds = client
-        .get_pod_credentials(GetPodCredentialsRequest {
-            ip: "198.18.2.10".into(),
-            role: "web-role".into(),
-        })
+    let creds = credentials(&c, port, "198.18.2.10", "web-role")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     // moto issues temporary keys with the ASIA prefix, like real STS.
     assert!(
         creds.access_key_id.starts_with("ASIA"),
@@ -137,7 +112,7 @@ async fn server_process_serves_moto_credentials() {
     }
 
     // A health check against a port with nothing behind it fails with a reason.
-    let out = run_health(&pki, free_port());
+    let out = run_health(&c, free_port());
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).trim().is_empty());
 }
@@ -260,37 +235,20 @@ async fn base_arn_autodetected_from_the_instance_profile() {
         return;
     };
     let imds = profile_imds("arn:aws:iam::999988887777:instance-profile/nodes").await;
-    let api = FakeApiServer::start().await.unwrap();
+    let c = ProcCluster::start().await;
     // Only the detected account's roles are permitted: success proves the
     // bare role name was resolved against the detected base.
-    api.create_namespace(json!({"metadata": {"name": "auto",
-        "annotations": {"iam.amazonaws.com/permitted": "arn:aws:iam::999988887777:role/.*"}}}))
-        .unwrap();
-    api.apply_pod(json!({
-        "metadata": {"name": "p", "namespace": "auto",
-                     "annotations": {"iam.amazonaws.com/role": "auto-role"}},
-        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
-        "status": {"phase": "Running", "podIP": "198.18.2.20"}
-    }))
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let pki = kiam::certs::generate(&dir.path().join("certs"), &[], 1).unwrap();
+    c.namespace("auto", "arn:aws:iam::999988887777:role/.*");
+    c.pod("auto", "p", "198.18.2.20", "auto-role");
     let port = free_port();
-    let mut cmd = server_cmd(
+    let mut cmd = c.server_cmd(
+        &sts_url,
         &[
             "--role-base-arn-autodetect",
             "--bind",
             &format!("127.0.0.1:{port}"),
         ],
-        &pki,
     );
-    cmd.arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .stdout(Stdio::null())
-        .stderr(procs::child_stderr());
-    moto_env(&mut cmd, &sts_url);
     cmd.env_remove("AWS_EC2_METADATA_DISABLED").env(
         "AWS_EC2_METADATA_SERVICE_ENDPOINT",
         format!("http://{imds}"),
@@ -299,30 +257,8 @@ async fn base_arn_autodetected_from_the_instance_profile() {
         child: cmd.spawn().unwrap(),
         name: "kiam server".into(),
     };
-    let tls = ClientTls::load(pki.agent_files(), &mut Default::default()).unwrap();
-    let channel = tls
-        .channel(&format!("localhost:{port}"), &ChannelOpts::default())
-        .unwrap();
-    let mut client = KiamServiceClient::new(channel);
-    let mut last = None;
-    for _ in 0..100 {
-        match client
-            .get_pod_credentials(GetPodCredentialsRequest {
-                ip: "198.18.2.20".into(),
-                role: "auto-role".into(),
-            })
-            .await
-        {
-            Ok(r) => {
-                last = Some(Ok(r.into_inner()));
-                break;
-            }
-            Err(e) => last = Some(Err(e)),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let creds = last
-        .unwrap()
+    let creds = credentials(&c, port, "198.18.2.20", "auto-role")
+        .await
         .expect("credentials for the autodetected role ARN");
     assert!(creds.access_key_id.starts_with("ASIA"));
 }

@@ -116,3 +116,75 @@ pub fn child_stderr() -> std::process::Stdio {
         Stdio::null()
     }
 }
+
+/// The in-memory API server, a kubeconfig for it and a fresh PKI, for tests
+/// that run real `kiam` processes.
+pub struct ProcCluster {
+    pub api: kiam_sandbox::apiserver::FakeApiServer,
+    pub kubeconfig: PathBuf,
+    pub pki: kiam::certs::Pki,
+    _dir: tempfile::TempDir,
+}
+
+impl ProcCluster {
+    pub async fn start() -> ProcCluster {
+        let api = kiam_sandbox::apiserver::FakeApiServer::start()
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).unwrap();
+        let pki = kiam::certs::generate(&dir.path().join("certs"), &[], 1).unwrap();
+        ProcCluster {
+            api,
+            kubeconfig,
+            pki,
+            _dir: dir,
+        }
+    }
+
+    pub fn namespace(&self, name: &str, permitted: &str) {
+        self.api
+            .create_namespace(serde_json::json!({"metadata": {"name": name,
+                "annotations": {"iam.amazonaws.com/permitted": permitted}}}))
+            .unwrap();
+    }
+
+    pub fn pod(&self, ns: &str, name: &str, ip: &str, role: &str) {
+        self.api
+            .apply_pod(serde_json::json!({
+                "metadata": {"name": name, "namespace": ns,
+                             "annotations": {"iam.amazonaws.com/role": role}},
+                "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+                "status": {"phase": "Running", "podIP": ip}
+            }))
+            .unwrap();
+    }
+
+    /// `--cert/--key/--ca` for `role` ("server" or "agent").
+    pub fn tls_args(&self, cmd: &mut Command, role: &str) {
+        cmd.arg("--cert")
+            .arg(self.pki.path(&format!("{role}.pem")))
+            .arg("--key")
+            .arg(self.pki.path(&format!("{role}-key.pem")))
+            .arg("--ca")
+            .arg(self.pki.path("ca.pem"));
+    }
+
+    /// `kiam server` against this cluster, STS at `sts_url`, plus `extra`.
+    pub fn server_cmd(&self, sts_url: &str, extra: &[&str]) -> Command {
+        let mut cmd = kiam_bin();
+        cmd.arg("server").arg("--kubeconfig").arg(&self.kubeconfig);
+        self.tls_args(&mut cmd, "server");
+        cmd.args(extra).stdout(Stdio::null()).stderr(child_stderr());
+        moto_env(&mut cmd, sts_url);
+        cmd
+    }
+
+    pub fn spawn_server(&self, sts_url: &str, extra: &[&str]) -> ChildGuard {
+        ChildGuard {
+            child: self.server_cmd(sts_url, extra).spawn().unwrap(),
+            name: "kiam server".into(),
+        }
+    }
+}
