@@ -18,7 +18,14 @@ use serde_json::{json, Value};
 /// guard, never a measurement.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// In a workspace build rustls has both ring and aws-lc-rs (the AWS SDK's)
+/// compiled in and cannot choose a process default itself; kube-rs needs one.
+fn ensure_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn client(api: &FakeApiServer) -> Client {
+    ensure_crypto_provider();
     let config = kube::Config::new(api.url().parse().expect("the fake's URL parses"));
     Client::try_from(config).expect("a client for the fake")
 }
@@ -502,6 +509,7 @@ async fn service_unavailable_answers_503_statuses() {
     let mut config = kube::Config::new(fake.url().parse().unwrap());
     // kube-rs would otherwise retry the 503 with backoff for minutes.
     config.default_retry = false;
+    ensure_crypto_provider();
     let pods: Api<Pod> = Api::all(Client::try_from(config).unwrap());
     fake.set_service_unavailable(true);
     let (code, reason) = api_error(pods.list(&ListParams::default()).await.unwrap_err());
@@ -906,6 +914,7 @@ async fn a_written_kubeconfig_works_for_kube_rs() {
         .await
         .unwrap();
     assert_eq!(config.default_namespace, "default");
+    ensure_crypto_provider();
     let client = Client::try_from(config).unwrap();
     let namespaces: Api<Namespace> = Api::all(client);
     let names: Vec<String> = namespaces
