@@ -10,6 +10,17 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
+/// `--host` reads `KIAM_HOST` like every flag, and also `HOST_IP` (what kiam's
+/// manifests set from `status.hostIP`): copy it across before parsing.
+/// Call this before any thread is started.
+pub fn host_ip_fallback() {
+    if std::env::var_os("KIAM_HOST").is_none() {
+        if let Some(v) = std::env::var_os("HOST_IP") {
+            std::env::set_var("KIAM_HOST", v);
+        }
+    }
+}
+
 /// Parses a Go-style duration (`1m`, `15m`, `1h30m`, `500ms`, `0s`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -221,7 +232,7 @@ pub struct AgentArgs {
           default_missing_value = "true", action = ArgAction::Set)]
     pub iptables_remove: bool,
     /// Host IP address (the agent's address on the node).
-    #[arg(long, env = "HOST_IP")]
+    #[arg(long, env = "KIAM_HOST")]
     pub host: String,
     /// Network interface of the pods, for the iptables rule (`!eth0` inverts).
     #[arg(long, env = "KIAM_HOST_INTERFACE", default_value = "docker0")]
@@ -267,22 +278,22 @@ pub struct CertsArgs {
     #[arg(long, env = "KIAM_OUT_DIR", default_value = ".")]
     pub out_dir: PathBuf,
     /// Extra server names (DNS names or IPs) beyond kiam-server, localhost, 127.0.0.1.
-    #[arg(long = "host", env = "KIAM_CERTS_HOST", value_delimiter = ',')]
+    #[arg(long = "host", env = "KIAM_HOST", value_delimiter = ',')]
     pub hosts: Vec<String>,
     /// Validity of the certificates, in days.
     #[arg(long, env = "KIAM_DAYS", default_value_t = 365)]
     pub days: u32,
     /// Overwrite existing files.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, env = "KIAM_FORCE", default_value_t = false)]
     pub force: bool,
     /// Reissue the server and agent certificates from the existing ca.pem/ca-key.pem.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, env = "KIAM_REISSUE", default_value_t = false)]
     pub reissue: bool,
     /// Print the kiam-server-tls and kiam-agent-tls Secrets as YAML.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, env = "KIAM_PRINT_SECRETS", default_value_t = false)]
     pub print_secrets: bool,
     /// Namespace of the printed Secrets.
-    #[arg(long, default_value = "kube-system")]
+    #[arg(long, env = "KIAM_NAMESPACE", default_value = "kube-system")]
     pub namespace: String,
 }
 
@@ -294,6 +305,27 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Drop-in rule: every flag of every role has the env var KIAM_<FLAG>.
+    #[test]
+    fn every_flag_has_its_kiam_env_var() {
+        for sub in Cli::command().get_subcommands() {
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if long == "help" || long == "version" {
+                    continue;
+                }
+                let want = format!("KIAM_{}", long.to_uppercase().replace('-', "_"));
+                let got = arg.get_env().map(|e| e.to_string_lossy().to_string());
+                assert_eq!(
+                    got.as_deref(),
+                    Some(want.as_str()),
+                    "{} --{long}",
+                    sub.get_name()
+                );
+            }
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use kiam::Fatal;
 
 fn main() {
     kiam::ensure_crypto_provider();
+    kiam::cli::host_ip_fallback();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -21,12 +22,15 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(0);
             }
-            // One line, naming the flag: clap's first line does.
+            // One line naming the flag: clap's message up to its usage
+            // section (a missing flag is named on the second line).
             let rendered = e.render().to_string();
             let line = rendered
                 .lines()
-                .next()
-                .unwrap_or("error: invalid arguments");
+                .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ");
             eprintln!("{line}");
             std::process::exit(kiam::EXIT_USAGE);
         }

@@ -176,3 +176,35 @@ async fn agent_survives_server_loss_and_serves_stale_inside_the_window() {
         Err(e) => panic!("the agent must answer, with an error: {e}"),
     }
 }
+
+/// kiam's manifests give the agent its address only through HOST_IP.
+#[test]
+fn host_comes_from_host_ip_or_kiam_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = kiam::certs::generate(dir.path(), &[], 1).unwrap();
+    let check = |env: &[(&str, &str)]| {
+        let mut cmd = kiam_bin();
+        cmd.args(["agent", "--check-config"])
+            .arg("--cert")
+            .arg(pki.path("agent.pem"))
+            .arg("--key")
+            .arg(pki.path("agent-key.pem"))
+            .arg("--ca")
+            .arg(pki.path("ca.pem"))
+            .env_remove("HOST_IP")
+            .env_remove("KIAM_HOST");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    assert!(check(&[("HOST_IP", "198.18.4.1")]).status.success());
+    assert!(check(&[("KIAM_HOST", "198.18.4.1")]).status.success());
+    let missing = check(&[]);
+    assert_eq!(missing.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--host"));
+    // KIAM_HOST wins over HOST_IP; a bad value names the flag.
+    let bad = check(&[("KIAM_HOST", "not-an-ip"), ("HOST_IP", "198.18.4.1")]);
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--host"));
+}
