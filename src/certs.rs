@@ -187,15 +187,9 @@ impl Ca {
         })
     }
 
-    /// An existing CA from PEM text (the key must be PKCS#8, as `kiam certs`
-    /// and cert-manager write it).
+    /// An existing CA from PEM text (key in PKCS#8, PKCS#1 or SEC1).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, String> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| match e {
-            rcgen::Error::CouldNotParseKeyPair => {
-                "not a PKCS#8 private key (convert it with `openssl pkcs8 -topk8 -nocrypt -in ca-key.pem`)".to_string()
-            }
-            other => other.to_string(),
-        })?;
+        let key = ca_key_pair(key_pem)?;
         let der = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
             .map_err(|_| "not a PEM certificate".to_string())?;
         let der: rustls_pki_types::CertificateDer<'static> = der;
@@ -267,6 +261,74 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// The CA key as rcgen needs it. ring reads only PKCS#8, but cfssl and
+/// older openssl write PKCS#1 (`RSA PRIVATE KEY`) and SEC1
+/// (`EC PRIVATE KEY`); both are wrapped into PKCS#8 here so that a CA made
+/// with those tools can be used by `--reissue` as it is.
+fn ca_key_pair(key_pem: &str) -> Result<KeyPair, String> {
+    use rustls_pki_types::pem::PemObject;
+    let key =
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
+            "no private key found (an encrypted key must be decrypted first)".to_string()
+        })?;
+    // DER of the AlgorithmIdentifier contents: rsaEncryption + NULL, or
+    // id-ecPublicKey + the named curve (P-256, then P-384).
+    const RSA: &[u8] = &[
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    const EC_P256: &[u8] = &[
+        0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+        0x3d, 0x03, 0x01, 0x07,
+    ];
+    const EC_P384: &[u8] = &[
+        0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04, 0x00,
+        0x22,
+    ];
+    let candidates: Vec<Vec<u8>> = match &key {
+        rustls_pki_types::PrivateKeyDer::Pkcs8(k) => vec![k.secret_pkcs8_der().to_vec()],
+        rustls_pki_types::PrivateKeyDer::Pkcs1(k) => vec![pkcs8_wrap(RSA, k.secret_pkcs1_der())],
+        rustls_pki_types::PrivateKeyDer::Sec1(k) => [EC_P256, EC_P384]
+            .iter()
+            .map(|alg| pkcs8_wrap(alg, k.secret_sec1_der()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    candidates
+        .into_iter()
+        .find_map(|der| {
+            let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der);
+            KeyPair::try_from(&der).ok()
+        })
+        .ok_or_else(|| {
+            "unsupported private key (RSA, ECDSA P-256/P-384 or Ed25519 expected)".into()
+        })
+}
+
+/// PKCS#8 PrivateKeyInfo { version 0, algorithm, privateKey OCTET STRING }.
+fn pkcs8_wrap(algorithm: &[u8], key: &[u8]) -> Vec<u8> {
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = body.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(body);
+        out
+    }
+    let mut body = vec![0x02, 0x01, 0x00];
+    body.extend(tlv(0x30, algorithm));
+    body.extend(tlv(0x04, key));
+    tlv(0x30, &body)
 }
 
 fn random_serial() -> SerialNumber {

@@ -1159,3 +1159,67 @@ async fn a_broken_new_file_keeps_the_old_certificate_and_says_why() {
         .await
         .expect("new certificate works");
 }
+
+/// A CA made by cfssl or older openssl has a PKCS#1 (RSA) or SEC1 (EC) key;
+/// `--reissue` must still use it.
+#[test]
+fn reissue_works_from_a_ca_with_a_pkcs1_or_sec1_key() {
+    for (genkey, marker) in [
+        (
+            &["genrsa", "-traditional", "-out", "ca-key.pem", "2048"][..],
+            "BEGIN RSA PRIVATE KEY",
+        ),
+        (
+            &[
+                "ecparam",
+                "-name",
+                "secp384r1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "ca-key.pem",
+            ][..],
+            "BEGIN EC PRIVATE KEY",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        openssl(d, genkey);
+        assert!(std::fs::read_to_string(d.join("ca-key.pem"))
+            .unwrap()
+            .contains(marker));
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-key",
+                "ca-key.pem",
+                "-out",
+                "ca.pem",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=cfssl-ca",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        let pki = certs::reissue(d, &[], 100).expect("reissue from this CA");
+        openssl(
+            d,
+            &["verify", "-CAfile", "ca.pem", "server.pem", "agent.pem"],
+        );
+        // The leaf is clamped to the CA's lifetime, never beyond.
+        let info = tls::ServerTls::load(pki.server_files(), &mut Registry::default())
+            .unwrap()
+            .cert_info();
+        assert!(
+            info.not_after <= (now() + days(31)).unix_timestamp()
+                && info.not_after > (now() + days(29)).unix_timestamp(),
+            "{marker}"
+        );
+    }
+}
