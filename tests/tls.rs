@@ -228,15 +228,17 @@ fn x509(pem_path: &Path) -> Vec<u8> {
     der.to_vec()
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs `openssl` with `cmd` split on whitespace (no argument has spaces).
+fn openssl(dir: &Path, cmd: &str) {
+    let args: Vec<&str> = cmd.split_whitespace().collect();
     let out = Command::new("openssl")
-        .args(args)
+        .args(&args)
         .current_dir(dir)
         .output()
         .expect("openssl runs");
     assert!(
         out.status.success(),
-        "openssl {args:?}: {}",
+        "openssl {cmd}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -480,83 +482,32 @@ async fn mtls_works_with_kiam_certs() {
 fn openssl_pki(dir: &Path, server_eku: &str, agent_eku: &str) {
     openssl(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=openssl-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
+        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 -subj /CN=openssl-ca \
+         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
     );
-    openssl(
-        dir,
-        &["genrsa", "-traditional", "-out", "server.key", "2048"],
-    );
-    openssl(
-        dir,
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-out",
-            "agent.key",
-        ],
-    );
+    openssl(dir, "genrsa -traditional -out server.key 2048");
+    openssl(dir, "ecparam -name prime256v1 -genkey -out agent.key");
     write(
         &dir.join("server.ext"),
-        &format!("subjectAltName=DNS:kiam-server,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={server_eku}\n"),
+        &format!(
+            "subjectAltName=DNS:kiam-server,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={server_eku}\n"
+        ),
     );
     write(
         &dir.join("agent.ext"),
         &format!("extendedKeyUsage={agent_eku}\n"),
     );
-    for (who, cn) in [("server", "kiam-server"), ("agent", "agent")] {
+    for (who, cn, serial) in [("server", "kiam-server", 1001), ("agent", "agent", 1002)] {
         openssl(
             dir,
-            &[
-                "req",
-                "-new",
-                "-key",
-                &format!("{who}.key"),
-                "-subj",
-                &format!("/CN={cn}"),
-                "-out",
-                &format!("{who}.csr"),
-            ],
+            &format!("req -new -key {who}.key -subj /CN={cn} -out {who}.csr"),
         );
         openssl(
             dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{who}.csr"),
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-set_serial",
-                if who == "server" { "1001" } else { "1002" },
-                "-days",
-                "30",
-                "-extfile",
-                &format!("{who}.ext"),
-                "-out",
-                &format!("{who}.crt"),
-            ],
+            &format!(
+                "x509 -req -in {who}.csr -CA ca.crt -CAkey ca.key -set_serial {serial} -days 30 \
+                 -extfile {who}.ext -out {who}.crt"
+            ),
         );
     }
 }
@@ -1166,19 +1117,11 @@ async fn a_broken_new_file_keeps_the_old_certificate_and_says_why() {
 fn reissue_works_from_a_ca_with_a_pkcs1_or_sec1_key() {
     for (genkey, marker) in [
         (
-            &["genrsa", "-traditional", "-out", "ca-key.pem", "2048"][..],
+            "genrsa -traditional -out ca-key.pem 2048",
             "BEGIN RSA PRIVATE KEY",
         ),
         (
-            &[
-                "ecparam",
-                "-name",
-                "secp384r1",
-                "-genkey",
-                "-noout",
-                "-out",
-                "ca-key.pem",
-            ][..],
+            "ecparam -name secp384r1 -genkey -noout -out ca-key.pem",
             "BEGIN EC PRIVATE KEY",
         ),
     ] {
@@ -1190,28 +1133,11 @@ fn reissue_works_from_a_ca_with_a_pkcs1_or_sec1_key() {
             .contains(marker));
         openssl(
             d,
-            &[
-                "req",
-                "-x509",
-                "-key",
-                "ca-key.pem",
-                "-out",
-                "ca.pem",
-                "-days",
-                "30",
-                "-subj",
-                "/CN=cfssl-ca",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
+            "req -x509 -key ca-key.pem -out ca.pem -days 30 -subj /CN=cfssl-ca \
+             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
         );
         let pki = certs::reissue(d, &[], 100).expect("reissue from this CA");
-        openssl(
-            d,
-            &["verify", "-CAfile", "ca.pem", "server.pem", "agent.pem"],
-        );
+        openssl(d, "verify -CAfile ca.pem server.pem agent.pem");
         // The leaf is clamped to the CA's lifetime, never beyond.
         let info = tls::ServerTls::load(pki.server_files(), &mut Registry::default())
             .unwrap()
