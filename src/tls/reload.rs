@@ -66,6 +66,9 @@ struct PollState {
     /// poll, because rotating three files one by one passes through
     /// mismatched states that fix themselves a moment later.
     pending_failure: Option<Snapshot>,
+    /// The last error logged, so a broken file is reported once per
+    /// distinct problem, not every second.
+    reported: Option<String>,
 }
 
 pub(crate) struct Reloading<T> {
@@ -103,6 +106,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
             poll: Mutex::new(PollState {
                 applied: snap,
                 pending_failure: None,
+                reported: None,
             }),
             metrics,
         });
@@ -160,9 +164,10 @@ impl<T: Send + Sync + 'static> Reloading<T> {
             }
         };
         if snap == state.applied {
-            if state.pending_failure.take().is_some() || self.metrics.update_error.get() != 0 {
-                self.metrics.update_error.set(0);
-            }
+            // Back to the files in use (a broken edit was reverted).
+            state.pending_failure = None;
+            state.reported = None;
+            self.metrics.update_error.set(0);
             return Ok(false);
         }
         let built =
@@ -175,6 +180,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                 }));
                 state.applied = snap;
                 state.pending_failure = None;
+                state.reported = None;
                 self.metrics.update_error.set(0);
                 self.publish(&material);
                 tracing::info!(
@@ -200,13 +206,15 @@ impl<T: Send + Sync + 'static> Reloading<T> {
     ) -> TlsError {
         let stable = state.pending_failure.as_ref() == Some(&snap);
         if report_now || stable {
-            if self.metrics.update_error.get() == 0 {
+            let message = err.to_string();
+            if state.reported.as_deref() != Some(message.as_str()) {
                 tracing::error!(
                     role = self.side.as_str(),
                     error = %err,
                     serial = %self.current.load().info.serial,
                     "cannot load the new TLS certificate files; still using the previous certificate"
                 );
+                state.reported = Some(message);
             }
             self.metrics.update_error.set(1);
         } else {
