@@ -1,0 +1,830 @@
+//! deploy/ as a cluster would receive it. Every kustomization an operator can
+//! apply (the base, each overlay, the base plus each component) is rendered
+//! with `kubectl kustomize`, validated against Kubernetes 1.30's schemas, and
+//! run: every `kiam` command line in it must pass `--check-config` with the
+//! Secrets it mounts, and the server and agent started exactly as deployed
+//! must pass their own probes.
+//!
+//! Needs `kubectl` and PyPI's `kubernetes-validate` (scripts/test.sh installs
+//! the latter into .venv); without them the tests say SKIPPED loudly.
+
+#[path = "support/imds.rs"]
+mod imds;
+#[path = "support/procs.rs"]
+mod procs;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The Kubernetes version the manifests are validated against.
+const KUBERNETES_VERSION: &str = "1.30.0";
+/// Kinds with no schema in kubernetes-validate, checked against ours instead.
+const CERT_MANAGER_SCHEMA: &str = "tests/schemas/cert-manager-v1.json";
+/// What the fieldRefs in the manifests resolve to in these tests.
+const FAKE_POD_IP: &str = "10.20.30.40";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn skipped(why: &str) {
+    // eprintln! goes past libtest's capture only with --nocapture; the
+    // banner still shows in the failure-free log of scripts/test.sh when
+    // run that way, and always in `cargo test -- --nocapture`.
+    eprintln!("\n*** SKIPPED: {why} ***\n");
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn kubectl() -> Option<PathBuf> {
+    let found = on_path("kubectl");
+    if found.is_none() {
+        skipped("kubectl not found on PATH: deploy/ was not rendered");
+    }
+    found
+}
+
+/// `$KUBERNETES_VALIDATE`, else `kubernetes-validate` on PATH, else .venv's.
+fn validator() -> Option<PathBuf> {
+    let found = std::env::var_os("KUBERNETES_VALIDATE")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .or_else(|| on_path("kubernetes-validate"))
+        .or_else(|| {
+            let p = repo().join(".venv/bin/kubernetes-validate");
+            p.is_file().then_some(p)
+        });
+    if found.is_none() {
+        skipped(
+            "kubernetes-validate not found (pip install kubernetes-validate; \
+             scripts/test.sh puts it in .venv): manifests were not validated",
+        );
+    }
+    found
+}
+
+/// One thing an operator can `kubectl apply -k`.
+struct Target {
+    name: String,
+    dir: PathBuf,
+}
+
+/// `path` relative to `from` (both absolute): kustomize refuses absolute
+/// paths to bases and components.
+fn relative(from: &Path, path: &Path) -> String {
+    let ups = from.components().count() - 1;
+    let down = path.strip_prefix("/").unwrap();
+    format!("{}{}", "../".repeat(ups), down.display())
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The base, every overlay, and the base plus each component (components
+/// cannot be rendered alone, so each gets a generated kustomization).
+fn targets() -> Vec<Target> {
+    let deploy = repo().join("deploy").canonicalize().unwrap();
+    let mut out = vec![Target {
+        name: "deploy/base".into(),
+        dir: deploy.join("base"),
+    }];
+    for dir in subdirs(&deploy.join("overlays")) {
+        out.push(Target {
+            name: format!(
+                "deploy/overlays/{}",
+                dir.file_name().unwrap().to_string_lossy()
+            ),
+            dir,
+        });
+    }
+    let mut components = Vec::new();
+    let mut stack = vec![deploy.join("components")];
+    while let Some(dir) = stack.pop() {
+        if dir.join("kustomization.yaml").is_file() {
+            components.push(dir.clone());
+        }
+        stack.extend(subdirs(&dir));
+    }
+    components.sort();
+    let wrappers = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("deploy-components");
+    for comp in components {
+        let rel = comp.strip_prefix(&deploy).unwrap().display().to_string();
+        let dir = wrappers.join(rel.replace('/', "_"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        std::fs::write(
+            dir.join("kustomization.yaml"),
+            format!(
+                "resources: [{}]\ncomponents: [{}]\n",
+                relative(&dir, &deploy.join("base")),
+                relative(&dir, &comp)
+            ),
+        )
+        .unwrap();
+        out.push(Target {
+            name: format!("deploy/base + deploy/{rel}"),
+            dir,
+        });
+    }
+    assert!(out.len() >= 3, "deploy/ has no overlays or components");
+    out
+}
+
+fn render(kubectl: &Path, t: &Target) -> Vec<Value> {
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(&t.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed:\n{}",
+        t.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_yaml(&String::from_utf8(out.stdout).unwrap())
+}
+
+fn parse_yaml(s: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(s)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn kind_name(doc: &Value) -> String {
+    format!(
+        "{}/{}",
+        doc["kind"].as_str().unwrap_or("?"),
+        doc["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+fn is_cert_manager(doc: &Value) -> bool {
+    doc["apiVersion"].as_str() == Some("cert-manager.io/v1")
+}
+
+/// Runs kubernetes-validate (strict) on `docs`; returns one line per problem.
+fn validate_kubernetes(validator: &Path, docs: &[Value], scratch: &Path) -> Vec<String> {
+    let file = scratch.join("rendered.yaml");
+    let yaml: Vec<String> = docs
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect();
+    std::fs::write(&file, yaml.join("---\n")).unwrap();
+    let out = Command::new(validator)
+        .args(["--strict", "-k", KUBERNETES_VERSION])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let mut problems = Vec::new();
+    let mut passed = 0;
+    for line in text.lines() {
+        if line.starts_with("INFO") && line.contains(" passed ") {
+            passed += 1;
+        } else if line.starts_with("WARN") && line.contains("cert-manager.io/v1") {
+            // Checked against our own schema by the caller.
+        } else if !line.trim().is_empty() {
+            problems.push(line.to_string());
+        }
+    }
+    let expected = docs.iter().filter(|d| !is_cert_manager(d)).count();
+    if problems.is_empty() && passed != expected {
+        problems.push(format!(
+            "kubernetes-validate passed {passed} objects, expected {expected}:\n{text}"
+        ));
+    }
+    if !out.status.success() && problems.is_empty() {
+        problems.push(format!("kubernetes-validate failed:\n{text}"));
+    }
+    problems
+}
+
+/// Python that validates JSON documents on stdin against the per-kind schemas
+/// of tests/schemas/cert-manager-v1.json, with the interpreter that runs
+/// kubernetes-validate (it depends on jsonschema).
+const SCHEMA_CHECK: &str = r#"
+import json, sys
+import jsonschema
+schemas = json.load(open(sys.argv[1]))
+bad = 0
+for doc in json.load(sys.stdin):
+    schema = dict(schemas[doc["kind"]], **{"$defs": schemas["$defs"]})
+    for e in jsonschema.Draft202012Validator(schema).iter_errors(doc):
+        bad += 1
+        print("ERROR %s/%s: %s: %s" % (doc["kind"], doc["metadata"]["name"],
+              "/".join(map(str, e.absolute_path)), e.message))
+sys.exit(1 if bad else 0)
+"#;
+
+fn validator_python(validator: &Path) -> PathBuf {
+    let dir = validator.parent().unwrap();
+    ["python3", "python"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+/// Validates cert-manager objects against our schema; one line per problem.
+fn validate_cert_manager(validator: &Path, docs: &[Value]) -> Vec<String> {
+    let docs: Vec<&Value> = docs.iter().filter(|d| is_cert_manager(d)).collect();
+    if docs.is_empty() {
+        return Vec::new();
+    }
+    let mut child = Command::new(validator_python(validator))
+        .arg("-c")
+        .arg(SCHEMA_CHECK)
+        .arg(repo().join(CERT_MANAGER_SCHEMA))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(serde_json::to_string(&docs).unwrap().as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        return Vec::new();
+    }
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    if lines.is_empty() {
+        lines.push(format!(
+            "cert-manager schema check failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    lines
+}
+
+#[test]
+fn every_kustomization_renders_and_validates() {
+    let (Some(kubectl), Some(validator)) = (kubectl(), validator()) else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for t in targets() {
+        let docs = render(&kubectl, &t);
+        assert!(!docs.is_empty(), "{} rendered nothing", t.name);
+        let mut problems = validate_kubernetes(&validator, &docs, scratch.path());
+        problems.extend(validate_cert_manager(&validator, &docs));
+        let cm = docs.iter().filter(|d| is_cert_manager(d)).count();
+        println!(
+            "{}: {} objects valid for Kubernetes {KUBERNETES_VERSION} (strict){}",
+            t.name,
+            docs.len() - cm,
+            if cm > 0 {
+                format!(
+                    "; {cm} cert-manager.io/v1 objects checked against {CERT_MANAGER_SCHEMA} \
+                     (kubernetes-validate has no schema for them)"
+                )
+            } else {
+                String::new()
+            }
+        );
+        for p in problems {
+            failures.push(format!("{}: {p}", t.name));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The checks above can fail: a misspelled field is caught by both.
+#[test]
+fn validators_reject_misspelled_fields() {
+    let (Some(kubectl), Some(validator)) = (kubectl(), validator()) else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let t = targets()
+        .into_iter()
+        .find(|t| t.name == "deploy/overlays/cert-manager")
+        .expect("deploy/overlays/cert-manager");
+    let mut docs = render(&kubectl, &t);
+    let deployment = docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap();
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] =
+        Value::from("Always");
+    let certificate = docs
+        .iter_mut()
+        .find(|d| d["kind"] == "Certificate")
+        .unwrap();
+    certificate["spec"]["secretname"] = Value::from("oops");
+    let k8s = validate_kubernetes(&validator, &docs, scratch.path());
+    assert!(
+        k8s.iter().any(|p| p.contains("imagePullPolicyy")),
+        "kubernetes-validate missed a misspelled field: {k8s:?}"
+    );
+    let cm = validate_cert_manager(&validator, &docs);
+    assert!(
+        cm.iter().any(|p| p.contains("secretname")),
+        "the cert-manager schema missed a misspelled field: {cm:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Running what the manifests run.
+
+/// The PEM files each Secret would hold, by Secret name and key.
+type Secrets = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
+
+/// The Secrets as `kiam certs --print-secrets` makes them, plus (when the
+/// rendered objects include cert-manager Certificates) each Certificate's
+/// Secret with cert-manager's keys tls.crt, tls.key and ca.crt.
+fn secrets_for(docs: &[Value], dir: &Path) -> Secrets {
+    let out = procs::kiam_bin()
+        .args(["certs", "--print-secrets", "--out-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiam certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut secrets = Secrets::new();
+    for s in parse_yaml(&String::from_utf8(out.stdout).unwrap()) {
+        let mut files = BTreeMap::new();
+        for (k, v) in s["data"].as_object().unwrap() {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap())
+                .unwrap();
+            files.insert(k.clone(), bytes);
+        }
+        secrets.insert(s["metadata"]["name"].as_str().unwrap().to_string(), files);
+    }
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    for cert in docs.iter().filter(|d| d["kind"] == "Certificate") {
+        let usages = cert["spec"]["usages"].to_string();
+        let leaf = if usages.contains("server auth") {
+            "server"
+        } else if usages.contains("client auth") {
+            "agent"
+        } else {
+            continue; // the CA
+        };
+        let files = BTreeMap::from([
+            ("tls.crt".to_string(), read(&format!("{leaf}.pem"))),
+            ("tls.key".to_string(), read(&format!("{leaf}-key.pem"))),
+            ("ca.crt".to_string(), read("ca.pem")),
+        ]);
+        let name = cert["spec"]["secretName"].as_str().unwrap().to_string();
+        secrets.insert(name, files);
+    }
+    secrets
+}
+
+/// A container of a rendered workload, with its Secret mounts turned into
+/// local directories.
+struct Container {
+    workload: String,
+    spec: Value,
+    /// mountPath -> local directory holding the Secret's files.
+    mounts: Vec<(String, PathBuf)>,
+}
+
+fn containers(docs: &[Value], secrets: &Secrets, dir: &Path) -> Vec<Container> {
+    let mut out = Vec::new();
+    for doc in docs {
+        let pod = &doc["spec"]["template"]["spec"];
+        if pod.is_null() {
+            continue;
+        }
+        let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+        for c in pod["containers"].as_array().unwrap() {
+            let mut mounts = Vec::new();
+            for m in c["volumeMounts"].as_array().cloned().unwrap_or_default() {
+                let vol = volumes
+                    .iter()
+                    .find(|v| v["name"] == m["name"])
+                    .unwrap_or_else(|| panic!("{}: no volume {}", kind_name(doc), m["name"]));
+                let Some(secret) = vol["secret"]["secretName"].as_str() else {
+                    continue;
+                };
+                let files = secrets.get(secret).unwrap_or_else(|| {
+                    panic!(
+                        "{} mounts Secret {secret}, which nothing makes",
+                        kind_name(doc)
+                    )
+                });
+                let local = dir.join(format!("{}-{}", kind_name(doc).replace('/', "-"), secret));
+                std::fs::create_dir_all(&local).unwrap();
+                for (key, bytes) in files {
+                    // `items` maps keys to other file names; none means all keys.
+                    let path = match vol["secret"]["items"].as_array() {
+                        Some(items) => match items.iter().find(|i| i["key"] == key.as_str()) {
+                            Some(i) => i["path"].as_str().unwrap().to_string(),
+                            None => continue,
+                        },
+                        None => key.clone(),
+                    };
+                    std::fs::write(local.join(path), bytes).unwrap();
+                }
+                mounts.push((m["mountPath"].as_str().unwrap().to_string(), local));
+            }
+            out.push(Container {
+                workload: kind_name(doc),
+                spec: c.clone(),
+                mounts,
+            });
+        }
+    }
+    out
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+impl Container {
+    /// The kiam argv (without the program) of `command` + `args`, or `None`
+    /// when the container does not run kiam.
+    fn kiam_argv(&self, command: &[String]) -> Option<Vec<String>> {
+        let program = command.first()?;
+        if !program.ends_with("/kiam") && program != "kiam" {
+            return None;
+        }
+        // The image provides these two paths (Containerfile).
+        assert!(
+            ["/usr/local/bin/kiam", "/kiam"].contains(&program.as_str()),
+            "{}: {program} is not where the image installs kiam",
+            self.workload
+        );
+        Some(command[1..].iter().map(|a| self.local_paths(a)).collect())
+    }
+
+    fn main_argv(&self) -> Option<Vec<String>> {
+        let mut cmd = strings(&self.spec["command"]);
+        cmd.extend(strings(&self.spec["args"]));
+        self.kiam_argv(&cmd)
+    }
+
+    /// Exec probes that run kiam, by probe name.
+    fn probe_argvs(&self) -> Vec<(String, Vec<String>)> {
+        ["startupProbe", "readinessProbe", "livenessProbe"]
+            .iter()
+            .filter_map(|p| {
+                let cmd = strings(&self.spec[*p]["exec"]["command"]);
+                self.kiam_argv(&cmd).map(|a| (p.to_string(), a))
+            })
+            .collect()
+    }
+
+    /// Points paths under a Secret mount at the local copy of that Secret.
+    fn local_paths(&self, arg: &str) -> String {
+        let mut arg = arg.to_string();
+        for (mount, local) in &self.mounts {
+            let prefix = format!("{}/", mount.trim_end_matches('/'));
+            arg = arg.replace(&prefix, &format!("{}/", local.display()));
+        }
+        arg
+    }
+
+    /// The container's environment as the kubelet would set it.
+    fn env(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for e in self.spec["env"].as_array().cloned().unwrap_or_default() {
+            let name = e["name"].as_str().unwrap().to_string();
+            let value = if let Some(v) = e["value"].as_str() {
+                v.to_string()
+            } else {
+                match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                    Some("status.podIP" | "status.hostIP") => FAKE_POD_IP.to_string(),
+                    other => panic!(
+                        "{}: env {name} from {other:?} is not simulated",
+                        self.workload
+                    ),
+                }
+            };
+            out.push((name, value));
+        }
+        out
+    }
+}
+
+/// `kiam` with only the container's environment (and PATH), so no KIAM_*
+/// variable of the test run leaks in.
+fn kiam_in(c: &Container, argv: &[String]) -> Command {
+    let mut cmd = procs::kiam_bin();
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(c.env())
+        .args(argv);
+    cmd
+}
+
+/// The value of `--flag=value` in `argv` (manifests use the `=` form).
+fn flag<'a>(argv: &'a [String], name: &str) -> Option<&'a str> {
+    let prefix = format!("--{name}=");
+    argv.iter().find_map(|a| a.strip_prefix(&prefix))
+}
+
+/// Replaces `--flag=...` (or adds it).
+fn set_flag(argv: &mut Vec<String>, name: &str, value: &str) {
+    let prefix = format!("--{name}=");
+    argv.retain(|a| !a.starts_with(&prefix) && a != &format!("--{name}"));
+    argv.push(format!("{prefix}{value}"));
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn every_kiam_command_line_passes_check_config() {
+    let Some(kubectl) = kubectl() else {
+        return;
+    };
+    let mut checked = 0;
+    for t in targets() {
+        let docs = render(&kubectl, &t);
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = secrets_for(&docs, dir.path());
+        for c in containers(&docs, &secrets, dir.path()) {
+            let Some(argv) = c.main_argv() else { continue };
+            let role = argv.first().cloned().unwrap_or_default();
+            assert!(
+                role == "server" || role == "agent",
+                "{} {}: runs kiam {role}, which has no --check-config",
+                t.name,
+                c.workload
+            );
+            let leftover: Vec<&String> = argv.iter().filter(|a| a.contains("/etc/kiam")).collect();
+            assert!(
+                leftover.is_empty(),
+                "{} {}: {leftover:?} point into no mounted Secret",
+                t.name,
+                c.workload
+            );
+            let out = kiam_in(&c, &argv).arg("--check-config").output().unwrap();
+            assert!(
+                out.status.success(),
+                "{} {}: kiam {} --check-config exited {:?}:\n{}",
+                t.name,
+                c.workload,
+                argv.join(" "),
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    println!("{checked} kiam command lines passed --check-config");
+    assert!(
+        checked >= 2 * 3,
+        "expected a server and an agent per target"
+    );
+}
+
+/// Ports and names that must agree across objects: the Service points at
+/// the server's --bind port, agents dial the Service, the probes and the
+/// scrape annotations use the ports the processes listen on.
+#[test]
+fn ports_and_names_agree_across_objects() {
+    let Some(kubectl) = kubectl() else {
+        return;
+    };
+    for t in targets() {
+        let docs = render(&kubectl, &t);
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = secrets_for(&docs, dir.path());
+        let cs = containers(&docs, &secrets, dir.path());
+        let find = |role: &str| {
+            cs.iter()
+                .find(|c| c.main_argv().is_some_and(|a| a[0] == role))
+                .unwrap_or_else(|| panic!("{}: no kiam {role}", t.name))
+        };
+        let (server, agent) = (find("server"), find("agent"));
+        let server_argv = server.main_argv().unwrap();
+        let agent_argv = agent.main_argv().unwrap();
+        let bind_port = port_of(flag(&server_argv, "bind").expect("server --bind"));
+
+        let service = docs
+            .iter()
+            .find(|d| d["kind"] == "Service")
+            .expect("a Service");
+        let svc_port = &service["spec"]["ports"][0];
+        let target = svc_port["targetPort"].as_str().expect("named targetPort");
+        let container_port = server.spec["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == target)
+            .unwrap_or_else(|| panic!("{}: server has no port named {target}", t.name));
+        assert_eq!(container_port["containerPort"], bind_port, "{}", t.name);
+        assert_eq!(service["spec"]["clusterIP"], "None", "{}: headless", t.name);
+
+        let server_address = flag(&agent_argv, "server-address").expect("agent --server-address");
+        assert_eq!(
+            server_address,
+            format!(
+                "{}:{}",
+                service["metadata"]["name"].as_str().unwrap(),
+                svc_port["port"]
+            ),
+            "{}: agents dial the Service",
+            t.name
+        );
+        for (probe, argv) in server.probe_argvs() {
+            assert_eq!(argv[0], "health", "{} {probe}", t.name);
+            let addr = flag(&argv, "server-address").expect("probe --server-address");
+            assert_eq!(port_of(addr), bind_port, "{} {probe}", t.name);
+        }
+
+        let agent_port: u16 = flag(&agent_argv, "port").unwrap().parse().unwrap();
+        for probe in ["livenessProbe", "readinessProbe"] {
+            assert_eq!(
+                agent.spec[probe]["httpGet"]["port"], agent_port,
+                "{} agent {probe}",
+                t.name
+            );
+        }
+        for (c, argv) in [(server, &server_argv), (agent, &agent_argv)] {
+            let metrics = port_of(flag(argv, "prometheus-listen-addr").unwrap());
+            let doc = docs.iter().find(|d| kind_name(d) == c.workload).unwrap();
+            let annotated =
+                &doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"];
+            assert_eq!(
+                annotated,
+                &Value::from(metrics.to_string()),
+                "{} {}",
+                t.name,
+                c.workload
+            );
+        }
+    }
+}
+
+/// Polls `f` until it returns true, for at most `limit`.
+async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f()
+}
+
+/// One HTTP GET: the status code (0 when nothing answered).
+async fn http_status(port: u16, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return 0;
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The server and agent run with the manifests' own arguments (only
+/// addresses, the kubeconfig and the metadata endpoint are pointed at the
+/// test's emulators, and the agent leaves iptables alone), and the probes
+/// the manifests declare pass against them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_and_agent_pass_their_own_probes() {
+    let Some(kubectl) = kubectl() else {
+        return;
+    };
+    let imds = imds::Imds::start(false).await;
+    let cluster = procs::ProcCluster::start().await;
+    for t in targets() {
+        let docs = render(&kubectl, &t);
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = secrets_for(&docs, dir.path());
+        let cs = containers(&docs, &secrets, dir.path());
+        let find = |role: &str| {
+            cs.iter()
+                .find(|c| c.main_argv().is_some_and(|a| a[0] == role))
+                .unwrap()
+        };
+        let (server, agent) = (find("server"), find("agent"));
+
+        let port = procs::free_port();
+        let mut argv = server.main_argv().unwrap();
+        set_flag(&mut argv, "bind", &format!("127.0.0.1:{port}"));
+        set_flag(
+            &mut argv,
+            "prometheus-listen-addr",
+            &format!("127.0.0.1:{}", procs::free_port()),
+        );
+        set_flag(
+            &mut argv,
+            "kubeconfig",
+            &cluster.kubeconfig.display().to_string(),
+        );
+        let mut cmd = kiam_in(server, &argv);
+        cmd.env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url())
+            .stdout(Stdio::null())
+            .stderr(procs::child_stderr());
+        let _server = procs::ChildGuard {
+            child: cmd.spawn().unwrap(),
+            name: "kiam server".into(),
+        };
+
+        let probes = server.probe_argvs();
+        assert_eq!(probes.len(), 3, "{}: startup, readiness, liveness", t.name);
+        for (probe, mut argv) in probes {
+            set_flag(&mut argv, "server-address", &format!("127.0.0.1:{port}"));
+            let mut last = None;
+            let ok = eventually(Duration::from_secs(15), || {
+                let out = kiam_in(server, &argv).output().unwrap();
+                let ok = out.status.success();
+                last = Some(out);
+                ok
+            })
+            .await;
+            let out = last.unwrap();
+            assert!(
+                ok,
+                "{}: the server's {probe} never passed: kiam {} -> {:?}\n{}",
+                t.name,
+                argv.join(" "),
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+        }
+
+        let agent_port = procs::free_port();
+        let mut argv = agent.main_argv().unwrap();
+        argv.retain(|a| !a.starts_with("--iptables"));
+        set_flag(&mut argv, "port", &agent_port.to_string());
+        set_flag(&mut argv, "server-address", &format!("127.0.0.1:{port}"));
+        set_flag(
+            &mut argv,
+            "prometheus-listen-addr",
+            &format!("127.0.0.1:{}", procs::free_port()),
+        );
+        set_flag(&mut argv, "metadata-endpoint", &imds.url());
+        let mut cmd = kiam_in(agent, &argv);
+        cmd.stdout(Stdio::null()).stderr(procs::child_stderr());
+        let _agent = procs::ChildGuard {
+            child: cmd.spawn().unwrap(),
+            name: "kiam agent".into(),
+        };
+        for probe in ["livenessProbe", "readinessProbe"] {
+            let path = agent.spec[probe]["httpGet"]["path"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let mut status = 0;
+            while Instant::now() < deadline {
+                status = http_status(agent_port, &path).await;
+                if (200..400).contains(&status) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(
+                (200..400).contains(&status),
+                "{}: the agent's {probe} GET {path} answered {status}",
+                t.name
+            );
+        }
+        println!("{}: server and agent pass their probes", t.name);
+    }
+}
