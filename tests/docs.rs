@@ -34,3 +34,380 @@ fn flag_reference_matches_the_binary() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Metric names: docs/grafana-dashboard.json and docs/METRICS.md against what
+// a real server and agent export after some traffic.
+
+#[path = "support/imds.rs"]
+mod imds;
+#[path = "support/procs.rs"]
+mod procs;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// One HTTP/1.1 GET on a fresh connection: (status, body); (0, "") when
+/// nothing answered.
+async fn get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// What one /metrics page says: families (name -> type) and, per sample
+/// name, the label names seen on it.
+#[derive(Default, Debug)]
+struct Exposition {
+    families: BTreeMap<String, String>,
+    samples: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Exposition {
+    fn parse(text: &str, into: &mut Exposition) {
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut it = rest.split_whitespace();
+                let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+                    continue;
+                };
+                into.families.insert(name.to_string(), kind.to_string());
+                continue;
+            }
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+            let name = line[..name_end].to_string();
+            let mut labels = BTreeSet::new();
+            if line[name_end..].starts_with('{') {
+                let inner = &line[name_end + 1..line.find('}').unwrap()];
+                for pair in split_labels(inner) {
+                    if let Some((k, _)) = pair.split_once('=') {
+                        labels.insert(k.trim().to_string());
+                    }
+                }
+            }
+            into.samples.entry(name).or_default().extend(labels);
+        }
+    }
+
+    /// Every name Prometheus stores for the scraped families: samples seen,
+    /// plus what a family without samples yet would produce.
+    fn series_names(&self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self.samples.keys().cloned().collect();
+        for (name, kind) in &self.families {
+            match kind.as_str() {
+                "counter" => {
+                    out.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    for s in ["_bucket", "_sum", "_count"] {
+                        out.insert(format!("{name}{s}"));
+                    }
+                }
+                _ => {
+                    out.insert(name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The name an operator knows a family by: counters with `_total`,
+    /// histograms by their base name.
+    /// Every label name seen on any sample (`grpc_method` looks like a
+    /// metric name but is not one).
+    fn label_names(&self) -> BTreeSet<String> {
+        self.samples.values().flatten().cloned().collect()
+    }
+
+    fn documented_name(name: &str, kind: &str) -> String {
+        if kind == "counter" {
+            format!("{name}_total")
+        } else {
+            name.to_string()
+        }
+    }
+}
+
+/// Splits `a="x",b="y,z"` at the commas outside quotes.
+fn split_labels(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let (mut quoted, mut escaped) = (false, false);
+    for ch in s.chars() {
+        match ch {
+            '\\' if quoted && !escaped => escaped = true,
+            '"' if !escaped => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => escaped = false,
+        }
+        cur.push(ch);
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Names of kiam's own families (and go-grpc-prometheus'), the ones these
+/// docs are about.
+fn ours(name: &str) -> bool {
+    name.starts_with("kiam_") || name.starts_with("grpc_")
+}
+
+/// Runs a server and an agent (moto for STS, the in-memory API server),
+/// makes every kind of metadata request once, and returns both scrapes.
+async fn scrape_server_and_agent() -> Option<Exposition> {
+    let (_moto, sts_url) = procs::start_moto()?;
+    let imds = imds::Imds::start(false).await;
+    let c = procs::ProcCluster::start().await;
+    c.namespace("team-a", "arn:aws:iam::123456789012:role/web-.*");
+    c.pod("team-a", "web", "198.18.4.10", "web-role");
+    c.pod("team-a", "batch", "198.18.4.11", "batch-role");
+    c.api
+        .apply_pod(serde_json::json!({
+            "metadata": {"name": "plain", "namespace": "team-a"},
+            "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+            "status": {"phase": "Running", "podIP": "198.18.4.12"}
+        }))
+        .unwrap();
+
+    let (port, server_metrics) = (procs::free_port(), procs::free_port());
+    let server = c.spawn_server(
+        &sts_url,
+        &[
+            "--role-base-arn=arn:aws:iam::123456789012:role/",
+            &format!("--bind=127.0.0.1:{port}"),
+            &format!("--prometheus-listen-addr=127.0.0.1:{server_metrics}"),
+        ],
+    );
+    let (agent_port, agent_metrics) = (procs::free_port(), procs::free_port());
+    let mut cmd = procs::kiam_bin();
+    cmd.args(["agent", "--host=127.0.0.1", "--allow-ip-query"])
+        .arg(format!("--port={agent_port}"))
+        .arg(format!("--server-address=localhost:{port}"))
+        .arg(format!(
+            "--prometheus-listen-addr=127.0.0.1:{agent_metrics}"
+        ))
+        .arg(format!("--metadata-endpoint={}", imds.url()))
+        .stdout(Stdio::null())
+        .stderr(procs::child_stderr());
+    c.tls_args(&mut cmd, "agent");
+    let _agent = procs::ChildGuard {
+        child: cmd.spawn().unwrap(),
+        name: "kiam agent".into(),
+    };
+
+    // Credentials once the server has synced.
+    let creds = "/latest/meta-data/iam/security-credentials/web-role?ip=198.18.4.10";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = get(agent_port, creds).await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent never served credentials: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for path in [
+        // role name, IMDSv2-less info, extended credentials
+        "/latest/meta-data/iam/security-credentials/?ip=198.18.4.10",
+        "/latest/meta-data/iam/info?ip=198.18.4.10",
+        "/latest/meta-data/iam/security-credentials-extended/web-role?ip=198.18.4.10",
+        // a role the namespace does not permit: a credential error
+        "/latest/meta-data/iam/security-credentials/batch-role?ip=198.18.4.11",
+        // a pod without a role, and an IP with no pod
+        "/latest/meta-data/iam/security-credentials/?ip=198.18.4.12",
+        "/latest/meta-data/iam/security-credentials/?ip=198.18.4.99",
+        // a path the default --allow-route-regexp blocks
+        "/latest/meta-data/instance-id?ip=198.18.4.10",
+        "/health?deep=1",
+    ] {
+        get(agent_port, path).await;
+    }
+
+    // Something that is not TLS at the gRPC port: a handshake error.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut sink)).await;
+    }
+
+    let mut all = Exposition::default();
+    let scrape = |p: u16| async move {
+        let (code, body) = get(p, "/metrics").await;
+        assert_eq!(code, 200, "GET /metrics on {p}");
+        body
+    };
+    Exposition::parse(&scrape(server_metrics).await, &mut all);
+
+    // With the server gone, the agent answers from its last good credentials.
+    drop(server);
+    let (code, body) = get(agent_port, creds).await;
+    assert_eq!(code, 200, "stale credentials: {body}");
+    Exposition::parse(&scrape(agent_metrics).await, &mut all);
+    Some(all)
+}
+
+/// Labels Prometheus adds from the scrape target, not from the binaries.
+const TARGET_LABELS: [&str; 5] = ["job", "instance", "namespace", "pod", "node"];
+
+/// Problems with one PromQL expression: unknown metric names, selectors or
+/// groupings on labels the metrics do not have, or no kiam metric at all.
+fn check_expr(expr: &str, e: &Exposition) -> Vec<String> {
+    let series = e.series_names();
+    // Label values are free text ("OK", "5.."): drop them before tokenising.
+    let unquoted = regex::Regex::new(r#""(?:[^"\\]|\\.)*""#)
+        .unwrap()
+        .replace_all(expr, "\"\"");
+    let ident = regex::Regex::new(r"[a-zA-Z_:][a-zA-Z0-9_:]*").unwrap();
+    let label_names = e.label_names();
+    let names: BTreeSet<String> = ident
+        .find_iter(&unquoted)
+        .map(|m| m.as_str().to_string())
+        .filter(|n| ours(n) && !label_names.contains(n))
+        .collect();
+    let mut problems = Vec::new();
+    if names.is_empty() {
+        problems.push(format!("uses no kiam metric: {expr}"));
+    }
+    for n in &names {
+        if !series.contains(n) {
+            problems.push(format!("{n} is not exported by kiam server or agent"));
+        }
+    }
+    let labels_of = |n: &str| e.samples.get(n).cloned().unwrap_or_default();
+    let selector = regex::Regex::new(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}").unwrap();
+    let matcher = regex::Regex::new(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)").unwrap();
+    for cap in selector.captures_iter(&unquoted) {
+        let have = labels_of(&cap[1]);
+        for m in matcher.captures_iter(&cap[2]) {
+            let label = &m[1];
+            if !have.contains(label) && !TARGET_LABELS.contains(&label) {
+                problems.push(format!(
+                    "{} has no label {label} (it has {have:?})",
+                    &cap[1]
+                ));
+            }
+        }
+    }
+    let all_labels: BTreeSet<String> = names.iter().flat_map(|n| labels_of(n)).collect();
+    let grouping = regex::Regex::new(r"\b(?:by|without)\s*\(([^)]*)\)").unwrap();
+    for cap in grouping.captures_iter(&unquoted) {
+        for label in cap[1].split(',').map(str::trim).filter(|l| !l.is_empty()) {
+            if !all_labels.contains(label) && !TARGET_LABELS.contains(&label) {
+                problems.push(format!("no metric in `{expr}` has the label {label}"));
+            }
+        }
+    }
+    problems
+}
+
+/// Every PromQL expression in the dashboard, with its panel's title.
+fn dashboard_exprs(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dashboard];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(targets) = map.get("targets").and_then(|t| t.as_array()) {
+                    let title = map.get("title").and_then(|t| t.as_str()).unwrap_or("?");
+                    for t in targets {
+                        let expr = t["expr"].as_str().unwrap_or_default().to_string();
+                        out.push((title.to_string(), expr));
+                    }
+                }
+                stack.extend(map.values());
+            }
+            serde_json::Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The Grafana dashboard and docs/METRICS.md name only metrics (and
+/// labels) that a running server and agent export, and METRICS.md
+/// documents every family they export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_metrics_doc_match_the_binaries() {
+    let Some(e) = scrape_server_and_agent().await else {
+        return;
+    };
+    let mut problems = Vec::new();
+
+    let text = std::fs::read_to_string(repo("docs/grafana-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&text).expect("docs/grafana-dashboard.json is JSON");
+    let exprs = dashboard_exprs(&dashboard);
+    assert!(
+        exprs.len() >= 10,
+        "the dashboard has only {} queries",
+        exprs.len()
+    );
+    for (title, expr) in &exprs {
+        if expr.trim().is_empty() {
+            problems.push(format!("dashboard panel {title:?}: a target without expr"));
+        }
+        for p in check_expr(expr, &e) {
+            problems.push(format!("dashboard panel {title:?}: {p}"));
+        }
+    }
+
+    let doc = std::fs::read_to_string(repo("docs/METRICS.md")).unwrap();
+    for (name, kind) in e.families.iter().filter(|(n, _)| ours(n)) {
+        let want = Exposition::documented_name(name, kind);
+        if !doc.contains(&format!("`{want}")) {
+            problems.push(format!(
+                "docs/METRICS.md does not document `{want}` ({kind}), which the binaries export"
+            ));
+        }
+    }
+    let series = e.series_names();
+    let label_names = e.label_names();
+    let token = regex::Regex::new(r"\b(?:kiam|grpc)_[a-z0-9_]+").unwrap();
+    for line in doc.lines().filter(|l| !l.contains("not exported")) {
+        for m in token.find_iter(line) {
+            let n = m.as_str();
+            if !series.contains(n) && !e.families.contains_key(n) && !label_names.contains(n) {
+                problems.push(format!("docs/METRICS.md names {n}, which is not exported"));
+            }
+        }
+    }
+    println!(
+        "{} dashboard queries and docs/METRICS.md checked against {} exported families",
+        exprs.len(),
+        e.families.len()
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
