@@ -828,3 +828,49 @@ async fn server_and_agent_pass_their_own_probes() {
         println!("{}: server and agent pass their probes", t.name);
     }
 }
+
+/// docs/CNI.md's table and deploy/components/host-interface/ agree: every
+/// component is in the table, and renders the interface the table gives.
+#[test]
+fn cni_table_matches_the_components() {
+    let Some(kubectl) = kubectl() else {
+        return;
+    };
+    let doc = std::fs::read_to_string(repo().join("docs/CNI.md")).unwrap();
+    let row =
+        regex::Regex::new(r"^\|[^|]*\| `([^`]+)` \| `host-interface/([a-z0-9-]+)` \|").unwrap();
+    let table: BTreeMap<String, String> = doc
+        .lines()
+        .filter_map(|l| row.captures(l))
+        .map(|c| (c[2].to_string(), c[1].to_string()))
+        .collect();
+    let components: Vec<Target> = targets()
+        .into_iter()
+        .filter(|t| t.name.contains("components/host-interface/"))
+        .collect();
+    assert!(!components.is_empty());
+    for t in components {
+        let name = t.name.rsplit('/').next().unwrap().to_string();
+        let want = table
+            .get(&name)
+            .unwrap_or_else(|| panic!("docs/CNI.md has no row for host-interface/{name}"));
+        let docs = render(&kubectl, &t);
+        let agent = docs
+            .iter()
+            .find(|d| d["kind"] == "DaemonSet")
+            .expect("the agent DaemonSet");
+        let env = &agent["spec"]["template"]["spec"]["containers"][0]["env"];
+        let got = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "KIAM_HOST_INTERFACE")
+            .and_then(|e| e["value"].as_str());
+        assert_eq!(got, Some(want.as_str()), "{}", t.name);
+    }
+    assert_eq!(
+        table.len(),
+        subdirs(&repo().join("deploy/components/host-interface")).len(),
+        "docs/CNI.md names a component that does not exist: {table:?}"
+    );
+}
