@@ -411,3 +411,31 @@ async fn dashboard_and_metrics_doc_match_the_binaries() {
     );
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// Relative links in README.md and docs/*.md point at files that exist.
+#[test]
+fn relative_links_resolve() {
+    let mut files = vec![repo("README.md")];
+    for entry in std::fs::read_dir(repo("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    let link = regex::Regex::new(r"\]\(([^)#\s]+)(?:#[^)]*)?\)").unwrap();
+    let mut broken = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for cap in link.captures_iter(&text) {
+            let target = &cap[1];
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let resolved = file.parent().unwrap().join(target);
+            if !resolved.exists() {
+                broken.push(format!("{}: {target}", file.display()));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
