@@ -608,7 +608,8 @@ fn every_kiam_command_line_passes_check_config() {
 
 /// Ports and names that must agree across objects: the Service points at
 /// the server's --bind port, agents dial the Service, the probes and the
-/// scrape annotations use the ports the processes listen on.
+/// scrape annotations use the ports the processes listen on, and the image
+/// tag is this crate's version.
 #[test]
 fn ports_and_names_agree_across_objects() {
     let Some(kubectl) = kubectl() else {
@@ -628,6 +629,11 @@ fn ports_and_names_agree_across_objects() {
         let server_argv = server.main_argv().unwrap();
         let agent_argv = agent.main_argv().unwrap();
         let bind_port = port_of(flag(&server_argv, "bind").expect("server --bind"));
+        // The manifests name the release they belong to.
+        let image = format!("kiam:{}", env!("CARGO_PKG_VERSION"));
+        for c in [server, agent] {
+            assert_eq!(c.spec["image"], image.as_str(), "{} {}", t.name, c.workload);
+        }
 
         let service = docs
             .iter()
