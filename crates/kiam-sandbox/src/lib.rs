@@ -5,3 +5,5 @@
 //!   plain HTTP, with fault injection for tests; `kubectl` works against it.
 
 pub mod apiserver;
+pub mod netns;
+pub mod procs;
