@@ -925,6 +925,27 @@ fn containerfile_provides_what_the_manifests_run() {
             );
         }
     }
+    // Every file the root manifest names must be in the build context.
+    let copied: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|r| !r.starts_with("--from"))
+        .flat_map(|r| {
+            let parts: Vec<&str> = r.split_whitespace().collect();
+            parts[..parts.len() - 1].to_vec()
+        })
+        .collect();
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let path = regex::Regex::new(r#"\bpath\s*=\s*"([^"]+)""#).unwrap();
+    for cap in path.captures_iter(&manifest) {
+        let p = &cap[1];
+        assert!(
+            copied
+                .iter()
+                .any(|c| p == *c || p.starts_with(&format!("{}/", c.trim_end_matches('/')))),
+            "Cargo.toml names {p}, which the Containerfile does not COPY into the build"
+        );
+    }
     let runtime = &lines[*stages.last().unwrap()..];
     let installs = runtime
         .iter()
