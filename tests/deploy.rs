@@ -130,15 +130,12 @@ fn targets() -> Vec<Target> {
         let dir = wrappers.join(rel.replace('/', "_"));
         std::fs::create_dir_all(&dir).unwrap();
         let dir = dir.canonicalize().unwrap();
-        std::fs::write(
-            dir.join("kustomization.yaml"),
-            format!(
-                "resources: [{}]\ncomponents: [{}]\n",
-                relative(&dir, &deploy.join("base")),
-                relative(&dir, &comp)
-            ),
-        )
-        .unwrap();
+        let content = format!(
+            "resources: [{}]\ncomponents: [{}]\n",
+            relative(&dir, &deploy.join("base")),
+            relative(&dir, &comp)
+        );
+        write_atomically(&dir.join("kustomization.yaml"), &content);
         out.push(Target {
             name: format!("deploy/base + deploy/{rel}"),
             dir,
@@ -146,6 +143,19 @@ fn targets() -> Vec<Target> {
     }
     assert!(out.len() >= 3, "deploy/ has no overlays or components");
     out
+}
+
+/// Tests run in parallel and share the generated kustomizations: a reader
+/// must never see a half-written file, so write aside and rename.
+fn write_atomically(path: &Path, content: &str) {
+    if std::fs::read_to_string(path).is_ok_and(|c| c == content) {
+        return;
+    }
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 fn render(kubectl: &Path, t: &Target) -> Vec<Value> {
