@@ -1,0 +1,183 @@
+//! An in-process kiam server, as `kiam server` builds it, against the
+//! in-memory API server and a fake STS, answering over mutual TLS on
+//! 127.0.0.1:0. The same wiring as the integration tests' fixture.
+//!
+//! The STS double pads credentials to real STS sizes (a session token is
+//! ~900 characters), because answer size is part of what the benchmarks move,
+//! and records when each identity's call finished so prefetch can be judged
+//! against the moment a pod asks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use kiam::proto::kiam_service_client::KiamServiceClient;
+use kiam::server::config::ServerConfig;
+use kiam::server::events::EventRecorder;
+use kiam::server::policy::ArnResolver;
+use kiam::server::sts::{AssumeRole, Credentials, FakeSts, Identity, SessionTags, StsError};
+use kiam::server::{Deps, Server};
+use kiam::tls::{ChannelOpts, ClientTls, ServerTls};
+use kiam_sandbox::apiserver::FakeApiServer;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::pods::BASE_ARN;
+
+/// [`FakeSts`] with real-sized answers and a record of finished calls.
+#[derive(Default)]
+pub struct RecordingSts {
+    pub fake: FakeSts,
+    /// When the last successful call for each role ARN finished.
+    done: Mutex<HashMap<Arc<str>, Instant>>,
+}
+
+impl RecordingSts {
+    /// When credentials for `role_arn` were last issued.
+    pub fn done_at(&self, role_arn: &str) -> Option<Instant> {
+        self.done.lock().unwrap().get(role_arn).copied()
+    }
+
+    pub fn calls(&self) -> usize {
+        self.fake.total_calls()
+    }
+}
+
+impl AssumeRole for RecordingSts {
+    fn assume_role<'a>(
+        &'a self,
+        identity: &'a Identity,
+        duration: Duration,
+        tags: Option<&'a SessionTags>,
+    ) -> BoxFuture<'a, Result<Credentials, StsError>> {
+        async move {
+            let mut c = self.fake.assume_role(identity, duration, tags).await?;
+            // Real STS: 20-character key id, 40-character secret, and a
+            // session token of several hundred characters.
+            c.access_key_id = format!("{:A<20}", c.access_key_id)[..20].to_string();
+            c.secret_access_key = format!("{:x<40}", c.secret_access_key)[..40].to_string();
+            c.session_token = format!("{:F<900}", c.session_token);
+            self.done
+                .lock()
+                .unwrap()
+                .insert(identity.role_arn.clone(), Instant::now());
+            Ok(c)
+        }
+        .boxed()
+    }
+}
+
+/// The server's configuration from `kiam server` flags plus `extra`.
+pub fn server_config(extra: &[&str]) -> Result<ServerConfig> {
+    use clap::Parser;
+    let mut argv = vec![
+        "kiam",
+        "server",
+        "--cert",
+        "unused",
+        "--key",
+        "unused",
+        "--ca",
+        "unused",
+        "--role-base-arn",
+        BASE_ARN,
+    ];
+    argv.extend_from_slice(extra);
+    let kiam::cli::Command::Server(args) = kiam::cli::Cli::try_parse_from(argv)?.command else {
+        anyhow::bail!("not a server command line");
+    };
+    ServerConfig::from_args(&args).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub fn kube_client(api_url: &str) -> Result<kube::Client> {
+    kiam::ensure_crypto_provider();
+    let config = kube::Config::new(api_url.parse()?);
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// A running in-process kiam server.
+pub struct Cluster {
+    pub sts: Arc<RecordingSts>,
+    pub addr: SocketAddr,
+    pub pki: kiam::certs::Pki,
+    pub shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Cluster {
+    /// A channel presenting the agent certificate (one HTTP/2 connection).
+    pub fn channel(&self) -> Result<Channel> {
+        let tls = ClientTls::load(self.pki.agent_files(), &mut Registry::default())?;
+        Ok(tls.channel(
+            &format!("127.0.0.1:{}", self.addr.port()),
+            &ChannelOpts::default(),
+        )?)
+    }
+
+    /// Waits until GetHealth answers `ok` (the caches have synced).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let mut client = KiamServiceClient::new(self.channel()?);
+        let deadline = Instant::now() + timeout;
+        loop {
+            match client.get_health(kiam::proto::GetHealthRequest {}).await {
+                Ok(r) if r.get_ref().message == "ok" => return Ok(()),
+                other => {
+                    if Instant::now() > deadline {
+                        anyhow::bail!("kiam server not ready after {timeout:?}: {other:?}");
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Builds and serves a kiam server (flags `extra`) watching `api`. Call
+    /// inside the runtime the server should run on.
+    pub async fn start(api: &FakeApiServer, extra: &[&str]) -> Result<Cluster> {
+        Self::start_url(&api.url(), extra).await
+    }
+
+    pub async fn start_url(api_url: &str, extra: &[&str]) -> Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let pki = kiam::certs::generate(dir.path(), &[], 1)?;
+        let sts = Arc::new(RecordingSts::default());
+        let mut registry = Registry::default();
+        let kube = kube_client(api_url)?;
+        let shutdown = CancellationToken::new();
+        let config = server_config(extra)?;
+        let server = Server::build(
+            &config,
+            Deps {
+                kube: kube.clone(),
+                sts: sts.clone(),
+                resolver: ArnResolver::new(BASE_ARN)?,
+                events: EventRecorder::new(kube),
+            },
+            &mut registry,
+            shutdown.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let tls = ServerTls::load(pki.server_files(), &mut registry)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(server.serve(listener, tls));
+        Ok(Cluster {
+            sts,
+            addr,
+            pki,
+            shutdown,
+            _dir: dir,
+        })
+    }
+}

@@ -1,0 +1,141 @@
+//! `kiam-bench`: how fast and how lean kiam is, each figure next to the
+//! floor this machine can reach for the same exchange, measured in the same
+//! run. Prints the tables and (full runs) rewrites BENCHMARKS.md.
+//!
+//! The surprise: everything shares one small machine. Load generator,
+//! servers, floors and emulators run side by side on the same cores, so
+//! absolute numbers are what *this* machine does with both ends of every
+//! connection on it; the ratios to the floors are the portable part.
+//!
+//! Run: `cargo run --release -p kiam-bench` (full, about 5 minutes) or
+//! `cargo run --release -p kiam-bench -- --quick` (small sizes, under a
+//! minute, writes nothing unless `--out` is given).
+//!
+//! - [`load`]: closed-loop HTTP and gRPC load with latency histograms.
+//! - [`floor`]: the minimal servers kiam is compared with.
+//! - [`cluster`]: an in-process kiam server on the in-memory API server.
+//! - [`pods`]: realistic 4-8 KB pod objects.
+//! - [`agent`], [`server`], [`sync`], [`prefetch`]: the figures.
+//! - [`alloc`]: a counting allocator for heap per pod (child process only).
+//! - [`procs`]: real `kiam` processes and their RSS.
+//! - [`report`]: the tables and BENCHMARKS.md.
+
+mod agent;
+mod alloc;
+mod cluster;
+mod floor;
+mod load;
+mod machine;
+mod pods;
+mod prefetch;
+mod procs;
+mod report;
+mod server;
+mod sync;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks kiam against the machine's floor and writes BENCHMARKS.md")]
+struct Args {
+    /// Small sizes and short windows (under a minute); writes nothing unless --out is given.
+    #[arg(long)]
+    quick: bool,
+    /// Only these figures (comma-separated): agent, server, sync, prefetch, sts, agent-rss.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where to write the report (default: BENCHMARKS.md in the workspace for full runs).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Internal: measure one in-process server's heap (see `sync`).
+    #[arg(long, hide = true)]
+    heap_child: Option<String>,
+}
+
+const ALL: &[&str] = &["agent", "server", "sync", "prefetch", "sts", "agent-rss"];
+
+/// A multi-threaded tokio runtime like `kiam`'s own (one per role, so each
+/// role's tasks run on its own workers as in separate processes).
+pub fn runtime(name: &str, workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(spec) = &args.heap_child {
+        alloc::enable();
+        return sync::heap_child(spec);
+    }
+    kiam::ensure_crypto_provider();
+    let wanted: Vec<&str> = if args.only.is_empty() {
+        ALL.to_vec()
+    } else {
+        for o in &args.only {
+            anyhow::ensure!(ALL.contains(&o.as_str()), "--only {o}: not one of {ALL:?}");
+        }
+        args.only.iter().map(String::as_str).collect()
+    };
+    let window = if args.quick {
+        load::Window {
+            warmup: Duration::from_millis(300),
+            measure: Duration::from_millis(1000),
+        }
+    } else {
+        load::Window {
+            warmup: Duration::from_secs(1),
+            measure: Duration::from_secs(5),
+        }
+    };
+    let before = machine::Conditions::now();
+    let mut report = report::Report::default();
+    let started = std::time::Instant::now();
+    for figure in &wanted {
+        eprintln!("== {figure}");
+        let r = match *figure {
+            "agent" => agent::warm_path(&mut report, window, &[1, 16, 64]),
+            "server" => server::throughput(&mut report, window),
+            "sync" => {
+                let sizes: &[usize] = if args.quick { &[1_000, 5_000] } else { &[10_000, 100_000] };
+                sync::memory_and_sync(&mut report, sizes)
+            }
+            "prefetch" => prefetch::prefetch(&mut report, args.quick),
+            "sts" => prefetch::single_flight(&mut report, args.quick),
+            "agent-rss" => agent::agent_rss(&mut report, window),
+            _ => unreachable!(),
+        };
+        if let Err(e) = r {
+            eprintln!("{figure} failed: {e:#}");
+            report.failures.push(format!("{figure}: {e:#}"));
+        }
+    }
+    let after = machine::Conditions::now();
+    let preamble = machine::preamble(&before, &after, args.quick, &wanted, started.elapsed());
+    let generated = report.markdown(&preamble);
+    println!("{generated}");
+    let out = match (&args.out, args.quick) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../BENCHMARKS.md"))),
+        (None, true) => None,
+    };
+    if let Some(path) = out {
+        let old = std::fs::read_to_string(&path).ok();
+        std::fs::write(&path, report::merge(&generated, old.as_deref()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if !report.failures.is_empty() {
+        anyhow::bail!("{} figure(s) failed", report.failures.len());
+    }
+    Ok(())
+}
