@@ -24,12 +24,13 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-# Python: moto's STS server and the real botocore/boto3/awscli clients.
+# Python: moto's STS server, the real botocore/boto3/awscli clients, and
+# kubernetes-validate for the deploy/ manifests.
 venv="$root/.venv"
-if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ]; then
-  step "python venv with moto[server], boto3, awscli"
+if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aws" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  step "python venv with moto[server], boto3, awscli, kubernetes-validate"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]' boto3 awscli
+  "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]' boto3 awscli kubernetes-validate
 fi
 export PATH="$venv/bin:$PATH"
 export MOTO_SERVER="$venv/bin/moto_server"
