@@ -68,7 +68,8 @@ impl From<rcgen::Error> for CertsError {
 /// What a leaf certificate is for: decides its extended key usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {
-    /// serverAuth only: a server certificate cannot pose as an agent.
+    /// serverAuth and clientAuth: Go kiam's manifests probe the server
+    /// with its own certificate (`kiam health --cert=server.pem`).
     Server,
     /// clientAuth only: an agent certificate cannot pose as a server.
     Agent,
@@ -87,7 +88,7 @@ pub struct LeafSpec {
 
 impl LeafSpec {
     /// kiam's server certificate: CN kiam-server, SANs
-    /// [`DEFAULT_SERVER_NAMES`] plus `hosts`, serverAuth.
+    /// [`DEFAULT_SERVER_NAMES`] plus `hosts`, serverAuth (and clientAuth, see [`Usage::Server`]).
     pub fn server(hosts: &[String], days: u32) -> Result<LeafSpec, CertsError> {
         let mut names: Vec<String> = DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).collect();
         for h in hosts.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
@@ -247,10 +248,17 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![match spec.usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Agent => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        // The server certificate may also act as a client: Go kiam's
+        // manifests probe the server with `kiam health --cert=server.pem`,
+        // and cfssl's usual profile gave it both usages. The agent's may
+        // never serve.
+        params.extended_key_usages = match spec.usage {
+            Usage::Server => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Usage::Agent => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
         params.use_authority_key_identifier_extension = true;
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;

@@ -12,7 +12,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 
 /// `--host` reads `KIAM_HOST` like every flag, and also `HOST_IP` (what kiam's
 /// manifests set from `status.hostIP`): copy it across before parsing.
-/// Call this before any thread is started.
+/// Call this before any thread is started, and only for `kiam agent`.
 pub fn host_ip_fallback() {
     if std::env::var_os("KIAM_HOST").is_none() {
         if let Some(v) = std::env::var_os("HOST_IP") {

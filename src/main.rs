@@ -8,7 +8,10 @@ use kiam::Fatal;
 
 fn main() {
     kiam::ensure_crypto_provider();
-    kiam::cli::host_ip_fallback();
+    // HOST_IP is the agent's; `kiam certs --host` must not pick it up.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "agent") {
+        kiam::cli::host_ip_fallback();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

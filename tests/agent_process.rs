@@ -208,3 +208,30 @@ fn host_comes_from_host_ip_or_kiam_host() {
     assert_eq!(bad.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--host"));
 }
+
+/// HOST_IP belongs to the agent: `kiam certs` must not add it to the
+/// server certificate.
+#[test]
+fn certs_ignore_host_ip() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = kiam_bin()
+        .args(["certs", "--out-dir"])
+        .arg(dir.path())
+        .env("HOST_IP", "198.18.4.99")
+        .env_remove("KIAM_HOST")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(dir.path().join("server.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("127.0.0.1"), "{text}");
+    assert!(!text.contains("198.18.4.99"), "{text}");
+}

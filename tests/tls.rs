@@ -310,7 +310,8 @@ fn kiam_certs_chain_verifies_with_openssl_and_has_the_right_names_and_usages() {
         ]
     );
     let eku = server.extended_key_usage().unwrap().unwrap().value;
-    assert!(eku.server_auth && !eku.client_auth && !eku.any);
+    // clientAuth too, so Go kiam's `kiam health --cert=server.pem` probes work.
+    assert!(eku.server_auth && eku.client_auth && !eku.any);
     assert!(!server.is_ca());
 
     let agent_der = x509(&pki.path(certs::AGENT_CERT));
