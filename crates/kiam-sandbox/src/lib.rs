@@ -7,3 +7,6 @@
 pub mod apiserver;
 pub mod netns;
 pub mod procs;
+pub mod imds;
+pub mod sandbox;
+pub mod sts;

@@ -216,20 +216,15 @@ impl NetNs {
         Ok(listener)
     }
 
-    /// A connection made from inside the namespace (non-blocking, ready for
-    /// `tokio::net::TcpStream::from_std`).
+    /// A (blocking) connection made from inside the namespace; for tokio,
+    /// `set_nonblocking(true)` it and use `tokio::net::TcpStream::from_std`.
     pub fn connect_tcp(
         &self,
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<std::net::TcpStream, NetnsError> {
-        let stream = self
-            .run(|| std::net::TcpStream::connect_timeout(&addr, timeout))?
-            .map_err(|source| self.io(source))?;
-        stream
-            .set_nonblocking(true)
-            .map_err(|source| self.io(source))?;
-        Ok(stream)
+        self.run(|| std::net::TcpStream::connect_timeout(&addr, timeout))?
+            .map_err(|source| self.io(source))
     }
 
     /// Moves this thread into the namespace until the guard is dropped:

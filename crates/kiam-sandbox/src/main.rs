@@ -1,0 +1,430 @@
+//! `kiam-sandbox`: runs kiam the way it runs on a node — real `kiam server`
+//! and `kiam agent --iptables` processes, Pods as network namespaces — with
+//! an in-memory Kubernetes API server, STS and the node's metadata service,
+//! then prints what to try and waits for Ctrl-C. `--check` instead verifies
+//! that one Pod gets credentials and a forbidden one gets none, and exits.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use kiam_sandbox::sandbox::{
+    Mode, NetworkChoice, Sandbox, SandboxOptions, SandboxPod, StsChoice, StsKind, REGION,
+};
+
+const USAGE: &str = "\
+kiam-sandbox: kiam on a simulated node on this machine (root: Pods are network namespaces)
+
+usage: cargo run -p kiam-sandbox -- [options]
+
+options:
+  --check             start, check that a permitted Pod gets credentials and a forbidden
+                      one gets none, stop; exit 0 if so, 1 if not
+  --seed FILE         Namespaces and Pods to start with (default: the built-in demo,
+                      crates/kiam-sandbox/demo/cluster.yaml)
+  --sts KIND          auto (moto if installed, else built-in), moto or builtin
+  --loopback          no network namespaces even as root (agent with --allow-ip-query)
+  --kiam PATH         the kiam binary (default: built next to this one)
+  --state-dir DIR     keep kubeconfig, certificates and logs here (default: a temp dir,
+                      removed at exit)
+  -h, --help          this text
+";
+
+struct Args {
+    check: bool,
+    options: SandboxOptions,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut options = SandboxOptions {
+        announce: true,
+        ..SandboxOptions::default()
+    };
+    let mut check = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| args.next().ok_or(format!("{flag} needs a value"));
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--check" | "smoke" => check = true,
+            "--loopback" => options.network = NetworkChoice::Loopback,
+            "--seed" => {
+                let path = PathBuf::from(value("--seed")?);
+                let seeded = SandboxOptions::with_seed_file(&path).map_err(|e| e.to_string())?;
+                options.seed_yaml = seeded.seed_yaml;
+                options.seed_name = seeded.seed_name;
+            }
+            "--sts" => {
+                options.sts = match value("--sts")?.as_str() {
+                    "auto" => StsChoice::Auto,
+                    "moto" => StsChoice::Moto,
+                    "builtin" => StsChoice::BuiltIn,
+                    other => return Err(format!("--sts {other:?}: use auto, moto or builtin")),
+                }
+            }
+            "--kiam" => options.kiam = Some(PathBuf::from(value("--kiam")?)),
+            "--state-dir" => options.state_dir = Some(PathBuf::from(value("--state-dir")?)),
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    Ok(Some(Args { check, options }))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("kiam-sandbox: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    eprintln!(
+        "kiam-sandbox: starting (API server, STS, node metadata, kiam server, kiam agent)..."
+    );
+    let sandbox = match Sandbox::start(args.options) {
+        Ok(sandbox) => sandbox,
+        Err(e) => {
+            eprintln!("kiam-sandbox: could not start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for warning in sandbox.warnings() {
+        eprintln!("\n!!! {warning}\n");
+    }
+    print!("{}", describe(&sandbox));
+    if args.check {
+        let ok = smoke(&sandbox);
+        drop(sandbox);
+        return if ok {
+            println!("kiam-sandbox --check: PASS");
+            ExitCode::SUCCESS
+        } else {
+            println!("kiam-sandbox --check: FAIL");
+            ExitCode::FAILURE
+        };
+    }
+    println!("Press Ctrl-C to stop: processes, namespaces and iptables rules are removed.");
+    let outcome = wait_for_signal_or_crash(&sandbox);
+    eprintln!("\nkiam-sandbox: {outcome}; cleaning up...");
+    let failed = outcome.starts_with("stopping because");
+    drop(sandbox);
+    eprintln!("kiam-sandbox: done");
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Blocks until SIGINT/SIGTERM/SIGHUP, or until a child dies.
+fn wait_for_signal_or_crash(sandbox: &Sandbox) -> String {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return format!("stopping because no runtime for signals: {e}"),
+    };
+    runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return "stopping because signals cannot be handled".to_string();
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return "interrupted".to_string(),
+                _ = term.recv() => return "terminated".to_string(),
+                _ = hup.recv() => return "hung up".to_string(),
+                _ = tick.tick() => {
+                    if let Err(e) = sandbox.check() {
+                        return format!("stopping because {e}");
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn role_of(sandbox: &Sandbox, pod: &SandboxPod) -> Option<String> {
+    let object = sandbox.api().pod(&pod.namespace, &pod.name)?;
+    object["metadata"]["annotations"]["iam.amazonaws.com/role"]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn permitted_regex(sandbox: &Sandbox, namespace: &str) -> Option<String> {
+    let object = sandbox.api().namespace(namespace)?;
+    object["metadata"]["annotations"]["iam.amazonaws.com/permitted"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// What is running and what to try.
+fn describe(sandbox: &Sandbox) -> String {
+    use std::fmt::Write;
+    let e = sandbox.endpoints();
+    let kubeconfig = sandbox.kubeconfig().display().to_string();
+    let namespaces = sandbox.mode() == Mode::Namespaces;
+    let node_ns = sandbox.node_ns().map(|n| n.name().to_string());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nkiam sandbox is running ({})\n",
+        if namespaces {
+            "Pods are network namespaces on an isolated node namespace"
+        } else {
+            "LOOPBACK ONLY: no network namespaces"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  Kubernetes API   {}  (kubeconfig {kubeconfig})",
+        e.api
+    );
+    let sts = match sandbox.sts_kind() {
+        StsKind::Moto => "moto",
+        StsKind::BuiltIn => "built-in emulator",
+    };
+    let _ = writeln!(
+        out,
+        "  STS              {sts} at {}  (from Pods: {})",
+        e.sts, e.sts_for_pods
+    );
+    let _ = writeln!(
+        out,
+        "  node metadata    {} as the agent sees it; node role {} must never reach a Pod",
+        e.node_metadata,
+        sandbox.node_metadata().node().role_name
+    );
+    let _ = writeln!(
+        out,
+        "  kiam server      {} on the node; metrics {}/metrics; log {}",
+        e.server_address,
+        e.server_metrics,
+        sandbox.log_path("kiam-server").display()
+    );
+    let _ = writeln!(
+        out,
+        "  kiam agent       {}{}; metrics {}/metrics; log {}",
+        e.agent,
+        match sandbox.host_interface() {
+            Some(wildcard) => format!(
+                " (on the node: {}, iptables DNAT for -i {wildcard})",
+                kiam_sandbox::sandbox::NODE_IP
+            ),
+            None => " (--allow-ip-query)".into(),
+        },
+        e.agent_metrics,
+        sandbox.log_path("kiam-agent").display()
+    );
+    if let Some(ns) = &node_ns {
+        let _ = writeln!(out, "  node namespace   {ns}");
+    }
+    let _ = writeln!(out, "  kiam binary      {}", sandbox.kiam().display());
+
+    let _ = writeln!(out, "\nPods:");
+    let pods = sandbox.pods();
+    for pod in &pods {
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<14} {:<40} role {}",
+            format!("{}/{}", pod.namespace, pod.name),
+            pod.ip,
+            pod.netns.as_deref().unwrap_or("-"),
+            role_of(sandbox, pod).unwrap_or_else(|| "(none)".into())
+        );
+    }
+
+    let _ = writeln!(out, "\nTry:");
+    let creds = "/latest/meta-data/iam/security-credentials/";
+    let in_pod = |pod: &SandboxPod, rest: &str| match &pod.netns {
+        Some(ns) => format!("sudo ip netns exec {ns} {rest}"),
+        None => rest.to_string(),
+    };
+    let url = |pod: &SandboxPod, path: &str| match pod.netns {
+        Some(_) => format!("http://169.254.169.254{path}"),
+        None => format!("{}{path}?ip={}", e.agent, pod.ip),
+    };
+    let permitted = pods.iter().find(|p| {
+        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_some()
+    });
+    let forbidden = pods.iter().find(|p| {
+        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_none()
+    });
+    if let Some(pod) = permitted {
+        let role = role_of(sandbox, pod).unwrap_or_default();
+        let role = role.rsplit('/').next().unwrap_or(&role).to_string();
+        let _ = writeln!(
+            out,
+            "  # {}/{}: its role name, then its credentials",
+            pod.namespace, pod.name
+        );
+        let _ = writeln!(
+            out,
+            "  {}",
+            in_pod(pod, &format!("curl -s {}; echo", url(pod, creds)))
+        );
+        let _ = writeln!(
+            out,
+            "  {}",
+            in_pod(
+                pod,
+                &format!("curl -s {}; echo", url(pod, &format!("{creds}{role}")))
+            )
+        );
+        if pod.netns.is_some() {
+            let _ = writeln!(out, "  # any SDK, unconfigured, inside the Pod:");
+            let _ = writeln!(
+                out,
+                "  {}",
+                in_pod(
+                    pod,
+                    &format!(
+                        "aws sts get-caller-identity --region {REGION} --endpoint-url {}",
+                        e.sts_for_pods
+                    )
+                )
+            );
+        }
+    }
+    if let Some(pod) = forbidden {
+        let role = role_of(sandbox, pod).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  # {}/{}: namespace {} permits no role, so no credentials and a KiamRoleForbidden event",
+            pod.namespace, pod.name, pod.namespace
+        );
+        let _ = writeln!(
+            out,
+            "  {}",
+            in_pod(
+                pod,
+                &format!(
+                    "curl -s -w ' %{{http_code}}\\n' {}",
+                    url(pod, &format!("{creds}{role}"))
+                )
+            )
+        );
+        let _ = writeln!(
+            out,
+            "  kubectl --kubeconfig {kubeconfig} -n {} get events",
+            pod.namespace
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  kubectl --kubeconfig {kubeconfig} get pods -A -o wide"
+    );
+    if let Some(pod) = permitted {
+        let _ = writeln!(
+            out,
+            "  kubectl --kubeconfig {kubeconfig} -n {} annotate --overwrite pod {} iam.amazonaws.com/role=another-role",
+            pod.namespace, pod.name
+        );
+        let _ = writeln!(
+            out,
+            "  kubectl --kubeconfig {kubeconfig} -n {} run web --image=busybox --annotations=iam.amazonaws.com/role=web   # gets an IP{}",
+            pod.namespace,
+            if namespaces { " and a network namespace" } else { "" }
+        );
+    }
+    if let Some(ns) = &node_ns {
+        let _ = writeln!(
+            out,
+            "  sudo ip netns exec {ns} iptables -t nat -S PREROUTING"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  curl -s {}/metrics | grep kiam_metadata",
+        e.agent_metrics
+    );
+    out.push('\n');
+    out
+}
+
+/// One permitted Pod gets credentials that are not the node's; one
+/// forbidden Pod gets none. Prints a line per check.
+fn smoke(sandbox: &Sandbox) -> bool {
+    let pods = sandbox.pods();
+    let permitted = pods.iter().find(|p| {
+        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_some()
+    });
+    let forbidden = pods.iter().find(|p| {
+        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_none()
+    });
+    let (Some(permitted), Some(forbidden)) = (permitted, forbidden) else {
+        println!(
+            "FAIL: the seed needs a Pod with a role in a namespace with iam.amazonaws.com/permitted \
+             and one in a namespace without it"
+        );
+        return false;
+    };
+    let markers = sandbox.node_metadata().node().markers();
+    let leaks = |body: &str| markers.iter().any(|m| body.contains(m));
+    let creds = "/latest/meta-data/iam/security-credentials/";
+    let mut ok = true;
+    let mut report = |pass: bool, what: String| {
+        println!("{} {what}", if pass { "PASS:" } else { "FAIL:" });
+        ok &= pass;
+    };
+
+    // The server may still be fetching the first credentials: retry briefly.
+    let role = role_of(sandbox, permitted).unwrap_or_default();
+    let role_name = role.rsplit('/').next().unwrap_or(&role).to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = Err("not asked".to_string());
+    while Instant::now() < deadline {
+        last = sandbox.metadata_get(permitted, &format!("{creds}{role_name}"));
+        if matches!(&last, Ok((200, _))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let who = format!("{}/{}", permitted.namespace, permitted.name);
+    match sandbox.metadata_get(permitted, creds) {
+        Ok((200, body)) => report(
+            body == role_name,
+            format!("{who} is told its role: {body:?}"),
+        ),
+        other => report(false, format!("{who} role name: {other:?}")),
+    }
+    match &last {
+        Ok((200, body)) => {
+            let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let key = json["AccessKeyId"].as_str().unwrap_or_default();
+            report(
+                json["Code"] == "Success" && !key.is_empty() && !leaks(body),
+                format!("{who} gets credentials for {role_name} (AccessKeyId {key})"),
+            );
+        }
+        other => report(false, format!("{who} credentials: {other:?}")),
+    }
+
+    let who = format!("{}/{}", forbidden.namespace, forbidden.name);
+    let role = role_of(sandbox, forbidden).unwrap_or_default();
+    let role_name = role.rsplit('/').next().unwrap_or(&role).to_string();
+    match sandbox.metadata_get(forbidden, &format!("{creds}{role_name}")) {
+        Ok((status, body)) => report(
+            status != 200 && !body.contains("AccessKeyId") && !leaks(&body),
+            format!("{who} gets no credentials (HTTP {status})"),
+        ),
+        Err(e) => report(false, format!("{who}: {e}")),
+    }
+    report(
+        sandbox.node_metadata().node_credentials_served() == 0,
+        "the node role's credentials were never handed out".into(),
+    );
+    if let Err(e) = sandbox.check() {
+        report(false, e.to_string());
+    }
+    ok
+}
