@@ -61,6 +61,9 @@ fn parse_ip(ip: &str) -> Result<IpAddr, Status> {
 fn find_error(ip: IpAddr, e: FindError) -> Status {
     match e {
         FindError::NotFound => Status::not_found(NO_POD_FOUND),
+        // An answer, not an outage: agents must not cover it with what they
+        // kept for this IP, which may be the previous pod's.
+        e @ FindError::Ambiguous { .. } => Status::failed_precondition(e.to_string()),
         other => {
             tracing::warn!(pod.ip = %ip, error = %other, "finding pod failed");
             Status::unavailable(other.to_string())

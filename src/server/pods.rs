@@ -7,9 +7,14 @@
 //! answer that is still ambiguous is an error, never a guess.
 //!
 //! What may be stale: a pod whose deletion or completion the watch has not
-//! delivered yet still matches its IP (there is no way to know without
-//! asking the API on every request). The window is the watch's lag, usually
-//! well under a second; kubelet only frees an IP after the old pod is gone.
+//! delivered yet. Because its IP may already belong to a new pod, a cached
+//! answer is confirmed with one GET of that pod by name (not a list) before
+//! it is used, at most once per [`CONFIRM_TTL`] per pod and shared by
+//! concurrent requests: a pod the API reports gone, completed or moved is
+//! dropped and the IP is looked up afresh. A confirmation that fails or
+//! takes longer than [`CONFIRM_TIMEOUT`] trusts the cache, so an API outage
+//! does not stop kiam serving running pods; while the API is unreachable
+//! the window is the watch's staleness again (see docs/RELIABILITY.md).
 //!
 //! `--sync`: kube-runtime's watcher has no client-go style resync (which only
 //! replayed the cache to event handlers; kiam's handlers ignored it). Here
@@ -55,6 +60,16 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// raced with the deletion cannot re-insert it. A lookup's answer is at most
 /// [`LOOKUP_TIMEOUT`] old when it is inserted, so this is ample.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(60);
+/// A pod the API confirmed (or could not be asked about) is trusted from
+/// the cache for this long. Shorter than any IP hand-over: the kubelet must
+/// stop the old pod, the CNI free and re-assign its address, and the new
+/// pod's container start, before the new pod can ask.
+pub const CONFIRM_TTL: Duration = Duration::from_secs(1);
+/// A confirmation slower than this is abandoned and the cache trusted: the
+/// agent gives one attempt 300ms and the API may be overloaded or down.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_millis(150);
+/// Past this many remembered confirmations the stale ones are pruned.
+const CONFIRMATIONS_PRUNE_AT: usize = 1024;
 
 /// The pod phases kiam cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +225,22 @@ struct Handle {
 
 type Lookup = Shared<BoxFuture<'static, Result<Arc<PodInfo>, FindError>>>;
 
+/// What a confirmation of a cached pod found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Confirmed {
+    /// The API still has it, live, on that IP (or could not say): use it.
+    Trusted,
+    /// Gone, completed, past its deadline or moved: the cache was updated;
+    /// ask the API who has the IP now.
+    Stale,
+}
+
+enum Confirmation {
+    /// Trusted until then.
+    Until(Instant),
+    InFlight(Shared<BoxFuture<'static, Confirmed>>),
+}
+
 struct State {
     // std Mutex: no `.await` happens while it is held.
     index: Mutex<Index>,
@@ -222,6 +253,8 @@ struct State {
     // std Mutex: held only to find or insert a lookup, never across `.await`.
     lookups: Mutex<HashMap<IpAddr, Lookup>>,
     lookup_permits: Semaphore,
+    // std Mutex: held only to find or insert a confirmation, never across `.await`.
+    confirmations: Mutex<HashMap<Arc<str>, Confirmation>>,
 }
 
 impl PodCache {
@@ -256,6 +289,7 @@ impl PodCache {
             synced: Synced::default(),
             lookups: Mutex::new(HashMap::new()),
             lookup_permits: Semaphore::new(MAX_CONCURRENT_LOOKUPS),
+            confirmations: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();
         let task_state = state.clone();
@@ -276,15 +310,22 @@ impl PodCache {
     }
 
     /// The one live pod using `ip`. Answers from the cache when it knows
-    /// exactly one live pod there; otherwise asks the API server once (at
-    /// most one lookup per IP is in flight, shared by concurrent callers) and
-    /// answers from that: one live pod (also put in the cache), none
-    /// ([`FindError::NotFound`]) or several ([`FindError::Ambiguous`]).
+    /// exactly one live pod there and the API confirms it (see the module
+    /// doc); otherwise asks the API server once (at most one lookup per IP
+    /// is in flight, shared by concurrent callers) and answers from that:
+    /// one live pod (also put in the cache), none ([`FindError::NotFound`])
+    /// or several ([`FindError::Ambiguous`]).
     pub async fn find_by_ip(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
         let state = &self.handle.state;
         let live = state.index.lock().unwrap().live_on(ip, Timestamp::now());
         if let [only] = live.as_slice() {
-            return Ok(only.clone());
+            if state.clone().confirm(only.clone(), ip).await == Confirmed::Trusted {
+                return Ok(only.clone());
+            }
+            tracing::info!(
+                pod.namespace = %only.namespace, pod.name = %only.name, pod.ip = %ip,
+                "the cached pod for this IP is gone or moved (the watch lags); asking who has the IP now"
+            );
         }
         tracing::debug!(pod.ip = %ip, cached_live_pods = live.len(), "asking the API server for the pod");
         state.clone().lookup(ip).await
@@ -435,6 +476,97 @@ impl State {
         }
     }
 
+    /// Checks with the API that `pod` still owns `ip`, unless that was
+    /// checked (or could not be) within [`CONFIRM_TTL`]. Concurrent callers
+    /// share one GET, run as a task so a caller giving up cancels nothing.
+    async fn confirm(self: Arc<Self>, pod: Arc<PodInfo>, ip: IpAddr) -> Confirmed {
+        let pending = {
+            let mut confirmations = self.confirmations.lock().unwrap();
+            match confirmations.get(&pod.uid) {
+                Some(Confirmation::Until(t)) if Instant::now() < *t => return Confirmed::Trusted,
+                Some(Confirmation::InFlight(f)) => f.clone(),
+                _ => {
+                    if confirmations.len() >= CONFIRMATIONS_PRUNE_AT {
+                        let now = Instant::now();
+                        confirmations.retain(|_, c| match c {
+                            Confirmation::Until(t) => now < *t,
+                            Confirmation::InFlight(_) => true,
+                        });
+                    }
+                    let state = self.clone();
+                    let uid = pod.uid.clone();
+                    let task = tokio::spawn(async move {
+                        let outcome = state.confirm_api(&pod, ip).await;
+                        let mut confirmations = state.confirmations.lock().unwrap();
+                        match outcome {
+                            Confirmed::Trusted => {
+                                let until = Instant::now() + CONFIRM_TTL;
+                                confirmations.insert(pod.uid.clone(), Confirmation::Until(until));
+                            }
+                            Confirmed::Stale => {
+                                confirmations.remove(&pod.uid);
+                            }
+                        }
+                        outcome
+                    });
+                    // A task that died (shutdown) leaves the cache as the answer.
+                    let shared = task
+                        .map(|joined| joined.unwrap_or(Confirmed::Trusted))
+                        .boxed()
+                        .shared();
+                    confirmations.insert(uid, Confirmation::InFlight(shared.clone()));
+                    shared
+                }
+            }
+        };
+        pending.await
+    }
+
+    async fn confirm_api(&self, pod: &PodInfo, ip: IpAddr) -> Confirmed {
+        let api: Api<Pod> = Api::namespaced(self.api.clone().into_client(), &pod.namespace);
+        let fetched = match tokio::time::timeout(CONFIRM_TIMEOUT, api.get_opt(&pod.name)).await {
+            Ok(Ok(fetched)) => fetched,
+            Ok(Err(error)) => {
+                tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, %error,
+                    "cannot confirm the cached pod; trusting the cache");
+                return Confirmed::Trusted;
+            }
+            Err(_) => {
+                tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name,
+                    "confirming the cached pod took too long; trusting the cache");
+                return Confirmed::Trusted;
+            }
+        };
+        let key = (pod.namespace.clone(), pod.name.clone());
+        let mut index = self.index.lock().unwrap();
+        match fetched {
+            None => {
+                index.delete(&key, &pod.uid);
+                Confirmed::Stale
+            }
+            Some(fetched) => {
+                let entry = self.entry(&fetched);
+                if entry.info.uid != pod.uid {
+                    // Replaced by a namesake: the one we had is deleted.
+                    index.delete(&key, &pod.uid);
+                    return Confirmed::Stale;
+                }
+                let still = entry.info.ip == Some(ip) && entry.info.matches_ip_at(Timestamp::now());
+                // Newer than the cache (the watch lags): keep what the API said.
+                let announce = index.insert_fresh(entry);
+                drop(index);
+                if let Some(info) = announce {
+                    self.announce(&info);
+                }
+                if still {
+                    Confirmed::Trusted
+                } else {
+                    Confirmed::Stale
+                }
+            }
+        }
+    }
+
     /// Joins the in-flight lookup for `ip` or starts one. The lookup is a
     /// task, so a caller that gives up (its gRPC deadline passed) neither
     /// cancels it for the others nor leaves it half-done holding a permit.
@@ -505,6 +637,11 @@ impl State {
                 if let Some(announce) = announce {
                     self.announce(&announce);
                 }
+                // Just read from the API: no need to confirm it again at once.
+                self.confirmations.lock().unwrap().insert(
+                    info.uid.clone(),
+                    Confirmation::Until(Instant::now() + CONFIRM_TTL),
+                );
                 Ok(info)
             }
             _ => {
