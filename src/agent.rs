@@ -19,8 +19,9 @@ pub mod iptables;
 pub mod metadata;
 pub mod proxy;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::connect_info::ConnectInfo;
@@ -28,7 +29,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use regex::Regex;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,6 +54,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 4096;
 /// Bound on one exchange with `--metadata-endpoint`.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection refused by the per-source limit gets to receive
+/// its 429 before it is closed.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the agent could not start. `Usage` variants are bad flags or files
 /// (exit 64).
@@ -267,7 +272,7 @@ pub async fn run(
     state: Arc<State>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = metadata::router(state);
+    let app = metadata::router(state.clone());
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -275,6 +280,8 @@ pub async fn run(
         .keep_alive(true);
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source = Arc::new(PerSource::default());
+    let max_per_source = state.config().max_connections_per_source.max(1);
     loop {
         let slot = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -292,6 +299,16 @@ pub async fn run(
                 }
             },
         };
+        let source = peer.ip().to_canonical();
+        let Some(source_slot) = PerSource::take(&per_source, source, max_per_source) else {
+            state.metrics().connection_refused();
+            tracing::debug!(peer = %peer, limit = max_per_source, "too many open connections from one source; refusing");
+            tracker.spawn(async move {
+                let _slot = slot;
+                refuse(stream, source, max_per_source).await;
+            });
+            continue;
+        };
         let app = app.clone();
         let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             // The only source of identity: the TCP peer.
@@ -301,7 +318,7 @@ pub async fn run(
         let conn = http.serve_connection(TokioIo::new(stream), svc);
         let stop = shutdown.clone();
         tracker.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, source_slot);
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -326,4 +343,64 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// Open connections per source address.
+#[derive(Default)]
+struct PerSource {
+    // std Mutex: a counter update, no `.await` under the lock.
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection from `ip`; gives its place back when dropped.
+struct SourceSlot {
+    counts: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    fn take(counts: &Arc<PerSource>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut open = counts.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Answers 429 on a connection over the per-source limit, then closes it.
+/// What the client sent is read and dropped for a moment so closing does
+/// not reset the connection before the answer is read.
+async fn refuse(mut stream: TcpStream, source: IpAddr, limit: usize) {
+    let body = format!("too many open connections from {source} (limit {limit})\n");
+    let answer = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }

@@ -59,6 +59,9 @@ pub struct Config {
     pub deadline: Duration,
     /// Budget for `/health` (server health and upstream instance-id).
     pub health_deadline: Duration,
+    /// Open connections allowed from one source address; more are answered
+    /// 429 and closed, so one pod cannot use up the agent's connections.
+    pub max_connections_per_source: usize,
 }
 
 impl Config {
@@ -71,6 +74,7 @@ impl Config {
             stale_window: Duration::from_secs(300),
             deadline: Duration::from_millis(900),
             health_deadline: Duration::from_secs(3),
+            max_connections_per_source: 64,
         }
     }
 }
@@ -99,6 +103,7 @@ pub struct Metrics {
     responses: Family<ResponseLabels, Counter>,
     proxy_blocked: Counter,
     stale_served: Family<HandlerLabel, Counter>,
+    connections_refused: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -117,6 +122,7 @@ impl Metrics {
             responses: Family::default(),
             proxy_blocked: Counter::default(),
             stale_served: Family::default(),
+            connections_refused: Counter::default(),
         };
         // Counters are registered without `_total`: the library appends it.
         registry.register(
@@ -159,7 +165,17 @@ impl Metrics {
             "Answers served from the last good server answer because no server answered",
             m.stale_served.clone(),
         );
+        registry.register(
+            "kiam_agent_connections_refused",
+            "Connections refused because their source address already had the most open connections allowed",
+            m.connections_refused.clone(),
+        );
         m
+    }
+
+    /// Counts a connection refused by the per-source limit.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     fn inc(family: &Family<HandlerLabel, Counter>, handler: &'static str) {
@@ -197,6 +213,15 @@ impl State {
     /// The credential fallback (for tests and diagnostics).
     pub fn fallback(&self) -> &Fallback {
         &self.fallback
+    }
+
+    /// The router's settings.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 }
 
