@@ -48,6 +48,8 @@ pub const ROLE_BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The AWS region everything is configured with.
 pub const REGION: &str = "us-east-1";
+/// `spec.nodeName` of the sandbox's Pods.
+pub const NODE_NAME: &str = "sandbox-node";
 
 /// Name prefix of the sandbox's namespaces and links.
 const PREFIX: &str = "ksb";
@@ -641,6 +643,8 @@ impl Sandbox {
                 cmd.env_remove(key);
             }
         }
+        // Logs go to files: plain text, no colour codes.
+        cmd.env("NO_COLOR", "1");
         Ok(cmd)
     }
 
@@ -734,8 +738,13 @@ impl Sandbox {
             let Some(view) = PodView::of(&pod) else {
                 continue;
             };
-            if let Some(ip) = view.ip {
-                self.cluster.add(&view.namespace, &view.name, ip)?;
+            let Some(ip) = view.ip else {
+                continue;
+            };
+            self.cluster.add(&view.namespace, &view.name, ip)?;
+            let running = pod["status"]["phase"] == "Running";
+            if running && pod["status"]["containerStatuses"].is_null() {
+                let _ = self.cluster.mark_running(&view.namespace, &view.name, ip);
             }
         }
         Ok(())
@@ -772,7 +781,7 @@ impl Sandbox {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "uid": format!("sandbox-{namespace}-{name}-{ip}")},
-            "spec": {"nodeName": "sandbox-node", "serviceAccountName": "default",
+            "spec": {"nodeName": NODE_NAME, "serviceAccountName": "default",
                      "containers": [{"name": "main", "image": "busybox"}]},
             "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
         });
@@ -780,7 +789,12 @@ impl Sandbox {
             pod["metadata"]["annotations"] = json!({"iam.amazonaws.com/role": role});
         }
         let added = self.cluster.add(namespace, name, ip)?;
-        if let Err(e) = self.cluster.api.apply_pod(pod) {
+        let created = self
+            .cluster
+            .api
+            .apply_pod(pod)
+            .and_then(|_| self.cluster.mark_running(namespace, name, ip));
+        if let Err(e) = created {
             self.cluster.remove(namespace, name);
             return Err(SandboxError::Pod(format!(
                 "creating pod {namespace}/{name}: {e}"
@@ -1053,6 +1067,45 @@ impl Cluster {
         Ok(pod)
     }
 
+    /// What the kubelet reports for a started Pod: on this node, with an IP,
+    /// Running, every container ready (so `kubectl get pods` says 1/1).
+    fn mark_running(
+        &self,
+        namespace: &str,
+        name: &str,
+        ip: Ipv4Addr,
+    ) -> Result<Value, crate::apiserver::ApiError> {
+        let pod = self.api.pod(namespace, name).unwrap_or_default();
+        let now = jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+        let statuses: Vec<Value> = pod["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                json!({"name": c["name"], "image": c["image"], "ready": true, "started": true,
+                       "restartCount": 0, "state": {"running": {"startedAt": now}}})
+            })
+            .collect();
+        self.api.patch_pod(
+            namespace,
+            name,
+            json!({
+                "spec": {"nodeName": pod["spec"]["nodeName"].as_str().unwrap_or(NODE_NAME)},
+                "status": {
+                    "phase": "Running",
+                    "hostIP": NODE_IP.to_string(),
+                    "podIP": ip.to_string(),
+                    "podIPs": [{"ip": ip.to_string()}],
+                    "startTime": now,
+                    "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+                    "containerStatuses": statuses,
+                }
+            }),
+        )
+    }
+
     fn remove(&self, namespace: &str, name: &str) -> Option<SandboxPod> {
         let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
         let at = pods
@@ -1110,14 +1163,7 @@ impl Cluster {
             let ip = self.next_free_ip();
             match self.add(&view.namespace, &view.name, ip) {
                 Ok(pod) => {
-                    let started = self
-                        .api
-                        .set_pod_ip(&view.namespace, &view.name, &ip.to_string())
-                        .and_then(|_| {
-                            self.api
-                                .set_pod_phase(&view.namespace, &view.name, "Running")
-                        });
-                    if started.is_err() {
+                    if self.mark_running(&view.namespace, &view.name, ip).is_err() {
                         // Deleted meanwhile; the next pass removes it.
                         continue;
                     }
