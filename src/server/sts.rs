@@ -434,6 +434,9 @@ pub enum FakeFailure {
     AccessDenied,
     /// Never answers (until the caller gives up).
     Hang,
+    /// Answers, after the configured delay, the retryable `Timeout` the
+    /// real client reports when STS does not answer in time.
+    Timeout,
 }
 
 #[derive(Default)]
@@ -564,6 +567,10 @@ impl FakeSts {
                 retryable: false,
             }),
             Some(FakeFailure::Hang) => futures::future::pending().await,
+            Some(FakeFailure::Timeout) => Err(StsError::transient(
+                "Timeout",
+                "STS did not answer in time",
+            )),
             None => {
                 let n = self.serial.fetch_add(1, Ordering::Relaxed);
                 let now = Timestamp::now();
