@@ -53,55 +53,20 @@ metadata:
 "#;
 
 /// Refuses metadata GETs that carry no IMDSv2 token, with a TCP reset.
+#[rustfmt::skip]
 const REQUIRE_TOKEN: &[&str] = &[
-    "-I",
-    "OUTPUT",
-    "-p",
-    "tcp",
-    "-d",
-    "169.254.169.254",
-    "--dport",
-    "80",
-    "-m",
-    "string",
-    "--algo",
-    "bm",
-    "--string",
-    "GET ",
-    "-m",
-    "string",
-    "--algo",
-    "bm",
-    "--icase",
-    "!",
-    "--string",
-    "x-aws-ec2-metadata-token:",
-    "-j",
-    "REJECT",
-    "--reject-with",
-    "tcp-reset",
+    "-I", "OUTPUT", "-p", "tcp", "-d", "169.254.169.254", "--dport", "80",
+    "-m", "string", "--algo", "bm", "--string", "GET ",
+    "-m", "string", "--algo", "bm", "--icase", "!", "--string", "x-aws-ec2-metadata-token:",
+    "-j", "REJECT", "--reject-with", "tcp-reset",
 ];
 
 /// Refuses the IMDSv2 token request, with a TCP reset.
+#[rustfmt::skip]
 const REFUSE_TOKEN: &[&str] = &[
-    "-I",
-    "OUTPUT",
-    "-p",
-    "tcp",
-    "-d",
-    "169.254.169.254",
-    "--dport",
-    "80",
-    "-m",
-    "string",
-    "--algo",
-    "bm",
-    "--string",
-    "PUT /latest/api/token",
-    "-j",
-    "REJECT",
-    "--reject-with",
-    "tcp-reset",
+    "-I", "OUTPUT", "-p", "tcp", "-d", "169.254.169.254", "--dport", "80",
+    "-m", "string", "--algo", "bm", "--string", "PUT /latest/api/token",
+    "-j", "REJECT", "--reject-with", "tcp-reset",
 ];
 
 /// Says something past libtest's output capture.
@@ -750,4 +715,99 @@ fn annotate(
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// Without namespaces (any user): the sandbox falls back to loopback and
+/// `--allow-ip-query`, and the built-in STS stands in for moto. The real
+/// server's Rust SDK and botocore both speak to that emulator, and
+/// GetCallerIdentity answers with the assumed role of the key it issued.
+#[test]
+fn loopback_sandbox_with_the_built_in_sts() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        seed_yaml: SEED.into(),
+        seed_name: "tests/e2e_sdk.rs".into(),
+        kiam: Some(PathBuf::from(env!("CARGO_BIN_EXE_kiam"))),
+        sts: StsChoice::BuiltIn,
+        network: NetworkChoice::Loopback,
+        kubelet: false,
+        ..SandboxOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("sandbox: {e}"));
+    assert_eq!(sandbox.mode(), kiam_sandbox::sandbox::Mode::Loopback);
+    let sts = sandbox.builtin_sts().expect("the built-in STS runs");
+    let reader = sandbox
+        .add_pod("e2e", "reader", Some("e2e-reader"))
+        .unwrap();
+    let denied = sandbox
+        .add_pod("locked", "denied", Some("e2e-denied"))
+        .unwrap();
+    assert_eq!(reader.netns, None);
+
+    warm(&sandbox, &reader, "e2e-reader").unwrap();
+    let (status, body) = sandbox
+        .metadata_get(&reader, &format!("{CREDENTIALS}e2e-reader"))
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let creds: Value = serde_json::from_str(&body).unwrap();
+    let key = creds["AccessKeyId"].as_str().unwrap();
+    let identity = sts.identity(key).expect("the emulator issued this key");
+    assert!(
+        identity.arn.starts_with(&assumed_role_prefix("e2e-reader")),
+        "{identity:?}"
+    );
+    let call = sts
+        .assume_role_calls()
+        .into_iter()
+        .find(|c| c.role_arn == format!("arn:aws:iam::{ACCOUNT}:role/e2e-reader"))
+        .expect("the server assumed the Pod's role");
+    assert_eq!(call.session_name, "kiam-kiam");
+
+    let (status, body) = sandbox
+        .metadata_get(&denied, &format!("{CREDENTIALS}e2e-denied"))
+        .unwrap();
+    assert_ne!(status, 200, "{body}");
+    assert!(!body.contains("AccessKeyId"));
+    assert!(
+        !sts.assume_role_calls()
+            .iter()
+            .any(|c| c.role_arn.ends_with("/e2e-denied")),
+        "a forbidden role must not even be assumed"
+    );
+
+    // botocore signs with the Pod's temporary credentials; the emulator
+    // knows whose they are.
+    let clients = Clients::find();
+    let Some(python) = clients.python.as_ref() else {
+        say(&missing(
+            "python with boto3: botocore against the built-in STS",
+        ));
+        assert!(!on_ci(), "python with boto3 is missing");
+        return;
+    };
+    let script = r#"
+import boto3, sys
+print(boto3.client("sts", endpoint_url=sys.argv[1], region_name="us-east-1",
+      aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
+      aws_session_token=sys.argv[4]).get_caller_identity()["Arn"])
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, &sandbox.endpoints().sts])
+        .args([
+            key,
+            creds["SecretAccessKey"].as_str().unwrap(),
+            creds["Token"].as_str().unwrap(),
+        ])
+        .env("AWS_CONFIG_FILE", clients.aws_home.path().join("config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            clients.aws_home.path().join("credentials"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), identity.arn);
 }

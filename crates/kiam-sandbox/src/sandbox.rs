@@ -68,6 +68,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often the kubelet stand-in looks for new and deleted Pods.
 const KUBELET_INTERVAL: Duration = Duration::from_millis(300);
 
+/// Numbers the state directories of the sandboxes of one process.
+static NEXT_STATE_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("seed {name}: {reason}")]
@@ -323,7 +326,12 @@ impl Sandbox {
             None => {
                 sweep_state_dirs();
                 (
-                    std::env::temp_dir().join(format!("kiam-sandbox-{}", std::process::id())),
+                    // Several sandboxes may live in one process (tests).
+                    std::env::temp_dir().join(format!(
+                        "kiam-sandbox-{}-{}",
+                        std::process::id(),
+                        NEXT_STATE_DIR.fetch_add(1, Ordering::Relaxed)
+                    )),
                     true,
                 )
             }
@@ -1351,7 +1359,7 @@ fn run_quiet(args: &[&str]) -> Result<(), SandboxError> {
     }
 }
 
-/// Removes `kiam-sandbox-<pid>` state directories of runs that are gone.
+/// Removes `kiam-sandbox-<pid>-<n>` state directories of runs that are gone.
 fn sweep_state_dirs() {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
@@ -1361,6 +1369,7 @@ fn sweep_state_dirs() {
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.strip_prefix("kiam-sandbox-"))
+            .and_then(|rest| rest.split('-').next())
             .and_then(|p| p.parse::<u32>().ok())
         else {
             continue;
