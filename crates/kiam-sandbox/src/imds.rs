@@ -260,3 +260,66 @@ fn answer(inner: &Inner, path: &str) -> Option<String> {
     };
     Some(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn send(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        (head[9..12].parse().unwrap(), body.to_string())
+    }
+
+    fn get(path: &str, token: Option<&str>) -> String {
+        let token = token
+            .map(|t| format!("{TOKEN_HEADER}: {t}\r\n"))
+            .unwrap_or_default();
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{token}Connection: close\r\n\r\n")
+    }
+
+    fn put_token(ttl: &str) -> String {
+        format!(
+            "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n{TTL_HEADER}: {ttl}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn tokens_are_optional_but_checked_and_the_node_role_is_counted() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let imds = ImdsEmulator::serve(listener, NodeIdentity::default()).unwrap();
+        let addr = imds.addr();
+
+        assert_eq!(send(addr, &put_token("0")).await.0, 400);
+        assert_eq!(send(addr, &put_token("21601")).await.0, 400);
+        let (status, token) = send(addr, &put_token("60")).await;
+        assert_eq!(status, 200);
+
+        let role_path = "/latest/meta-data/iam/security-credentials/";
+        assert_eq!(
+            send(addr, &get(role_path, Some("forged"))).await,
+            (401, String::new())
+        );
+        let (status, role) = send(addr, &get(role_path, None)).await;
+        assert_eq!(
+            (status, role.as_str()),
+            (200, imds.node().role_name.as_str())
+        );
+        assert_eq!(imds.node_credentials_served(), 0);
+
+        let (status, body) = send(addr, &get(&format!("{role_path}{role}"), Some(&token))).await;
+        assert_eq!(status, 200);
+        let creds: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(creds["AccessKeyId"], imds.node().access_key_id);
+        assert_eq!(imds.node_credentials_served(), 1);
+        assert_eq!(
+            send(addr, &get(&format!("{role_path}other"), None)).await.0,
+            404
+        );
+    }
+}

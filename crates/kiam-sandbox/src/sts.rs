@@ -378,3 +378,74 @@ mod tests {
         assert_eq!(access_key_id(&HeaderMap::new(), &HashMap::new()), None);
     }
 }
+
+#[cfg(test)]
+mod http_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn post(addr: std::net::SocketAddr, auth: &str, form: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: sts\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential={auth}/20260101/us-east-1/sts/aws4_request, \
+             SignedHeaders=host, Signature=00\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+            form.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        (head[9..12].parse().unwrap(), body.to_string())
+    }
+
+    fn between<'a>(text: &'a str, tag: &str) -> &'a str {
+        let open = format!("<{tag}>");
+        let start = text.find(&open).map(|i| i + open.len()).unwrap_or(0);
+        let end = text[start..].find(&format!("</{tag}>")).unwrap_or(0);
+        &text[start..start + end]
+    }
+
+    #[tokio::test]
+    async fn assumed_role_keys_identify_as_the_assumed_role() {
+        let sts = StsEmulator::serve(TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let addr = sts.addr();
+        let form = "Action=AssumeRole&Version=2011-06-15\
+                    &RoleArn=arn%3Aaws%3Aiam%3A%3A210987654321%3Arole%2Fteam%2Freader\
+                    &RoleSessionName=kiam-web&ExternalId=ext&DurationSeconds=900";
+        let (status, body) = post(addr, "AKIASERVER", form).await;
+        assert_eq!(status, 200, "{body}");
+        let key = between(&body, "AccessKeyId");
+        assert!(key.starts_with("ASIA") && key.len() == 20, "{key}");
+        assert_eq!(
+            between(&body, "Arn"),
+            "arn:aws:sts::210987654321:assumed-role/reader/kiam-web"
+        );
+        let call = &sts.assume_role_calls()[0];
+        assert_eq!(call.external_id.as_deref(), Some("ext"));
+        assert_eq!(call.duration_seconds, 900);
+
+        let (_, me) = post(addr, key, "Action=GetCallerIdentity&Version=2011-06-15").await;
+        assert_eq!(
+            between(&me, "Arn"),
+            "arn:aws:sts::210987654321:assumed-role/reader/kiam-web"
+        );
+        assert_eq!(between(&me, "Account"), "210987654321");
+        let (_, stranger) = post(addr, "AKIAOTHER", "Action=GetCallerIdentity").await;
+        assert_eq!(
+            between(&stranger, "Arn"),
+            format!("arn:aws:iam::{DEFAULT_ACCOUNT}:user/kiam-sandbox")
+        );
+
+        let (status, error) = post(
+            addr,
+            "AKIASERVER",
+            "Action=AssumeRole&RoleArn=nope&RoleSessionName=ok",
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(between(&error, "Code"), "ValidationError");
+        let (status, _) = post(addr, "AKIASERVER", "Action=DeleteEverything").await;
+        assert_eq!(status, 400);
+    }
+}
