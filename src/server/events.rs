@@ -52,6 +52,11 @@ const QUEUE: usize = 256;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kubernetes object names are at most 253 characters; the suffix is ≤ 17.
 const MAX_NAME_PREFIX: usize = 200;
+/// Messages are cut to this many bytes (the limit events.k8s.io puts on a
+/// note): they may quote annotations and requested roles, which a pod or a
+/// namespace owner can make arbitrarily long. Cutting also bounds the
+/// deduplication memory.
+pub const MAX_MESSAGE: usize = 1024;
 
 const SOURCE_COMPONENT: &str = "kiam";
 const REPORTING_COMPONENT: &str = "kiam-server";
@@ -116,7 +121,7 @@ impl EventRecorder {
         let key = Key {
             uid: pod.uid.clone(),
             reason,
-            message,
+            message: shorten(message),
         };
         let now = Instant::now();
         {
@@ -146,6 +151,25 @@ impl EventRecorder {
                 .remove(&key);
         }
     }
+}
+
+/// Cuts `message` to [`MAX_MESSAGE`] bytes by dropping its middle (marked
+/// `…`): the start says what was refused and the end, usually, why.
+fn shorten(message: String) -> String {
+    if message.len() <= MAX_MESSAGE {
+        return message;
+    }
+    let mark = " … ";
+    let budget = MAX_MESSAGE - mark.len();
+    let mut head = budget * 3 / 5;
+    while !message.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = message.len() - (budget - head);
+    while !message.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}{mark}{}", &message[..head], &message[tail..])
 }
 
 /// Drops expired entries, then the oldest ones until there is room.
@@ -358,6 +382,17 @@ mod tests {
             !seen.keys().any(|k| &*k.uid == "uid-0"),
             "the oldest went first"
         );
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(shorten("short".into()), "short");
+        let cut = shorten(format!("start{}end", "é".repeat(MAX_MESSAGE)));
+        assert!(cut.len() <= MAX_MESSAGE, "{}", cut.len());
+        assert!(cut.starts_with("start") && cut.ends_with("end"), "{cut}");
+        assert!(cut.contains(" … "));
+        assert_eq!(shorten("x".repeat(MAX_MESSAGE)).len(), MAX_MESSAGE);
+        assert_eq!(shorten("x".repeat(MAX_MESSAGE + 1)).len(), MAX_MESSAGE);
     }
 
     #[tokio::test]

@@ -53,9 +53,17 @@ fn code_of<T>(r: &Result<T, Status>) -> Code {
 }
 
 fn parse_ip(ip: &str) -> Result<IpAddr, Status> {
-    ip.trim()
-        .parse()
-        .map_err(|_| Status::invalid_argument(format!("ip {ip:?} is not an IP address")))
+    ip.trim().parse().map_err(|_| {
+        // A status message travels in an HTTP/2 header: echo only the start
+        // of what was sent, or a huge string breaks the stream.
+        let shown: String = ip.chars().take(64).collect();
+        let more = if shown.len() < ip.len() {
+            format!(" ({} bytes)", ip.len())
+        } else {
+            String::new()
+        };
+        Status::invalid_argument(format!("ip {shown:?}{more} is not an IP address"))
+    })
 }
 
 fn find_error(ip: IpAddr, e: FindError) -> Status {
@@ -221,5 +229,8 @@ mod tests {
         let e = parse_ip("not-an-ip").unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().contains("not-an-ip"));
+        let e = parse_ip(&"9".repeat(1 << 20)).unwrap_err();
+        assert!(e.message().len() < 200, "{}", e.message());
+        assert!(e.message().contains("(1048576 bytes)"), "{}", e.message());
     }
 }
