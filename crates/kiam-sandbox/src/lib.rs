@@ -3,10 +3,17 @@
 //! # Layout
 //! - [`apiserver`]: an in-memory Kubernetes API server (pods, namespaces, events) over
 //!   plain HTTP, with fault injection for tests; `kubectl` works against it.
+//! - [`imds`]: the node's own EC2 metadata service, with a node role that must never
+//!   reach a Pod.
+//! - [`netns`]: a node and Pods made of network namespaces and veth pairs (root).
+//! - [`procs`]: child processes that log to files, die with the sandbox and are watched.
+//! - [`sandbox`]: the local sandbox cluster (real `kiam server` and `kiam agent` processes)
+//!   behind the `kiam-sandbox` binary and the end-to-end tests.
+//! - [`sts`]: a built-in STS (AssumeRole, GetCallerIdentity) for when moto is missing.
 
 pub mod apiserver;
+pub mod imds;
 pub mod netns;
 pub mod procs;
-pub mod imds;
 pub mod sandbox;
 pub mod sts;
