@@ -307,6 +307,32 @@ async fn malformed_grpc_requests_get_clear_errors_and_the_server_stays_healthy()
     let event = forbidden_event(&c, "good", "good").await;
     assert!(event.len() <= 1024, "a {} byte Event", event.len());
 
+    // A pod asking for a new role name each time cannot make the server
+    // write an Event each time.
+    for i in 0..50 {
+        let r = creds(&client, "198.18.12.1", &format!("made-up-{i}")).await;
+        assert_eq!(
+            r,
+            Err((Code::PermissionDenied, "forbidden by policy".into()))
+        );
+        sent += 1;
+    }
+    let denials = || {
+        c.api
+            .events("good")
+            .into_iter()
+            .filter(|e| e["reason"] == "KiamRoleForbidden")
+            .count()
+    };
+    until(
+        "the Events to be written",
+        Duration::from_secs(5),
+        || async { (denials() >= kiam::server::events::MAX_EVENTS_PER_POD as usize).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(denials(), kiam::server::events::MAX_EVENTS_PER_POD as usize);
+
     // Past tonic's 4 MB message limit: refused before it is decoded.
     let r = role(&client, &"1".repeat(5 * 1024 * 1024)).await;
     assert!(
@@ -331,6 +357,7 @@ async fn malformed_grpc_requests_get_clear_errors_and_the_server_stays_healthy()
         "input/malformed-grpc",
         &[
             ("bad_requests", sent.to_string()),
+            ("events_written", denials().to_string()),
             ("server_healthy_after", "yes".into()),
         ],
     );

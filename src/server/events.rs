@@ -4,9 +4,12 @@
 //! Events are deduplicated before they reach the API: the same (pod uid,
 //! reason, message) is written at most once per five minutes and repeats in
 //! that window are skipped, not counted (a pod retrying in a loop would
-//! otherwise turn every retry into an API write). Recording never blocks and
-//! never fails: events go through a bounded queue to one writer task, a full
-//! queue drops the event, and API errors are only logged.
+//! otherwise turn every retry into an API write), and a pod gets at most
+//! [`MAX_EVENTS_PER_POD`] Events per five minutes whatever their messages
+//! (which quote the role a pod asked for, so could be made new each time).
+//! Recording never blocks and never fails: events go through a bounded
+//! queue to one writer task, a full queue drops the event, and API errors
+//! are only logged.
 //!
 //! Events are core/v1 (`/api/v1/namespaces/{ns}/events`), the API kiam and
 //! `kubectl describe` use, with `source.component: kiam` and
@@ -52,6 +55,10 @@ const QUEUE: usize = 256;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kubernetes object names are at most 253 characters; the suffix is ≤ 17.
 const MAX_NAME_PREFIX: usize = 200;
+/// At most this many Events per pod per [`DEDUP_WINDOW`], whatever their
+/// messages: a pod asking for ever-new role names must not turn kiam into
+/// a stream of API writes.
+pub const MAX_EVENTS_PER_POD: u32 = 10;
 /// Messages are cut to this many bytes (the limit events.k8s.io puts on a
 /// note): they may quote annotations and requested roles, which a pod or a
 /// namespace owner can make arbitrarily long. Cutting also bounds the
@@ -71,6 +78,9 @@ struct Key {
 struct Shared {
     // No `.await` happens under this lock.
     seen: Mutex<HashMap<Key, Instant>>,
+    /// Per pod uid: when its budget window started and how many Events it
+    /// got since. Locked after `seen`, never across `.await`.
+    per_pod: Mutex<HashMap<Arc<str>, (Instant, u32)>>,
     tx: mpsc::Sender<Event>,
     /// Who reports (`reportingInstance`): the server's pod name.
     instance: String,
@@ -103,6 +113,7 @@ impl EventRecorder {
         EventRecorder {
             shared: Some(Arc::new(Shared {
                 seen: Mutex::new(HashMap::new()),
+                per_pod: Mutex::new(HashMap::new()),
                 tx,
                 instance,
             })),
@@ -132,6 +143,13 @@ impl EventRecorder {
             {
                 return;
             }
+            if !take_budget(&shared.per_pod, &pod.uid, now) {
+                tracing::debug!(
+                    pod.namespace = %pod.namespace, pod.name = %pod.name, reason = reason.as_str(),
+                    "the pod had {MAX_EVENTS_PER_POD} Events in the last five minutes; not writing another"
+                );
+                return;
+            }
             if seen.len() >= MAX_REMEMBERED {
                 evict(&mut seen, now);
             }
@@ -151,6 +169,31 @@ impl EventRecorder {
                 .remove(&key);
         }
     }
+}
+
+/// Counts one Event against `uid`'s budget; false when it is spent.
+fn take_budget(
+    per_pod: &Mutex<HashMap<Arc<str>, (Instant, u32)>>,
+    uid: &Arc<str>,
+    now: Instant,
+) -> bool {
+    let mut per_pod = per_pod.lock().unwrap_or_else(|p| p.into_inner());
+    if per_pod.len() >= MAX_REMEMBERED && !per_pod.contains_key(uid) {
+        per_pod.retain(|_, (start, _)| now.duration_since(*start) < DEDUP_WINDOW);
+        if per_pod.len() >= MAX_REMEMBERED {
+            // Only loosens the budget for a moment; memory stays bounded.
+            per_pod.clear();
+        }
+    }
+    let (start, count) = per_pod.entry(uid.clone()).or_insert((now, 0));
+    if now.duration_since(*start) >= DEDUP_WINDOW {
+        (*start, *count) = (now, 0);
+    }
+    if *count >= MAX_EVENTS_PER_POD {
+        return false;
+    }
+    *count += 1;
+    true
 }
 
 /// Cuts `message` to [`MAX_MESSAGE`] bytes by dropping its middle (marked
@@ -382,6 +425,25 @@ mod tests {
             !seen.keys().any(|k| &*k.uid == "uid-0"),
             "the oldest went first"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pod_gets_a_bounded_number_of_events() {
+        let (client, mut posted) = fake_client();
+        let recorder = EventRecorder::new(client);
+        // A pod asking for a new role name each time.
+        for i in 0..100 {
+            recorder.record(&pod("uid-1"), Reason::RoleForbidden, format!("role r{i}"));
+        }
+        recorder.record(&pod("uid-2"), Reason::RoleForbidden, "role r0".into());
+        drop(recorder);
+        let mut per_pod: HashMap<String, usize> = HashMap::new();
+        while let Some((_, e)) = posted.recv().await {
+            let uid = e["involvedObject"]["uid"].as_str().unwrap().to_string();
+            *per_pod.entry(uid).or_default() += 1;
+        }
+        assert_eq!(per_pod["uid-1"], MAX_EVENTS_PER_POD as usize);
+        assert_eq!(per_pod["uid-2"], 1, "other pods keep their own budget");
     }
 
     #[test]
