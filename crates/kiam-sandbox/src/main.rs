@@ -245,8 +245,14 @@ fn describe(sandbox: &Sandbox) -> String {
 
     let _ = writeln!(out, "\nTry:");
     let creds = "/latest/meta-data/iam/security-credentials/";
+    // Started with sudo, the reader's shell needs it too; as root, no sudo.
+    let sudo = if std::env::var_os("SUDO_USER").is_some() {
+        "sudo "
+    } else {
+        ""
+    };
     let in_pod = |pod: &SandboxPod, rest: &str| match &pod.netns {
-        Some(ns) => format!("sudo ip netns exec {ns} {rest}"),
+        Some(ns) => format!("{sudo}ip netns exec {ns} {rest}"),
         None => rest.to_string(),
     };
     let url = |pod: &SandboxPod, path: &str| match pod.netns {
@@ -339,7 +345,7 @@ fn describe(sandbox: &Sandbox) -> String {
     if let Some(ns) = &node_ns {
         let _ = writeln!(
             out,
-            "  sudo ip netns exec {ns} iptables -t nat -S PREROUTING"
+            "  {sudo}ip netns exec {ns} iptables -t nat -S PREROUTING"
         );
     }
     let _ = writeln!(
