@@ -331,12 +331,25 @@ pub fn agent_rss(report: &mut Report, window: Window) -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let (after, peak) = procs::rss(child.pid())?;
     let mut t = Table::new(&["State", "RSS"]);
-    t.row(vec!["at rest (started, every pod asked once)".into(), mib(rest)]);
-    t.row(vec![format!("under load (c=64, {} answered, max of 50 ms samples)", stats.requests), mib(under_load)]);
+    t.row(vec![
+        "at rest (started, every pod asked once)".into(),
+        mib(rest),
+    ]);
+    t.row(vec![
+        format!(
+            "under load (c=64, {} answered, max of 50 ms samples)",
+            stats.requests
+        ),
+        mib(under_load),
+    ]);
     t.row(vec!["after load".into(), mib(after)]);
     t.row(vec!["peak (VmHWM)".into(), mib(peak)]);
     let worst = peak.max(under_load);
-    report.verdict("Agent RSS < 30 MB", format!("{} peak", mib(worst)), worst < 30_000_000);
+    report.verdict(
+        "Agent RSS < 30 MB",
+        format!("{} peak", mib(worst)),
+        worst < 30_000_000,
+    );
     report.sections.push(Section {
         title: "6. Agent RSS".into(),
         method: format!(

@@ -111,7 +111,10 @@ pub async fn grpc_floor(
         let _ = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(svc)
-            .serve_with_incoming_shutdown(kiam::tls::incoming(listener, tls), stop.cancelled_owned())
+            .serve_with_incoming_shutdown(
+                kiam::tls::incoming(listener, tls),
+                stop.cancelled_owned(),
+            )
             .await;
     });
     Ok(addr)
@@ -119,7 +122,11 @@ pub async fn grpc_floor(
 
 /// An HTTP server that, per request, calls GetPodCredentials on `upstream`
 /// and answers with `body`.
-pub async fn hop_floor(body: Bytes, upstream: Channel, stop: CancellationToken) -> Result<SocketAddr> {
+pub async fn hop_floor(
+    body: Bytes,
+    upstream: Channel,
+    stop: CancellationToken,
+) -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {

@@ -15,7 +15,9 @@ impl Conditions {
             loadavg: std::fs::read_to_string("/proc/loadavg")
                 .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
                 .unwrap_or_else(|_| "?".into()),
-            at: jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC").to_string(),
+            at: jiff::Timestamp::now()
+                .strftime("%Y-%m-%d %H:%M UTC")
+                .to_string(),
         }
     }
 }

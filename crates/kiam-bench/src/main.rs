@@ -29,6 +29,7 @@ mod machine;
 mod pods;
 mod prefetch;
 mod procs;
+mod replay;
 mod report;
 mod server;
 mod sync;
@@ -107,7 +108,11 @@ fn main() -> Result<()> {
             "agent" => agent::warm_path(&mut report, window, &[1, 16, 64]),
             "server" => server::throughput(&mut report, window),
             "sync" => {
-                let sizes: &[usize] = if args.quick { &[1_000, 5_000] } else { &[10_000, 100_000] };
+                let sizes: &[usize] = if args.quick {
+                    &[1_000, 5_000]
+                } else {
+                    &[10_000, 100_000]
+                };
                 sync::memory_and_sync(&mut report, sizes)
             }
             "prefetch" => prefetch::prefetch(&mut report, args.quick),
@@ -126,7 +131,10 @@ fn main() -> Result<()> {
     println!("{generated}");
     let out = match (&args.out, args.quick) {
         (Some(p), _) => Some(p.clone()),
-        (None, false) => Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../BENCHMARKS.md"))),
+        (None, false) => Some(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../BENCHMARKS.md"
+        ))),
         (None, true) => None,
     };
     if let Some(path) = out {

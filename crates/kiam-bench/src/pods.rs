@@ -28,22 +28,21 @@ pub fn population(i: usize, namespaces: usize, roles: usize) -> PodSpec {
     let ns = i % namespaces.max(1);
     PodSpec {
         namespace: format!("team-{ns:03}"),
-        name: format!("svc-{:03}-{:08x}-{i:06}", i % 97, (i as u32).wrapping_mul(2654435761)),
+        name: format!(
+            "svc-{:03}-{:08x}-{i:06}",
+            i % 97,
+            (i as u32).wrapping_mul(2654435761)
+        ),
         ip: ip_for(i),
         role: Some(format!("team-{ns:03}-role-{:03}", i % roles.max(1))),
-        extra_env: i % 40,
+        extra_env: i % 24,
     }
 }
 
 /// A unique address in 10.64.0.0/10 for pod `i` (up to ~4M pods).
 pub fn ip_for(i: usize) -> String {
     let n = i + 1;
-    format!(
-        "10.{}.{}.{}",
-        64 + (n >> 16) % 64,
-        (n >> 8) & 255,
-        n & 255
-    )
+    format!("10.{}.{}.{}", 64 + (n >> 16) % 64, (n >> 8) & 255, n & 255)
 }
 
 /// The namespace object; `permitted` becomes `iam.amazonaws.com/permitted`.
@@ -87,7 +86,8 @@ pub fn pod(p: &PodSpec) -> Value {
     for k in 0..p.extra_env {
         env.push(json!({"name": format!("FEATURE_FLAG_{k:02}"), "value": format!("enabled-for-cohort-{k}-of-{app}")}));
     }
-    let container = |name: &str, image: &str, port: u16| {
+    let sidecar_env = json!([{"name": "STATSD_PORT", "value": "9125"}]);
+    let app_container = |name: &str, image: &str, port: u16, env: &Value| {
         json!({
             "name": name, "image": image,
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
@@ -105,7 +105,11 @@ pub fn pod(p: &PodSpec) -> Value {
             "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "runAsNonRoot": true, "capabilities": {"drop": ["ALL"]}}
         })
     };
-    let image = format!("registry.example.com/{app}:1.{}.{}", p.extra_env, p.extra_env * 7);
+    let image = format!(
+        "registry.example.com/{app}:1.{}.{}",
+        p.extra_env,
+        p.extra_env * 7
+    );
     let status_of = |name: &str, image: &str| {
         json!({
             "name": name, "ready": true, "restartCount": 0, "started": true,
@@ -153,7 +157,17 @@ pub fn pod(p: &PodSpec) -> Value {
                     {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
                 ], "defaultMode": 420}}
             ],
-            "containers": [container("app", &image, 8080), container("metrics-sidecar", "registry.example.com/statsd-exporter:0.26.1", 9102)],
+            "containers": [
+                app_container("app", &image, 8080, &Value::from(env.clone())),
+                json!({
+                    "name": "metrics-sidecar", "image": "registry.example.com/statsd-exporter:0.26.1",
+                    "ports": [{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}],
+                    "env": sidecar_env,
+                    "resources": {"limits": {"memory": "64Mi"}, "requests": {"cpu": "10m", "memory": "32Mi"}},
+                    "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+                    "imagePullPolicy": "IfNotPresent"
+                })
+            ],
             "restartPolicy": "Always",
             "terminationGracePeriodSeconds": 30,
             "dnsPolicy": "ClusterFirst",
@@ -213,7 +227,11 @@ mod tests {
     #[test]
     fn pods_are_realistically_sized_and_distinct() {
         let sizes: Vec<usize> = (0..40)
-            .map(|i| serde_json::to_vec(&pod(&population(i, 10, 5))).unwrap().len())
+            .map(|i| {
+                serde_json::to_vec(&pod(&population(i, 10, 5)))
+                    .unwrap()
+                    .len()
+            })
             .collect();
         let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
         assert!(*min >= 4000 && *max <= 8192, "{min}..{max}");

@@ -119,14 +119,23 @@ fn burst(n: usize, extra: &[&str]) -> Result<Burst> {
         let spec = fresh_pod(i, "burst");
         api.apply_pod(pods::pod(&spec))
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        appeared.push((Instant::now(), format!("{BASE_ARN}{}", spec.role.expect("role"))));
+        appeared.push((
+            Instant::now(),
+            format!("{BASE_ARN}{}", spec.role.expect("role")),
+        ));
     }
     let deadline = begin + Duration::from_secs(120);
     loop {
-        if appeared.iter().all(|(_, arn)| cluster.sts.done_at(arn).is_some()) {
+        if appeared
+            .iter()
+            .all(|(_, arn)| cluster.sts.done_at(arn).is_some())
+        {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "prefetch of {n} pods not done in 120 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "prefetch of {n} pods not done in 120 s"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let last = appeared
@@ -173,7 +182,11 @@ pub fn prefetch(report: &mut Report, quick: bool) -> Result<()> {
     ]);
     report.verdict(
         "Prefetch: credentials ready before the first request for >= 99% of pods",
-        format!("{:.1}% ({} pods at {rate:.0}/s, each a new identity)", share * 100.0, s.pods),
+        format!(
+            "{:.1}% ({} pods at {rate:.0}/s, each a new identity)",
+            share * 100.0,
+            s.pods
+        ),
         share >= 0.99,
     );
     let mut t2 = Table::new(&[
@@ -185,7 +198,10 @@ pub fn prefetch(report: &mut Report, quick: bool) -> Result<()> {
     let mut notes = Vec::new();
     for (label, flags) in [("8 (default)", vec![]), ("64", vec!["--fetchers", "64"])] {
         let b = burst(burst_n, &flags)?;
-        eprintln!("prefetch burst fetchers {label}: all ready in {:?}", b.all_ready);
+        eprintln!(
+            "prefetch burst fetchers {label}: all ready in {:?}",
+            b.all_ready
+        );
         t2.row(vec![
             format!("{burst_n} pods at once, one new role each"),
             label.to_string(),
@@ -248,7 +264,8 @@ fn storm(pods_n: usize, identities: usize, concurrency: usize, extra: &[&str]) -
         })
         .collect();
     for s in &specs {
-        api.apply_pod(pods::pod(s)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        api.apply_pod(pods::pod(s))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
     let cluster = kiam_rt.block_on(async {
         let c = Cluster::start(&api, extra).await?;
@@ -256,7 +273,11 @@ fn storm(pods_n: usize, identities: usize, concurrency: usize, extra: &[&str]) -
         c.wait_ready(Duration::from_secs(60)).await?;
         Ok::<_, anyhow::Error>(c)
     })?;
-    let channels: Vec<_> = load_rt.block_on(async { (0..8).map(|_| cluster.channel()).collect::<Result<Vec<_>>>() })?;
+    let channels: Vec<_> = load_rt.block_on(async {
+        (0..8)
+            .map(|_| cluster.channel())
+            .collect::<Result<Vec<_>>>()
+    })?;
     let specs = Arc::new(specs);
     let start = Instant::now();
     let results = load_rt.block_on(async {
@@ -301,7 +322,11 @@ fn storm(pods_n: usize, identities: usize, concurrency: usize, extra: &[&str]) -
 }
 
 pub fn single_flight(report: &mut Report, quick: bool) -> Result<()> {
-    let (pods_n, identities, concurrency) = if quick { (2_000, 100, 200) } else { (10_000, 100, 1000) };
+    let (pods_n, identities, concurrency) = if quick {
+        (2_000, 100, 200)
+    } else {
+        (10_000, 100, 1000)
+    };
     let mut t = Table::new(&[
         "Setting",
         "Pods",
@@ -315,7 +340,10 @@ pub fn single_flight(report: &mut Report, quick: bool) -> Result<()> {
     let mut all_exact = true;
     for (label, flags) in [
         ("prefetch on (default)", vec![]),
-        ("prefetch starved (`--prefetch-buffer-size 1`)", vec!["--prefetch-buffer-size", "1"]),
+        (
+            "prefetch starved (`--prefetch-buffer-size 1`)",
+            vec!["--prefetch-buffer-size", "1"],
+        ),
     ] {
         let s = storm(pods_n, identities, concurrency, &flags)?;
         eprintln!("sts {label}: {} calls, {} errors", s.calls, s.errors);
@@ -333,7 +361,11 @@ pub fn single_flight(report: &mut Report, quick: bool) -> Result<()> {
     }
     report.verdict(
         "STS calls for 10k pods / 100 identities / 1000 concurrent requests = 100",
-        if all_exact { "exactly one per identity in both settings".into() } else { "see section 5".into() },
+        if all_exact {
+            "exactly one per identity in both settings".into()
+        } else {
+            "see section 5".into()
+        },
         all_exact,
     );
     report.sections.push(Section {

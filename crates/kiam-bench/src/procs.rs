@@ -38,8 +38,13 @@ pub fn kiam_binary() -> Result<PathBuf> {
         if release {
             cmd.arg("--release");
         }
-        eprintln!("building the kiam binary ({})", if release { "release" } else { "debug" });
-        let status = cmd.status().context("running cargo build for the kiam binary")?;
+        eprintln!(
+            "building the kiam binary ({})",
+            if release { "release" } else { "debug" }
+        );
+        let status = cmd
+            .status()
+            .context("running cargo build for the kiam binary")?;
         if !status.success() {
             bail!("cargo build --bin kiam failed");
         }
@@ -76,7 +81,13 @@ pub fn rss(pid: u32) -> Result<(u64, u64)> {
 /// `KIAM_BENCH_LOGS=1`).
 pub fn spawn(mut cmd: Command) -> Result<ChildGuard> {
     let logs = std::env::var_os("KIAM_BENCH_LOGS").is_some();
-    let out = || if logs { Stdio::inherit() } else { Stdio::null() };
+    let out = || {
+        if logs {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        }
+    };
     cmd.stdout(out()).stderr(out()).stdin(Stdio::null());
     Ok(ChildGuard(cmd.spawn().context("spawning a kiam process")?))
 }

@@ -29,9 +29,7 @@ const LEVELS: &[usize] = &[16, 64];
 fn channels(pki: &kiam::certs::Pki, port: u16) -> Result<Vec<Channel>> {
     let tls = ClientTls::load(pki.agent_files(), &mut Registry::default())?;
     (0..CONNECTIONS)
-        .map(|_| {
-            Ok(tls.channel(&format!("127.0.0.1:{port}"), &ChannelOpts::default())?)
-        })
+        .map(|_| Ok(tls.channel(&format!("127.0.0.1:{port}"), &ChannelOpts::default())?))
         .collect()
 }
 
@@ -119,7 +117,11 @@ pub fn throughput(report: &mut Report, window: Window) -> Result<()> {
     for &c in LEVELS {
         let f = load_rt.block_on(load::grpc(&floor_channels, requests.clone(), c, window))?;
         let k = load_rt.block_on(load::grpc(&kiam_channels, requests.clone(), c, window))?;
-        eprintln!("server c={c}: floor {:.0}/s, kiam {:.0}/s", f.rps(), k.rps());
+        eprintln!(
+            "server c={c}: floor {:.0}/s, kiam {:.0}/s",
+            f.rps(),
+            k.rps()
+        );
         table.row(row("floor: tonic, fixed answer", &f, &f));
         table.row(row("**kiam server**", &k, &f));
         if best.as_ref().is_none_or(|(_, b)| k.rps() > b.rps()) {

@@ -13,9 +13,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::tls::{ChannelOpts, ClientTls};
 use kiam_sandbox::apiserver::FakeApiServer;
@@ -24,18 +21,32 @@ use prometheus_client::registry::Registry;
 use crate::cluster::{kube_client, server_config, RecordingSts};
 use crate::pods::{self, BASE_ARN};
 use crate::procs::{self, mib};
+use crate::replay::{self, PAGE};
 use crate::report::{Report, Section, Table};
 use crate::{alloc, runtime};
 
 const NAMESPACES: usize = 50;
 const ROLES: usize = 100;
-/// kube-rs' watcher lists in pages of this many objects (client-go's default too).
-const PAGE: usize = 500;
 
 struct Populated {
     api: FakeApiServer,
     json_bytes: usize,
     annotation_bytes: usize,
+}
+
+/// The emulator's pages, captured, and how long the emulator took.
+struct Captured {
+    pages: replay::Pages,
+    emulator: Duration,
+}
+
+fn capture(rt: &tokio::runtime::Runtime, p: &Populated) -> Result<Captured> {
+    rt.block_on(async {
+        let mut pages = replay::Pages::default();
+        let emulator = replay::capture(p.api.addr(), "/api/v1/pods", &mut pages).await?;
+        replay::capture(p.api.addr(), "/api/v1/namespaces", &mut pages).await?;
+        Ok(Captured { pages, emulator })
+    })
 }
 
 fn populate(rt: &tokio::runtime::Runtime, n: usize) -> Result<Populated> {
@@ -60,38 +71,6 @@ fn populate(rt: &tokio::runtime::Runtime, n: usize) -> Result<Populated> {
         json_bytes,
         annotation_bytes,
     })
-}
-
-/// The floor: every page of `GET /api/v1/pods?limit=500`, read and dropped.
-async fn list_floor(api: std::net::SocketAddr) -> Result<(Duration, usize)> {
-    let start = Instant::now();
-    let stream = tokio::net::TcpStream::connect(api).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut cont: Option<String> = None;
-    let mut bytes = 0;
-    loop {
-        let mut uri = format!("/api/v1/pods?limit={PAGE}");
-        if let Some(c) = &cont {
-            uri.push_str("&continue=");
-            uri.push_str(c);
-        }
-        let req = http::Request::get(uri)
-            .header(http::header::HOST, "localhost")
-            .body(Empty::<Bytes>::new())?;
-        let body = sender.send_request(req).await?.into_body().collect().await?.to_bytes();
-        bytes += body.len();
-        // The list metadata comes before the items: no need to parse the page.
-        let head = String::from_utf8_lossy(&body[..body.len().min(2048)]);
-        cont = head
-            .split_once("\"continue\":\"")
-            .and_then(|(_, rest)| rest.split_once('"'))
-            .map(|(token, _)| token.to_string());
-        if cont.is_none() {
-            break;
-        }
-    }
-    Ok((start.elapsed(), bytes))
 }
 
 /// What the heap child reports.
@@ -146,7 +125,10 @@ fn run_heap_child(api_url: &str, pods: usize) -> Result<Heap> {
         .arg(format!("{api_url},{pods}"))
         .output()?;
     if !out.status.success() {
-        bail!("heap child failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "heap child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
@@ -168,11 +150,11 @@ struct ProcessRun {
     peak: u64,
 }
 
-fn run_process(p: &Populated, load_rt: &tokio::runtime::Runtime) -> Result<ProcessRun> {
+fn run_process(api: std::net::SocketAddr, load_rt: &tokio::runtime::Runtime) -> Result<ProcessRun> {
     let bin = procs::kiam_binary()?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
-    p.api.write_kubeconfig(&kubeconfig)?;
+    std::fs::write(&kubeconfig, replay::kubeconfig(api))?;
     let pki = kiam::certs::generate(&dir.path().join("certs"), &[], 1)?;
     let port = procs::free_port()?;
     let mut cmd = Command::new(bin);
@@ -195,6 +177,8 @@ fn run_process(p: &Populated, load_rt: &tokio::runtime::Runtime) -> Result<Proce
         .env("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:9")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env_remove("AWS_PROFILE");
+    // Channels spawn their connection task on the current runtime.
+    let _in_runtime = load_rt.enter();
     let channel = ClientTls::load(pki.agent_files(), &mut Registry::default())?
         .channel(&format!("127.0.0.1:{port}"), &ChannelOpts::default())?;
     let start = Instant::now();
@@ -224,6 +208,7 @@ pub fn memory_and_sync(report: &mut Report, sizes: &[usize]) -> Result<()> {
     let mut table = Table::new(&[
         "Pods",
         "JSON per pod",
+        "Emulator LIST",
         "LIST floor",
         "Sync: `kiam server` process",
         "Sync: in-process",
@@ -235,14 +220,22 @@ pub fn memory_and_sync(report: &mut Report, sizes: &[usize]) -> Result<()> {
     let mut points = Vec::new();
     for &n in sizes {
         eprintln!("sync: loading {n} pods");
-        let p = populate(&api_rt, n)?;
-        let (floor, floor_bytes) = load_rt.block_on(list_floor(p.api.addr()))?;
-        let proc_run = run_process(&p, &load_rt)?;
-        let heap = run_heap_child(&p.api.url(), n)?;
+        let (json_bytes, annotation_bytes, captured) = {
+            let p = populate(&api_rt, n)?;
+            let c = capture(&load_rt, &p)?;
+            (p.json_bytes, p.annotation_bytes, c)
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _stop_guard = stop.clone().drop_guard();
+        let replay = api_rt.block_on(replay::serve(captured.pages.clone(), stop.clone()))?;
+        let floor = load_rt.block_on(replay::list_floor(replay))?;
+        let proc_run = run_process(replay, &load_rt)?;
+        let heap = run_heap_child(&format!("http://{replay}"), n)?;
         eprintln!(
-            "sync {n}: floor {:?} ({} MB), process {:?} rss {}, in-process {:?}, heap {}",
+            "sync {n}: emulator {:?}, floor {:?} ({} MB), process {:?} rss {}, in-process {:?}, heap {}",
+            captured.emulator,
             floor,
-            floor_bytes / 1_000_000,
+            captured.pages.bytes / 1_000_000,
             proc_run.sync,
             mib(proc_run.rss),
             heap.sync,
@@ -250,7 +243,8 @@ pub fn memory_and_sync(report: &mut Report, sizes: &[usize]) -> Result<()> {
         );
         table.row(vec![
             n.to_string(),
-            format!("{:.1} KB", p.json_bytes as f64 / n as f64 / 1000.0),
+            format!("{:.1} KB", json_bytes as f64 / n as f64 / 1000.0),
+            format!("{:.2} s", captured.emulator.as_secs_f64()),
             format!("{:.2} s", floor.as_secs_f64()),
             format!("{:.2} s", proc_run.sync.as_secs_f64()),
             format!("{:.2} s", heap.sync.as_secs_f64()),
@@ -259,8 +253,7 @@ pub fn memory_and_sync(report: &mut Report, sizes: &[usize]) -> Result<()> {
             mib(heap.grown.max(0) as u64),
             format!("{:.0} B", heap.grown as f64 / n as f64),
         ]);
-        points.push((n, heap, proc_run, p.annotation_bytes as f64 / n as f64, floor));
-        drop(p);
+        points.push((n, heap, proc_run, annotation_bytes as f64 / n as f64, floor));
     }
     let mut notes = Vec::new();
     if let [(n1, h1, ..), (n2, h2, p2, ann, floor2)] = points.as_slice() {
@@ -292,8 +285,10 @@ pub fn memory_and_sync(report: &mut Report, sizes: &[usize]) -> Result<()> {
              probes, resources and mounts, projected volumes, Running status with conditions and container \
              statuses) spread over {NAMESPACES} namespaces and {ROLES} roles, in the in-memory API server (this \
              process, 2 workers). No namespace permits a role, so nothing is prefetched and STS is never called. \
-             LIST floor: the same pages kube-rs asks for ({PAGE} per page), read and dropped by a bare HTTP/1 \
-             client. Process: the release `kiam server` binary with a kubeconfig for the API server; sync time is \
+             The emulator's LIST pages ({PAGE} pods each, as kube-rs asks) are captured once (\"Emulator LIST\": \
+             its own time, which is not kiam's) and replayed from memory by a minimal HTTP server, so kiam \
+             lists from something at least as fast as a real API server's watch cache. LIST floor: every \
+             replayed page read and dropped by a bare HTTP/1 client. Process: the release `kiam server` binary with a kubeconfig for the API server; sync time is \
              spawn until GetHealth answers `ok` (polled every 10 ms), RSS read 1 s later. Heap: an in-process \
              server in a child process with a counting allocator, live bytes 1 s after sync minus before \
              `Server::build`."
