@@ -55,6 +55,9 @@ struct Args {
     /// Where to write the report (default: BENCHMARKS.md in the workspace for full runs).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Pod counts for the sync figure (default 10000,100000; --quick 1000,5000).
+    #[arg(long, value_delimiter = ',')]
+    sync_sizes: Vec<usize>,
     /// Internal: measure one in-process server's heap (see `sync`).
     #[arg(long, hide = true)]
     heap_child: Option<String>,
@@ -108,10 +111,10 @@ fn main() -> Result<()> {
             "agent" => agent::warm_path(&mut report, window, &[1, 16, 64]),
             "server" => server::throughput(&mut report, window),
             "sync" => {
-                let sizes: &[usize] = if args.quick {
-                    &[1_000, 5_000]
-                } else {
-                    &[10_000, 100_000]
+                let sizes: &[usize] = match (&args.sync_sizes[..], args.quick) {
+                    ([], true) => &[1_000, 5_000],
+                    ([], false) => &[10_000, 100_000],
+                    (given, _) => given,
                 };
                 sync::memory_and_sync(&mut report, sizes)
             }

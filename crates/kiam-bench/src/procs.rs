@@ -77,6 +77,20 @@ pub fn rss(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time (user + system, all threads) a process has used, in seconds.
+/// Unlike wall time, this does not grow when other work on the machine
+/// delays the process, so it compares runs made under different load.
+pub fn cpu_seconds(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces), 1-based
+    // from `state` = field 3: utime is field 14, stime 15.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Ok(ticks / 100.0)
+}
+
 /// Spawns `cmd` with stdout and stderr dropped (or inherited with
 /// `KIAM_BENCH_LOGS=1`).
 pub fn spawn(mut cmd: Command) -> Result<ChildGuard> {
