@@ -101,6 +101,21 @@ impl Fallback {
         if !self.enabled() {
             return;
         }
+        {
+            // The common case, on every answer: the same credentials as last
+            // time for the role last seen. Only when they were seen changes;
+            // no parsing, copying or re-inserting.
+            let mut pods = self.pods.lock().unwrap();
+            if let Some(pod) = pods.get_mut(&ip) {
+                let role_agrees = pod.role.as_ref().is_none_or(|r| same_role(&r.value, role));
+                if let Some(kept) = pod.credentials.get_mut(role) {
+                    if role_agrees && kept.value.0 == *creds {
+                        kept.fetched = Instant::now();
+                        return;
+                    }
+                }
+            }
+        }
         let Ok(expiry) = creds.expiration.parse::<Timestamp>() else {
             return;
         };

@@ -837,10 +837,28 @@ async fn is_pods_role(state: &State, caller: IpAddr, role: &str, deadline: Insta
 
 /// Times as the EC2 metadata API prints them.
 fn imds_time(s: &str) -> String {
+    // kiam servers already send this form; only others are re-rendered
+    // (parsing and formatting on every answer was measurable per request).
+    if is_imds_form(s) {
+        return s.to_string();
+    }
     match s.parse::<Timestamp>() {
         Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
         Err(_) => s.to_string(),
     }
+}
+
+/// Exactly `YYYY-MM-DDTHH:MM:SSZ` (digits where digits go).
+fn is_imds_form(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 20
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b'T',
+            13 | 16 => *c == b':',
+            19 => *c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
 }
 
 #[derive(Serialize)]
@@ -1105,6 +1123,9 @@ mod tests {
 
     #[test]
     fn imds_times() {
+        assert_eq!(imds_time("2024-01-02T03:04:05Z"), "2024-01-02T03:04:05Z");
+        assert!(!is_imds_form("2024-01-02T03:04:5Z0"));
+        assert!(!is_imds_form("2024-01-02 03:04:05Z"));
         assert_eq!(
             imds_time("2024-01-02T03:04:05.678Z"),
             "2024-01-02T03:04:05Z"

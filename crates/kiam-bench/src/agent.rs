@@ -152,7 +152,22 @@ async fn warm(agent: SocketAddr) -> Result<Bytes> {
     first.context("no pods")
 }
 
-fn latency_row(name: &str, s: &Stats, floor: &Stats) -> Vec<String> {
+/// The runtimes whose CPU is accounted (thread-name prefixes).
+const RUNTIMES: &[&str] = &["kiam-agent", "kiam-server", "floor", "load"];
+
+fn latency_row(name: &str, s: &Stats, floor: &Stats, serving: &[&str]) -> Vec<String> {
+    let split = if serving.len() > 1 {
+        format!(
+            " ({})",
+            serving
+                .iter()
+                .map(|r| format!("{} {:.0}", r.trim_start_matches("kiam-"), s.cpu_us(&[r])))
+                .collect::<Vec<_>>()
+                .join(" + ")
+        )
+    } else {
+        String::new()
+    };
     vec![
         s.concurrency.to_string(),
         name.to_string(),
@@ -162,6 +177,8 @@ fn latency_row(name: &str, s: &Stats, floor: &Stats) -> Vec<String> {
         us(s.p_us(0.999)),
         format!("{:.2}x", s.p_us(0.5) / floor.p_us(0.5)),
         format!("{:.2}x", s.p_us(0.99) / floor.p_us(0.99)),
+        format!("{:.0} µs{split}", s.cpu_us(serving)),
+        format!("{:.0} µs", s.cpu_us(&["load"])),
         s.errors.to_string(),
     ]
 }
@@ -209,11 +226,14 @@ pub fn warm_path(report: &mut Report, window: Window, levels: &[usize]) -> Resul
         "p99.9",
         "p50 / floor",
         "p99 / floor",
+        "Serving CPU per request",
+        "Load generator CPU per request",
         "Errors",
     ]);
     let mut c16 = None;
     for &c in levels {
-        let run = |addr| load_rt.block_on(load::http(plan(addr, body.len() / 2), c, window));
+        let run =
+            |addr| load_rt.block_on(load::http(plan(addr, body.len() / 2), c, window, RUNTIMES));
         let f = run(http_floor)?;
         let h = run(hop_floor)?;
         let a = run(agent)?;
@@ -226,9 +246,14 @@ pub fn warm_path(report: &mut Report, window: Window, levels: &[usize]) -> Resul
             a.rps(),
             a.p_us(0.99)
         );
-        table.row(latency_row("floor: hyper, fixed bytes", &f, &f));
-        table.row(latency_row("floor + one mTLS gRPC hop", &h, &f));
-        table.row(latency_row("**kiam agent** (+ kiam server)", &a, &f));
+        table.row(latency_row("floor: hyper, fixed bytes", &f, &f, &["floor"]));
+        table.row(latency_row("floor + one mTLS gRPC hop", &h, &f, &["floor"]));
+        table.row(latency_row(
+            "**kiam agent** (+ kiam server)",
+            &a,
+            &f,
+            &["kiam-agent", "kiam-server"],
+        ));
         if c == 16 {
             c16 = Some((f, h, a));
         }
@@ -325,7 +350,7 @@ pub fn agent_rss(report: &mut Report, window: Window) -> Result<()> {
         });
         (stop, handle)
     };
-    let stats = load_rt.block_on(load::http(plan(addr, body.len() / 2), 64, window))?;
+    let stats = load_rt.block_on(load::http(plan(addr, body.len() / 2), 64, window, &[]))?;
     sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
     let under_load = sampler.1.join().expect("sampler thread");
     std::thread::sleep(Duration::from_secs(1));

@@ -39,6 +39,8 @@ pub struct Stats {
     pub requests: u64,
     pub errors: u64,
     pub elapsed: Duration,
+    /// CPU seconds each runtime (by thread-name prefix) used while measuring.
+    pub cpu: Vec<(&'static str, f64)>,
 }
 
 impl Stats {
@@ -49,7 +51,19 @@ impl Stats {
             requests: 0,
             errors: 0,
             elapsed: Duration::ZERO,
+            cpu: Vec::new(),
         }
+    }
+
+    /// Microseconds of CPU per answered request, summed over `prefixes`.
+    pub fn cpu_us(&self, prefixes: &[&str]) -> f64 {
+        let secs: f64 = self
+            .cpu
+            .iter()
+            .filter(|(p, _)| prefixes.contains(p))
+            .map(|(_, s)| s)
+            .sum();
+        secs * 1e6 / self.requests.max(1) as f64
     }
 
     pub fn rps(&self) -> f64 {
@@ -73,6 +87,17 @@ pub fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("valid bounds")
 }
 
+/// Measures CPU per runtime over the recorded part of a run.
+fn meter(
+    record_from: Instant,
+    prefixes: &'static [&'static str],
+) -> tokio::task::JoinHandle<crate::procs::CpuMeter> {
+    tokio::spawn(async move {
+        tokio::time::sleep_until(record_from.into()).await;
+        crate::procs::CpuMeter::start(prefixes)
+    })
+}
+
 /// Where an HTTP worker sends its requests, by worker index.
 pub struct HttpPlan {
     pub target: SocketAddr,
@@ -85,10 +110,16 @@ pub struct HttpPlan {
 }
 
 /// Runs `concurrency` HTTP/1 keep-alive workers for `window`.
-pub async fn http(plan: Arc<HttpPlan>, concurrency: usize, window: Window) -> Result<Stats> {
+pub async fn http(
+    plan: Arc<HttpPlan>,
+    concurrency: usize,
+    window: Window,
+    cpu: &'static [&'static str],
+) -> Result<Stats> {
     let start = Instant::now();
     let record_from = start + window.warmup;
     let stop_at = record_from + window.measure;
+    let cpu_meter = meter(record_from, cpu);
     let mut tasks = Vec::new();
     for i in 0..concurrency {
         let plan = plan.clone();
@@ -102,6 +133,7 @@ pub async fn http(plan: Arc<HttpPlan>, concurrency: usize, window: Window) -> Re
         total.merge(&s);
     }
     total.elapsed = window.measure;
+    total.cpu = cpu_meter.await?.used();
     Ok(total)
 }
 
@@ -184,10 +216,12 @@ pub async fn grpc(
     requests: Arc<Vec<GetPodCredentialsRequest>>,
     concurrency: usize,
     window: Window,
+    cpu: &'static [&'static str],
 ) -> Result<Stats> {
     let start = Instant::now();
     let record_from = start + window.warmup;
     let stop_at = record_from + window.measure;
+    let cpu_meter = meter(record_from, cpu);
     let mut tasks = Vec::new();
     for i in 0..concurrency {
         let mut client = KiamServiceClient::new(channels[i % channels.len()].clone());
@@ -223,5 +257,6 @@ pub async fn grpc(
         total.merge(&s);
     }
     total.elapsed = window.measure;
+    total.cpu = cpu_meter.await?.used();
     Ok(total)
 }

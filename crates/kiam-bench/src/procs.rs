@@ -91,6 +91,46 @@ pub fn cpu_seconds(pid: &str) -> Result<f64> {
     Ok(ticks / 100.0)
 }
 
+/// CPU seconds used so far by this process's threads whose name starts
+/// with `prefix` (each benchmark role runs on its own named runtime).
+pub fn threads_cpu(prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim_end().starts_with(prefix))
+        })
+        .filter_map(|t| {
+            let tid = t.file_name().to_string_lossy().to_string();
+            cpu_seconds(&format!("self/task/{tid}")).ok()
+        })
+        .sum()
+}
+
+/// CPU seconds per runtime (by thread-name prefix) over a stretch of work.
+pub struct CpuMeter {
+    start: Vec<(&'static str, f64)>,
+}
+
+impl CpuMeter {
+    pub fn start(prefixes: &[&'static str]) -> Self {
+        CpuMeter {
+            start: prefixes.iter().map(|p| (*p, threads_cpu(p))).collect(),
+        }
+    }
+
+    /// CPU seconds each prefix used since [`CpuMeter::start`].
+    pub fn used(&self) -> Vec<(&'static str, f64)> {
+        self.start
+            .iter()
+            .map(|(p, s)| (*p, threads_cpu(p) - s))
+            .collect()
+    }
+}
+
 /// Spawns `cmd` with stdout and stderr dropped (or inherited with
 /// `KIAM_BENCH_LOGS=1`).
 pub fn spawn(mut cmd: Command) -> Result<ChildGuard> {

@@ -33,7 +33,9 @@ fn channels(pki: &kiam::certs::Pki, port: u16) -> Result<Vec<Channel>> {
         .collect()
 }
 
-fn row(name: &str, s: &Stats, floor: &Stats) -> Vec<String> {
+const RUNTIMES: &[&str] = &["kiam-server", "floor", "load", "apiserver"];
+
+fn row(name: &str, s: &Stats, floor: &Stats, serving: &str) -> Vec<String> {
     vec![
         s.concurrency.to_string(),
         name.into(),
@@ -41,18 +43,22 @@ fn row(name: &str, s: &Stats, floor: &Stats) -> Vec<String> {
         format!("{:.2}", s.rps() / floor.rps()),
         us(s.p_us(0.5)),
         us(s.p_us(0.99)),
+        format!("{:.0} µs", s.cpu_us(&[serving])),
+        format!("{:.1} µs", s.cpu_us(&["apiserver"])),
+        format!("{:.0} µs", s.cpu_us(&["load"])),
         s.errors.to_string(),
     ]
 }
 
 pub fn throughput(report: &mut Report, window: Window) -> Result<()> {
     let kiam_rt = runtime("kiam-server", 2);
+    let api_rt = runtime("apiserver", 1);
     let floor_rt = runtime("floor", 2);
     let load_rt = runtime("load", 2);
     let stop = CancellationToken::new();
     let _stop_guard = stop.clone().drop_guard();
-    let (_api, cluster) = kiam_rt.block_on(async {
-        let api = FakeApiServer::start().await?;
+    let api = api_rt.block_on(FakeApiServer::start())?;
+    let cluster = kiam_rt.block_on(async {
         for n in 0..NAMESPACES {
             api.create_namespace(pods::namespace(&format!("team-{n:03}"), Some(".*")))
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -63,7 +69,7 @@ pub fn throughput(report: &mut Report, window: Window) -> Result<()> {
         }
         let cluster = Cluster::start(&api, &[]).await?;
         cluster.wait_ready(Duration::from_secs(30)).await?;
-        Ok::<_, anyhow::Error>((api, cluster))
+        Ok::<_, anyhow::Error>(cluster)
     })?;
     let requests: Arc<Vec<GetPodCredentialsRequest>> = Arc::new(
         (0..PODS)
@@ -111,19 +117,34 @@ pub fn throughput(report: &mut Report, window: Window) -> Result<()> {
         "vs floor",
         "p50",
         "p99",
+        "Server CPU per request",
+        "API server CPU per request",
+        "Load generator CPU per request",
         "Errors",
     ]);
     let mut best: Option<(Stats, Stats)> = None;
     for &c in LEVELS {
-        let f = load_rt.block_on(load::grpc(&floor_channels, requests.clone(), c, window))?;
-        let k = load_rt.block_on(load::grpc(&kiam_channels, requests.clone(), c, window))?;
+        let f = load_rt.block_on(load::grpc(
+            &floor_channels,
+            requests.clone(),
+            c,
+            window,
+            RUNTIMES,
+        ))?;
+        let k = load_rt.block_on(load::grpc(
+            &kiam_channels,
+            requests.clone(),
+            c,
+            window,
+            RUNTIMES,
+        ))?;
         eprintln!(
             "server c={c}: floor {:.0}/s, kiam {:.0}/s",
             f.rps(),
             k.rps()
         );
-        table.row(row("floor: tonic, fixed answer", &f, &f));
-        table.row(row("**kiam server**", &k, &f));
+        table.row(row("floor: tonic, fixed answer", &f, &f, "floor"));
+        table.row(row("**kiam server**", &k, &f, "kiam-server"));
         if best.as_ref().is_none_or(|(_, b)| k.rps() > b.rps()) {
             best = Some((f, k));
         }
@@ -148,7 +169,9 @@ pub fn throughput(report: &mut Report, window: Window) -> Result<()> {
              {CONNECTIONS} mutual-TLS HTTP/2 connections (as from {CONNECTIONS} agents) carry the requests in \
              flight, each for the next pod in turn. Floor: a tonic KiamService answering the same {answer_len}-byte \
              message, behind the same TLS acceptor (`kiam::tls::incoming`) and certificates. kiam server, floor \
-             and load generator each have a 2-worker runtime on the shared 2 cores. Warm-up {:?}, {:?} measured.",
+             and load generator each have a 2-worker runtime on the shared 2 cores; the in-memory API server has \
+             its own (its CPU per request is what kiam's per-pod confirmation GETs, at most one a second per pod, \
+             cost the API server). Warm-up {:?}, {:?} measured.",
             window.warmup, window.measure
         ),
         tables: vec![table],
