@@ -178,38 +178,48 @@ impl Service {
 #[derive(Clone)]
 pub struct KiamGrpc(pub Arc<Service>);
 
+impl KiamGrpc {
+    /// Runs one RPC, counted and timed under `method`.
+    async fn instrumented<T>(
+        &self,
+        method: &'static str,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let t = self.0.metrics.started(method);
+        let r = call.await;
+        self.0.metrics.handled(method, t, code_of(&r));
+        r.map(Response::new)
+    }
+}
+
 #[tonic::async_trait]
 impl KiamService for KiamGrpc {
     async fn get_pod_role(
         &self,
         request: Request<GetPodRoleRequest>,
     ) -> Result<Response<Role>, Status> {
-        let t = self.0.metrics.started("GetPodRole");
-        let r = self.0.pod_role(request.into_inner()).await;
-        self.0.metrics.handled("GetPodRole", t, code_of(&r));
-        r.map(Response::new)
+        self.instrumented("GetPodRole", self.0.pod_role(request.into_inner()))
+            .await
     }
 
     async fn get_pod_credentials(
         &self,
         request: Request<GetPodCredentialsRequest>,
     ) -> Result<Response<PbCredentials>, Status> {
-        let t = self.0.metrics.started("GetPodCredentials");
-        let r = self.0.pod_credentials(request.into_inner()).await;
-        self.0.metrics.handled("GetPodCredentials", t, code_of(&r));
-        r.map(Response::new)
+        let call = self.0.pod_credentials(request.into_inner());
+        self.instrumented("GetPodCredentials", call).await
     }
 
     async fn get_health(
         &self,
         _request: Request<GetHealthRequest>,
     ) -> Result<Response<HealthStatus>, Status> {
-        let t = self.0.metrics.started("GetHealth");
-        let r = self.0.ensure_ready().map(|()| HealthStatus {
-            message: "ok".into(),
-        });
-        self.0.metrics.handled("GetHealth", t, code_of(&r));
-        r.map(Response::new)
+        let call = async {
+            self.0.ensure_ready().map(|()| HealthStatus {
+                message: "ok".into(),
+            })
+        };
+        self.instrumented("GetHealth", call).await
     }
 }
 

@@ -123,41 +123,20 @@ pub struct PodInfo {
 }
 
 impl PodInfo {
-    /// The projection of `pod`. Empty annotations count as absent (as in
-    /// kiam); only `status.podIP` is used (kiam's rule, and the only IP the
-    /// `status.podIP` field selector knows); an unparsable IP counts as none.
+    /// The projection of a whole `pod`, by the rules of [`PodInfo::from_view`].
     pub fn from_pod(pod: &Pod) -> Self {
-        let meta = &pod.metadata;
-        let annotation = |key: &str| {
-            meta.annotations
-                .as_ref()
-                .and_then(|a| a.get(key))
-                .filter(|v| !v.is_empty())
-                .map(|v| Arc::<str>::from(v.as_str()))
-        };
-        let status = pod.status.as_ref();
-        let spec = pod.spec.as_ref();
-        PodInfo {
-            namespace: meta.namespace.as_deref().unwrap_or_default().into(),
-            name: meta.name.as_deref().unwrap_or_default().into(),
-            uid: meta.uid.as_deref().unwrap_or_default().into(),
-            ip: status
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok()),
-            phase: PodPhase::parse(status.and_then(|s| s.phase.as_deref())),
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            deletion: meta
-                .deletion_timestamp
-                .as_ref()
-                .and_then(|t| from_k8s_time(&t.0)),
-            role: annotation(ROLE_ANNOTATION),
-            session_name: annotation(SESSION_NAME_ANNOTATION),
-            external_id: annotation(EXTERNAL_ID_ANNOTATION),
-            service_account: spec
-                .and_then(|s| s.service_account_name.as_deref())
-                .filter(|s| !s.is_empty())
-                .map(Into::into),
-        }
+        // One set of rules: project the fields a PodView keeps, then use it.
+        Self::from_view(&PodView {
+            metadata: pod.metadata.clone(),
+            spec: pod.spec.as_ref().map(|s| SpecView {
+                host_network: s.host_network,
+                service_account_name: s.service_account_name.clone(),
+            }),
+            status: pod.status.as_ref().map(|s| StatusView {
+                phase: s.phase.clone(),
+                pod_ip: s.pod_ip.clone(),
+            }),
+        })
     }
 
     /// May a request from this pod's IP be answered with this pod at `now`?
@@ -172,7 +151,9 @@ impl PodInfo {
 }
 
 impl PodInfo {
-    /// The projection of a [`PodView`], with the same rules as [`PodInfo::from_pod`].
+    /// The projection of a [`PodView`]. Empty annotations count as absent (as
+    /// in kiam); only `status.podIP` is used (kiam's rule, and the only IP the
+    /// `status.podIP` field selector knows); an unparsable IP counts as none.
     pub fn from_view(pod: &PodView) -> Self {
         let meta = &pod.metadata;
         let annotation = |key: &str| {
