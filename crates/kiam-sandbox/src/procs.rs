@@ -336,7 +336,30 @@ pub fn find_kiam() -> Result<PathBuf, FindKiamError> {
         eprintln!(
             "kiam-sandbox: building the kiam binary (cargo build --bin kiam --profile {profile})"
         );
-        let status = Command::new(&cargo)
+        let mut build = Command::new(&cargo);
+        // `cargo run` gave us the variables cargo sets for a running package.
+        // Build scripts (ring's, for one) watch some of them, so passing them
+        // on would rebuild those crates now and again at everyone's next build.
+        for (key, _) in std::env::vars_os() {
+            let key_text = key.to_string_lossy();
+            let set_by_cargo_run = key_text.starts_with("CARGO_PKG_")
+                || key_text.starts_with("CARGO_CFG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_MANIFEST_LINKS",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "OUT_DIR",
+                ]
+                .contains(&key_text.as_ref());
+            if set_by_cargo_run {
+                build.env_remove(&key);
+            }
+        }
+        let status = build
             .arg("build")
             .arg("--manifest-path")
             .arg(workspace_root().join("Cargo.toml"))
