@@ -1,0 +1,187 @@
+//! Fault scenario with a real `kiam agent --iptables` process on an
+//! isolated node (network namespaces; root only, otherwise SKIPPED):
+//! restarted with `--iptables-remove=false`, the DNAT rule never disappears
+//! (checked every 20 ms throughout) and is never doubled; deleted by
+//! someone else, the running agent puts it back. tests/iptables_netns.rs
+//! covers the same rules at the library level (idempotent add, removal
+//! at shutdown, conntrack flush, interface matching).
+
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiam_sandbox::netns::NetNs;
+use netns::{Node, METADATA_URL};
+
+/// Copies of the rule to `target` in the namespace's `nat PREROUTING`.
+fn copies(ns: &NetNs, target: &str) -> usize {
+    let out = ns
+        .exec(&["iptables", "-w", "5", "-t", "nat", "-S", "PREROUTING"])
+        .unwrap();
+    let suffix = format!("--to-destination {target}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(&suffix))
+        .count()
+}
+
+/// Starts `kiam agent --iptables --iptables-remove=false` inside `ns`.
+fn agent(ns: &NetNs, node: &Node, port: u16, pki: &kiam::certs::Pki) -> Child {
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_kiam")).unwrap();
+    cmd.args(["agent", "--iptables", "--iptables-remove=false"])
+        .args(["--host", &node.host_ip().to_string()])
+        .args(["--host-interface", &node.interface_wildcard()])
+        .args(["--port", &port.to_string()])
+        // No server is needed to keep the rule; the agent starts without one.
+        .args(["--server-address", "127.0.0.1:1"])
+        .args(["--metadata-endpoint", "http://127.0.0.1:1"])
+        .arg("--cert")
+        .arg(pki.path("agent.pem"))
+        .arg("--key")
+        .arg(pki.path("agent-key.pem"))
+        .arg("--ca")
+        .arg(pki.path("ca.pem"))
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("KIAM_TEST_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+    cmd.spawn().unwrap()
+}
+
+/// SIGTERM, as the kubelet sends, then wait for the exit.
+fn stop(mut child: Child) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_until(what: &str, bound: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < bound, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn the_rule_survives_an_agent_restart_and_is_restored_when_deleted() {
+    let Some(node) = Node::isolated(
+        "the_rule_survives_an_agent_restart_and_is_restored_when_deleted",
+        1,
+    ) else {
+        return;
+    };
+    let ns = node.node_ns().expect("an isolated node").clone_named();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = kiam::certs::generate(dir.path(), &[], 1).unwrap();
+    // kiam's default port: the node namespace is this test's alone.
+    let port = 3100;
+    let target = format!("{}:{port}", node.host_ip());
+
+    let first = agent(&ns, &node, port, &pki);
+    wait_until("the rule", Duration::from_secs(20), || {
+        copies(&ns, &target) == 1
+    });
+
+    // Watch the rule every 20 ms from now on.
+    let stop_watching = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (ns, target, stop) = (ns.clone_named(), target.clone(), stop_watching.clone());
+        std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                samples.push(copies(&ns, &target));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        })
+    };
+
+    let restart = Instant::now();
+    stop(first);
+    let second = agent(&ns, &node, port, &pki);
+    let pod = node.pod(0);
+    wait_until("the new agent to answer", Duration::from_secs(20), || {
+        pod.http_get_blocking(&format!("{METADATA_URL}/ping"))
+            .as_deref()
+            == Ok("pong")
+    });
+    let restarted_in = restart.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    stop_watching.store(true, Ordering::SeqCst);
+    let samples = watcher.join().unwrap();
+    assert!(samples.len() >= 3, "too few samples: {samples:?}");
+    assert!(
+        samples.iter().all(|&n| n == 1),
+        "the rule disappeared or was doubled during the restart: {samples:?}"
+    );
+
+    // Someone deletes the rule: the running agent restores it (it checks
+    // every 10 s).
+    let out = ns
+        .exec(&["iptables", "-w", "5", "-t", "nat", "-F", "PREROUTING"])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(copies(&ns, &target), 0);
+    let restored = wait_until("the rule to be restored", Duration::from_secs(25), || {
+        copies(&ns, &target) == 1
+    });
+    assert_eq!(
+        pod.http_get_blocking(&format!("{METADATA_URL}/ping"))
+            .as_deref(),
+        Ok("pong")
+    );
+
+    stop(second);
+    assert_eq!(
+        copies(&ns, &target),
+        1,
+        "--iptables-remove=false keeps the rule at shutdown"
+    );
+    report(
+        "iptables/restart-and-restore",
+        &[
+            ("samples_during_restart", samples.len().to_string()),
+            (
+                "samples_without_rule",
+                samples.iter().filter(|&&n| n == 0).count().to_string(),
+            ),
+            ("restart_to_serving", ms(restarted_in)),
+            ("restored_after_delete", ms(restored)),
+        ],
+    );
+}
+
+/// A figure for docs/RELIABILITY.md (as tests/support/fault_stack.rs prints them).
+fn report(scenario: &str, figures: &[(&str, String)]) {
+    let line: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("RELIABILITY {scenario}: {}", line.join(" "));
+}
+
+fn ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+trait CloneNamed {
+    fn clone_named(&self) -> NetNs;
+}
+
+impl CloneNamed for NetNs {
+    fn clone_named(&self) -> NetNs {
+        NetNs::named(self.name().to_string())
+    }
+}
