@@ -7,7 +7,7 @@
 //! absolute numbers are what *this* machine does with both ends of every
 //! connection on it; the ratios to the floors are the portable part.
 //!
-//! Run: `cargo run --release -p kiam-bench` (full, about 5 minutes) or
+//! Run: `cargo run --release -p kiam-bench` (full, about 7 minutes) or
 //! `cargo run --release -p kiam-bench -- --quick` (small sizes, under a
 //! minute, writes nothing unless `--out` is given).
 //!
@@ -91,16 +91,18 @@ fn main() -> Result<()> {
         }
         args.only.iter().map(String::as_str).collect()
     };
-    let window = if args.quick {
-        load::Window {
+    let (window, rounds) = if args.quick {
+        let w = load::Window {
             warmup: Duration::from_millis(300),
             measure: Duration::from_millis(1000),
-        }
+        };
+        (w, 1)
     } else {
-        load::Window {
+        let w = load::Window {
             warmup: Duration::from_secs(1),
-            measure: Duration::from_secs(5),
-        }
+            measure: Duration::from_secs(3),
+        };
+        (w, 3)
     };
     let before = machine::Conditions::now();
     let mut report = report::Report::default();
@@ -108,8 +110,8 @@ fn main() -> Result<()> {
     for figure in &wanted {
         eprintln!("== {figure}");
         let r = match *figure {
-            "agent" => agent::warm_path(&mut report, window, &[1, 16, 64]),
-            "server" => server::throughput(&mut report, window),
+            "agent" => agent::warm_path(&mut report, window, &[1, 16, 64], rounds),
+            "server" => server::throughput(&mut report, window, rounds),
             "sync" => {
                 let sizes: &[usize] = match (&args.sync_sizes[..], args.quick) {
                     ([], true) => &[1_000, 5_000],

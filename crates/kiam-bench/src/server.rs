@@ -50,7 +50,7 @@ fn row(name: &str, s: &Stats, floor: &Stats, serving: &str) -> Vec<String> {
     ]
 }
 
-pub fn throughput(report: &mut Report, window: Window) -> Result<()> {
+pub fn throughput(report: &mut Report, window: Window, rounds: usize) -> Result<()> {
     let kiam_rt = runtime("kiam-server", 2);
     let api_rt = runtime("apiserver", 1);
     let floor_rt = runtime("floor", 2);
@@ -124,20 +124,16 @@ pub fn throughput(report: &mut Report, window: Window) -> Result<()> {
     ]);
     let mut best: Option<(Stats, Stats)> = None;
     for &c in LEVELS {
-        let f = load_rt.block_on(load::grpc(
-            &floor_channels,
-            requests.clone(),
-            c,
-            window,
-            RUNTIMES,
-        ))?;
-        let k = load_rt.block_on(load::grpc(
-            &kiam_channels,
-            requests.clone(),
-            c,
-            window,
-            RUNTIMES,
-        ))?;
+        let run = |channels: &[Channel]| {
+            load_rt.block_on(load::grpc(channels, requests.clone(), c, window, RUNTIMES))
+        };
+        // Interleaved rounds, best kept (see `load::best`).
+        let (mut f, mut k) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            f.push(run(&floor_channels)?);
+            k.push(run(&kiam_channels)?);
+        }
+        let (f, k) = (load::best(f), load::best(k));
         eprintln!(
             "server c={c}: floor {:.0}/s, kiam {:.0}/s",
             f.rps(),
@@ -171,7 +167,7 @@ pub fn throughput(report: &mut Report, window: Window) -> Result<()> {
              message, behind the same TLS acceptor (`kiam::tls::incoming`) and certificates. kiam server, floor \
              and load generator each have a 2-worker runtime on the shared 2 cores; the in-memory API server has \
              its own (its CPU per request is what kiam's per-pod confirmation GETs, at most one a second per pod, \
-             cost the API server). Warm-up {:?}, {:?} measured.",
+             cost the API server). Warm-up {:?}, {:?} measured, {rounds} rounds alternating floor and kiam, the best round kept per row.",
             window.warmup, window.measure
         ),
         tables: vec![table],
