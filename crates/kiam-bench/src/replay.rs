@@ -54,8 +54,30 @@ fn continue_token(body: &[u8]) -> Option<String> {
 /// Reads every page of `path` (`?limit=500&continue=...`) from `api` over
 /// one keep-alive connection; returns how long it took.
 pub async fn capture(api: SocketAddr, path: &str, pages: &mut Pages) -> Result<Duration> {
+    let mut bytes = 0;
+    let mut into = HashMap::new();
+    let took = each_page(api, path, |token, body| {
+        bytes += body.len();
+        into.insert(token, body);
+    })
+    .await?;
+    pages.bytes += bytes;
+    pages
+        .by_path
+        .entry(path.to_string())
+        .or_default()
+        .extend(into);
+    Ok(took)
+}
+
+/// Reads every page of `path` and hands each, with the continue token that
+/// asked for it, to `on_page`.
+async fn each_page(
+    api: SocketAddr,
+    path: &str,
+    mut on_page: impl FnMut(String, Bytes),
+) -> Result<Duration> {
     let start = Instant::now();
-    let into = pages.by_path.entry(path.to_string()).or_default();
     let stream = tokio::net::TcpStream::connect(api).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -73,9 +95,8 @@ pub async fn capture(api: SocketAddr, path: &str, pages: &mut Pages) -> Result<D
         let resp = sender.send_request(req).await?;
         anyhow::ensure!(resp.status().is_success(), "LIST {path}: {}", resp.status());
         let body = resp.into_body().collect().await?.to_bytes();
-        pages.bytes += body.len();
         let next = continue_token(&body);
-        into.insert(std::mem::take(&mut token), body);
+        on_page(std::mem::take(&mut token), body);
         match next {
             Some(t) => token = t,
             None => break,
@@ -87,8 +108,7 @@ pub async fn capture(api: SocketAddr, path: &str, pages: &mut Pages) -> Result<D
 /// Fetches every page of `/api/v1/pods` from `addr` and drops the bytes:
 /// the floor of a sync.
 pub async fn list_floor(addr: SocketAddr) -> Result<Duration> {
-    let mut scratch = Pages::default();
-    capture(addr, "/api/v1/pods", &mut scratch).await
+    each_page(addr, "/api/v1/pods", |_, page| drop(page)).await
 }
 
 type Body = BoxBody<Bytes, Infallible>;
