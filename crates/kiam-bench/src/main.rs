@@ -9,7 +9,8 @@
 //!
 //! Run: `cargo run --release -p kiam-bench` (full, about 7 minutes) or
 //! `cargo run --release -p kiam-bench -- --quick` (small sizes, under a
-//! minute, writes nothing unless `--out` is given).
+//! minute). Only a full run rewrites BENCHMARKS.md; `--quick` and `--only`
+//! print, and write only to `--out`.
 //!
 //! - [`load`]: closed-loop HTTP and gRPC load with latency histograms.
 //! - [`floor`]: the minimal servers kiam is compared with.
@@ -49,7 +50,8 @@ struct Args {
     /// Small sizes and short windows (under a minute); writes nothing unless --out is given.
     #[arg(long)]
     quick: bool,
-    /// Only these figures (comma-separated): agent, server, sync, prefetch, sts, agent-rss.
+    /// Only these figures (comma-separated): agent, server, sync, prefetch, sts, agent-rss;
+    /// writes nothing unless --out is given.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the report (default: BENCHMARKS.md in the workspace for full runs).
@@ -134,7 +136,8 @@ fn main() -> Result<()> {
     let preamble = machine::preamble(&before, &after, args.quick, &wanted, started.elapsed());
     let generated = report.markdown(&preamble);
     println!("{generated}");
-    let out = match (&args.out, args.quick) {
+    // Only a full run of every figure replaces the committed report.
+    let out = match (&args.out, args.quick || !args.only.is_empty()) {
         (Some(p), _) => Some(p.clone()),
         (None, false) => Some(PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
