@@ -312,7 +312,7 @@ pub fn memory_and_sync(report: &mut Report, sizes: &[usize]) -> Result<()> {
              The emulator's LIST pages ({PAGE} pods each, as kube-rs asks) are captured once (\"Emulator LIST\": \
              its own time, which is not kiam's) and replayed from memory by a minimal HTTP server, so kiam \
              lists from something at least as fast as a real API server's watch cache. LIST floor: every \
-             replayed page read and dropped by a bare HTTP/1 client. Process: the release `kiam server` binary with a kubeconfig for the API server; sync time is \
+             replayed page read and dropped by a bare HTTP/1 client (best of three). Process: the release `kiam server` binary with a kubeconfig for the API server; sync time is \
              spawn until GetHealth answers `ok` (polled every 10 ms), RSS read 1 s later. Heap: an in-process \
              server in a child process with a counting allocator, live bytes 1 s after sync minus before \
              `Server::build`."
