@@ -8,7 +8,8 @@ use prometheus_client::registry::Registry;
 use crate::cli::HealthArgs;
 use crate::proto::kiam_service_client::KiamServiceClient;
 use crate::proto::GetHealthRequest;
-use crate::tls::{error_chain, ChannelOpts, ClientTls, TlsFiles};
+use crate::telemetry::error_chain;
+use crate::tls::{ChannelOpts, ClientTls, TlsFiles};
 use crate::Fatal;
 
 /// Asks the server at `--server-address` for its health.

@@ -6,6 +6,8 @@
 //! mutual TLS.
 //!
 //! # Layout
+//! - [`wire`]: what agents and servers agree on beyond the proto (status strings, metadata, time format).
+//! - [`arn`]: the one IAM ARN parser.
 //! - [`cli`]: flags (kiam's names and defaults), shared by every role.
 //! - [`grpc_metrics`]: go-grpc-prometheus' families for both ends of the wire.
 //! - [`telemetry`]: `tracing` set-up and the Prometheus registry/endpoint.
@@ -19,6 +21,7 @@
 //! - [`proto`]: code generated from `proto/kiam.proto`.
 
 pub mod agent;
+pub mod arn;
 pub mod certs;
 pub mod cli;
 pub mod flagdoc;
@@ -28,6 +31,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod wire;
 
 /// Generated from `proto/kiam.proto` (package `kiam`).
 #[allow(clippy::all, missing_docs)]

@@ -87,3 +87,28 @@ pub fn normalise_listen_addr(addr: &str) -> String {
 pub fn metrics_url(addr: SocketAddr) -> String {
     format!("http://{addr}/metrics")
 }
+
+/// An error and its sources as one line, without repeating a message its
+/// source already contains (tonic/hyper wrap each other a lot).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !msg.is_empty() && !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = e.source();
+    }
+    // Keep the most specific messages: drop a part that a later one repeats.
+    let mut out: Vec<&str> = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        if !parts[i + 1..]
+            .iter()
+            .any(|later| later.contains(p.as_str()))
+        {
+            out.push(p);
+        }
+    }
+    out.join(": ")
+}

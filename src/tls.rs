@@ -35,8 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::{
-    error_chain, server_name_of, ChannelOpts, ClientIo, ClientTls, ConnectError, TlsConnector,
-    TlsStreamIo,
+    server_name_of, ChannelOpts, ClientIo, ClientTls, ConnectError, TlsConnector, TlsStreamIo,
 };
 pub use load::CertInfo;
 pub use server::{incoming, ServerTls, TlsConn, HANDSHAKE_TIMEOUT};

@@ -132,7 +132,9 @@ async fn health(client: &ClientTls, addr: SocketAddr, name: &str) -> Result<Stri
         .map_err(|s| {
             format!(
                 "{s}: {}",
-                s.source().map(tls::error_chain).unwrap_or_default()
+                s.source()
+                    .map(kiam::telemetry::error_chain)
+                    .unwrap_or_default()
             )
         })?;
     Ok(reply.into_inner().message)

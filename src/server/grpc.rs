@@ -21,15 +21,7 @@ use crate::proto::{
     Credentials as PbCredentials, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest,
     HealthStatus, Role,
 };
-
-/// The wire strings agents compare (Go kiam's `ErrPodNotFound`/`ErrPolicyForbidden`).
-pub const NO_POD_FOUND: &str = "no pod found";
-pub const FORBIDDEN_BY_POLICY: &str = "forbidden by policy";
-
-/// Formats a timestamp as the EC2 metadata API does: `2026-11-28T12:00:00Z`.
-pub fn metadata_time(t: jiff::Timestamp) -> String {
-    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
+use crate::wire::{ec2_time, FORBIDDEN_BY_POLICY, NO_POD_FOUND};
 
 /// Everything the service answers from.
 pub struct Service {
@@ -86,8 +78,8 @@ pub fn to_proto(c: &Credentials) -> PbCredentials {
         access_key_id: c.access_key_id.clone(),
         secret_access_key: c.secret_access_key.clone(),
         token: c.session_token.clone(),
-        expiration: metadata_time(c.expiration),
-        last_updated: metadata_time(c.last_updated),
+        expiration: ec2_time(c.expiration),
+        last_updated: ec2_time(c.last_updated),
     }
 }
 
@@ -226,12 +218,6 @@ impl KiamService for KiamGrpc {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_look_like_the_metadata_api() {
-        let t: jiff::Timestamp = "2026-11-28T12:34:56.789Z".parse().unwrap();
-        assert_eq!(metadata_time(t), "2026-11-28T12:34:56Z");
-    }
 
     #[test]
     fn bad_ips_are_invalid_arguments() {

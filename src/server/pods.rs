@@ -1049,7 +1049,7 @@ pub(super) async fn drive<K>(
             next = stream.next() => match next {
                 Some(Ok(event)) => on_event(event),
                 Some(Err(error)) => {
-                    let error = error_chain(&error);
+                    let error = crate::telemetry::error_chain(&error);
                     tracing::warn!(%error, "{what} watch failed; retrying with backoff")
                 }
                 // The watcher stream never ends by itself.
@@ -1057,24 +1057,6 @@ pub(super) async fn drive<K>(
             },
         }
     }
-}
-
-/// An error with its causes, `outer: inner: root`: kube's errors keep the
-/// reason an operator needs (connection refused, certificate expired) in
-/// their sources, which their own text leaves out.
-pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Some errors already include their source's text.
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
 
+use crate::arn::{check_role_path, is_iam_name_byte, IamArn, RoleArn};
+
 use super::pods::PodInfo;
 use super::sts::Identity;
 
@@ -35,9 +37,6 @@ pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 
 /// STS's limit on `RoleSessionName`.
 pub const MAX_SESSION_NAME: usize = 64;
-/// IAM's limits on a role name and its path.
-const MAX_ROLE_NAME: usize = 64;
-const MAX_ROLE_PATH: usize = 512;
 /// Compiled-program budget for namespace regexes. Matching is linear-time
 /// whatever the pattern (the `regex` crate has no backtracking), so the only
 /// thing a hostile annotation can inflate is compilation; this caps it.
@@ -71,96 +70,6 @@ pub enum PolicyError {
     InvalidDefaultRegex { expression: String, error: String },
 }
 
-/// The parts of an IAM ARN we check: `arn:<partition>:iam::<account>:<resource>`.
-struct IamArn<'a> {
-    partition: &'a str,
-    account: &'a str,
-    resource: &'a str,
-}
-
-fn parse_iam_arn(arn: &str) -> Result<IamArn<'_>, &'static str> {
-    let mut parts = arn.splitn(6, ':');
-    let (Some("arn"), Some(partition), Some(service), Some(region), Some(account), Some(resource)) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return Err("it does not have six ':'-separated parts");
-    };
-    if partition.is_empty()
-        || !partition
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err("the partition (aws, aws-cn, aws-us-gov, ...) is missing or malformed");
-    }
-    if service != "iam" {
-        return Err("the service is not iam");
-    }
-    if !region.is_empty() {
-        return Err("IAM ARNs have an empty region");
-    }
-    // Accounts are 12 digits in AWS; emulators and examples use shorter
-    // ones, so only the character set is checked.
-    if account.is_empty()
-        || !account
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        return Err("the account id is missing or malformed");
-    }
-    Ok(IamArn {
-        partition,
-        account,
-        resource,
-    })
-}
-
-/// Checks `path/name` (the part after `role/`) against IAM's rules: the
-/// name is `[\w+=,.@-]{1,64}`, the path printable ASCII without spaces.
-fn check_role_path(path_and_name: &str) -> Result<(), &'static str> {
-    if path_and_name.is_empty() {
-        return Err("the role name is empty");
-    }
-    if path_and_name
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err("it contains whitespace or control characters");
-    }
-    if !path_and_name.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return Err("it contains characters outside printable ASCII");
-    }
-    let (path, name) = match path_and_name.rsplit_once('/') {
-        Some((path, name)) => (path, name),
-        None => ("", path_and_name),
-    };
-    if name.is_empty() {
-        return Err("it ends with '/', so the role name is empty");
-    }
-    if name.len() > MAX_ROLE_NAME {
-        return Err("the role name is longer than IAM's 64 characters");
-    }
-    if !name.bytes().all(is_iam_name_byte) {
-        return Err("the role name may only contain letters, digits and _+=,.@-");
-    }
-    if path.len() > MAX_ROLE_PATH {
-        return Err("the role path is longer than IAM's 512 characters");
-    }
-    if path.split('/').skip(1).any(str::is_empty) {
-        return Err("the role path contains '//'");
-    }
-    Ok(())
-}
-
-/// `[\w+=,.@-]` with `\w` meaning ASCII word characters, as in IAM and STS.
-fn is_iam_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'=' | b',' | b'.' | b'@' | b'-')
-}
-
 /// Turns what a pod wrote in `iam.amazonaws.com/role` into a role ARN.
 ///
 /// Cheap to clone; the server builds one at start-up from `--role-base-arn`
@@ -181,7 +90,7 @@ impl ArnResolver {
             reason,
         };
         let trimmed = base.trim();
-        let arn = parse_iam_arn(trimmed).map_err(invalid)?;
+        let arn = IamArn::parse(trimmed).map_err(invalid)?;
         let path = if arn.resource == "role" {
             ""
         } else if let Some(path) = arn.resource.strip_prefix("role/") {
@@ -225,12 +134,7 @@ impl ArnResolver {
                 role: role.to_string(),
                 reason,
             };
-            let arn = parse_iam_arn(role).map_err(not_role)?;
-            let path_and_name = arn
-                .resource
-                .strip_prefix("role/")
-                .ok_or_else(|| not_role("the resource is not role/<name>"))?;
-            check_role_path(path_and_name).map_err(not_role)?;
+            RoleArn::parse(role).map_err(not_role)?;
             return Ok(role.to_string());
         }
         // kiam strips one leading slash: `/foo` and `foo` are the same role.
@@ -251,7 +155,7 @@ pub fn base_arn_from_instance_profile(instance_profile_arn: &str) -> Result<Stri
     let invalid = || PolicyError::InvalidInstanceProfile {
         arn: instance_profile_arn.to_string(),
     };
-    let arn = parse_iam_arn(instance_profile_arn.trim()).map_err(|_| invalid())?;
+    let arn = IamArn::parse(instance_profile_arn.trim()).map_err(|_| invalid())?;
     if !arn.resource.starts_with("instance-profile/") {
         return Err(invalid());
     }

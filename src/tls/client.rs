@@ -24,6 +24,7 @@ use super::reload::Reloading;
 use super::verify::{explain, explain_alert, ServerVerifier};
 use super::{provider, Side, TlsError, TlsFiles, RELOAD_INTERVAL};
 use crate::cli::ClientArgs;
+use crate::telemetry::error_chain;
 
 /// The I/O type [`TlsConnector`] hands to tonic.
 pub type TlsStreamIo = TokioIo<ClientIo>;
@@ -450,31 +451,6 @@ pub fn server_name_of(server_address: &str) -> Result<String, TlsError> {
     ServerName::try_from(host.to_string())
         .map_err(|e| bad(&format!("host {host:?} is not a DNS name or IP: {e}")))?;
     Ok(host.to_string())
-}
-
-/// An error and its sources as one line, without repeating a message its
-/// source already contains (tonic/hyper wrap each other a lot).
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        let msg = e.to_string();
-        if !msg.is_empty() && !parts.iter().any(|p| p.contains(&msg)) {
-            parts.push(msg);
-        }
-        cur = e.source();
-    }
-    // Keep the most specific messages: drop a part that a later one repeats.
-    let mut out: Vec<&str> = Vec::new();
-    for (i, p) in parts.iter().enumerate() {
-        if !parts[i + 1..]
-            .iter()
-            .any(|later| later.contains(p.as_str()))
-        {
-            out.push(p);
-        }
-    }
-    out.join(": ")
 }
 
 #[cfg(test)]
