@@ -160,7 +160,8 @@ pub struct ServerArgs {
     /// gRPC keepalive: how long a PING may go unanswered.
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIMEOUT_DURATION", default_value = "2s", value_parser = parse_duration)]
     pub grpc_keepalive_timeout_duration: Duration,
-    /// Accepted for compatibility with Go kiam; connections are recycled by
+    /// Accepted for compatibility with Go kiam and ignored (the gRPC server
+    /// has no idle limit); connections are recycled by
     /// --grpc-max-connection-age-duration instead.
     #[arg(long, env = "KIAM_GRPC_MAX_CONNECTION_IDLE_DURATION", default_value = "15m", value_parser = parse_duration)]
     pub grpc_max_connection_idle_duration: Duration,

@@ -20,6 +20,10 @@
 //! - [`flagdoc`]: the flag reference (docs/FLAGS.md) generated from [`cli`].
 //! - [`proto`]: code generated from `proto/kiam.proto`.
 
+// Lets the shared test support files (tests/support/*.rs), written against
+// the `kiam` crate, be included by this crate's own unit tests too.
+extern crate self as kiam;
+
 pub mod agent;
 pub mod arn;
 pub mod certs;

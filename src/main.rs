@@ -59,7 +59,9 @@ fn run(command: Command) -> Result<(), Fatal> {
     match command {
         Command::Server(args) => {
             init_logging(&args.log);
-            runtime()?.block_on(kiam::server::main(*args))
+            runtime()?
+                .block_on(kiam::server::main(*args))
+                .map_err(Fatal::from)
         }
         Command::Agent(args) => {
             init_logging(&args.log);

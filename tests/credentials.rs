@@ -18,8 +18,9 @@ use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use kiam::server::credentials::{CacheConfig, CredentialCache};
-use kiam::server::sts::{AssumeRole, Identity, SessionTags, StsClient, StsError};
+use kiam::server::credentials::{CacheConfig, CredentialCache, CredentialMetrics};
+use kiam::server::model::{Identity, PodInfo, PodPhase, SessionTags};
+use kiam::server::sts::{AssumeRole, StsClient, StsError};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +34,7 @@ fn identity(role: &str, external_id: Option<&str>) -> Identity {
         role_arn: format!("arn:aws:iam::123456789012:role/{role}").into(),
         session_name: format!("kiam-{role}").into(),
         external_id: external_id.map(Into::into),
+        tags: None,
     }
 }
 
@@ -75,7 +77,7 @@ async fn assume(
     client: &StsClient,
     id: &Identity,
 ) -> Result<kiam::server::sts::Credentials, StsError> {
-    client.assume_role(id, HOUR, None).await
+    client.assume_role(id, HOUR).await
 }
 
 #[tokio::test]
@@ -291,16 +293,18 @@ async fn moto_issues_credentials_through_the_default_chain() {
     isolate_env(&moto, dir.path());
 
     // No --region and none in the environment: us-east-1 (the global endpoint's).
-    let client = StsClient::from_env("", "").await.unwrap();
+    let client = StsClient::from_env(None, None).await;
     assert_eq!(client.region().as_deref(), Some("us-east-1"));
-    let id = identity("reader", Some("ex-1"));
-    let tags = SessionTags {
-        namespace: "team".into(),
-        pod: "web-1".into(),
-        service_account: "default".into(),
+    let id = Identity {
+        tags: Some(Arc::new(SessionTags {
+            namespace: "team".into(),
+            pod: "web-1".into(),
+            service_account: "default".into(),
+        })),
+        ..identity("reader", Some("ex-1"))
     };
     let creds = client
-        .assume_role(&id, HOUR, Some(&tags))
+        .assume_role(&id, HOUR)
         .await
         .expect("moto issues credentials");
     assert!(
@@ -328,10 +332,10 @@ async fn moto_issues_credentials_through_the_default_chain() {
     );
 
     // --region picks the regional endpoint (still moto here, via the override).
-    let client = StsClient::from_env("eu-west-2", "").await.unwrap();
+    let client = StsClient::from_env(Some("eu-west-2"), None).await;
     assert_eq!(client.region().as_deref(), Some("eu-west-2"));
     client
-        .assume_role(&identity("regional", None), HOUR, None)
+        .assume_role(&identity("regional", None), HOUR)
         .await
         .unwrap();
     let assumed = moto_assumed_roles(&moto).await;
@@ -344,16 +348,15 @@ async fn moto_issues_credentials_through_the_default_chain() {
 
     // Without --region, AWS_REGION wins over the us-east-1 fallback.
     std::env::set_var("AWS_REGION", "ap-southeast-2");
-    let client = StsClient::from_env("", "").await.unwrap();
+    let client = StsClient::from_env(None, None).await;
     assert_eq!(client.region().as_deref(), Some("ap-southeast-2"));
     std::env::remove_var("AWS_REGION");
 
     // --assume-role-arn: the server assumes its own role before the pod's.
-    let client = StsClient::from_env("", "arn:aws:iam::123456789012:role/kiam-server")
-        .await
-        .unwrap();
+    let client =
+        StsClient::from_env(None, Some("arn:aws:iam::123456789012:role/kiam-server")).await;
     let creds = client
-        .assume_role(&identity("chained", None), HOUR, None)
+        .assume_role(&identity("chained", None), HOUR)
         .await
         .unwrap();
     assert!(creds.access_key_id.starts_with("ASIA"));
@@ -369,9 +372,9 @@ async fn moto_issues_credentials_through_the_default_chain() {
     // The generic AWS_ENDPOINT_URL works as well as the STS-specific one.
     std::env::remove_var("AWS_ENDPOINT_URL_STS");
     std::env::set_var("AWS_ENDPOINT_URL", &moto.url);
-    let client = StsClient::from_env("", "").await.unwrap();
+    let client = StsClient::from_env(None, None).await;
     client
-        .assume_role(&identity("generic", None), HOUR, None)
+        .assume_role(&identity("generic", None), HOUR)
         .await
         .unwrap();
     assert!(moto_assumed_roles(&moto)
@@ -387,16 +390,15 @@ async fn moto_issues_credentials_through_the_default_chain() {
             session_duration: HOUR,
             session_refresh: Duration::from_secs(30 * 60),
             fetchers: 2,
-            session_tags: false,
             call_timeout: Duration::from_secs(15),
         },
         Arc::new(|_: &Identity| true),
-        &mut registry,
+        CredentialMetrics::register(&mut registry),
         CancellationToken::new(),
     );
     let id = identity("cached", None);
-    let a = cache.get(&id, None).await.unwrap();
-    let b = cache.get(&id, None).await.unwrap();
+    let a = cache.get(&id).await.unwrap();
+    let b = cache.get(&id).await.unwrap();
     assert_eq!(a.access_key_id, b.access_key_id);
     assert!(a.access_key_id.starts_with("ASIA"));
     let calls = moto_assumed_roles(&moto)
@@ -413,13 +415,13 @@ async fn moto_issues_credentials_through_the_default_chain() {
     );
 }
 
-fn pod(namespace: &str, name: &str, uid: &str) -> kiam::server::pods::PodInfo {
-    kiam::server::pods::PodInfo {
+fn pod(namespace: &str, name: &str, uid: &str) -> PodInfo {
+    PodInfo {
         namespace: namespace.into(),
         name: name.into(),
         uid: uid.into(),
         ip: Some("198.18.0.10".parse().unwrap()),
-        phase: kiam::server::pods::PodPhase::Running,
+        phase: PodPhase::Running,
         host_network: false,
         deletion: None,
         role: Some("reader".into()),

@@ -17,11 +17,12 @@ mod fault_stack;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cluster::FakeFailure;
 use cluster::{Cluster, BASE_ARN};
 use fault_stack::{ms, report, until};
 use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::proto::GetPodCredentialsRequest;
-use kiam::server::sts::{FakeFailure, Identity};
+use kiam::server::model::Identity;
 use tonic::transport::Channel;
 
 const NS: &str = "team-a";
@@ -33,6 +34,7 @@ fn identity(role: &str) -> Identity {
         role_arn: format!("{BASE_ARN}{role}").into(),
         session_name: "kiam-kiam".into(),
         external_id: None,
+        tags: None,
     }
 }
 

@@ -12,11 +12,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiam::server::model::{PodInfo, PodPhase, Prefetch};
 use kiam::server::namespaces::NamespaceCache;
-use kiam::server::pods::{FindError, PodCache, PodCacheConfig, PodInfo, PodPhase};
-use kiam::server::policy::{ArnResolver, NamespacePolicyConfig};
+use kiam::server::pods::{FindError, PodCache, PodCacheConfig};
+use kiam::server::policy::{ArnResolver, NamespacePolicyConfig, Policy};
 use kiam_sandbox::apiserver::{FakeApiServer, RecordedRequest};
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -26,8 +27,19 @@ const NS: &str = "team-a";
 struct Fixture {
     api: FakeApiServer,
     pods: PodCache,
-    prefetch: mpsc::Receiver<PodInfo>,
-    registry: Registry,
+    prefetch: mpsc::Receiver<Prefetch>,
+    dropped: Counter,
+}
+
+/// The policy of a server run with `--role-base-arn=BASE` and
+/// `--default-permitted-regexp=default` (strict).
+fn policy(default: Option<&str>) -> Arc<Policy> {
+    Arc::new(Policy::new(
+        ArnResolver::new(BASE).unwrap(),
+        "kiam",
+        false,
+        NamespacePolicyConfig::new(true, default).unwrap(),
+    ))
 }
 
 fn client(api: &FakeApiServer) -> kube::Client {
@@ -39,16 +51,15 @@ fn client(api: &FakeApiServer) -> kube::Client {
 async fn fixture_with_buffer(buffer: usize) -> Fixture {
     let api = FakeApiServer::start().await.unwrap();
     api.create_namespace(NS).unwrap();
-    let mut registry = Registry::default();
+    let dropped = Counter::default();
     let (pods, prefetch) = PodCache::spawn(
         client(&api),
-        Arc::new(ArnResolver::new(BASE).unwrap()),
+        policy(None),
         PodCacheConfig {
-            session: "kiam".into(),
             prefetch_buffer_size: buffer,
             resync: Duration::from_secs(60),
         },
-        &mut registry,
+        dropped.clone(),
     );
     pods.wait_synced().await;
     // Changes made from here on arrive as watch events, not in the list.
@@ -57,7 +68,7 @@ async fn fixture_with_buffer(buffer: usize) -> Fixture {
         api,
         pods,
         prefetch,
-        registry,
+        dropped,
     }
 }
 
@@ -275,10 +286,10 @@ async fn start_up_race_is_answered_by_a_direct_lookup() {
         ("early", Some("reader"))
     );
     assert_eq!(ip_lookups(&f.api, "10.1.0.7"), 1);
-    // The answer is kept (and announced for prefetch), so the next request
+    // The answer is kept (and prefetched for), so the next request
     // needs no API call even before the event arrives.
     assert!(f.pods.get(NS, "early").is_some());
-    assert_eq!(&*f.prefetch.recv().await.unwrap().name, "early");
+    assert_eq!(&*f.prefetch.recv().await.unwrap().pod.name, "early");
     f.pods.find_by_ip(ip("10.1.0.7")).await.unwrap();
     assert_eq!(ip_lookups(&f.api, "10.1.0.7"), 1);
 
@@ -342,7 +353,7 @@ async fn two_live_pods_on_one_ip_are_settled_by_the_api_or_refused() {
 }
 
 #[tokio::test]
-async fn prefetch_announces_pods_with_a_role_and_an_ip() {
+async fn prefetch_gets_pods_with_a_role_and_an_ip() {
     let mut f = fixture().await;
     // Neither of these is worth prefetching for.
     f.api
@@ -354,18 +365,20 @@ async fn prefetch_announces_pods_with_a_role_and_an_ip() {
     // This one is, once it has an IP.
     f.api.set_pod_ip(NS, "starting", "10.1.1.2").unwrap();
 
-    let announced = f.prefetch.recv().await.unwrap();
-    assert_eq!(&*announced.name, "starting");
-    assert_eq!(announced.ip, Some(ip("10.1.1.2")));
-    assert_eq!(announced.role.as_deref(), Some("reader"));
+    let Prefetch {
+        pod: prefetched,
+        identity,
+    } = f.prefetch.recv().await.unwrap();
+    assert_eq!(&*prefetched.name, "starting");
+    assert_eq!(prefetched.ip, Some(ip("10.1.1.2")));
+    assert_eq!(prefetched.role.as_deref(), Some("reader"));
 
-    let identity = f.pods.identity_for(&announced).unwrap().unwrap();
     assert_eq!(&*identity.role_arn, format!("{BASE}reader"));
     assert_eq!(&*identity.session_name, "kiam-kiam");
     assert!(f.pods.identity_in_use(&identity));
     assert_eq!(f.pods.identities(), vec![identity.clone()]);
 
-    // Running with the same role: already announced.
+    // Running with the same role: already prefetched for.
     f.api.set_pod_phase(NS, "starting", "Running").unwrap();
     f.api.delete_pod(NS, "starting").unwrap();
     f.gone("starting").await;
@@ -388,11 +401,8 @@ async fn a_full_prefetch_buffer_drops_and_counts() {
             .unwrap();
     }
     f.cached("p3", |_| true).await;
-    let registry = f.registry;
-    eventually("two dropped announcements", || {
-        kiam::telemetry::encode(&registry).contains("kiam_k8s_dropped_pods_total 2")
-    })
-    .await;
+    let dropped = f.dropped.clone();
+    eventually("two dropped prefetches", || dropped.get() == 2).await;
     // The watcher kept going: every pod is matched.
     for n in 1..=3 {
         let found = f.pods.find_by_ip(ip(&format!("10.1.2.{n}"))).await.unwrap();
@@ -445,17 +455,16 @@ async fn pods_listed_before_the_cache_starts_are_synced() {
         .unwrap();
     let (pods, mut prefetch) = PodCache::spawn(
         client(&api),
-        Arc::new(ArnResolver::new(BASE).unwrap()),
+        policy(None),
         PodCacheConfig {
-            session: "kiam".into(),
             prefetch_buffer_size: 10,
             resync: Duration::ZERO,
         },
-        &mut Registry::default(),
+        Counter::default(),
     );
     pods.wait_synced().await;
     assert!(pods.get(NS, "pre").is_some(), "synced means listed");
-    assert_eq!(&*prefetch.recv().await.unwrap().name, "pre");
+    assert_eq!(&*prefetch.recv().await.unwrap().pod.name, "pre");
     pods.find_by_ip(ip("10.1.4.1")).await.unwrap();
     assert_eq!(ip_lookups(&api, "10.1.4.1"), 0);
 
@@ -478,11 +487,7 @@ async fn namespace_regex_changes_are_picked_up() {
     let api = FakeApiServer::start().await.unwrap();
     api.create_namespace(namespace("apps", Some(".*/reader")))
         .unwrap();
-    let namespaces = NamespaceCache::spawn(
-        client(&api),
-        NamespacePolicyConfig::new(true, None).unwrap(),
-        Duration::from_secs(60),
-    );
+    let namespaces = NamespaceCache::spawn(client(&api), policy(None), Duration::from_secs(60));
     namespaces.wait_synced().await;
     api.wait_for_open_watches(1).await;
     let reader = format!("{BASE}reader");
@@ -528,11 +533,8 @@ async fn namespace_regex_changes_are_picked_up() {
 #[tokio::test]
 async fn a_namespace_whose_event_is_late_is_fetched_directly() {
     let api = FakeApiServer::start().await.unwrap();
-    let namespaces = NamespaceCache::spawn(
-        client(&api),
-        NamespacePolicyConfig::new(true, Some(".*")).unwrap(),
-        Duration::from_secs(60),
-    );
+    let namespaces =
+        NamespaceCache::spawn(client(&api), policy(Some(".*")), Duration::from_secs(60));
     namespaces.wait_synced().await;
     api.hold_watch_events(true);
     api.create_namespace(namespace("fresh", Some(".*/reader")))

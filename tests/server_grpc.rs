@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cluster::{eventually, pod_json, Cluster, BASE_ARN};
 use kiam::proto::{GetPodCredentialsRequest, GetPodRoleRequest};
-use kiam::server::sts::Identity;
+use kiam::server::model::Identity;
 use tonic::Code;
 
 fn identity(role: &str, session: &str) -> Identity {
@@ -16,7 +16,15 @@ fn identity(role: &str, session: &str) -> Identity {
         role_arn: format!("{BASE_ARN}{role}").into(),
         session_name: session.into(),
         external_id: None,
+        tags: None,
     }
+}
+
+/// Which check refused, as the server tells our agents (Go agents ignore it).
+fn denied_check(e: &tonic::Status) -> Option<&str> {
+    e.metadata()
+        .get(kiam::wire::DENIED_CHECK_KEY)
+        .and_then(|v| v.to_str().ok())
 }
 
 fn creds_req(ip: &str, role: &str) -> GetPodCredentialsRequest {
@@ -100,6 +108,7 @@ async fn refusals_carry_kiam_wire_messages() {
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
     assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(denied_check(&e), Some("annotated-role"));
 
     // A namespace without iam.amazonaws.com/permitted permits nothing.
     let e = client
@@ -107,6 +116,7 @@ async fn refusals_carry_kiam_wire_messages() {
         .await
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
+    assert_eq!(denied_check(&e), Some("namespace-permitted"));
 
     // A pod without a role: empty role name, and no credentials.
     let role = client
@@ -378,4 +388,49 @@ async fn clients_without_the_ca_are_refused() {
 
     // The server still serves good clients.
     c.ready().await;
+}
+
+/// `--session-tags`: two pods in different namespaces, both allowed the same
+/// role, each get credentials tagged with their own namespace and name,
+/// never the other's (the cache used to key on the role alone and hand the
+/// second pod the first pod's tagged credentials).
+#[tokio::test]
+async fn session_tags_are_never_shared_between_pods() {
+    let c = Cluster::start(&["--session-tags"]).await;
+    c.namespace("team-a", Some(".*:role/shared"));
+    c.namespace("team-b", Some(".*:role/shared"));
+    c.pod("team-a", "web", "198.18.0.40", Some("shared"));
+    c.pod("team-b", "api", "198.18.0.41", Some("shared"));
+    let mut client = c.ready().await;
+    let a = client
+        .get_pod_credentials(creds_req("198.18.0.40", "shared"))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = client
+        .get_pod_credentials(creds_req("198.18.0.41", "shared"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(a.access_key_id, b.access_key_id);
+    let tagged = |ns: &str, pod: &str| Identity {
+        tags: Some(std::sync::Arc::new(kiam::server::model::SessionTags {
+            namespace: ns.into(),
+            pod: pod.into(),
+            service_account: "default".into(),
+        })),
+        ..identity("shared", "kiam-kiam")
+    };
+    let (ta, tb) = (tagged("team-a", "web"), tagged("team-b", "api"));
+    assert_eq!(c.sts.last_tags(&ta).unwrap().namespace, "team-a");
+    assert_eq!(c.sts.last_tags(&tb).unwrap().namespace, "team-b");
+    // Repeats are cache hits for each pod's own identity.
+    let again = client
+        .get_pod_credentials(creds_req("198.18.0.41", "shared"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.access_key_id, b.access_key_id);
+    assert_eq!(c.sts.calls(&ta), 1);
+    assert_eq!(c.sts.calls(&tb), 1);
 }

@@ -1,11 +1,16 @@
 //! Validated `kiam server` configuration: every check that needs no file or
-//! network happens here, so bad flags exit 64 before anything starts.
+//! network happens here, once, into typed values, so bad flags exit 64
+//! before anything starts and nothing downstream parses a flag again.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::arn::RoleArn;
 use crate::cli::ServerArgs;
-use crate::Fatal;
+
+use super::credentials::{CacheConfig, DEFAULT_CALL_TIMEOUT};
+use super::error::ServerError;
+use super::policy::{ArnResolver, NamespacePolicyConfig, Policy};
 
 /// STS rejects sessions shorter than this.
 const MIN_SESSION_DURATION: Duration = Duration::from_secs(15 * 60);
@@ -16,8 +21,8 @@ const SDK_COMFORT: Duration = Duration::from_secs(20 * 60);
 /// Where role names are resolved against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BaseArn {
-    /// `--role-base-arn`.
-    Fixed(String),
+    /// `--role-base-arn`, validated.
+    Fixed(ArnResolver),
     /// `--role-base-arn-autodetect`: from the instance profile in IMDS `iam/info`.
     Autodetect,
 }
@@ -29,8 +34,8 @@ pub struct ServerConfig {
     pub kubeconfig: Option<PathBuf>,
     pub sync: Duration,
     pub base_arn: BaseArn,
-    pub strict_namespace_regexp: bool,
-    pub default_permitted_regexp: Option<String>,
+    /// `--disable-strict-namespace-regexp` and `--default-permitted-regexp`, compiled.
+    pub namespaces: NamespacePolicyConfig,
     pub session: String,
     pub session_duration: Duration,
     pub session_refresh: Duration,
@@ -41,7 +46,6 @@ pub struct ServerConfig {
     pub prefetch_buffer_size: usize,
     pub keepalive_time: Duration,
     pub keepalive_timeout: Duration,
-    pub max_connection_idle: Duration,
     pub max_connection_age: Duration,
     pub max_connection_age_grace: Duration,
 }
@@ -57,95 +61,108 @@ fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+fn format(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
 impl ServerConfig {
     /// Checks the flags that do not need any file or network.
-    pub fn from_args(args: &ServerArgs) -> Result<Self, Fatal> {
-        let base_arn = match (non_empty(&args.role_base_arn), args.role_base_arn_autodetect) {
-            (Some(_), true) => {
-                return Err(Fatal::Usage(
-                    "--role-base-arn and --role-base-arn-autodetect are mutually exclusive; set one".into(),
-                ))
-            }
-            (Some(arn), false) => {
-                if !arn.starts_with("arn:") {
-                    return Err(Fatal::Usage(format!(
-                        "--role-base-arn {arn:?} is not an ARN; expected e.g. arn:aws:iam::123456789012:role/"
-                    )));
-                }
-                BaseArn::Fixed(arn)
-            }
+    pub fn from_args(args: &ServerArgs) -> Result<Self, ServerError> {
+        let base_arn = match (
+            non_empty(&args.role_base_arn),
+            args.role_base_arn_autodetect,
+        ) {
+            (Some(_), true) => return Err(ServerError::TwoBaseArns),
+            (Some(arn), false) => BaseArn::Fixed(ArnResolver::new(&arn)?),
             (None, true) => BaseArn::Autodetect,
-            (None, false) => {
-                return Err(Fatal::Usage(
-                    "--role-base-arn or --role-base-arn-autodetect must be set (e.g. --role-base-arn=arn:aws:iam::123456789012:role/)".into(),
-                ))
-            }
+            (None, false) => return Err(ServerError::NoBaseArn),
         };
         if args.session_duration < MIN_SESSION_DURATION {
-            return Err(Fatal::Usage(format!(
-                "--session-duration {} is below STS's minimum of 15m",
-                humantime::format_duration(args.session_duration)
-            )));
+            return Err(ServerError::SessionDuration(format(args.session_duration)));
         }
         let session_refresh = args
             .session_refresh
             .unwrap_or_else(|| default_refresh(args.session_duration));
         if session_refresh >= args.session_duration {
-            return Err(Fatal::Usage(format!(
-                "--session-refresh {} must be shorter than --session-duration {}",
-                humantime::format_duration(session_refresh),
-                humantime::format_duration(args.session_duration)
-            )));
+            return Err(ServerError::RefreshNotShorter {
+                refresh: format(session_refresh),
+                duration: format(args.session_duration),
+            });
         }
         if session_refresh.is_zero() {
-            return Err(Fatal::Usage(
-                "--session-refresh must be greater than 0s".into(),
-            ));
+            return Err(ServerError::RefreshZero);
         }
         if args.session.trim().is_empty() {
-            return Err(Fatal::Usage("--session must not be empty".into()));
+            return Err(ServerError::EmptySession);
         }
-        if let Some(re) = non_empty(&args.default_permitted_regexp) {
-            if let Err(e) = regex::Regex::new(&re) {
-                return Err(Fatal::Usage(format!(
-                    "--default-permitted-regexp {re:?} is not a valid regex: {e}"
-                )));
+        let namespaces = NamespacePolicyConfig::new(
+            !args.disable_strict_namespace_regexp,
+            non_empty(&args.default_permitted_regexp).as_deref(),
+        )?;
+        let assume_role_arn = non_empty(&args.assume_role_arn);
+        if let Some(arn) = &assume_role_arn {
+            RoleArn::parse(arn).map_err(|reason| ServerError::AssumeRoleArn {
+                arn: arn.clone(),
+                reason,
+            })?;
+        }
+        let region = non_empty(&args.region);
+        if let Some(region) = &region {
+            let ok = region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !ok {
+                return Err(ServerError::Region(region.clone()));
             }
         }
-        if let Some(arn) = non_empty(&args.assume_role_arn) {
-            if !arn.starts_with("arn:") {
-                return Err(Fatal::Usage(format!(
-                    "--assume-role-arn {arn:?} is not a role ARN"
-                )));
+        let kubeconfig = non_empty(&args.kubeconfig).map(PathBuf::from);
+        if let Some(path) = &kubeconfig {
+            if !path.is_file() {
+                return Err(ServerError::Kubeconfig {
+                    path: path.display().to_string(),
+                    reason: "no such file".into(),
+                });
             }
-        }
-        if !args.kubeconfig.is_empty() && !std::path::Path::new(&args.kubeconfig).is_file() {
-            return Err(Fatal::Usage(format!(
-                "--kubeconfig {}: no such file",
-                args.kubeconfig
-            )));
         }
         Ok(ServerConfig {
             bind: crate::telemetry::normalise_listen_addr(&args.bind),
-            kubeconfig: non_empty(&args.kubeconfig).map(PathBuf::from),
+            kubeconfig,
             sync: args.sync,
             base_arn,
-            strict_namespace_regexp: !args.disable_strict_namespace_regexp,
-            default_permitted_regexp: non_empty(&args.default_permitted_regexp),
+            namespaces,
             session: args.session.trim().to_string(),
             session_duration: args.session_duration,
             session_refresh,
             session_tags: args.session_tags,
-            assume_role_arn: non_empty(&args.assume_role_arn),
-            region: non_empty(&args.region),
+            assume_role_arn,
+            region,
             fetchers: args.fetchers as usize,
             prefetch_buffer_size: args.prefetch_buffer_size as usize,
             keepalive_time: args.grpc_keepalive_time_duration,
             keepalive_timeout: args.grpc_keepalive_timeout_duration,
-            max_connection_idle: args.grpc_max_connection_idle_duration,
             max_connection_age: args.grpc_max_connection_age_duration,
             max_connection_age_grace: args.grpc_max_connection_age_grace_duration,
         })
+    }
+
+    /// The one [`Policy`] of a server resolving role names with `resolver`.
+    pub fn policy(&self, resolver: ArnResolver) -> Policy {
+        Policy::new(
+            resolver,
+            &self.session,
+            self.session_tags,
+            self.namespaces.clone(),
+        )
+    }
+
+    /// What the credential cache needs of these flags.
+    pub fn cache(&self) -> CacheConfig {
+        CacheConfig {
+            session_duration: self.session_duration,
+            session_refresh: self.session_refresh,
+            fetchers: self.fetchers,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+        }
     }
 
     /// Why this configuration may hurt SDK clients, if it does.
@@ -155,7 +172,7 @@ impl ServerConfig {
                 "--session-refresh {} means pods may be served credentials with under 20m left; \
                  botocore refreshes at 15m left and other SDKs similarly, so they will refetch often. \
                  Prefer --session-duration=60m with the default refresh (30m)",
-                humantime::format_duration(self.session_refresh)
+                format(self.session_refresh)
             )
         })
     }
@@ -167,7 +184,7 @@ mod config_tests {
     use crate::cli::{Cli, Command};
     use clap::Parser;
 
-    fn parse(extra: &[&str]) -> Result<ServerConfig, Fatal> {
+    fn parse(extra: &[&str]) -> Result<ServerConfig, ServerError> {
         let mut argv = vec!["kiam", "server", "--cert", "c", "--key", "k", "--ca", "a"];
         argv.extend_from_slice(extra);
         let Command::Server(args) = Cli::try_parse_from(argv).unwrap().command else {
@@ -178,7 +195,7 @@ mod config_tests {
 
     fn usage(extra: &[&str]) -> String {
         match parse(extra) {
-            Err(Fatal::Usage(m)) => m,
+            Err(e) if e.is_usage() => e.to_string(),
             other => panic!("expected a usage error, got {other:?}"),
         }
     }
@@ -193,7 +210,7 @@ mod config_tests {
         assert_eq!(c.fetchers, 8);
         assert_eq!(c.prefetch_buffer_size, 1000);
         assert_eq!(c.session, "kiam");
-        assert!(c.strict_namespace_regexp);
+        assert!(c.namespaces.strict());
         assert!(c.freshness_warning().is_none());
     }
 
@@ -258,5 +275,25 @@ mod config_tests {
             "/nonexistent/kubeconfig"
         ])
         .contains("--kubeconfig"));
+        assert!(usage(&[
+            "--role-base-arn",
+            "arn:aws:iam::1:role/",
+            "--assume-role-arn",
+            "not-an-arn"
+        ])
+        .contains("--assume-role-arn"));
+        assert!(usage(&[
+            "--role-base-arn",
+            "arn:aws:iam::1:role/",
+            "--region",
+            "eu west"
+        ])
+        .contains("--region"));
+        assert!(usage(&[
+            "--role-base-arn",
+            "arn:aws:iam::1:role/",
+            "--role-base-arn-autodetect"
+        ])
+        .contains("mutually exclusive"));
     }
 }

@@ -37,8 +37,8 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::config::ServerConfig;
-use super::sts::{AssumeRole, Credentials, Identity, SessionTags, StsError, StsMetrics};
+use super::model::Identity;
+use super::sts::{AssumeRole, Credentials, StsError, StsMetrics};
 
 /// Whether any live pod still uses an identity (provided by the Pod cache).
 /// Called from the sweeper without the cache's lock held, so it may take
@@ -61,7 +61,7 @@ const RETRYABLE_REUSE: Duration = Duration::from_secs(1);
 const FINAL_REUSE_MAX: Duration = Duration::from_secs(10);
 /// Default bound on one AssumeRole call; the real client's own timeout is
 /// shorter, this catches any implementation that hangs.
-const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the cache needs from `kiam server`'s flags.
 #[derive(Debug, Clone)]
@@ -72,24 +72,12 @@ pub struct CacheConfig {
     pub session_refresh: Duration,
     /// `--fetchers`: concurrent background STS calls.
     pub fetchers: usize,
-    /// `--session-tags`: pass the requesting pod's tags to STS.
-    pub session_tags: bool,
     /// Bound on one AssumeRole call, so a hung call cannot hold an
     /// identity's single in-flight slot.
     pub call_timeout: Duration,
 }
 
 impl CacheConfig {
-    pub fn from_server(config: &ServerConfig) -> Self {
-        CacheConfig {
-            session_duration: config.session_duration,
-            session_refresh: config.session_refresh,
-            fetchers: config.fetchers,
-            session_tags: config.session_tags,
-            call_timeout: DEFAULT_CALL_TIMEOUT,
-        }
-    }
-
     /// How long before the refresh threshold the background refresh starts,
     /// so retries have time before requests would have to wait for STS.
     fn refresh_margin(&self) -> Duration {
@@ -128,8 +116,6 @@ struct Entry {
     cached: Option<Cached>,
     fetch: Option<Fetch>,
     failure: Option<Failure>,
-    /// The last tags seen for this identity, used by background fetches.
-    tags: Option<SessionTags>,
     last_used: Instant,
 }
 
@@ -139,7 +125,6 @@ impl Entry {
             cached: None,
             fetch: None,
             failure: None,
-            tags: None,
             last_used: now,
         }
     }
@@ -190,17 +175,18 @@ impl std::fmt::Debug for CredentialCache {
     }
 }
 
-impl CredentialCache {
-    /// Creates the cache and spawns its sweeper (so call it inside a tokio
-    /// runtime). Registers `kiam_sts_cache_hit_total`,
-    /// `kiam_sts_cache_miss_total` and [`StsMetrics`]' families in `registry`.
-    pub fn new(
-        sts: Arc<dyn AssumeRole>,
-        config: CacheConfig,
-        in_use: InUse,
-        registry: &mut Registry,
-        shutdown: CancellationToken,
-    ) -> Self {
+/// The credential cache's metric families (kiam's names).
+#[derive(Clone, Debug)]
+pub struct CredentialMetrics {
+    hits: Counter,
+    misses: Counter,
+    sts: StsMetrics,
+}
+
+impl CredentialMetrics {
+    /// Registers `kiam_sts_cache_hit_total`, `kiam_sts_cache_miss_total` and
+    /// [`StsMetrics`]' families.
+    pub fn register(registry: &mut Registry) -> Self {
         let hits = Counter::default();
         let misses = Counter::default();
         // prometheus-client appends `_total` to counters.
@@ -214,7 +200,29 @@ impl CredentialCache {
             "Number of cache misses to the metadata cache",
             misses.clone(),
         );
-        let sts_metrics = StsMetrics::register(registry);
+        CredentialMetrics {
+            hits,
+            misses,
+            sts: StsMetrics::register(registry),
+        }
+    }
+}
+
+impl CredentialCache {
+    /// Creates the cache and spawns its sweeper (so call it inside a tokio
+    /// runtime).
+    pub fn new(
+        sts: Arc<dyn AssumeRole>,
+        config: CacheConfig,
+        in_use: InUse,
+        metrics: CredentialMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let CredentialMetrics {
+            hits,
+            misses,
+            sts: sts_metrics,
+        } = metrics;
         let inner = Arc::new(Inner {
             sts,
             fetchers: Arc::new(Semaphore::new(config.fetchers.max(1))),
@@ -233,13 +241,8 @@ impl CredentialCache {
 
     /// Credentials for `identity` with more than `--session-refresh` of life
     /// left: from the cache, from the fetch already in flight, or from a new
-    /// STS call. `tags` (the requesting pod's, used only with
-    /// `--session-tags`) go to STS if this call causes a fetch.
-    pub async fn get(
-        &self,
-        identity: &Identity,
-        tags: Option<&SessionTags>,
-    ) -> Result<Arc<Credentials>, StsError> {
+    /// STS call.
+    pub async fn get(&self, identity: &Identity) -> Result<Arc<Credentials>, StsError> {
         let inner = &self.inner;
         let pending = {
             let mut entries = inner.lock();
@@ -248,9 +251,6 @@ impl CredentialCache {
                 .entry(identity.clone())
                 .or_insert_with(|| Entry::new(now));
             entry.last_used = now;
-            if let Some(tags) = tags {
-                entry.tags = Some(tags.clone());
-            }
             if let Some(credentials) = entry.fresh(now, inner.config.session_refresh) {
                 inner.hits.inc();
                 return Ok(credentials);
@@ -271,7 +271,7 @@ impl CredentialCache {
     /// Starts a background fetch for `identity` unless it is cached, in
     /// flight, or backing off after a failure. Never blocks (spawns; call it
     /// inside a tokio runtime).
-    pub fn prefetch(&self, identity: &Identity, tags: Option<&SessionTags>) {
+    pub fn prefetch(&self, identity: &Identity) {
         let inner = &self.inner;
         let mut entries = inner.lock();
         let now = Instant::now();
@@ -279,9 +279,6 @@ impl CredentialCache {
             .entry(identity.clone())
             .or_insert_with(|| Entry::new(now));
         entry.last_used = now;
-        if let Some(tags) = tags {
-            entry.tags = Some(tags.clone());
-        }
         let backing_off = entry.failure.as_ref().is_some_and(|f| now < f.retry_at);
         if entry.fresh(now, inner.config.session_refresh).is_some()
             || entry.fetch.is_some()
@@ -344,11 +341,6 @@ impl Inner {
             result: result.clone(),
             promote: promote.clone(),
         });
-        let tags = if self.config.session_tags {
-            entry.tags.clone()
-        } else {
-            None
-        };
         let inner = self.clone();
         let identity = identity.clone();
         tokio::spawn(async move {
@@ -361,10 +353,9 @@ impl Inner {
                 }
             };
             let call = async {
-                let call =
-                    inner
-                        .sts
-                        .assume_role(&identity, inner.config.session_duration, tags.as_ref());
+                let call = inner
+                    .sts
+                    .assume_role(&identity, inner.config.session_duration);
                 match tokio::time::timeout(inner.config.call_timeout, call).await {
                     Ok(res) => res,
                     Err(_) => Err(StsError::transient(
@@ -547,320 +538,4 @@ async fn sweep_loop(inner: Weak<Inner>, stop: CancellationToken) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::server::sts::{FakeFailure, FakeSts};
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    const HOUR: Duration = Duration::from_secs(3600);
-    const REFRESH: Duration = Duration::from_secs(30 * 60);
-
-    fn identity(role: &str) -> Identity {
-        Identity {
-            role_arn: format!("arn:aws:iam::123456789012:role/{role}").into(),
-            session_name: "kiam-kiam".into(),
-            external_id: None,
-        }
-    }
-
-    fn config() -> CacheConfig {
-        CacheConfig {
-            session_duration: HOUR,
-            session_refresh: REFRESH,
-            fetchers: 8,
-            session_tags: false,
-            call_timeout: Duration::from_secs(15),
-        }
-    }
-
-    fn always_used() -> InUse {
-        Arc::new(|_: &Identity| true)
-    }
-
-    fn cache_with(
-        sts: &Arc<FakeSts>,
-        config: CacheConfig,
-        in_use: InUse,
-    ) -> (CredentialCache, Registry) {
-        let mut registry = Registry::default();
-        let cache = CredentialCache::new(
-            sts.clone(),
-            config,
-            in_use,
-            &mut registry,
-            CancellationToken::new(),
-        );
-        (cache, registry)
-    }
-
-    /// Lets spawned tasks run (paused clock: no real time passes).
-    async fn settle() {
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn concurrent_gets_share_one_call_per_identity() {
-        let sts = Arc::new(FakeSts::new());
-        sts.set_delay(Duration::from_millis(200));
-        let (cache, registry) = cache_with(&sts, config(), always_used());
-        let ids: Vec<Identity> = (0..5).map(|i| identity(&format!("r{i}"))).collect();
-        let gets = (0..1000).map(|i| {
-            let cache = cache.clone();
-            let id = ids[i % 5].clone();
-            tokio::spawn(async move { cache.get(&id, None).await })
-        });
-        let results = futures::future::join_all(gets).await;
-        let mut keys_per_identity: HashMap<usize, std::collections::HashSet<String>> =
-            HashMap::new();
-        for (i, r) in results.into_iter().enumerate() {
-            let creds = r.unwrap().expect("credentials");
-            keys_per_identity
-                .entry(i % 5)
-                .or_default()
-                .insert(creds.access_key_id.clone());
-        }
-        for id in &ids {
-            assert_eq!(sts.calls(id), 1, "{id:?}");
-            assert_eq!(sts.max_in_flight(id), 1);
-        }
-        assert_eq!(sts.total_calls(), 5);
-        assert!(
-            keys_per_identity.values().all(|k| k.len() == 1),
-            "one key per identity"
-        );
-        let text = crate::telemetry::encode(&registry);
-        let misses: u64 = metric(&text, "kiam_sts_cache_miss_total");
-        let hits: u64 = metric(&text, "kiam_sts_cache_hit_total");
-        assert_eq!(hits + misses, 1000, "{text}");
-        assert!(misses >= 5, "{text}");
-        // Everything is cached now: more gets are hits and call nobody.
-        cache.get(&ids[0], None).await.unwrap();
-        assert_eq!(sts.total_calls(), 5);
-    }
-
-    fn metric(text: &str, name: &str) -> u64 {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or_else(|| panic!("{name} missing in {text}"))
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn never_serves_credentials_with_less_than_refresh_left() {
-        let sts = Arc::new(FakeSts::new());
-        let (cache, _r) = cache_with(&sts, config(), always_used());
-        let id = identity("a");
-        let first = cache.get(&id, None).await.unwrap();
-        // Every background refresh fails, so only the first credential exists.
-        sts.fail_always(Some(FakeFailure::Throttle));
-        tokio::time::sleep(HOUR - REFRESH - Duration::from_secs(1)).await;
-        assert!(sts.calls(&id) > 1, "the background refresh was tried");
-        // Still more than REFRESH left: served.
-        assert_eq!(
-            cache.get(&id, None).await.unwrap().access_key_id,
-            first.access_key_id
-        );
-        // Exactly REFRESH left: never served again, whatever STS says.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        for _ in 0..3 {
-            assert!(cache.get(&id, None).await.is_err());
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        sts.fail_always(None);
-        tokio::time::sleep(RETRYABLE_REUSE).await;
-        let fresh = cache.get(&id, None).await.unwrap();
-        assert_ne!(fresh.access_key_id, first.access_key_id);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn short_lived_credentials_are_refused_not_served() {
-        let sts = Arc::new(FakeSts::new());
-        sts.set_lifetime(Some(REFRESH));
-        let (cache, _r) = cache_with(&sts, config(), always_used());
-        let e = cache.get(&identity("a"), None).await.unwrap_err();
-        assert_eq!(e.code.as_deref(), Some("ShortLived"));
-        assert!(e.message.contains("--session-refresh"), "{}", e.message);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failures_are_not_cached_and_retried_with_backoff() {
-        let sts = Arc::new(FakeSts::new());
-        sts.fail_always(Some(FakeFailure::Throttle));
-        let (cache, _r) = cache_with(&sts, config(), always_used());
-        let id = identity("a");
-        let e = cache.get(&id, None).await.unwrap_err();
-        assert_eq!(e.code.as_deref(), Some("Throttling"));
-        // A request loop right after reuses the failure instead of calling STS.
-        for _ in 0..100 {
-            assert!(cache.get(&id, None).await.is_err());
-        }
-        assert_eq!(sts.calls(&id), 1);
-        // Ten minutes of failures: the background retries back off (1s, 2s,
-        // 4s ... 60s), far fewer than one call per sweep.
-        tokio::time::sleep(Duration::from_secs(600)).await;
-        let calls = sts.calls(&id);
-        assert!((6..=25).contains(&calls), "{calls} calls in 10 minutes");
-        // STS recovers: the next background retry succeeds and is cached.
-        sts.fail_always(None);
-        tokio::time::sleep(BACKOFF_MAX + SWEEP_INTERVAL).await;
-        let before = sts.calls(&id);
-        let creds = cache.get(&id, None).await.expect("recovered");
-        assert!(creds.access_key_id.starts_with("ASIA"));
-        assert_eq!(
-            sts.calls(&id),
-            before,
-            "served from the cache after the background retry"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn concurrent_callers_share_one_failure() {
-        let sts = Arc::new(FakeSts::new());
-        sts.set_delay(Duration::from_millis(100));
-        sts.fail_next(1, FakeFailure::AccessDenied);
-        let (cache, _r) = cache_with(&sts, config(), always_used());
-        let id = identity("a");
-        let gets = (0..50).map(|_| {
-            let cache = cache.clone();
-            let id = id.clone();
-            tokio::spawn(async move { cache.get(&id, None).await })
-        });
-        for r in futures::future::join_all(gets).await {
-            let e = r.unwrap().unwrap_err();
-            assert!(e.message.starts_with("AccessDenied"), "{}", e.message);
-            assert!(!e.retryable);
-        }
-        assert_eq!(sts.calls(&id), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_hung_call_times_out_and_frees_the_identity() {
-        let sts = Arc::new(FakeSts::new());
-        sts.fail_next(1, FakeFailure::Hang);
-        let (cache, _r) = cache_with(&sts, config(), Arc::new(|_: &Identity| false));
-        let id = identity("a");
-        let e = cache.get(&id, None).await.unwrap_err();
-        assert_eq!(e.code.as_deref(), Some("Timeout"));
-        assert!(e.retryable);
-        tokio::time::advance(RETRYABLE_REUSE).await;
-        assert!(cache.get(&id, None).await.is_ok());
-        assert_eq!(sts.calls(&id), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn refreshes_before_expiry_while_in_use() {
-        let sts = Arc::new(FakeSts::new());
-        let (cache, _r) = cache_with(&sts, config(), always_used());
-        let id = identity("a");
-        let first = cache.get(&id, None).await.unwrap();
-        // Just before the credentials would stop being served, the sweeper
-        // has already replaced them.
-        tokio::time::sleep(HOUR - REFRESH - Duration::from_secs(1)).await;
-        assert_eq!(sts.calls(&id), 2, "refreshed in the background");
-        let served = cache.get(&id, None).await.unwrap();
-        assert_ne!(served.access_key_id, first.access_key_id);
-        assert_eq!(sts.calls(&id), 2, "the request itself was a hit");
-        // And it keeps doing so for as long as the identity is used.
-        tokio::time::sleep(3 * HOUR).await;
-        assert!(sts.calls(&id) >= 2 + 3, "{}", sts.calls(&id));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn unused_identity_is_dropped_and_not_refreshed() {
-        let sts = Arc::new(FakeSts::new());
-        let used = Arc::new(AtomicBool::new(true));
-        let flag = used.clone();
-        let (cache, _r) = cache_with(
-            &sts,
-            config(),
-            Arc::new(move |_: &Identity| flag.load(Ordering::SeqCst)),
-        );
-        let id = identity("a");
-        cache.prefetch(&id, None);
-        settle().await;
-        assert_eq!(sts.calls(&id), 1);
-        used.store(false, Ordering::SeqCst);
-        tokio::time::sleep(IDLE_GRACE + 2 * SWEEP_INTERVAL).await;
-        assert!(!cache.contains(&id), "dropped once nobody uses it");
-        tokio::time::sleep(2 * HOUR).await;
-        assert_eq!(sts.calls(&id), 1, "never refreshed");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn prefetch_calls_sts_before_any_get() {
-        let sts = Arc::new(FakeSts::new());
-        let (cache, registry) = cache_with(&sts, config(), always_used());
-        let id = identity("a");
-        cache.prefetch(&id, None);
-        cache.prefetch(&id, None);
-        settle().await;
-        assert_eq!(sts.calls(&id), 1, "prefetched once");
-        cache.get(&id, None).await.unwrap();
-        assert_eq!(sts.calls(&id), 1);
-        let text = crate::telemetry::encode(&registry);
-        assert_eq!(metric(&text, "kiam_sts_cache_hit_total"), 1);
-        assert_eq!(metric(&text, "kiam_sts_cache_miss_total"), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn background_fetches_are_bounded_by_fetchers_and_requests_skip_the_queue() {
-        let sts = Arc::new(FakeSts::new());
-        sts.set_delay(Duration::from_secs(1));
-        let mut cfg = config();
-        cfg.fetchers = 2;
-        let (cache, _r) = cache_with(&sts, cfg, always_used());
-        let ids: Vec<Identity> = (0..6).map(|i| identity(&format!("r{i}"))).collect();
-        for id in &ids {
-            cache.prefetch(id, None);
-        }
-        settle().await;
-        assert_eq!(sts.total_calls(), 2, "only --fetchers calls at once");
-        // A request for a queued identity promotes it past the queue.
-        let got = cache.get(&ids[5], None).await.unwrap();
-        assert!(got.access_key_id.starts_with("ASIA"));
-        assert_eq!(sts.calls(&ids[5]), 1);
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(sts.total_calls(), 6);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn session_tags_are_sent_only_when_enabled() {
-        let tags = SessionTags {
-            namespace: "ns".into(),
-            pod: "p".into(),
-            service_account: "sa".into(),
-        };
-        let sts = Arc::new(FakeSts::new());
-        let (cache, _r) = cache_with(&sts, config(), always_used());
-        cache.get(&identity("a"), Some(&tags)).await.unwrap();
-        assert_eq!(sts.last_tags(&identity("a")), None);
-        let mut cfg = config();
-        cfg.session_tags = true;
-        let (cache, _r) = cache_with(&sts, cfg, always_used());
-        cache.get(&identity("b"), Some(&tags)).await.unwrap();
-        assert_eq!(sts.last_tags(&identity("b")), Some(tags));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn sweeper_stops_on_shutdown() {
-        let sts = Arc::new(FakeSts::new());
-        let shutdown = CancellationToken::new();
-        let mut registry = Registry::default();
-        let cache = CredentialCache::new(
-            sts.clone(),
-            config(),
-            always_used(),
-            &mut registry,
-            shutdown.clone(),
-        );
-        let id = identity("a");
-        cache.get(&id, None).await.unwrap();
-        shutdown.cancel();
-        tokio::time::sleep(2 * HOUR).await;
-        assert_eq!(sts.calls(&id), 1, "no refresh after shutdown");
-    }
-}
+mod tests;

@@ -25,7 +25,7 @@ use kube::api::{Api, PostParams};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::pods::PodInfo;
+use super::model::PodInfo;
 
 /// Why kiam writes an Event (its `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -288,7 +288,7 @@ async fn write_events(client: kube::Client, mut rx: mpsc::Receiver<Event>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::pods::PodPhase;
+    use crate::server::model::PodPhase;
     use bytes::Bytes;
     use http::{Request, Response, StatusCode};
     use http_body_util::Full;

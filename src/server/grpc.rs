@@ -7,33 +7,30 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
 use super::credentials::CredentialCache;
 use super::events::{EventRecorder, Reason};
 use super::namespaces::NamespaceCache;
 use super::pods::{FindError, PodCache};
-use super::policy::{self, ArnResolver, Decision};
-use super::sts::{Credentials, SessionTags};
-pub use crate::grpc_metrics::GrpcMetrics;
+use super::policy::{Decision, Policy};
+use super::sts::Credentials;
+use crate::grpc_metrics::GrpcMetrics;
 use crate::proto::kiam_service_server::KiamService;
 use crate::proto::{
     Credentials as PbCredentials, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest,
     HealthStatus, Role,
 };
-use crate::wire::{ec2_time, FORBIDDEN_BY_POLICY, NO_POD_FOUND};
+use crate::wire::{ec2_time, Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND};
 
 /// Everything the service answers from.
 pub struct Service {
     pub pods: PodCache,
     pub namespaces: NamespaceCache,
-    pub resolver: Arc<ArnResolver>,
+    pub policy: Arc<Policy>,
     pub credentials: CredentialCache,
     pub events: EventRecorder,
-    /// `--session`, the default session-name suffix.
-    pub session: String,
-    /// `--session-tags`.
-    pub session_tags: bool,
     /// Set once both caches completed their first full list; until then
     /// every call is UNAVAILABLE so agents try another server.
     pub ready: Arc<AtomicBool>,
@@ -71,7 +68,17 @@ fn find_error(ip: IpAddr, e: FindError) -> Status {
     }
 }
 
-pub fn to_proto(c: &Credentials) -> PbCredentials {
+/// Kiam's `forbidden by policy`, plus (for our agents) which check refused,
+/// so they answer 404 or 403 without asking again.
+fn forbidden(check: Check) -> Status {
+    let mut status = Status::permission_denied(FORBIDDEN_BY_POLICY);
+    status
+        .metadata_mut()
+        .insert(DENIED_CHECK_KEY, MetadataValue::from_static(check.as_str()));
+    status
+}
+
+fn to_proto(c: &Credentials) -> PbCredentials {
     PbCredentials {
         code: "Success".into(),
         r#type: "AWS-HMAC".into(),
@@ -124,9 +131,9 @@ impl Service {
             tracing::warn!(pod.namespace = %pod.namespace, error = %e, "reading namespace failed");
             Status::unavailable(format!("reading namespace {}: {e}", pod.namespace))
         })?;
-        let role_arn = match policy::check(&pod, &req.role, ns.as_deref(), &self.resolver) {
-            Decision::Allowed { role_arn } => role_arn,
-            Decision::Forbidden { explanation, .. } => {
+        let identity = match self.policy.decide(&pod, &req.role, ns.as_deref()) {
+            Decision::Allowed(identity) => identity,
+            Decision::Forbidden { check, explanation } => {
                 tracing::warn!(
                     pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip,
                     pod.iam.requested_role = %req.role, policy.explanation = %explanation,
@@ -137,16 +144,10 @@ impl Service {
                     Reason::RoleForbidden,
                     format!("failed assuming role {:?}: {explanation}", req.role),
                 );
-                return Err(Status::permission_denied(FORBIDDEN_BY_POLICY));
+                return Err(forbidden(check));
             }
         };
-        let identity = super::sts::Identity {
-            role_arn: role_arn.into(),
-            session_name: policy::session_name(&self.session, pod.session_name.as_deref()).into(),
-            external_id: pod.external_id.clone(),
-        };
-        let tags = self.session_tags.then(|| SessionTags::for_pod(&pod));
-        match self.credentials.get(&identity, tags.as_ref()).await {
+        match self.credentials.get(&identity).await {
             Ok(creds) => Ok(to_proto(&creds)),
             Err(e) => {
                 tracing::error!(

@@ -18,8 +18,9 @@ use kube::api::Api;
 use kube::runtime::watcher;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::pods::{drive, Synced};
-use super::policy::{NamespacePolicy, NamespacePolicyConfig, PERMITTED_ANNOTATION};
+use super::model::PERMITTED_ANNOTATION;
+use super::policy::{NamespacePolicy, Policy};
+use super::watch::{drive, Synced};
 
 /// A cheaply cloneable handle on the Namespace cache.
 #[derive(Clone)]
@@ -28,14 +29,15 @@ pub struct NamespaceCache {
 }
 
 struct Handle {
-    state: Arc<State>,
+    state: Arc<NamespaceCacheState>,
     _stop: DropGuard,
 }
 
-struct State {
+struct NamespaceCacheState {
     // std Mutex: no `.await` happens while it is held.
     policies: Mutex<Policies>,
-    config: NamespacePolicyConfig,
+    /// Compiles each namespace's annotation (strictness, default regex).
+    policy: Arc<Policy>,
     api: Api<Namespace>,
     synced: Synced,
 }
@@ -50,10 +52,10 @@ struct Policies {
 impl NamespaceCache {
     /// Starts watching every Namespace. `resync` is `--sync`. Must be called
     /// inside a tokio runtime.
-    pub fn spawn(client: kube::Client, config: NamespacePolicyConfig, resync: Duration) -> Self {
-        let state = Arc::new(State {
+    pub fn spawn(client: kube::Client, policy: Arc<Policy>, resync: Duration) -> Self {
+        let state = Arc::new(NamespaceCacheState {
             policies: Mutex::new(Policies::default()),
-            config,
+            policy,
             api: Api::all(client),
             synced: Synced::default(),
         });
@@ -130,7 +132,7 @@ impl NamespaceCache {
     }
 }
 
-impl State {
+impl NamespaceCacheState {
     fn compile(&self, namespace: &Namespace) -> NamespacePolicy {
         let annotation = namespace
             .metadata
@@ -138,7 +140,7 @@ impl State {
             .as_ref()
             .and_then(|a| a.get(PERMITTED_ANNOTATION))
             .map(String::as_str);
-        let policy = NamespacePolicy::compile(annotation, &self.config);
+        let policy = self.policy.namespace(annotation);
         if let NamespacePolicy::Invalid { expression, error } = &policy {
             tracing::warn!(
                 namespace = namespace.metadata.name.as_deref().unwrap_or_default(),

@@ -27,29 +27,25 @@
 //! Lifetime: the watch runs in a spawned task that stops when the last
 //! [`PodCache`] handle is dropped (mini-redis' `DbDropGuard`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, Shared};
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams};
-use kube::runtime::watcher::{self, watcher};
-use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::policy::{
-    self, ArnResolver, PolicyError, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION,
-    SESSION_NAME_ANNOTATION,
-};
-use super::sts::Identity;
+use super::index::{CachedPod, PodIndex};
+use super::model::{Identity, PodInfo, Prefetch};
+use super::podview::PodView;
+use super::policy::Policy;
+use super::watch::{drive, Synced};
 
 /// At most this many direct pod lookups run at once, however many IPs miss:
 /// a `status.podIP` field selector is not indexed by the API server.
@@ -57,10 +53,6 @@ const MAX_CONCURRENT_LOOKUPS: usize = 8;
 /// A direct lookup that takes longer than this answers an error; agents
 /// retry within their own deadline.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a deleted pod's uid is remembered, so that a direct lookup that
-/// raced with the deletion cannot re-insert it. A lookup's answer is at most
-/// [`LOOKUP_TIMEOUT`] old when it is inserted, so this is ample.
-const TOMBSTONE_TTL: Duration = Duration::from_secs(60);
 /// A pod the API confirmed (or could not be asked about) is trusted from
 /// the cache for this long. Shorter than any IP hand-over: the kubelet must
 /// stop the old pod, the CNI free and re-assign its address, and the new
@@ -71,279 +63,6 @@ pub const CONFIRM_TTL: Duration = Duration::from_secs(1);
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_millis(150);
 /// Past this many remembered confirmations the stale ones are pruned.
 const CONFIRMATIONS_PRUNE_AT: usize = 1024;
-
-/// The pod phases kiam cares about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PodPhase {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Unknown,
-}
-
-impl PodPhase {
-    fn parse(phase: Option<&str>) -> Self {
-        match phase {
-            Some("Pending") => PodPhase::Pending,
-            Some("Running") => PodPhase::Running,
-            Some("Succeeded") => PodPhase::Succeeded,
-            Some("Failed") => PodPhase::Failed,
-            _ => PodPhase::Unknown,
-        }
-    }
-
-    /// Succeeded or Failed: the containers are gone and the IP may be reused.
-    pub fn is_completed(self) -> bool {
-        matches!(self, PodPhase::Succeeded | PodPhase::Failed)
-    }
-}
-
-/// What kiam keeps of a Pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodInfo {
-    pub namespace: Arc<str>,
-    pub name: Arc<str>,
-    /// Distinguishes a new pod that reuses an old pod's name or IP.
-    pub uid: Arc<str>,
-    pub ip: Option<IpAddr>,
-    pub phase: PodPhase,
-    /// Host-network pods share the node's IP and are never matched.
-    pub host_network: bool,
-    /// `deletionTimestamp`; a pod past it (the grace period is already
-    /// folded in by the API server) is never matched.
-    pub deletion: Option<Timestamp>,
-    /// `iam.amazonaws.com/role`, as written (name, `/name` or an ARN).
-    pub role: Option<Arc<str>>,
-    /// `iam.amazonaws.com/session-name`.
-    pub session_name: Option<Arc<str>>,
-    /// `iam.amazonaws.com/external-id`.
-    pub external_id: Option<Arc<str>>,
-    pub service_account: Option<Arc<str>>,
-}
-
-impl PodInfo {
-    /// The projection of a whole `pod`, by the rules of [`PodInfo::from_view`].
-    pub fn from_pod(pod: &Pod) -> Self {
-        // One set of rules: project the fields a PodView keeps, then use it.
-        Self::from_view(&PodView {
-            metadata: pod.metadata.clone(),
-            spec: pod.spec.as_ref().map(|s| SpecView {
-                host_network: s.host_network,
-                service_account_name: s.service_account_name.clone(),
-            }),
-            status: pod.status.as_ref().map(|s| StatusView {
-                phase: s.phase.clone(),
-                pod_ip: s.pod_ip.clone(),
-            }),
-        })
-    }
-
-    /// May a request from this pod's IP be answered with this pod at `now`?
-    /// Not when it has no IP, uses the host's network, has completed, or is
-    /// past its deletion deadline. Pending pods with an IP do match.
-    pub fn matches_ip_at(&self, now: Timestamp) -> bool {
-        self.ip.is_some()
-            && !self.host_network
-            && !self.phase.is_completed()
-            && self.deletion.is_none_or(|deadline| deadline > now)
-    }
-}
-
-impl PodInfo {
-    /// The projection of a [`PodView`]. Empty annotations count as absent (as
-    /// in kiam); only `status.podIP` is used (kiam's rule, and the only IP the
-    /// `status.podIP` field selector knows); an unparsable IP counts as none.
-    pub fn from_view(pod: &PodView) -> Self {
-        let meta = &pod.metadata;
-        let annotation = |key: &str| {
-            meta.annotations
-                .as_ref()
-                .and_then(|a| a.get(key))
-                .filter(|v| !v.is_empty())
-                .map(|v| Arc::<str>::from(v.as_str()))
-        };
-        let status = pod.status.as_ref();
-        let spec = pod.spec.as_ref();
-        PodInfo {
-            namespace: meta.namespace.as_deref().unwrap_or_default().into(),
-            name: meta.name.as_deref().unwrap_or_default().into(),
-            uid: meta.uid.as_deref().unwrap_or_default().into(),
-            ip: status
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok()),
-            phase: PodPhase::parse(status.and_then(|s| s.phase.as_deref())),
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            deletion: meta
-                .deletion_timestamp
-                .as_ref()
-                .and_then(|t| from_k8s_time(&t.0)),
-            role: annotation(ROLE_ANNOTATION),
-            session_name: annotation(SESSION_NAME_ANNOTATION),
-            external_id: annotation(EXTERNAL_ID_ANNOTATION),
-            service_account: spec
-                .and_then(|s| s.service_account_name.as_deref())
-                .filter(|s| !s.is_empty())
-                .map(Into::into),
-        }
-    }
-}
-
-/// The fields of a Pod that kiam reads, deserialized straight from the API
-/// server's JSON; everything else — env, volumes, probes, managed fields,
-/// container statuses, annotations other than kiam's — is skipped without
-/// being built. A real pod is 4-8 KB of JSON of which kiam keeps a dozen
-/// fields, so at start-up (a full LIST) building whole `Pod` objects only
-/// to drop them was most of the sync's time and its peak memory.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-pub struct PodView {
-    #[serde(default, deserialize_with = "view::metadata")]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: Option<SpecView>,
-    #[serde(default)]
-    pub status: Option<StatusView>,
-}
-
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SpecView {
-    pub host_network: Option<bool>,
-    pub service_account_name: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StatusView {
-    pub phase: Option<String>,
-    #[serde(rename = "podIP")]
-    pub pod_ip: Option<String>,
-}
-
-impl k8s_openapi::Resource for PodView {
-    const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = <Pod as k8s_openapi::Resource>::Scope;
-}
-
-impl k8s_openapi::Metadata for PodView {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-/// Deserializers that keep only what [`PodView`] needs.
-mod view {
-    use std::collections::BTreeMap;
-    use std::fmt;
-
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
-    use serde::Deserialize;
-
-    use super::{EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION};
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Meta {
-        name: Option<String>,
-        namespace: Option<String>,
-        uid: Option<String>,
-        resource_version: Option<String>,
-        deletion_timestamp: Option<Time>,
-        #[serde(default, deserialize_with = "kiam_annotations")]
-        annotations: Option<BTreeMap<String, String>>,
-    }
-
-    pub(super) fn metadata<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-        let m = Option::<Meta>::deserialize(d)?;
-        Ok(m.map(|m| ObjectMeta {
-            name: m.name,
-            namespace: m.namespace,
-            uid: m.uid,
-            resource_version: m.resource_version,
-            deletion_timestamp: m.deletion_timestamp,
-            annotations: m.annotations,
-            ..ObjectMeta::default()
-        })
-        .unwrap_or_default())
-    }
-
-    /// An annotation key: `Some` only for the annotations kiam reads.
-    struct Key(Option<String>);
-
-    impl<'de> Deserialize<'de> for Key {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl Visitor<'_> for V {
-                type Value = Key;
-                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                    f.write_str("an annotation key")
-                }
-                fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-                    let wanted = [
-                        ROLE_ANNOTATION,
-                        SESSION_NAME_ANNOTATION,
-                        EXTERNAL_ID_ANNOTATION,
-                    ];
-                    Ok(Key(wanted.contains(&v).then(|| v.to_string())))
-                }
-            }
-            d.deserialize_str(V)
-        }
-    }
-
-    fn kiam_annotations<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Option<BTreeMap<String, String>>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a map of annotations")
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-                d.deserialize_map(self)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut kept = BTreeMap::new();
-                while let Some(Key(key)) = map.next_key()? {
-                    match key {
-                        Some(key) => {
-                            kept.insert(key, map.next_value()?);
-                        }
-                        None => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(Some(kept))
-            }
-        }
-        d.deserialize_option(V)
-    }
-}
-
-/// k8s-openapi uses jiff 0.2 and this crate jiff 1; both count nanoseconds
-/// since the epoch.
-fn from_k8s_time(t: &k8s_openapi::jiff::Timestamp) -> Option<Timestamp> {
-    Timestamp::from_nanosecond(t.as_nanosecond()).ok()
-}
 
 /// Why [`PodCache::find_by_ip`] has no pod to answer with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -370,9 +89,6 @@ pub enum FindError {
 /// Options for [`PodCache::spawn`], from the server's flags.
 #[derive(Debug, Clone)]
 pub struct PodCacheConfig {
-    /// `--session`: the session name for pods without
-    /// `iam.amazonaws.com/session-name`.
-    pub session: String,
     /// `--prefetch-buffer-size`: capacity of the prefetch channel.
     pub prefetch_buffer_size: usize,
     /// `--sync`: the watch timeout (see the module doc); zero means
@@ -388,7 +104,7 @@ pub struct PodCache {
 }
 
 struct Handle {
-    state: Arc<State>,
+    state: Arc<PodCacheState>,
     _stop: DropGuard,
 }
 
@@ -410,13 +126,13 @@ enum Confirmation {
     InFlight(Shared<BoxFuture<'static, Confirmed>>),
 }
 
-struct State {
+struct PodCacheState {
     // std Mutex: no `.await` happens while it is held.
-    index: Mutex<Index>,
-    resolver: Arc<ArnResolver>,
-    session: String,
+    index: Mutex<PodIndex>,
+    /// Decides the identity of each pod once per change.
+    policy: Arc<Policy>,
     api: Api<PodView>,
-    prefetch: mpsc::Sender<PodInfo>,
+    prefetch: mpsc::Sender<Prefetch>,
     dropped: Counter,
     synced: Synced,
     // std Mutex: held only to find or insert a lookup, never across `.await`.
@@ -428,30 +144,23 @@ struct State {
 
 impl PodCache {
     /// Starts watching every Pod in the cluster. Returns the cache and the
-    /// prefetch receiver: a [`PodInfo`] arrives whenever a pod with a
-    /// resolvable role and an IP (Pending or Running) appears, or its role,
-    /// session name, external id or IP changes. When the receiver lags and
-    /// the channel is full, the announcement is dropped and counted in
-    /// `kiam_k8s_dropped_pods_total`; the watcher never waits.
+    /// prefetch receiver: a [`Prefetch`] (the pod and the identity `policy`
+    /// gave it) arrives whenever a pod with a resolvable role and an IP
+    /// (Pending or Running) appears, or its identity or IP changes. When the
+    /// receiver lags and the channel is full, the pod is dropped and counted
+    /// in `dropped` (`kiam_k8s_dropped_pods_total`); the watcher never waits.
     ///
     /// Must be called inside a tokio runtime (it spawns the watch).
     pub fn spawn(
         client: kube::Client,
-        resolver: Arc<ArnResolver>,
+        policy: Arc<Policy>,
         config: PodCacheConfig,
-        registry: &mut Registry,
-    ) -> (PodCache, mpsc::Receiver<PodInfo>) {
+        dropped: Counter,
+    ) -> (PodCache, mpsc::Receiver<Prefetch>) {
         let (prefetch, receiver) = mpsc::channel(config.prefetch_buffer_size.max(1));
-        let dropped = Counter::default();
-        registry.register(
-            "kiam_k8s_dropped_pods",
-            "Number of dropped pods because of full buffer",
-            dropped.clone(),
-        );
-        let state = Arc::new(State {
-            index: Mutex::new(Index::default()),
-            resolver,
-            session: config.session,
+        let state = Arc::new(PodCacheState {
+            index: Mutex::new(PodIndex::default()),
+            policy,
             api: Api::all(client),
             prefetch,
             dropped,
@@ -519,17 +228,6 @@ impl PodCache {
         index.identities.keys().cloned().collect()
     }
 
-    /// The identity `pod` would receive (its annotated role, session name and
-    /// external id), with this cache's resolver and `--session`.
-    pub fn identity_for(&self, pod: &PodInfo) -> Result<Option<Identity>, PolicyError> {
-        let state = &self.handle.state;
-        policy::identity_for(pod, &state.resolver, &state.session)
-    }
-
-    pub fn resolver(&self) -> &Arc<ArnResolver> {
-        &self.handle.state.resolver
-    }
-
     /// The cached projection of one pod, live or not.
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<PodInfo>> {
         let index = self.handle.state.index.lock().unwrap();
@@ -560,10 +258,10 @@ impl PodCache {
     }
 }
 
-impl State {
-    fn entry(&self, pod: &PodView) -> Entry {
+impl PodCacheState {
+    fn entry(&self, pod: &PodView) -> CachedPod {
         let info = PodInfo::from_view(pod);
-        let identity = match policy::identity_for(&info, &self.resolver, &self.session) {
+        let identity = match self.policy.identity(&info) {
             Ok(identity) => identity,
             Err(error) => {
                 // Requests from this pod are refused by policy, which
@@ -575,7 +273,7 @@ impl State {
                 None
             }
         };
-        Entry {
+        CachedPod {
             info: Arc::new(info),
             identity,
             resource_version: pod
@@ -587,7 +285,7 @@ impl State {
     }
 
     fn on_event(&self, event: watcher::Event<PodView>) {
-        let announce = {
+        let prefetch = {
             let mut index = self.index.lock().unwrap();
             match event {
                 watcher::Event::Init => {
@@ -625,19 +323,19 @@ impl State {
                 }
             }
         };
-        if let Some(info) = announce {
-            self.announce(&info);
+        if let Some(prefetch) = prefetch {
+            self.prefetch(prefetch);
         }
     }
 
-    fn announce(&self, info: &PodInfo) {
-        match self.prefetch.try_send(info.clone()) {
+    fn prefetch(&self, prefetch: Prefetch) {
+        match self.prefetch.try_send(prefetch) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(mpsc::error::TrySendError::Full(dropped)) => {
                 self.dropped.inc();
                 tracing::warn!(
-                    pod.namespace = %info.namespace, pod.name = %info.name,
-                    "prefetch buffer full (--prefetch-buffer-size), dropping pod announcement"
+                    pod.namespace = %dropped.pod.namespace, pod.name = %dropped.pod.name,
+                    "prefetch buffer full (--prefetch-buffer-size), not prefetching for this pod"
                 );
             }
             // Nobody prefetches (e.g. in tests): nothing to tell.
@@ -722,10 +420,10 @@ impl State {
                 }
                 let still = entry.info.ip == Some(ip) && entry.info.matches_ip_at(Timestamp::now());
                 // Newer than the cache (the watch lags): keep what the API said.
-                let announce = index.insert_fresh(entry);
+                let prefetch = index.insert_fresh(entry);
                 drop(index);
-                if let Some(info) = announce {
-                    self.announce(&info);
+                if let Some(prefetch) = prefetch {
+                    self.prefetch(prefetch);
                 }
                 if still {
                     Confirmed::Trusted
@@ -787,7 +485,7 @@ impl State {
         let now = Timestamp::now();
         // Filter on the IP again: the field selector is the server's
         // business, the rule "never another pod's role" is ours.
-        let mut live: Vec<Entry> = list
+        let mut live: Vec<CachedPod> = list
             .items
             .iter()
             .map(|pod| self.entry(pod))
@@ -802,9 +500,9 @@ impl State {
                     pod.namespace = %info.namespace, pod.name = %info.name, pod.ip = %ip,
                     "found pod through the API before its watch event"
                 );
-                let announce = self.index.lock().unwrap().insert_fresh(entry);
-                if let Some(announce) = announce {
-                    self.announce(&announce);
+                let prefetch = self.index.lock().unwrap().insert_fresh(entry);
+                if let Some(prefetch) = prefetch {
+                    self.prefetch(prefetch);
                 }
                 // Just read from the API: no need to confirm it again at once.
                 self.confirmations.lock().unwrap().insert(
@@ -822,664 +520,5 @@ impl State {
                 Err(FindError::Ambiguous { ip, pods })
             }
         }
-    }
-}
-
-type PodKey = (Arc<str>, Arc<str>);
-
-struct Entry {
-    info: Arc<PodInfo>,
-    /// Resolved once per change, not per request; `None` without a
-    /// (resolvable) role.
-    identity: Option<Identity>,
-    /// Lets a direct lookup replace only an older cached state of a pod.
-    resource_version: Option<u64>,
-}
-
-impl Entry {
-    fn key(&self) -> PodKey {
-        (self.info.namespace.clone(), self.info.name.clone())
-    }
-
-    /// Counted in the identity index: it may still ask for credentials.
-    fn uses_identity(&self) -> bool {
-        self.identity.is_some() && !self.info.host_network && !self.info.phase.is_completed()
-    }
-
-    /// Worth prefetching for: has a role and an IP, and runs or is about to.
-    fn announceable(&self) -> bool {
-        self.identity.is_some()
-            && self.info.ip.is_some()
-            && !self.info.host_network
-            && self.info.deletion.is_none()
-            && matches!(self.info.phase, PodPhase::Pending | PodPhase::Running)
-    }
-}
-
-#[derive(Default)]
-struct Index {
-    pods: HashMap<PodKey, Entry>,
-    /// Every cached pod with an IP, live or not (liveness depends on time).
-    by_ip: HashMap<IpAddr, Vec<PodKey>>,
-    /// Live pods per identity.
-    identities: HashMap<Identity, usize>,
-    /// Uids deleted in the last [`TOMBSTONE_TTL`], oldest first.
-    tombstones: VecDeque<(Instant, Arc<str>)>,
-    tombstoned: HashSet<Arc<str>>,
-    /// During a re-list: the pods it has listed so far.
-    relisted: Option<HashSet<PodKey>>,
-}
-
-impl Index {
-    fn live_on(&self, ip: IpAddr, now: Timestamp) -> Vec<Arc<PodInfo>> {
-        let Some(keys) = self.by_ip.get(&ip) else {
-            return Vec::new();
-        };
-        keys.iter()
-            .filter_map(|k| self.pods.get(k))
-            .filter(|e| e.info.matches_ip_at(now))
-            .map(|e| e.info.clone())
-            .collect()
-    }
-
-    /// Stores `entry`; returns the pod to announce for prefetch, if any:
-    /// when it became announceable, or what it would be given changed.
-    fn upsert(&mut self, entry: Entry) -> Option<PodInfo> {
-        let key = entry.key();
-        let old = self.remove(&key);
-        let changed = old.as_ref().is_none_or(|old| {
-            !old.announceable()
-                || old.info.uid != entry.info.uid
-                || old.identity != entry.identity
-                || old.info.ip != entry.info.ip
-        });
-        let announce = (entry.announceable() && changed).then(|| (*entry.info).clone());
-        if let Some(ip) = entry.info.ip {
-            self.by_ip.entry(ip).or_default().push(key.clone());
-        }
-        if entry.uses_identity() {
-            if let Some(identity) = &entry.identity {
-                *self.identities.entry(identity.clone()).or_default() += 1;
-            }
-        }
-        self.pods.insert(key, entry);
-        announce
-    }
-
-    /// Stores what a direct lookup found, unless the watch already knows
-    /// better: the pod was deleted meanwhile (its uid is tombstoned), or the
-    /// cache holds another pod under that name or a state at least as new.
-    fn insert_fresh(&mut self, entry: Entry) -> Option<PodInfo> {
-        if self.tombstoned.contains(&entry.info.uid) {
-            return None;
-        }
-        let newer = match self.pods.get(&entry.key()) {
-            None => true,
-            Some(old) => {
-                old.info.uid == entry.info.uid
-                    && matches!((old.resource_version, entry.resource_version),
-                                (Some(cached), Some(fresh)) if cached < fresh)
-            }
-        };
-        if newer {
-            self.upsert(entry)
-        } else {
-            None
-        }
-    }
-
-    fn remove(&mut self, key: &PodKey) -> Option<Entry> {
-        let old = self.pods.remove(key)?;
-        if let Some(ip) = old.info.ip {
-            if let Some(keys) = self.by_ip.get_mut(&ip) {
-                keys.retain(|k| k != key);
-                if keys.is_empty() {
-                    self.by_ip.remove(&ip);
-                }
-            }
-        }
-        if old.uses_identity() {
-            if let Some(identity) = &old.identity {
-                if let Some(count) = self.identities.get_mut(identity) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.identities.remove(identity);
-                    }
-                }
-            }
-        }
-        Some(old)
-    }
-
-    fn delete(&mut self, key: &PodKey, uid: &Arc<str>) {
-        // A Delete for an older pod of the same name must not remove its successor.
-        if self.pods.get(key).is_some_and(|e| e.info.uid == *uid) {
-            self.remove(key);
-        }
-        self.tombstone(uid.clone());
-    }
-
-    fn tombstone(&mut self, uid: Arc<str>) {
-        let now = Instant::now();
-        while let Some((at, _)) = self.tombstones.front() {
-            if now.duration_since(*at) < TOMBSTONE_TTL {
-                break;
-            }
-            if let Some((_, old)) = self.tombstones.pop_front() {
-                self.tombstoned.remove(&old);
-            }
-        }
-        if self.tombstoned.insert(uid.clone()) {
-            self.tombstones.push_back((now, uid));
-        }
-    }
-
-    /// Ends a re-list: pods it did not list were deleted meanwhile. Returns
-    /// how many were dropped.
-    fn finish_relist(&mut self) -> usize {
-        let Some(seen) = self.relisted.take() else {
-            return 0;
-        };
-        let gone: Vec<PodKey> = self
-            .pods
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .cloned()
-            .collect();
-        for key in &gone {
-            if let Some(old) = self.remove(key) {
-                self.tombstone(old.info.uid.clone());
-            }
-        }
-        gone.len()
-    }
-}
-
-/// "The first full list has been applied", shared by the Pod and Namespace
-/// caches.
-#[derive(Debug)]
-pub(super) struct Synced(watch::Sender<bool>);
-
-impl Default for Synced {
-    fn default() -> Self {
-        Synced(watch::Sender::new(false))
-    }
-}
-
-impl Synced {
-    pub(super) fn set(&self) {
-        self.0.send_replace(true);
-    }
-
-    pub(super) fn is_synced(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    pub(super) async fn wait(&self) {
-        let mut synced = self.0.subscribe();
-        // The sender lives as long as `self`, so this cannot fail.
-        let _ = synced.wait_for(|s| *s).await;
-    }
-}
-
-/// Runs a kube-runtime watcher until `stop` is cancelled, handing every
-/// event to `on_event`. Errors are logged and retried with kube-runtime's
-/// default backoff (0.8s doubling to 30s, like client-go); they never end
-/// the watch.
-pub(super) async fn drive<K>(
-    api: Api<K>,
-    resync: Duration,
-    stop: CancellationToken,
-    what: &'static str,
-    mut on_event: impl FnMut(watcher::Event<K>) + Send,
-) where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let mut config = watcher::Config::default();
-    if !resync.is_zero() {
-        let secs = resync.as_secs().clamp(1, u64::from(u32::MAX));
-        config = config.timeout(secs as u32);
-    }
-    let stream = watcher(api, config).default_backoff();
-    futures::pin_mut!(stream);
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            next = stream.next() => match next {
-                Some(Ok(event)) => on_event(event),
-                Some(Err(error)) => {
-                    let error = crate::telemetry::error_chain(&error);
-                    tracing::warn!(%error, "{what} watch failed; retrying with backoff")
-                }
-                // The watcher stream never ends by itself.
-                None => return,
-            },
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    const BASE: &str = "arn:aws:iam::123456789012:role/";
-
-    fn pod_json(name: &str, uid: &str, ip: Option<&str>, phase: &str, role: Option<&str>) -> Pod {
-        let mut annotations = serde_json::Map::new();
-        if let Some(role) = role {
-            annotations.insert(ROLE_ANNOTATION.into(), json!(role));
-        }
-        serde_json::from_value(json!({
-            "metadata": {
-                "namespace": "team-a", "name": name, "uid": uid, "resourceVersion": "10",
-                "annotations": annotations,
-            },
-            "spec": { "containers": [], "serviceAccountName": "app" },
-            "status": { "phase": phase, "podIP": ip },
-        }))
-        .unwrap()
-    }
-
-    fn entry(pod: &Pod) -> Entry {
-        let info = PodInfo::from_pod(pod);
-        let resolver = ArnResolver::new(BASE).unwrap();
-        Entry {
-            identity: policy::identity_for(&info, &resolver, "kiam").unwrap_or(None),
-            info: Arc::new(info),
-            resource_version: pod
-                .metadata
-                .resource_version
-                .as_deref()
-                .and_then(|v| v.parse().ok()),
-        }
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn names(pods: &[Arc<PodInfo>]) -> Vec<&str> {
-        pods.iter().map(|p| &*p.name).collect()
-    }
-
-    #[test]
-    fn projection_keeps_what_kiam_needs() {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {
-                "namespace": "ns", "name": "p", "uid": "u1",
-                "deletionTimestamp": "2030-01-02T03:04:05Z",
-                "annotations": {
-                    ROLE_ANNOTATION: "/foo", SESSION_NAME_ANNOTATION: "s",
-                    EXTERNAL_ID_ANNOTATION: "", "other": "x",
-                },
-            },
-            "spec": { "containers": [], "hostNetwork": true, "serviceAccountName": "sa" },
-            "status": { "phase": "Running", "podIP": "fd00::5" },
-        }))
-        .unwrap();
-        let info = PodInfo::from_pod(&pod);
-        assert_eq!(&*info.namespace, "ns");
-        assert_eq!(&*info.name, "p");
-        assert_eq!(&*info.uid, "u1");
-        assert_eq!(info.ip, Some(ip("fd00::5")));
-        assert_eq!(info.phase, PodPhase::Running);
-        assert!(info.host_network);
-        assert_eq!(info.deletion, Some("2030-01-02T03:04:05Z".parse().unwrap()));
-        assert_eq!(info.role.as_deref(), Some("/foo"));
-        assert_eq!(info.session_name.as_deref(), Some("s"));
-        assert_eq!(info.external_id, None, "empty annotations count as absent");
-        assert_eq!(info.service_account.as_deref(), Some("sa"));
-
-        let bare: Pod = serde_json::from_value(json!({
-            "metadata": { "name": "q" }, "status": { "podIP": "not-an-ip" }
-        }))
-        .unwrap();
-        let info = PodInfo::from_pod(&bare);
-        assert_eq!(info.ip, None);
-        assert_eq!(info.phase, PodPhase::Unknown);
-        assert_eq!(info.role, None);
-    }
-
-    #[test]
-    fn the_view_projects_like_the_full_pod() {
-        let doc = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {
-                "namespace": "ns", "name": "p", "uid": "u1", "resourceVersion": "42",
-                "deletionTimestamp": "2030-01-02T03:04:05Z",
-                "labels": {"app": "web"},
-                "annotations": {
-                    ROLE_ANNOTATION: "/foo", SESSION_NAME_ANNOTATION: "s",
-                    EXTERNAL_ID_ANNOTATION: "", "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": [1, 2]}",
-                },
-                "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}],
-            },
-            "spec": {
-                "containers": [{"name": "app", "image": "x", "env": [{"name": "A", "value": "b"}]}],
-                "hostNetwork": true, "serviceAccountName": "sa",
-            },
-            "status": { "phase": "Running", "podIP": "fd00::5", "conditions": [{"type": "Ready"}] },
-        });
-        let full: Pod = serde_json::from_value(doc.clone()).unwrap();
-        let view: PodView = serde_json::from_value(doc).unwrap();
-        assert_eq!(PodInfo::from_view(&view), PodInfo::from_pod(&full));
-        assert_eq!(view.metadata.resource_version.as_deref(), Some("42"));
-        // Only kiam's annotations are kept.
-        assert_eq!(view.metadata.annotations.as_ref().map(|a| a.len()), Some(3));
-
-        // Missing or null parts are absent, not errors.
-        let bare: PodView = serde_json::from_value(json!({
-            "metadata": { "name": "q", "annotations": null }, "spec": null
-        }))
-        .unwrap();
-        assert_eq!(PodInfo::from_view(&bare).role, None);
-        let empty: PodView = serde_json::from_value(json!({})).unwrap();
-        assert_eq!(&*PodInfo::from_view(&empty).name, "");
-    }
-
-    #[test]
-    fn matching_rule() {
-        let now = Timestamp::now();
-        let base = PodInfo::from_pod(&pod_json("p", "u", Some("10.0.0.1"), "Running", None));
-        assert!(base.matches_ip_at(now));
-        let pending = PodInfo {
-            phase: PodPhase::Pending,
-            ..base.clone()
-        };
-        assert!(pending.matches_ip_at(now));
-        for phase in [PodPhase::Succeeded, PodPhase::Failed] {
-            assert!(!PodInfo {
-                phase,
-                ..base.clone()
-            }
-            .matches_ip_at(now));
-        }
-        assert!(!PodInfo {
-            host_network: true,
-            ..base.clone()
-        }
-        .matches_ip_at(now));
-        assert!(!PodInfo {
-            ip: None,
-            ..base.clone()
-        }
-        .matches_ip_at(now));
-        let in_grace = PodInfo {
-            deletion: Some(now + jiff::SignedDuration::from_secs(30)),
-            ..base.clone()
-        };
-        assert!(in_grace.matches_ip_at(now));
-        let past = PodInfo {
-            deletion: Some(now - jiff::SignedDuration::from_secs(1)),
-            ..base.clone()
-        };
-        assert!(!past.matches_ip_at(now));
-    }
-
-    #[test]
-    fn ip_reuse_answers_the_new_pod_only() {
-        let mut index = Index::default();
-        let now = Timestamp::now();
-        index.upsert(entry(&pod_json(
-            "old",
-            "u1",
-            Some("10.0.0.1"),
-            "Running",
-            Some("old-role"),
-        )));
-        assert_eq!(names(&index.live_on(ip("10.0.0.1"), now)), ["old"]);
-        // The old pod completes, a new one gets its IP.
-        index.upsert(entry(&pod_json(
-            "old",
-            "u1",
-            Some("10.0.0.1"),
-            "Succeeded",
-            Some("old-role"),
-        )));
-        index.upsert(entry(&pod_json(
-            "new",
-            "u2",
-            Some("10.0.0.1"),
-            "Pending",
-            Some("new-role"),
-        )));
-        let live = index.live_on(ip("10.0.0.1"), now);
-        assert_eq!(names(&live), ["new"]);
-        assert_eq!(live[0].role.as_deref(), Some("new-role"));
-        // Deleting the old pod removes it from the IP index entirely.
-        index.delete(&("team-a".into(), "old".into()), &"u1".into());
-        assert_eq!(index.by_ip[&ip("10.0.0.1")].len(), 1);
-        index.delete(&("team-a".into(), "new".into()), &"u2".into());
-        assert!(index.by_ip.is_empty() && index.pods.is_empty());
-    }
-
-    #[test]
-    fn a_pod_moving_ip_is_reindexed() {
-        let mut index = Index::default();
-        let now = Timestamp::now();
-        index.upsert(entry(&pod_json(
-            "p",
-            "u1",
-            Some("10.0.0.1"),
-            "Running",
-            None,
-        )));
-        index.upsert(entry(&pod_json(
-            "p",
-            "u1",
-            Some("10.0.0.2"),
-            "Running",
-            None,
-        )));
-        assert!(index.live_on(ip("10.0.0.1"), now).is_empty());
-        assert_eq!(names(&index.live_on(ip("10.0.0.2"), now)), ["p"]);
-    }
-
-    #[test]
-    fn identities_count_live_pods_only() {
-        let mut index = Index::default();
-        let a = entry(&pod_json(
-            "a",
-            "u1",
-            Some("10.0.0.1"),
-            "Running",
-            Some("foo"),
-        ));
-        let id = a.identity.clone().unwrap();
-        index.upsert(a);
-        // `/foo` is the same identity.
-        index.upsert(entry(&pod_json("b", "u2", None, "Pending", Some("/foo"))));
-        assert_eq!(index.identities[&id], 2);
-        index.upsert(entry(&pod_json(
-            "a",
-            "u1",
-            Some("10.0.0.1"),
-            "Failed",
-            Some("foo"),
-        )));
-        assert_eq!(index.identities[&id], 1);
-        // Re-applying an unchanged pod does not double-count.
-        index.upsert(entry(&pod_json("b", "u2", None, "Pending", Some("/foo"))));
-        assert_eq!(index.identities[&id], 1);
-        index.delete(&("team-a".into(), "b".into()), &"u2".into());
-        assert!(index.identities.is_empty());
-        // Unresolvable roles count for nothing.
-        index.upsert(entry(&pod_json(
-            "c",
-            "u3",
-            None,
-            "Running",
-            Some("bad role"),
-        )));
-        assert!(index.identities.is_empty());
-    }
-
-    #[test]
-    fn announces_when_a_pod_with_a_role_becomes_runnable_or_changes() {
-        let mut index = Index::default();
-        // No IP yet: nothing to prefetch for.
-        assert!(index
-            .upsert(entry(&pod_json("p", "u1", None, "Pending", Some("foo"))))
-            .is_none());
-        let announced = index
-            .upsert(entry(&pod_json(
-                "p",
-                "u1",
-                Some("10.0.0.1"),
-                "Pending",
-                Some("foo"),
-            )))
-            .expect("pending with an IP is announced");
-        assert_eq!(announced.role.as_deref(), Some("foo"));
-        // Running, same role and IP: already announced.
-        assert!(index
-            .upsert(entry(&pod_json(
-                "p",
-                "u1",
-                Some("10.0.0.1"),
-                "Running",
-                Some("foo")
-            )))
-            .is_none());
-        // The role changes: announce again.
-        assert!(index
-            .upsert(entry(&pod_json(
-                "p",
-                "u1",
-                Some("10.0.0.1"),
-                "Running",
-                Some("bar")
-            )))
-            .is_some());
-        // No role, completed, host network: never.
-        assert!(index
-            .upsert(entry(&pod_json(
-                "q",
-                "u2",
-                Some("10.0.0.2"),
-                "Running",
-                None
-            )))
-            .is_none());
-        assert!(index
-            .upsert(entry(&pod_json(
-                "r",
-                "u3",
-                Some("10.0.0.3"),
-                "Succeeded",
-                Some("foo")
-            )))
-            .is_none());
-        let mut host: Pod = pod_json("h", "u4", Some("10.0.0.4"), "Running", Some("foo"));
-        host.spec.as_mut().unwrap().host_network = Some(true);
-        assert!(index.upsert(entry(&host)).is_none());
-    }
-
-    #[test]
-    fn direct_lookups_never_resurrect_or_overwrite_newer_state() {
-        let mut index = Index::default();
-        let now = Timestamp::now();
-        // A lookup raced with a deletion the watch already applied.
-        index.upsert(entry(&pod_json(
-            "p",
-            "u1",
-            Some("10.0.0.1"),
-            "Running",
-            Some("foo"),
-        )));
-        index.delete(&("team-a".into(), "p".into()), &"u1".into());
-        assert!(index
-            .insert_fresh(entry(&pod_json(
-                "p",
-                "u1",
-                Some("10.0.0.1"),
-                "Running",
-                Some("foo")
-            )))
-            .is_none());
-        assert!(index.live_on(ip("10.0.0.1"), now).is_empty());
-
-        // Unknown pod: inserted (and announced).
-        assert!(index
-            .insert_fresh(entry(&pod_json(
-                "q",
-                "u2",
-                Some("10.0.0.2"),
-                "Running",
-                Some("foo")
-            )))
-            .is_some());
-        assert_eq!(names(&index.live_on(ip("10.0.0.2"), now)), ["q"]);
-
-        // Same resourceVersion or older: the cache keeps its state.
-        let mut older = pod_json("q", "u2", Some("10.0.0.9"), "Running", Some("foo"));
-        older.metadata.resource_version = Some("9".into());
-        index.insert_fresh(entry(&older));
-        assert_eq!(names(&index.live_on(ip("10.0.0.2"), now)), ["q"]);
-        // Newer: replaces.
-        let mut newer = pod_json("q", "u2", Some("10.0.0.3"), "Running", Some("foo"));
-        newer.metadata.resource_version = Some("11".into());
-        index.insert_fresh(entry(&newer));
-        assert!(index.live_on(ip("10.0.0.2"), now).is_empty());
-        assert_eq!(names(&index.live_on(ip("10.0.0.3"), now)), ["q"]);
-        // Another pod under the same name: the watch decides.
-        index.insert_fresh(entry(&pod_json(
-            "q",
-            "u9",
-            Some("10.0.0.4"),
-            "Running",
-            None,
-        )));
-        assert_eq!(&*index.pods[&("team-a".into(), "q".into())].info.uid, "u2");
-    }
-
-    #[test]
-    fn a_delete_for_an_older_pod_keeps_its_successor() {
-        let mut index = Index::default();
-        index.upsert(entry(&pod_json(
-            "p",
-            "new-uid",
-            Some("10.0.0.1"),
-            "Running",
-            None,
-        )));
-        index.delete(&("team-a".into(), "p".into()), &"old-uid".into());
-        assert_eq!(index.pods.len(), 1);
-    }
-
-    #[test]
-    fn relist_drops_pods_deleted_while_the_watch_was_down() {
-        let mut index = Index::default();
-        index.upsert(entry(&pod_json(
-            "gone",
-            "u1",
-            Some("10.0.0.1"),
-            "Running",
-            Some("foo"),
-        )));
-        index.upsert(entry(&pod_json(
-            "kept",
-            "u2",
-            Some("10.0.0.2"),
-            "Running",
-            Some("foo"),
-        )));
-        index.relisted = Some(HashSet::new());
-        let kept = entry(&pod_json(
-            "kept",
-            "u2",
-            Some("10.0.0.2"),
-            "Running",
-            Some("foo"),
-        ));
-        index.relisted.as_mut().unwrap().insert(kept.key());
-        index.upsert(kept);
-        assert_eq!(index.finish_relist(), 1);
-        assert!(index.pods.keys().all(|(_, name)| &**name == "kept"));
-        assert!(!index.by_ip.contains_key(&ip("10.0.0.1")));
-        assert_eq!(index.identities.values().sum::<usize>(), 1);
-        assert!(index.tombstoned.contains("u1"));
     }
 }

@@ -23,17 +23,8 @@ use regex::{Regex, RegexBuilder};
 
 use crate::arn::{check_role_path, is_iam_name_byte, IamArn, RoleArn};
 
-use super::pods::PodInfo;
-use super::sts::Identity;
-
-/// Pod annotation naming the role (name, `/name`, path or full ARN).
-pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
-/// Pod annotation overriding `--session` in the STS session name.
-pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
-/// Pod annotation passed to STS as the external id.
-pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
-/// Namespace annotation: a regex over resolved role ARNs.
-pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
+use super::model::{Identity, PodInfo, SessionTags, PERMITTED_ANNOTATION, ROLE_ANNOTATION};
+pub use crate::wire::Check;
 
 /// STS's limit on `RoleSessionName`.
 pub const MAX_SESSION_NAME: usize = 64;
@@ -184,24 +175,6 @@ pub fn session_name(prefix_flag: &str, annotation: Option<&str>) -> String {
     // Every character is ASCII now, so a byte cut is a character cut.
     name.truncate(MAX_SESSION_NAME);
     name
-}
-
-/// The identity whose credentials `pod` would receive, or `None` when it has
-/// no `iam.amazonaws.com/role` annotation. `session_flag` is `--session`.
-pub fn identity_for(
-    pod: &PodInfo,
-    resolver: &ArnResolver,
-    session_flag: &str,
-) -> Result<Option<Identity>, PolicyError> {
-    let Some(role) = pod.role.as_deref() else {
-        return Ok(None);
-    };
-    let role_arn = resolver.resolve(role)?;
-    Ok(Some(Identity {
-        role_arn: role_arn.into(),
-        session_name: session_name(session_flag, pod.session_name.as_deref()).into(),
-        external_id: pod.external_id.clone(),
-    }))
 }
 
 /// How namespace annotations are compiled: `--disable-strict-namespace-regexp`
@@ -366,433 +339,169 @@ impl NamespacePolicy {
     }
 }
 
-/// Which half of the policy refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    /// The requested role is not the pod's `iam.amazonaws.com/role`.
-    AnnotatedRole,
-    /// The namespace's `iam.amazonaws.com/permitted` does not allow it.
-    NamespacePermitted,
-}
-
-/// The outcome of [`check`].
+/// The outcome of [`Policy::decide`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Permitted; `role_arn` is what to ask STS for.
-    Allowed { role_arn: String },
+    /// Permitted: the identity to fetch credentials for, built here and
+    /// nowhere else.
+    Allowed(Identity),
     /// Refused; `explanation` is for logs and the `KiamRoleForbidden` Event.
     Forbidden { check: Check, explanation: String },
 }
 
 impl Decision {
     pub fn is_allowed(&self) -> bool {
-        matches!(self, Decision::Allowed { .. })
+        matches!(self, Decision::Allowed(_))
     }
 
     /// Empty when allowed.
     pub fn explanation(&self) -> &str {
         match self {
-            Decision::Allowed { .. } => "",
+            Decision::Allowed(_) => "",
             Decision::Forbidden { explanation, .. } => explanation,
         }
     }
 }
 
-/// May `pod` assume `requested_role`? Only if it resolves to the same ARN as
-/// the pod's `iam.amazonaws.com/role` AND the pod's namespace permits that
-/// ARN. `namespace` is `None` when the namespace is not (yet) known, which
-/// permits nothing. The annotated-role check comes first, as in kiam.
-pub fn check(
-    pod: &PodInfo,
-    requested_role: &str,
-    namespace: Option<&NamespacePolicy>,
-    resolver: &ArnResolver,
-) -> Decision {
-    let forbid = |check, explanation| Decision::Forbidden { check, explanation };
-    let Some(annotated) = pod.role.as_deref() else {
-        return forbid(
-            Check::AnnotatedRole,
-            format!(
-                "requested {requested_role:?} but pod {}/{} has no {ROLE_ANNOTATION} annotation",
-                pod.namespace, pod.name
-            ),
-        );
-    };
-    let annotated_arn = match resolver.resolve(annotated) {
-        Ok(arn) => arn,
-        Err(e) => {
-            return forbid(
-                Check::AnnotatedRole,
-                format!("pod {}/{}: {e}", pod.namespace, pod.name),
-            )
+/// The one place the server decides who a pod is and what it may assume:
+/// role resolution, session settings and how namespaces are compiled. One
+/// value is shared by the pod cache (which identity each pod uses), the
+/// prefetcher and the gRPC service.
+#[derive(Debug)]
+pub struct Policy {
+    resolver: ArnResolver,
+    /// `--session`: the session-name suffix for pods without
+    /// `iam.amazonaws.com/session-name`.
+    session: String,
+    /// `--session-tags`: tag each pod's credentials with the pod.
+    session_tags: bool,
+    namespaces: NamespacePolicyConfig,
+}
+
+impl Policy {
+    pub fn new(
+        resolver: ArnResolver,
+        session: &str,
+        session_tags: bool,
+        namespaces: NamespacePolicyConfig,
+    ) -> Self {
+        Policy {
+            resolver,
+            session: session.to_string(),
+            session_tags,
+            namespaces,
         }
-    };
-    let requested_arn = match resolver.resolve(requested_role) {
-        Ok(arn) => arn,
-        // The same rules apply to what the agent asked for, but the
-        // annotation is not at fault: say "requested".
-        Err(e) => {
+    }
+
+    pub fn resolver(&self) -> &ArnResolver {
+        &self.resolver
+    }
+
+    /// The identity `pod` uses (its annotated role, session name, external
+    /// id and, with `--session-tags`, its tags), or `None` without a role
+    /// annotation. Says nothing about whether its namespace permits it.
+    pub fn identity(&self, pod: &PodInfo) -> Result<Option<Identity>, PolicyError> {
+        let Some(role) = pod.role.as_deref() else {
+            return Ok(None);
+        };
+        let role_arn = self.resolver.resolve(role)?;
+        Ok(Some(self.build_identity(pod, role_arn)))
+    }
+
+    fn build_identity(&self, pod: &PodInfo, role_arn: String) -> Identity {
+        Identity {
+            role_arn: role_arn.into(),
+            session_name: session_name(&self.session, pod.session_name.as_deref()).into(),
+            external_id: pod.external_id.clone(),
+            tags: self
+                .session_tags
+                .then(|| Arc::new(SessionTags::for_pod(pod))),
+        }
+    }
+
+    /// Compiles a namespace's `iam.amazonaws.com/permitted` annotation.
+    pub fn namespace(&self, annotation: Option<&str>) -> NamespacePolicy {
+        NamespacePolicy::compile(annotation, &self.namespaces)
+    }
+
+    /// May `pod` assume `requested_role`? Only if it resolves to the same
+    /// ARN as the pod's `iam.amazonaws.com/role` AND the pod's namespace
+    /// permits that ARN. `namespace` is `None` when the namespace is not
+    /// (yet) known, which permits nothing. The annotated-role check comes
+    /// first, as in kiam.
+    pub fn decide(
+        &self,
+        pod: &PodInfo,
+        requested_role: &str,
+        namespace: Option<&NamespacePolicy>,
+    ) -> Decision {
+        let forbid = |check, explanation| Decision::Forbidden { check, explanation };
+        let Some(annotated) = pod.role.as_deref() else {
             return forbid(
                 Check::AnnotatedRole,
                 format!(
-                    "requested role {requested_role:?} is invalid ({}); pod is annotated with {annotated:?}",
-                    e.to_string().replace(ROLE_ANNOTATION, "role")
+                    "requested {requested_role:?} but pod {}/{} has no {ROLE_ANNOTATION} annotation",
+                    pod.namespace, pod.name
                 ),
-            )
+            );
+        };
+        let annotated_arn = match self.resolver.resolve(annotated) {
+            Ok(arn) => arn,
+            Err(e) => {
+                return forbid(
+                    Check::AnnotatedRole,
+                    format!("pod {}/{}: {e}", pod.namespace, pod.name),
+                )
+            }
+        };
+        let requested_arn = match self.resolver.resolve(requested_role) {
+            Ok(arn) => arn,
+            // The same rules apply to what the agent asked for, but the
+            // annotation is not at fault: say "requested".
+            Err(e) => {
+                return forbid(
+                    Check::AnnotatedRole,
+                    format!(
+                        "requested role {requested_role:?} is invalid ({}); pod is annotated with {annotated:?}",
+                        e.to_string().replace(ROLE_ANNOTATION, "role")
+                    ),
+                )
+            }
+        };
+        if requested_arn != annotated_arn {
+            return forbid(
+                Check::AnnotatedRole,
+                format!(
+                    "requested {requested_role:?} ({requested_arn}) but pod {}/{} is annotated with \
+                     {annotated:?} ({annotated_arn})",
+                    pod.namespace, pod.name
+                ),
+            );
         }
-    };
-    if requested_arn != annotated_arn {
-        return forbid(
-            Check::AnnotatedRole,
-            format!(
-                "requested {requested_role:?} ({requested_arn}) but pod {}/{} is annotated with \
-                 {annotated:?} ({annotated_arn})",
-                pod.namespace, pod.name
-            ),
-        );
+        if let Err(why) = permitted_in(&pod.namespace, namespace, &requested_arn) {
+            return forbid(Check::NamespacePermitted, why);
+        }
+        Decision::Allowed(self.build_identity(pod, requested_arn))
     }
-    let Some(namespace_policy) = namespace else {
-        return forbid(
-            Check::NamespacePermitted,
-            format!(
-                "namespace {} is not known to this server yet, so it permits no roles (wanted {requested_arn})",
-                pod.namespace
-            ),
-        );
-    };
-    match namespace_policy.permits(&requested_arn) {
-        Ok(()) => Decision::Allowed {
-            role_arn: requested_arn,
-        },
-        Err(why) => forbid(
-            Check::NamespacePermitted,
-            format!("namespace {} {why}", pod.namespace),
-        ),
+}
+
+/// Does the namespace `name` (its compiled policy, `None` when unknown)
+/// permit `role_arn`? The prefetcher asks this of an identity the pod cache
+/// already decided; [`Policy::decide`] asks it of a request.
+pub fn permitted_in(
+    name: &str,
+    namespace: Option<&NamespacePolicy>,
+    role_arn: &str,
+) -> Result<(), String> {
+    match namespace {
+        None => Err(format!(
+            "namespace {name} is not known to this server yet, so it permits no roles (wanted {role_arn})"
+        )),
+        Some(policy) => policy
+            .permits(role_arn)
+            .map_err(|why| format!("namespace {name} {why}")),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::server::pods::PodPhase;
-
-    const BASE: &str = "arn:aws:iam::123456789012:role/";
-
-    fn resolver() -> ArnResolver {
-        ArnResolver::new(BASE).unwrap()
-    }
-
-    fn pod(role: Option<&str>) -> PodInfo {
-        PodInfo {
-            namespace: "team-a".into(),
-            name: "web-1".into(),
-            uid: "uid-1".into(),
-            ip: Some("10.0.0.5".parse().unwrap()),
-            phase: PodPhase::Running,
-            host_network: false,
-            deletion: None,
-            role: role.map(Into::into),
-            session_name: None,
-            external_id: None,
-            service_account: Some("default".into()),
-        }
-    }
-
-    fn ns(annotation: Option<&str>, strict: bool) -> NamespacePolicy {
-        NamespacePolicy::compile(
-            annotation,
-            &NamespacePolicyConfig::new(strict, None).unwrap(),
-        )
-    }
-
-    #[test]
-    fn resolves_names_paths_and_full_arns() {
-        let r = resolver();
-        assert_eq!(r.resolve("foo").unwrap(), format!("{BASE}foo"));
-        assert_eq!(r.resolve("/foo").unwrap(), format!("{BASE}foo"));
-        assert_eq!(r.resolve("team/foo").unwrap(), format!("{BASE}team/foo"));
-        assert_eq!(r.resolve("/team/foo").unwrap(), format!("{BASE}team/foo"));
-        let other_account = "arn:aws:iam::210987654321:role/path-prefix/another-role";
-        assert_eq!(r.resolve(other_account).unwrap(), other_account);
-        let china = "arn:aws-cn:iam::123456789012:role/foo";
-        assert_eq!(r.resolve(china).unwrap(), china);
-    }
-
-    #[test]
-    fn base_without_trailing_slash_or_with_a_path() {
-        let r = ArnResolver::new("arn:aws:iam::123456789012:role").unwrap();
-        assert_eq!(r.base(), BASE);
-        assert_eq!(r.resolve("foo").unwrap(), format!("{BASE}foo"));
-        let r = ArnResolver::new("arn:aws:iam::123456789012:role/kiam/").unwrap();
-        assert_eq!(r.resolve("/foo").unwrap(), format!("{BASE}kiam/foo"));
-        let r = ArnResolver::new("arn:aws:iam::123456789012:role/kiam").unwrap();
-        assert_eq!(r.resolve("foo").unwrap(), format!("{BASE}kiam/foo"));
-    }
-
-    #[test]
-    fn bad_bases_name_the_flag() {
-        for bad in [
-            "",
-            "role/",
-            "arn:aws:s3:::bucket/",
-            "arn:aws:iam::123456789012:user/",
-            "arn:aws:iam:eu-west-1:123456789012:role/",
-            "arn:aws:iam:::role/",
-        ] {
-            let e = ArnResolver::new(bad).unwrap_err();
-            assert!(e.to_string().contains("--role-base-arn"), "{bad:?}: {e}");
-        }
-    }
-
-    #[test]
-    fn garbage_roles_are_refused_naming_the_annotation() {
-        let r = resolver();
-        assert_eq!(r.resolve("").unwrap_err(), PolicyError::EmptyRole);
-        for bad in [
-            "/",
-            "foo/",
-            " foo",
-            "foo bar",
-            "foo\n",
-            "fo\u{7}o",
-            "rôle",
-            "a//b",
-            "foo:bar",
-            "arn:",
-            "arn:aws:iam::123456789012:user/foo",
-            "arn:aws:s3:::bucket",
-            "arn:aws:iam::123456789012:role/",
-            "arn:aws:iam::123456789012:role/a b",
-            "arn:aws:iam:us-east-1:123456789012:role/foo",
-            &"x".repeat(65),
-        ] {
-            let e = r.resolve(bad).unwrap_err();
-            assert!(
-                e.to_string().contains(ROLE_ANNOTATION),
-                "{bad:?} gave {e} without naming the annotation"
-            );
-        }
-        // The longest legal name is fine.
-        assert!(r.resolve(&"x".repeat(64)).is_ok());
-    }
-
-    #[test]
-    fn base_from_instance_profile() {
-        assert_eq!(
-            base_arn_from_instance_profile("arn:aws:iam::123456789012:instance-profile/node")
-                .unwrap(),
-            BASE
-        );
-        assert_eq!(
-            base_arn_from_instance_profile("arn:aws:iam::123456789012:instance-profile/path/node")
-                .unwrap(),
-            BASE
-        );
-        assert_eq!(
-            base_arn_from_instance_profile("arn:aws-us-gov:iam::123456789012:instance-profile/n")
-                .unwrap(),
-            "arn:aws-us-gov:iam::123456789012:role/"
-        );
-        let r = ArnResolver::from_instance_profile("arn:aws:iam::123456789012:instance-profile/n")
-            .unwrap();
-        assert_eq!(r.resolve("foo").unwrap(), format!("{BASE}foo"));
-        for bad in ["", "arn:aws:iam::123456789012:role/node", "not an arn"] {
-            assert!(matches!(
-                base_arn_from_instance_profile(bad),
-                Err(PolicyError::InvalidInstanceProfile { .. })
-            ));
-        }
-    }
-
-    #[test]
-    fn session_names() {
-        assert_eq!(session_name("kiam", None), "kiam-kiam");
-        assert_eq!(session_name("kiam", Some("")), "kiam-kiam");
-        assert_eq!(session_name("kiam", Some("batch-job")), "kiam-batch-job");
-        assert_eq!(
-            session_name("kiam", Some("a+b=c,d.e@f_g-h")),
-            "kiam-a+b=c,d.e@f_g-h"
-        );
-        // One hyphen per character, including multi-byte ones.
-        assert_eq!(session_name("kiam", Some("a b/c:é")), "kiam-a-b-c--");
-        assert_eq!(session_name("my session", None), "kiam-my-session");
-    }
-
-    #[test]
-    fn session_names_are_cut_to_64_characters() {
-        let long = session_name("kiam", Some(&"x".repeat(100)));
-        assert_eq!(long.len(), MAX_SESSION_NAME);
-        assert_eq!(long, format!("kiam-{}", "x".repeat(59)));
-        // Sanitising happens first, so multi-byte input cannot split a character.
-        let unicode = session_name("kiam", Some(&"é".repeat(100)));
-        assert_eq!(unicode, format!("kiam-{}", "-".repeat(59)));
-        let exact = session_name("kiam", Some(&"y".repeat(59)));
-        assert_eq!(exact.len(), 64);
-    }
-
-    #[test]
-    fn identity_uses_resolved_arn_session_and_external_id() {
-        let mut p = pod(Some("/foo"));
-        p.session_name = Some("job 7".into());
-        p.external_id = Some("ext".into());
-        let id = identity_for(&p, &resolver(), "kiam").unwrap().unwrap();
-        assert_eq!(&*id.role_arn, format!("{BASE}foo"));
-        assert_eq!(&*id.session_name, "kiam-job-7");
-        assert_eq!(id.external_id.as_deref(), Some("ext"));
-        assert_eq!(identity_for(&pod(None), &resolver(), "kiam").unwrap(), None);
-        assert!(identity_for(&pod(Some("bad role")), &resolver(), "kiam").is_err());
-        // `foo` and its full ARN are one identity: they share credentials.
-        let full = identity_for(&pod(Some(&format!("{BASE}foo"))), &resolver(), "kiam").unwrap();
-        let bare = identity_for(&pod(Some("foo")), &resolver(), "kiam").unwrap();
-        assert_eq!(full, bare);
-    }
-
-    fn forbidden(d: &Decision) -> (Check, &str) {
-        match d {
-            Decision::Forbidden { check, explanation } => (*check, explanation),
-            Decision::Allowed { role_arn } => panic!("unexpectedly allowed {role_arn}"),
-        }
-    }
-
-    #[test]
-    fn allowed_when_requested_is_annotated_and_namespace_permits() {
-        let r = resolver();
-        let p = pod(Some("foo"));
-        let any = ns(Some(".*"), true);
-        for requested in ["foo", "/foo", &format!("{BASE}foo")] {
-            let d = check(&p, requested, Some(&any), &r);
-            assert_eq!(
-                d,
-                Decision::Allowed {
-                    role_arn: format!("{BASE}foo")
-                },
-                "{requested}"
-            );
-            assert!(d.is_allowed());
-            assert_eq!(d.explanation(), "");
-        }
-    }
-
-    #[test]
-    fn requested_other_than_annotated_is_forbidden() {
-        let r = resolver();
-        let any = ns(Some(".*"), true);
-        let d = check(&pod(Some("foo")), "bar", Some(&any), &r);
-        let (which, why) = forbidden(&d);
-        assert_eq!(which, Check::AnnotatedRole);
-        assert!(
-            why.contains("requested \"bar\"") && why.contains("annotated with \"foo\""),
-            "{why}"
-        );
-        // Same name, other account: a different role.
-        let d = check(
-            &pod(Some("foo")),
-            "arn:aws:iam::999999999999:role/foo",
-            Some(&any),
-            &r,
-        );
-        assert_eq!(forbidden(&d).0, Check::AnnotatedRole);
-    }
-
-    #[test]
-    fn missing_or_invalid_role_annotation_is_forbidden() {
-        let r = resolver();
-        let any = ns(Some(".*"), true);
-        let d = check(&pod(None), "foo", Some(&any), &r);
-        let (which, why) = forbidden(&d);
-        assert_eq!(which, Check::AnnotatedRole);
-        assert!(why.contains(ROLE_ANNOTATION), "{why}");
-        let d = check(&pod(Some("foo bar")), "foo bar", Some(&any), &r);
-        let (which, why) = forbidden(&d);
-        assert_eq!(which, Check::AnnotatedRole);
-        assert!(why.contains("whitespace"), "{why}");
-        let d = check(&pod(Some("foo")), "", Some(&any), &r);
-        assert!(forbidden(&d).1.contains("requested role \"\" is invalid"));
-    }
-
-    #[test]
-    fn strict_regex_is_anchored_around_alternatives() {
-        let r = resolver();
-        let p = pod(Some("foo-admin"));
-        // Unanchored, `foo` is found inside the ARN.
-        assert!(check(&p, "foo-admin", Some(&ns(Some("foo"), false)), &r).is_allowed());
-        // Strict, it must match the whole ARN.
-        let d = check(&p, "foo-admin", Some(&ns(Some("foo"), true)), &r);
-        let (which, why) = forbidden(&d);
-        assert_eq!(which, Check::NamespacePermitted);
-        assert!(
-            why.contains("anchored") && why.contains(PERMITTED_ANNOTATION),
-            "{why}"
-        );
-        // kiam's `^a|b$` would let `b` match anywhere at the end; ours anchors both.
-        let alt = ns(Some("arn:aws:iam::123456789012:role/foo|admin"), true);
-        assert!(!check(&p, "foo-admin", Some(&alt), &r).is_allowed());
-        let alt = ns(Some(&format!("{BASE}foo|{BASE}foo-admin")), true);
-        assert!(check(&p, "foo-admin", Some(&alt), &r).is_allowed());
-    }
-
-    #[test]
-    fn namespace_without_annotation_permits_nothing_unless_a_default_is_set() {
-        let r = resolver();
-        let p = pod(Some("foo"));
-        for missing in [ns(None, true), ns(Some(""), true)] {
-            let d = check(&p, "foo", Some(&missing), &r);
-            let (which, why) = forbidden(&d);
-            assert_eq!(which, Check::NamespacePermitted);
-            assert!(why.contains("no iam.amazonaws.com/permitted"), "{why}");
-        }
-        let cfg = NamespacePolicyConfig::new(true, Some(".*/foo")).unwrap();
-        let default = NamespacePolicy::compile(None, &cfg);
-        assert!(check(&p, "foo", Some(&default), &r).is_allowed());
-        let d = check(&pod(Some("bar")), "bar", Some(&default), &r);
-        assert!(forbidden(&d).1.contains("--default-permitted-regexp"));
-        // An annotation replaces the default, it does not add to it.
-        let own = NamespacePolicy::compile(Some(".*/bar"), &cfg);
-        assert!(!check(&p, "foo", Some(&own), &r).is_allowed());
-        // Unknown namespace: nothing.
-        let d = check(&p, "foo", None, &r);
-        assert_eq!(forbidden(&d).0, Check::NamespacePermitted);
-    }
-
-    #[test]
-    fn invalid_or_huge_regex_denies_with_an_explanation() {
-        let r = resolver();
-        let p = pod(Some("foo"));
-        let cfg = NamespacePolicyConfig::new(true, Some(".*")).unwrap();
-        let bad = NamespacePolicy::compile(Some("(unclosed"), &cfg);
-        assert!(matches!(bad, NamespacePolicy::Invalid { .. }));
-        let d = check(&p, "foo", Some(&bad), &r);
-        let (which, why) = forbidden(&d);
-        assert_eq!(which, Check::NamespacePermitted);
-        assert!(
-            why.contains("invalid") && why.contains("(unclosed"),
-            "{why}"
-        );
-        assert!(!why.contains('\n'), "{why}");
-        let huge = NamespacePolicy::compile(Some("(?:a{1000}){1000}"), &cfg);
-        let d = check(&p, "foo", Some(&huge), &r);
-        assert!(
-            forbidden(&d).1.contains("allowed size"),
-            "{}",
-            d.explanation()
-        );
-        let deep = format!("{}a{}", "(".repeat(500), ")".repeat(500));
-        assert!(!check(
-            &p,
-            "foo",
-            Some(&NamespacePolicy::compile(Some(&deep), &cfg)),
-            &r
-        )
-        .is_allowed());
-    }
-
-    #[test]
-    fn invalid_default_regex_names_the_flag() {
-        let e = NamespacePolicyConfig::new(true, Some("(")).unwrap_err();
-        assert!(e.to_string().contains("--default-permitted-regexp"), "{e}");
-        assert!(NamespacePolicyConfig::new(true, Some("  "))
-            .unwrap()
-            .default
-            .is_none());
-    }
-}
+mod tests;

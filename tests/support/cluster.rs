@@ -9,15 +9,18 @@ use std::time::Duration;
 use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::server::config::ServerConfig;
 use kiam::server::events::EventRecorder;
-use kiam::server::policy::ArnResolver;
-use kiam::server::sts::FakeSts;
-use kiam::server::{Deps, Server};
+use kiam::server::{Deps, ServerMetrics};
 use kiam::tls::{ChannelOpts, ClientTls, ServerTls};
 use kiam_sandbox::apiserver::FakeApiServer;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+#[path = "fake_sts.rs"]
+pub mod fake_sts;
+#[allow(unused_imports)]
+pub use fake_sts::{FakeFailure, FakeSts};
 
 pub const BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 
@@ -79,23 +82,18 @@ impl Cluster {
         let mut registry = Registry::default();
         let kube = kube_client(&api).await;
         let shutdown = CancellationToken::new();
-        let config = server_config(extra);
-        let server = Server::build(
-            &config,
-            Deps {
-                kube: kube.clone(),
-                sts: sts.clone(),
-                resolver: ArnResolver::new(BASE_ARN).unwrap(),
-                events: EventRecorder::new(kube),
-            },
-            &mut registry,
-            shutdown.clone(),
-        )
-        .unwrap();
         let tls = ServerTls::load(pki.server_files(), &mut registry).unwrap();
+        let deps = Deps {
+            config: server_config(extra),
+            events: EventRecorder::new(kube.clone()),
+            kube,
+            sts: sts.clone(),
+            tls,
+            metrics: ServerMetrics::register(&mut registry),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(server.serve(listener, tls));
+        tokio::spawn(kiam::server::run(listener, deps, shutdown.clone()));
         Cluster {
             api,
             sts,

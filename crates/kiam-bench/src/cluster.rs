@@ -18,9 +18,9 @@ use futures::FutureExt;
 use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::server::config::ServerConfig;
 use kiam::server::events::EventRecorder;
-use kiam::server::policy::ArnResolver;
-use kiam::server::sts::{AssumeRole, Credentials, FakeSts, Identity, SessionTags, StsError};
-use kiam::server::{Deps, Server};
+use kiam::server::model::Identity;
+use kiam::server::sts::{AssumeRole, Credentials, StsError};
+use kiam::server::{Deps, ServerMetrics};
 use kiam::tls::{ChannelOpts, ClientTls, ServerTls};
 use kiam_sandbox::apiserver::FakeApiServer;
 use prometheus_client::registry::Registry;
@@ -28,6 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::pods::BASE_ARN;
+
+/// The STS double the integration tests use, shared by path.
+#[path = "../../../tests/support/fake_sts.rs"]
+mod fake_sts;
+use fake_sts::FakeSts;
 
 /// [`FakeSts`] with real-sized answers and a record of finished calls.
 #[derive(Default)]
@@ -53,10 +58,9 @@ impl AssumeRole for RecordingSts {
         &'a self,
         identity: &'a Identity,
         duration: Duration,
-        tags: Option<&'a SessionTags>,
     ) -> BoxFuture<'a, Result<Credentials, StsError>> {
         async move {
-            let mut c = self.fake.assume_role(identity, duration, tags).await?;
+            let mut c = self.fake.assume_role(identity, duration).await?;
             // Real STS: 20-character key id, 40-character secret, and a
             // session token of several hundred characters.
             c.access_key_id = format!("{:A<20}", c.access_key_id)[..20].to_string();
@@ -149,35 +153,42 @@ impl Cluster {
     }
 
     pub async fn start_url(api_url: &str, extra: &[&str]) -> Result<Cluster> {
+        let (cluster, listener, deps) = Self::prepare(api_url, extra).await?;
+        tokio::spawn(kiam::server::run(listener, deps, cluster.shutdown.clone()));
+        Ok(cluster)
+    }
+
+    /// Everything [`Cluster::start_url`] sets up (certificates, listener,
+    /// dependencies) without starting the server, so a measurement can
+    /// start exactly when the server does.
+    pub async fn prepare(
+        api_url: &str,
+        extra: &[&str],
+    ) -> Result<(Cluster, tokio::net::TcpListener, Deps)> {
         let dir = tempfile::tempdir()?;
         let pki = kiam::certs::generate(dir.path(), &[], 1)?;
         let sts = Arc::new(RecordingSts::default());
         let mut registry = Registry::default();
         let kube = kube_client(api_url)?;
         let shutdown = CancellationToken::new();
-        let config = server_config(extra)?;
-        let server = Server::build(
-            &config,
-            Deps {
-                kube: kube.clone(),
-                sts: sts.clone(),
-                resolver: ArnResolver::new(BASE_ARN)?,
-                events: EventRecorder::new(kube),
-            },
-            &mut registry,
-            shutdown.clone(),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
         let tls = ServerTls::load(pki.server_files(), &mut registry)?;
+        let deps = Deps {
+            config: server_config(extra)?,
+            events: EventRecorder::new(kube.clone()),
+            kube,
+            sts: sts.clone(),
+            tls,
+            metrics: ServerMetrics::register(&mut registry),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        tokio::spawn(server.serve(listener, tls));
-        Ok(Cluster {
+        let cluster = Cluster {
             sts,
             addr,
             pki,
             shutdown,
             _dir: dir,
-        })
+        };
+        Ok((cluster, listener, deps))
     }
 }

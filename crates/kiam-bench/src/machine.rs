@@ -77,7 +77,7 @@ pub fn preamble(
          service over the same mutual TLS returning the same message; a raw paginated LIST of the same pods). \
          Load is closed-loop (each worker sends its next request when the previous answer arrives) with \
          HdrHistogram latencies; throughput counts answers in the measured window after a warm-up. kiam runs \
-         in-process with its production code paths (`Server::build`/`serve`, `kiam::agent::run`) against the \
+         in-process with its production code paths (`kiam::server::run`, `kiam::agent::run`) against the \
          in-memory Kubernetes API server (kiam-sandbox) and a fake STS, except where a process is the point \
          (RSS, start-up): there the real release `kiam` binary runs. Nothing is pinned to a core; the load \
          generator, kiam and the floors compete for the same cores, which is the honest setting for a \

@@ -18,7 +18,7 @@ use kiam::tls::{ChannelOpts, ClientTls};
 use kiam_sandbox::apiserver::FakeApiServer;
 use prometheus_client::registry::Registry;
 
-use crate::cluster::{kube_client, server_config, RecordingSts};
+use crate::cluster::Cluster;
 use crate::pods::{self, BASE_ARN};
 use crate::procs::{self, mib};
 use crate::replay::{self, PAGE};
@@ -77,7 +77,7 @@ fn populate(rt: &tokio::runtime::Runtime, n: usize) -> Result<Populated> {
 struct Heap {
     sync: Duration,
     grown: i64,
-    /// CPU seconds the child used from `Server::build` to ready.
+    /// CPU seconds the child used from `kiam::server::run` to ready.
     cpu: f64,
 }
 
@@ -88,35 +88,20 @@ pub fn heap_child(spec: &str) -> Result<()> {
     kiam::ensure_crypto_provider();
     let rt = runtime("kiam-server", 2);
     let (sync, grown, cpu) = rt.block_on(async {
-        let config = server_config(&[])?;
-        let kube = kube_client(url)?;
+        let (cluster, listener, deps) = Cluster::prepare(url, &[]).await?;
         let before = alloc::live();
         let cpu_before = procs::cpu_seconds("self")?;
         let start = Instant::now();
-        let mut registry = Registry::default();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let server = kiam::server::Server::build(
-            &config,
-            kiam::server::Deps {
-                kube: kube.clone(),
-                sts: std::sync::Arc::new(RecordingSts::default()),
-                resolver: kiam::server::policy::ArnResolver::new(BASE_ARN)?,
-                events: kiam::server::events::EventRecorder::new(kube),
-            },
-            &mut registry,
-            shutdown.clone(),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        while !server.is_ready() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        tokio::spawn(kiam::server::run(listener, deps, cluster.shutdown.clone()));
+        // Ready is what agents see: GetHealth answers ok. Polled every 5 ms
+        // on one connection (its handshake is a constant the slope cancels).
+        cluster.wait_ready(Duration::from_secs(600)).await?;
         let sync = start.elapsed();
         let cpu = procs::cpu_seconds("self")? - cpu_before;
         // Let the last page's buffers and the list's connection settle.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let grown = alloc::live() - before;
-        shutdown.cancel();
-        drop(server);
+        drop(cluster);
         Ok::<_, anyhow::Error>((sync, grown, cpu))
     })?;
     println!("heap {} {} {cpu}", sync.as_nanos(), grown);
@@ -315,7 +300,7 @@ pub fn memory_and_sync(report: &mut Report, sizes: &[usize]) -> Result<()> {
              replayed page read and dropped by a bare HTTP/1 client (best of three). Process: the release `kiam server` binary with a kubeconfig for the API server; sync time is \
              spawn until GetHealth answers `ok` (polled every 10 ms), RSS read 1 s later. Heap: an in-process \
              server in a child process with a counting allocator, live bytes 1 s after sync minus before \
-             `Server::build`."
+             `kiam::server::run`."
         ),
         tables: vec![table],
         notes,
