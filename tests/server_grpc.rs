@@ -434,3 +434,54 @@ async fn session_tags_are_never_shared_between_pods() {
     assert_eq!(c.sts.calls(&ta), 1);
     assert_eq!(c.sts.calls(&tb), 1);
 }
+
+/// What a server says to agents never names other pods, namespaces or its
+/// own role (Go agents hand the message to the pod), and says which
+/// failures are final: STS refusals are FAILED_PRECONDITION, transient ones
+/// INTERNAL, never UNAVAILABLE (which would let an agent serve what it kept
+/// for the IP).
+#[tokio::test]
+async fn error_messages_are_short_and_final_refusals_are_marked() {
+    let c = Cluster::start(&[]).await;
+    c.namespace("team-a", Some(".*"));
+    c.namespace("secret-ns", Some(".*"));
+    c.pod("team-a", "web", "198.18.0.50", Some("web"));
+    c.pod("secret-ns", "twin", "198.18.0.50", Some("other"));
+    let mut client = c.ready().await;
+
+    // Once the watch has delivered both pods, the IP is ambiguous.
+    let mut answer = Ok(());
+    for _ in 0..200 {
+        answer = client
+            .get_pod_credentials(creds_req("198.18.0.50", "web"))
+            .await
+            .map(|_| ());
+        if answer.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e = answer.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    for secret in ["secret-ns", "twin", "team-a", "web"] {
+        assert!(!e.message().contains(secret), "{}", e.message());
+    }
+
+    c.sts.fail_always(Some(cluster::FakeFailure::AccessDenied));
+    c.pod("team-a", "api", "198.18.0.51", Some("api"));
+    let e = client
+        .get_pod_credentials(creds_req("198.18.0.51", "api"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(e.message(), "error retrieving credentials: AccessDenied");
+
+    c.sts.fail_always(Some(cluster::FakeFailure::Throttle));
+    c.pod("team-a", "batch", "198.18.0.52", Some("batch"));
+    let e = client
+        .get_pod_credentials(creds_req("198.18.0.52", "batch"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert_eq!(e.message(), "error retrieving credentials: Throttling");
+}

@@ -15,7 +15,7 @@ use super::events::{EventRecorder, Reason};
 use super::namespaces::NamespaceCache;
 use super::pods::{FindError, PodCache};
 use super::policy::{Decision, Policy};
-use super::sts::Credentials;
+use super::sts::{Credentials, StsError};
 use crate::grpc_metrics::GrpcMetrics;
 use crate::proto::kiam_service_server::KiamService;
 use crate::proto::{
@@ -55,16 +55,37 @@ fn parse_ip(ip: &str) -> Result<IpAddr, Status> {
     })
 }
 
+/// Maps a failed pod lookup to the status agents see. Only a server that
+/// has not synced says UNAVAILABLE: everything here is an answer, and an
+/// agent must never cover it with what it kept for this IP, which may be
+/// the previous pod's. Messages are short and name no pod, namespace or
+/// API address: Go kiam agents pass them on to the pod; the details are in
+/// this server's log.
 fn find_error(ip: IpAddr, e: FindError) -> Status {
     match e {
         FindError::NotFound => Status::not_found(NO_POD_FOUND),
-        // An answer, not an outage: agents must not cover it with what they
-        // kept for this IP, which may be the previous pod's.
-        e @ FindError::Ambiguous { .. } => Status::failed_precondition(e.to_string()),
+        // The lookup logged which pods.
+        FindError::Ambiguous { .. } => {
+            Status::failed_precondition("several live pods share this IP; refusing to guess")
+        }
         other => {
             tracing::warn!(pod.ip = %ip, error = %other, "finding pod failed");
-            Status::unavailable(other.to_string())
+            Status::internal("error finding the pod: the Kubernetes API did not answer in time")
         }
+    }
+}
+
+/// Maps an STS failure to the status agents see: the AWS error code only
+/// (the message can name this server's own role). A final refusal
+/// (AccessDenied, a malformed policy) is FAILED_PRECONDITION so agents stop
+/// asking; a transient one is INTERNAL: answered, worth retrying.
+fn credentials_error(e: &StsError) -> Status {
+    let code = e.code.as_deref().unwrap_or("STS error");
+    let message = format!("error retrieving credentials: {code}");
+    if e.retryable {
+        Status::internal(message)
+    } else {
+        Status::failed_precondition(message)
     }
 }
 
@@ -129,7 +150,7 @@ impl Service {
         // the API rather than refuse for good.
         let ns = self.namespaces.find(&pod.namespace).await.map_err(|e| {
             tracing::warn!(pod.namespace = %pod.namespace, error = %e, "reading namespace failed");
-            Status::unavailable(format!("reading namespace {}: {e}", pod.namespace))
+            Status::internal("error reading the pod's namespace from the Kubernetes API")
         })?;
         let identity = match self.policy.decide(&pod, &req.role, ns.as_deref()) {
             Decision::Allowed(identity) => identity,
@@ -159,9 +180,7 @@ impl Service {
                     Reason::CredentialError,
                     format!("failed retrieving credentials: {e}"),
                 );
-                Err(Status::unavailable(format!(
-                    "error retrieving credentials: {e}"
-                )))
+                Err(credentials_error(&e))
             }
         }
     }
