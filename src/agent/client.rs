@@ -79,7 +79,7 @@ pub enum ClientError {
     /// A server answered `forbidden by policy`: final, never retried. The
     /// check that refused, when the server named it (a Go kiam server
     /// never does).
-    #[error("{}{}", FORBIDDEN_BY_POLICY, .0.map_or("", |c| c.as_str()))]
+    #[error("{}{}", FORBIDDEN_BY_POLICY, named_check(.0))]
     Forbidden(Option<Check>),
     /// No server answered (all refused, reset, timed out or unavailable).
     #[error("no kiam server answered (check --server-address): {0}")]
@@ -87,6 +87,11 @@ pub enum ClientError {
     /// A server answered with another error (e.g. STS failed).
     #[error("kiam server error: {0}")]
     Server(String),
+}
+
+/// ` (annotated-role)` after a denial that named its check, for the logs.
+fn named_check(check: &Option<Check>) -> String {
+    check.map_or(String::new(), |c| format!(" ({})", c.as_str()))
 }
 
 impl ClientError {
@@ -539,5 +544,14 @@ mod tests {
             .metadata_mut()
             .insert(DENIED_CHECK_KEY, "something-new".parse().unwrap());
         assert_eq!(classify(&status), ClientError::Forbidden(None));
+        // The logs say which check refused.
+        assert_eq!(
+            ClientError::Forbidden(Some(Check::AnnotatedRole)).to_string(),
+            "forbidden by policy (annotated-role)"
+        );
+        assert_eq!(
+            ClientError::Forbidden(None).to_string(),
+            "forbidden by policy"
+        );
     }
 }

@@ -162,10 +162,12 @@ impl Reject {
     fn from_failure(f: RetryFailure) -> Reject {
         match f.err {
             ClientError::NotFound => Reject::NotFound,
-            // Like EC2 for a role that is not the instance's. The server
-            // says which check refused in response metadata; a Go kiam
-            // server sends none, so its denials are all 403.
+            // Not the pod's role: 404, as EC2 answers for a role that is not
+            // the instance's.
             ClientError::Forbidden(Some(Check::AnnotatedRole)) => Reject::NotFound,
+            // The pod's role, but its namespace does not permit it. A Go
+            // kiam server never says which check refused, so its denials
+            // are all 403: telling them apart would cost a second call.
             ClientError::Forbidden(Some(Check::NamespacePermitted) | None) => {
                 Reject::Forbidden(FORBIDDEN_BY_POLICY)
             }
