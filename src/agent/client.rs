@@ -118,7 +118,7 @@ pub trait KiamClient: Send + Sync + 'static {
 
 /// Maps a gRPC status to the agent's error: by message first (Go servers
 /// send `Unknown`), then by whether a server produced it at all.
-pub fn classify(status: &Status) -> ClientError {
+fn classify(status: &Status) -> ClientError {
     let msg = status.message();
     if msg.contains(NO_POD_FOUND) {
         return ClientError::NotFound;
