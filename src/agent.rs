@@ -7,8 +7,8 @@
 //!
 //! - [`metadata`]: the HTTP router (kiam's routes, IMDSv2, allow-listed proxy).
 //! - [`path`]: request paths normalised, and which ones name IAM data.
-//! - [`documents`]: the JSON answers (credentials, `iam/info`).
-//! - [`retry`]: asking the servers again inside a request's deadline.
+//! - `documents`: the JSON answers (credentials, `iam/info`).
+//! - `retry`: asking the servers again inside a request's deadline.
 //! - [`metrics`]: kiam's `kiam_metadata_*` metrics and the agent's own.
 //! - [`imdsv2`]: stateless IMDSv2 tokens bound to the caller's IP.
 //! - [`proxy`]: the client for `--metadata-endpoint`.
@@ -278,7 +278,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
 }
 
 /// Serves the metadata API on `listener` until `shutdown`, then lets
-/// in-flight requests finish (bounded by [`DRAIN_TIMEOUT`]).
+/// in-flight requests finish (bounded by `DRAIN_TIMEOUT`).
 pub async fn run(
     listener: TcpListener,
     ctx: Arc<RouterContext>,
