@@ -6,18 +6,28 @@
 //! path's spelling, IMDSv2 tokens — is checked against it, never trusted.
 //!
 //! - [`metadata`]: the HTTP router (kiam's routes, IMDSv2, allow-listed proxy).
+//! - [`path`]: request paths normalised, and which ones name IAM data.
+//! - `documents`: the JSON answers (credentials, `iam/info`).
+//! - `retry`: asking the servers again inside a request's deadline.
+//! - [`metrics`]: kiam's `kiam_metadata_*` metrics and the agent's own.
 //! - [`imdsv2`]: stateless IMDSv2 tokens bound to the caller's IP.
 //! - [`proxy`]: the client for `--metadata-endpoint`.
-//! - [`client`]: the pool of kiam servers (`--server-address`).
+//! - [`client`]: the pool of kiam servers.
+//! - [`server_address`]: `--server-address` parsed and resolved.
 //! - [`fallback`]: last good answers, served only while no server answers.
 //! - [`iptables`]: the DNAT rule for `169.254.169.254:80`.
 
 pub mod client;
+mod documents;
 pub mod fallback;
 pub mod imdsv2;
 pub mod iptables;
 pub mod metadata;
+pub mod metrics;
+pub mod path;
 pub mod proxy;
+mod retry;
+pub mod server_address;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -39,9 +49,11 @@ use tower::ServiceExt;
 
 use crate::cli::AgentArgs;
 use crate::tls::{ClientTls, TlsError, TlsFiles};
-use client::{Connect, Pool, PoolConfig, SystemResolver};
-use metadata::{Config, Metrics, State};
+use client::{Connect, Pool, PoolConfig};
+use metadata::{Config, RouterContext};
+use metrics::Metrics;
 use proxy::Upstream;
+use server_address::SystemResolver;
 
 /// Largest request head accepted (hyper's minimum buffer); bigger heads get 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -69,7 +81,7 @@ pub enum AgentError {
     #[error(transparent)]
     Endpoint(#[from] proxy::EndpointError),
     #[error(transparent)]
-    ServerAddress(#[from] client::AddressError),
+    ServerAddress(#[from] server_address::AddressError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("--port {port}: cannot listen: {source}")]
@@ -221,7 +233,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
     )
     .await;
     let upstream = Upstream::new(&args.metadata_endpoint, UPSTREAM_TIMEOUT)?;
-    let state = State::new(config, Arc::new(pool), Arc::new(upstream), metrics);
+    let ctx = RouterContext::new(config, Arc::new(pool), Arc::new(upstream), metrics);
 
     let shutdown = crate::shutdown::on_signal();
     let registry = Arc::new(registry);
@@ -244,7 +256,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
     });
 
     tracing::info!(port = args.port, "agent listening");
-    let server = tokio::spawn(run(listener, state, shutdown.clone()));
+    let server = tokio::spawn(run(listener, ctx, shutdown.clone()));
     // The rule task ends at shutdown (after removing the rule) or at once
     // if the rule cannot be added, which stops the agent as kiam did.
     let rule_result = match iptables_task {
@@ -266,13 +278,13 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
 }
 
 /// Serves the metadata API on `listener` until `shutdown`, then lets
-/// in-flight requests finish (bounded by [`DRAIN_TIMEOUT`]).
+/// in-flight requests finish (bounded by `DRAIN_TIMEOUT`).
 pub async fn run(
     listener: TcpListener,
-    state: Arc<State>,
+    ctx: Arc<RouterContext>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = metadata::router(state.clone());
+    let app = metadata::router(ctx.clone());
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -281,7 +293,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_source = Arc::new(PerSource::default());
-    let max_per_source = state.config().max_connections_per_source.max(1);
+    let max_per_source = ctx.config().max_connections_per_source.max(1);
     loop {
         let slot = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -301,7 +313,7 @@ pub async fn run(
         };
         let source = peer.ip().to_canonical();
         let Some(source_slot) = PerSource::take(&per_source, source, max_per_source) else {
-            state.metrics().connection_refused();
+            ctx.metrics().connection_refused();
             tracing::debug!(peer = %peer, limit = max_per_source, "too many open connections from one source; refusing");
             tracker.spawn(async move {
                 let _slot = slot;

@@ -18,7 +18,8 @@ use fake_kiam::{creds, FakeKiam};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use imds::Imds;
-use kiam::agent::metadata::{router, Config, Metrics, State};
+use kiam::agent::metadata::{router, Config, RouterContext};
+use kiam::agent::metrics::Metrics;
 use kiam::agent::proxy::Upstream;
 use prometheus_client::registry::Registry;
 use regex::Regex;
@@ -28,7 +29,7 @@ use tower::ServiceExt;
 
 const POD_ROLE: &str = "pod-role";
 
-fn state(imds: &Imds, allow: &str, registry: &mut Registry) -> Arc<State> {
+fn state(imds: &Imds, allow: &str, registry: &mut Registry) -> Arc<RouterContext> {
     let fake = FakeKiam::new().pod("127.0.0.1", Some(POD_ROLE)).grant(
         "127.0.0.1",
         POD_ROLE,
@@ -36,7 +37,7 @@ fn state(imds: &Imds, allow: &str, registry: &mut Registry) -> Arc<State> {
     );
     let mut cfg = Config::new(Regex::new(allow).unwrap());
     cfg.deadline = Duration::from_millis(200);
-    State::new(
+    RouterContext::new(
         cfg,
         Arc::new(fake),
         Arc::new(Upstream::new(&imds.url(), Duration::from_secs(2)).unwrap()),
@@ -216,7 +217,11 @@ async fn node_role_never_leaks_even_when_everything_is_allowed() {
     leak_check(".*").await;
 }
 
-async fn get(state: &Arc<State>, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
+async fn get(
+    state: &Arc<RouterContext>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String) {
     let mut req = Request::get(path);
     for (k, v) in headers {
         req = req.header(*k, *v);

@@ -22,15 +22,18 @@ use futures::future::BoxFuture;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use imds::Imds;
-use kiam::agent::client::{Pool, PoolConfig, Resolve, SystemResolver, Target};
-use kiam::agent::metadata::{router, Config, Metrics, State};
+use kiam::agent::client::{Pool, PoolConfig};
+use kiam::agent::metadata::{router, Config, RouterContext};
+use kiam::agent::metrics::Metrics;
 use kiam::agent::proxy::Upstream;
+use kiam::agent::server_address::{Resolve, SystemResolver, Target};
 use kiam::agent::TlsConnect;
 use kiam::proto::kiam_service_server::{KiamService, KiamServiceServer};
 use kiam::proto::{
     Credentials, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest, HealthStatus, Role,
 };
 use kiam::tls::{self, ClientTls, ServerTls};
+use kiam::wire::{Check, DENIED_CHECK_KEY};
 use prometheus_client::registry::Registry;
 use regex::Regex;
 use tokio::net::{TcpListener, TcpStream};
@@ -41,9 +44,16 @@ use tower::ServiceExt;
 
 const POD: &str = "10.2.0.5";
 const ROLE: &str = "pod-role";
+/// A role the stand-in refuses as a Go kiam server would: code Unknown,
+/// no metadata naming the check.
+const GO_DENIED: &str = "go-kiam-denied";
+/// A role the stand-in refuses as the pod's own role that its namespace
+/// does not permit.
+const NAMESPACE_DENIED: &str = "namespace-denied";
 
-/// A kiam server stand-in: one pod with one role; Go kiam's error style
-/// (code Unknown, the message tells) for everything else.
+/// A kiam server stand-in: one pod with one role. Other IPs get Go kiam's
+/// `no pod found` (code Unknown, the message tells); other roles are
+/// refused as a kiam server refuses them (see [`denied`]).
 struct Srv {
     name: &'static str,
     calls: Arc<AtomicUsize>,
@@ -72,8 +82,11 @@ impl KiamService for Srv {
         if r.ip != POD {
             return Err(Status::unknown("no pod found"));
         }
-        if r.role != ROLE {
-            return Err(Status::unknown("forbidden by policy"));
+        match r.role.as_str() {
+            ROLE => {}
+            GO_DENIED => return Err(Status::unknown("forbidden by policy")),
+            NAMESPACE_DENIED => return Err(denied(Check::NamespacePermitted)),
+            _ => return Err(denied(Check::AnnotatedRole)),
         }
         let now = jiff::Timestamp::now();
         Ok(Response::new(Credentials {
@@ -95,6 +108,16 @@ impl KiamService for Srv {
             message: "ok".into(),
         }))
     }
+}
+
+/// A policy refusal naming the check that refused, in the response
+/// metadata a kiam server attaches.
+fn denied(check: Check) -> Status {
+    let mut status = Status::permission_denied("forbidden by policy");
+    status
+        .metadata_mut()
+        .insert(DENIED_CHECK_KEY, check.as_str().parse().unwrap());
+    status
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -229,7 +252,7 @@ fn pool_config(servers: &[&Server]) -> PoolConfig {
 }
 
 struct Agent {
-    state: Arc<State>,
+    state: Arc<RouterContext>,
     registry: Registry,
 }
 
@@ -246,7 +269,7 @@ async fn agent(s: &Setup, cfg: PoolConfig, resolver: Arc<dyn Resolve>, window: D
     let mut config = Config::new(Regex::new("^$").unwrap());
     config.stale_window = window;
     let upstream = Upstream::new(&s._imds.url(), Duration::from_secs(2)).unwrap();
-    let state = State::new(
+    let state = RouterContext::new(
         config,
         Arc::new(pool),
         Arc::new(upstream),
@@ -351,8 +374,12 @@ async fn a_hung_server_costs_no_request() {
     assert!(m.contains(r#"grpc_code="DeadlineExceeded"}"#), "{m}");
 }
 
+/// Over real gRPC: the check named in a denial's metadata picks 404 (not
+/// the pod's role) or 403 (the namespace does not permit it); a Go kiam
+/// denial carries no check and is 403. Each costs the server exactly one
+/// call: no retry, and no second question to choose the status.
 #[tokio::test]
-async fn server_errors_are_told_apart_by_message() {
+async fn a_denial_costs_one_call_and_its_check_picks_the_status() {
     let s = setup().await;
     let srv = Server::start("a", s.pki.server_files()).await;
     let agent = agent(
@@ -362,17 +389,20 @@ async fn server_errors_are_told_apart_by_message() {
         Duration::ZERO,
     )
     .await;
-    // Go-style `Unknown: forbidden by policy` for a role that is not the pod's.
-    let before = srv.calls();
-    let (status, _) = agent
-        .get("/latest/meta-data/iam/security-credentials/not-mine")
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    assert_eq!(
-        srv.calls() - before,
-        2,
-        "one denied credential call, one role check, no retries"
-    );
+    for (role, want) in [
+        ("not-mine", StatusCode::NOT_FOUND),
+        (NAMESPACE_DENIED, StatusCode::FORBIDDEN),
+        (GO_DENIED, StatusCode::FORBIDDEN),
+    ] {
+        let before = srv.calls();
+        let (status, body) = agent
+            .get(&format!(
+                "/latest/meta-data/iam/security-credentials/{role}"
+            ))
+            .await;
+        assert_eq!(status, want, "{role}: {body}");
+        assert_eq!(srv.calls() - before, 1, "{role}: one call");
+    }
     let (status, body) = agent
         .get("/latest/meta-data/iam/security-credentials/")
         .await;

@@ -18,8 +18,10 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use imds::Imds;
 use kiam::agent::client::ClientError;
-use kiam::agent::metadata::{router, Config, Metrics, State};
+use kiam::agent::metadata::{router, Config, RouterContext};
+use kiam::agent::metrics::Metrics;
 use kiam::agent::proxy::Upstream;
+use kiam::wire::Check;
 use prometheus_client::registry::Registry;
 use regex::Regex;
 use tower::ServiceExt;
@@ -33,7 +35,7 @@ const ROLE_ARN: &str = "arn:aws:iam::210987654321:role/team/app";
 struct Agent {
     app: axum::Router,
     fake: Arc<FakeKiam>,
-    state: Arc<State>,
+    state: Arc<RouterContext>,
     registry: Registry,
     _imds: Imds,
 }
@@ -60,7 +62,7 @@ async fn agent_with(fake: FakeKiam, tweak: impl FnOnce(&mut Config)) -> Agent {
     let metrics = Metrics::new(&mut registry);
     let fake = Arc::new(fake);
     let upstream = Upstream::new(&imds.url(), Duration::from_secs(2)).unwrap();
-    let state = State::new(cfg, fake.clone(), Arc::new(upstream), metrics);
+    let state = RouterContext::new(cfg, fake.clone(), Arc::new(upstream), metrics);
     Agent {
         app: router(state.clone()),
         fake,
@@ -163,7 +165,7 @@ async fn health_fails_when_upstream_is_gone() {
     let dead = imds.url();
     drop(imds);
     let mut registry = Registry::default();
-    let state = State::new(
+    let state = RouterContext::new(
         Config::new(Regex::new("^$").unwrap()),
         Arc::new(default_fake()),
         Arc::new(Upstream::new(&dead, Duration::from_millis(500)).unwrap()),
@@ -318,6 +320,11 @@ async fn another_pods_role_is_404() {
         1,
         "a denial is not retried"
     );
+    assert_eq!(
+        a.fake.role_calls.load(Ordering::SeqCst),
+        0,
+        "the denial said which check refused; nothing more is asked"
+    );
 }
 
 #[tokio::test]
@@ -337,6 +344,32 @@ async fn policy_denial_is_403_at_once() {
     assert!(a
         .metrics()
         .contains(r#"kiam_metadata_credential_fetch_errors_total{handler="credentials"} 1"#));
+}
+
+/// The check a server names on a denial picks the status, and the agent
+/// asks nothing more: exactly one call per denied request.
+#[tokio::test]
+async fn the_denied_check_picks_404_or_403_in_one_call() {
+    let a = agent().await;
+    for (denial, want) in [
+        (Some(Check::AnnotatedRole), StatusCode::NOT_FOUND),
+        (Some(Check::NamespacePermitted), StatusCode::FORBIDDEN),
+        // What a Go kiam server sends: no metadata, so no check.
+        (None, StatusCode::FORBIDDEN),
+    ] {
+        let calls_before =
+            a.fake.cred_calls.load(Ordering::SeqCst) + a.fake.role_calls.load(Ordering::SeqCst);
+        a.fake.script([ClientError::Forbidden(denial)]);
+        let r = a
+            .get("/latest/meta-data/iam/security-credentials/app-role", POD)
+            .await;
+        assert_eq!(r.status, want, "{denial:?}: {}", r.body);
+        assert!(!r.body.contains("PODKEY"), "{denial:?}");
+        let calls = a.fake.cred_calls.load(Ordering::SeqCst)
+            + a.fake.role_calls.load(Ordering::SeqCst)
+            - calls_before;
+        assert_eq!(calls, 1, "{denial:?}: one call, no retry, no role check");
+    }
 }
 
 #[tokio::test]

@@ -33,7 +33,9 @@ use http::{Request, Uri};
 use http_body_util::BodyExt;
 use imds::Imds;
 use kiam::agent::imdsv2::Tokens;
-use kiam::agent::metadata::{router, Config, Metrics, NormalPath, State};
+use kiam::agent::metadata::{router, Config, RouterContext};
+use kiam::agent::metrics::Metrics;
+use kiam::agent::path::NormalPath;
 use kiam::agent::proxy::Upstream;
 use prometheus_client::registry::Registry;
 use proptest::prelude::*;
@@ -164,7 +166,7 @@ fn as_uri(raw: &str) -> Uri {
 /// An agent (everything allow-listed) in front of a leaky metadata service.
 struct Pair {
     imds: Imds,
-    state: Arc<State>,
+    state: Arc<RouterContext>,
 }
 
 /// Past this many upstream requests the routed pair is replaced: reading
@@ -179,7 +181,7 @@ async fn pair() -> Pair {
     let mut cfg = Config::new(Regex::new(".*").unwrap());
     cfg.deadline = Duration::from_millis(100);
     let upstream = Upstream::new(&imds.url(), Duration::from_secs(2)).unwrap();
-    let state = State::new(
+    let state = RouterContext::new(
         cfg,
         Arc::new(fake),
         Arc::new(upstream),

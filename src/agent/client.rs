@@ -5,6 +5,8 @@
 //! Unlike a plain gRPC client, errors are classified by their *message*
 //! (`no pod found`, `forbidden by policy`), not their code: Go kiam servers
 //! send both with code `Unknown`, ours with `NotFound`/`PermissionDenied`.
+//! A denial's response metadata says which policy check refused, so the
+//! router can answer it without asking the servers again.
 //! A failure that did not come from a server's answer (connection refused,
 //! reset, TLS failure, per-attempt timeout, `Unavailable`) moves on to the
 //! next server; only when every server failed that way does a call return
@@ -24,10 +26,12 @@ use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use super::server_address::{parse_server_address, AddressError, Resolve, Target};
 use crate::cli::ClientArgs;
 pub use crate::grpc_metrics::GrpcMetrics;
 use crate::proto;
 use crate::proto::kiam_service_client::KiamServiceClient;
+use crate::wire::{Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND};
 
 /// Credentials as a server returned them. Times are kept as the server's
 /// strings; the router reformats them for the metadata API.
@@ -66,35 +70,28 @@ impl From<proto::Credentials> for Credentials {
     }
 }
 
-impl From<Credentials> for proto::Credentials {
-    fn from(c: Credentials) -> Self {
-        proto::Credentials {
-            code: c.code,
-            r#type: c.kind,
-            access_key_id: c.access_key_id,
-            secret_access_key: c.secret_access_key,
-            token: c.token,
-            expiration: c.expiration,
-            last_updated: c.last_updated,
-        }
-    }
-}
-
 /// Why a call to the servers failed; the router branches on this.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
     /// A server answered `no pod found` for the IP.
-    #[error("no pod found")]
+    #[error("{}", NO_POD_FOUND)]
     NotFound,
-    /// A server answered `forbidden by policy`: final, never retried.
-    #[error("forbidden by policy")]
-    Forbidden,
+    /// A server answered `forbidden by policy`: final, never retried. The
+    /// check that refused, when the server named it (a Go kiam server
+    /// never does).
+    #[error("{}{}", FORBIDDEN_BY_POLICY, named_check(.0))]
+    Forbidden(Option<Check>),
     /// No server answered (all refused, reset, timed out or unavailable).
     #[error("no kiam server answered (check --server-address): {0}")]
     Unavailable(String),
     /// A server answered with another error (e.g. STS failed).
     #[error("kiam server error: {0}")]
     Server(String),
+}
+
+/// ` (annotated-role)` after a denial that named its check, for the logs.
+fn named_check(check: &Option<Check>) -> String {
+    check.map_or(String::new(), |c| format!(" ({})", c.as_str()))
 }
 
 impl ClientError {
@@ -121,13 +118,18 @@ pub trait KiamClient: Send + Sync + 'static {
 
 /// Maps a gRPC status to the agent's error: by message first (Go servers
 /// send `Unknown`), then by whether a server produced it at all.
-pub fn classify(status: &Status) -> ClientError {
+fn classify(status: &Status) -> ClientError {
     let msg = status.message();
-    if msg.contains("no pod found") {
+    if msg.contains(NO_POD_FOUND) {
         return ClientError::NotFound;
     }
-    if msg.contains("forbidden by policy") {
-        return ClientError::Forbidden;
+    if msg.contains(FORBIDDEN_BY_POLICY) {
+        let check = status
+            .metadata()
+            .get(DENIED_CHECK_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Check::parse);
+        return ClientError::Forbidden(check);
     }
     // A status with a source was made locally from a transport error, not
     // decoded from a server's grpc-status.
@@ -143,102 +145,6 @@ pub fn classify(status: &Status) -> ClientError {
     ClientError::Server(format!("{:?}: {}", status.code(), msg))
 }
 
-/// One entry of `--server-address`: the name is also the TLS server name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AddressError {
-    #[error("--server-address is empty")]
-    Empty,
-    #[error("--server-address entry {0:?} must be host:port")]
-    Malformed(String),
-}
-
-/// Parses `--server-address`: `host:port`, `[v6]:port`, a comma-separated
-/// list of those, each optionally prefixed with gRPC's `dns:///`.
-pub fn parse_server_address(s: &str) -> Result<Vec<Target>, AddressError> {
-    let mut out = Vec::new();
-    for raw in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let entry = raw
-            .strip_prefix("dns:///")
-            .or_else(|| {
-                // dns://resolver/host:port: the resolver part is ignored.
-                raw.strip_prefix("dns://")
-                    .and_then(|r| r.split_once('/').map(|(_, h)| h))
-            })
-            .unwrap_or(raw);
-        let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
-            let (h, p) = rest
-                .split_once("]:")
-                .ok_or_else(|| AddressError::Malformed(raw.to_string()))?;
-            (h, p)
-        } else {
-            entry
-                .rsplit_once(':')
-                .ok_or_else(|| AddressError::Malformed(raw.to_string()))?
-        };
-        let port: u16 = port
-            .parse()
-            .map_err(|_| AddressError::Malformed(raw.to_string()))?;
-        if host.is_empty()
-            || host.contains(['/', ' '])
-            || (host.contains(':') && !entry.starts_with('['))
-        {
-            return Err(AddressError::Malformed(raw.to_string()));
-        }
-        let t = Target {
-            host: host.to_string(),
-            port,
-        };
-        if !out.contains(&t) {
-            out.push(t);
-        }
-    }
-    if out.is_empty() {
-        return Err(AddressError::Empty);
-    }
-    Ok(out)
-}
-
-/// Turns a name into addresses. A trait so tests can simulate servers
-/// coming and going behind one name.
-pub trait Resolve: Send + Sync + 'static {
-    fn resolve<'a>(&'a self, target: &'a Target)
-        -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>>;
-}
-
-/// The system resolver (`getaddrinfo` through tokio).
-pub struct SystemResolver;
-
-impl Resolve for SystemResolver {
-    fn resolve<'a>(
-        &'a self,
-        target: &'a Target,
-    ) -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
-        Box::pin(async move {
-            if let Ok(ip) = target.host.parse::<IpAddr>() {
-                return Ok(vec![SocketAddr::new(ip, target.port)]);
-            }
-            let addrs = tokio::net::lookup_host((target.host.as_str(), target.port)).await?;
-            Ok(addrs.collect())
-        })
-    }
-}
-
 /// Makes the channel to one server address. The TLS connector verifies the
 /// server certificate against `host` (the name in `--server-address`), not
 /// against the resolved IP.
@@ -246,15 +152,6 @@ pub trait Connect: Send + Sync + 'static {
     /// A lazily connecting channel; `endpoint` carries timeouts and
     /// keepalive already.
     fn channel(&self, endpoint: Endpoint, addr: SocketAddr, host: &str) -> Channel;
-}
-
-/// Plain HTTP/2, for tests and for a mesh that already encrypts.
-pub struct Plaintext;
-
-impl Connect for Plaintext {
-    fn channel(&self, endpoint: Endpoint, _addr: SocketAddr, _host: &str) -> Channel {
-        endpoint.connect_lazy()
-    }
 }
 
 /// Pool tuning; [`PoolConfig::from_args`] maps the kiam flags.
@@ -316,7 +213,9 @@ impl Member {
     }
 }
 
-struct Shared {
+/// The pool's members and what keeps them current; shared by the pool and
+/// its re-resolution task.
+struct Balancer {
     cfg: PoolConfig,
     connector: Arc<dyn Connect>,
     resolver: Arc<dyn Resolve>,
@@ -331,7 +230,7 @@ struct Shared {
 
 /// The pool of kiam servers. Dropping it stops its re-resolution task.
 pub struct Pool {
-    shared: Arc<Shared>,
+    balancer: Arc<Balancer>,
     refresher: tokio::task::JoinHandle<()>,
 }
 
@@ -351,7 +250,7 @@ impl Pool {
         resolver: Arc<dyn Resolve>,
         metrics: GrpcMetrics,
     ) -> Pool {
-        let shared = Arc::new(Shared {
+        let balancer = Arc::new(Balancer {
             cfg,
             connector,
             resolver,
@@ -360,9 +259,9 @@ impl Pool {
             next: AtomicUsize::new(0),
             resolve_now: Notify::new(),
         });
-        shared.refresh().await;
-        // Holds the shared state strongly; `Pool::drop` aborts it.
-        let s = Arc::clone(&shared);
+        balancer.refresh().await;
+        // Holds the balancer strongly; `Pool::drop` aborts it.
+        let s = Arc::clone(&balancer);
         let refresher = tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -375,12 +274,15 @@ impl Pool {
                 s.refresh().await;
             }
         });
-        Pool { shared, refresher }
+        Pool {
+            balancer,
+            refresher,
+        }
     }
 
     /// The addresses currently in the pool.
     pub fn addresses(&self) -> Vec<SocketAddr> {
-        self.shared
+        self.balancer
             .members
             .read()
             .unwrap()
@@ -391,11 +293,11 @@ impl Pool {
 
     /// Re-resolves now (tests; the background task does it periodically).
     pub async fn refresh(&self) {
-        self.shared.refresh().await;
+        self.balancer.refresh().await;
     }
 }
 
-impl Shared {
+impl Balancer {
     async fn refresh(&self) {
         let old = self.members.read().unwrap().clone();
         let mut wanted: Vec<(SocketAddr, String)> = Vec::new();
@@ -542,8 +444,8 @@ impl KiamClient for Pool {
         Box::pin(async move {
             let ip = ip.to_string();
             let role = self
-                .shared
-                .call("GetPodRole", self.shared.cfg.attempt_timeout, |mut c| {
+                .balancer
+                .call("GetPodRole", self.balancer.cfg.attempt_timeout, |mut c| {
                     let ip = ip.clone();
                     async move { c.get_pod_role(proto::GetPodRoleRequest { ip }).await }
                 })
@@ -560,10 +462,10 @@ impl KiamClient for Pool {
         Box::pin(async move {
             let ip = ip.to_string();
             let creds = self
-                .shared
+                .balancer
                 .call(
                     "GetPodCredentials",
-                    self.shared.cfg.credentials_attempt_timeout,
+                    self.balancer.cfg.credentials_attempt_timeout,
                     |mut c| {
                         let req = proto::GetPodCredentialsRequest {
                             ip: ip.clone(),
@@ -580,10 +482,10 @@ impl KiamClient for Pool {
     fn health(&self) -> BoxFuture<'_, Result<String, ClientError>> {
         Box::pin(async move {
             let h = self
-                .shared
+                .balancer
                 .call(
                     "GetHealth",
-                    self.shared.cfg.attempt_timeout,
+                    self.balancer.cfg.attempt_timeout,
                     |mut c| async move { c.get_health(proto::GetHealthRequest {}).await },
                 )
                 .await?;
@@ -597,34 +499,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn server_address_forms() {
-        let t = |h: &str, p| Target {
-            host: h.into(),
-            port: p,
-        };
-        assert_eq!(
-            parse_server_address("localhost:9610").unwrap(),
-            vec![t("localhost", 9610)]
-        );
-        assert_eq!(
-            parse_server_address("dns:///kiam-server:443").unwrap(),
-            vec![t("kiam-server", 443)]
-        );
-        assert_eq!(
-            parse_server_address("a:1, b:2,a:1").unwrap(),
-            vec![t("a", 1), t("b", 2)]
-        );
-        assert_eq!(
-            parse_server_address("[::1]:9610").unwrap(),
-            vec![t("::1", 9610)]
-        );
-        assert!(parse_server_address("kiam-server").is_err());
-        assert!(parse_server_address("").is_err());
-        assert!(parse_server_address("a:notaport").is_err());
-        assert!(parse_server_address("::1:9610").is_err());
-    }
-
-    #[test]
     fn statuses_are_classified_by_message() {
         // Go kiam sends these with code Unknown.
         assert_eq!(
@@ -633,7 +507,7 @@ mod tests {
         );
         assert_eq!(
             classify(&Status::unknown("forbidden by policy")),
-            ClientError::Forbidden
+            ClientError::Forbidden(None)
         );
         assert_eq!(
             classify(&Status::not_found("no pod found")),
@@ -641,7 +515,7 @@ mod tests {
         );
         assert_eq!(
             classify(&Status::permission_denied("forbidden by policy")),
-            ClientError::Forbidden
+            ClientError::Forbidden(None)
         );
         assert!(matches!(
             classify(&Status::unavailable("down")),
@@ -653,5 +527,31 @@ mod tests {
         ));
         let local = Status::from_error(Box::new(std::io::Error::other("connection reset")));
         assert!(matches!(classify(&local), ClientError::Unavailable(_)));
+    }
+
+    #[test]
+    fn a_denial_names_the_check_that_refused() {
+        for check in [Check::AnnotatedRole, Check::NamespacePermitted] {
+            let mut status = Status::permission_denied(FORBIDDEN_BY_POLICY);
+            status
+                .metadata_mut()
+                .insert(DENIED_CHECK_KEY, check.as_str().parse().unwrap());
+            assert_eq!(classify(&status), ClientError::Forbidden(Some(check)));
+        }
+        // A check this agent does not know yet reads as no check at all.
+        let mut status = Status::permission_denied(FORBIDDEN_BY_POLICY);
+        status
+            .metadata_mut()
+            .insert(DENIED_CHECK_KEY, "something-new".parse().unwrap());
+        assert_eq!(classify(&status), ClientError::Forbidden(None));
+        // The logs say which check refused.
+        assert_eq!(
+            ClientError::Forbidden(Some(Check::AnnotatedRole)).to_string(),
+            "forbidden by policy (annotated-role)"
+        );
+        assert_eq!(
+            ClientError::Forbidden(None).to_string(),
+            "forbidden by policy"
+        );
     }
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use kiam::agent::client::{ClientError, Credentials, KiamClient};
+use kiam::agent::fallback::same_role;
+use kiam::wire::Check;
 
 /// Credentials with a marker key, valid for an hour.
 pub fn creds(key: &str) -> Credentials {
@@ -29,7 +31,9 @@ pub fn creds(key: &str) -> Credentials {
 pub struct FakeKiam {
     /// Role per pod IP; IPs not listed answer `no pod found`.
     roles: Mutex<HashMap<IpAddr, Option<String>>>,
-    /// Credentials per (IP, role); missing pairs answer `forbidden by policy`.
+    /// Credentials per (IP, role); missing pairs answer `forbidden by policy`
+    /// naming the check a kiam server would: the annotated role when `role`
+    /// is not the pod's, else the namespace's permitted roles.
     creds: Mutex<HashMap<(IpAddr, String), Credentials>>,
     /// Errors played before the normal answers, one per call, for any method.
     script: Mutex<VecDeque<ClientError>>,
@@ -134,15 +138,23 @@ impl KiamClient for FakeKiam {
             if let Some(e) = self.scripted() {
                 return Err(e);
             }
-            if !self.roles.lock().unwrap().contains_key(&ip) {
-                return Err(ClientError::NotFound);
-            }
+            let pods_role = match self.roles.lock().unwrap().get(&ip) {
+                Some(r) => r.clone(),
+                None => return Err(ClientError::NotFound),
+            };
             self.creds
                 .lock()
                 .unwrap()
                 .get(&(ip, role.to_string()))
                 .cloned()
-                .ok_or(ClientError::Forbidden)
+                .ok_or_else(|| {
+                    let check = if pods_role.is_some_and(|r| same_role(&r, role)) {
+                        Check::NamespacePermitted
+                    } else {
+                        Check::AnnotatedRole
+                    };
+                    ClientError::Forbidden(Some(check))
+                })
         })
     }
 

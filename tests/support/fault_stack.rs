@@ -10,9 +10,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kiam::agent::client::{Pool, PoolConfig, SystemResolver, Target};
-use kiam::agent::metadata::{Config, Metrics, State};
+use kiam::agent::client::{Pool, PoolConfig};
+use kiam::agent::metadata::{Config, RouterContext};
+use kiam::agent::metrics::Metrics;
 use kiam::agent::proxy::Upstream;
+use kiam::agent::server_address::{SystemResolver, Target};
 use kiam::agent::TlsConnect;
 use kiam::tls::ClientTls;
 use prometheus_client::registry::Registry;
@@ -26,7 +28,7 @@ use super::cluster::Cluster;
 /// An agent answering on `addr` for the servers at `servers`.
 pub struct Agent {
     pub addr: SocketAddr,
-    pub state: Arc<State>,
+    pub state: Arc<RouterContext>,
     pub registry: Arc<Mutex<Registry>>,
     stop: CancellationToken,
 }
@@ -86,7 +88,7 @@ impl Agent {
         .unwrap();
         drop(dead);
         let metrics = Metrics::new(&mut registry);
-        let state = State::new(config, Arc::new(pool), Arc::new(upstream), metrics);
+        let state = RouterContext::new(config, Arc::new(pool), Arc::new(upstream), metrics);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();

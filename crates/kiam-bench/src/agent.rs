@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use kiam::agent::client::{Pool, SystemResolver};
-use kiam::agent::metadata::{Metrics, State};
+use kiam::agent::client::Pool;
+use kiam::agent::metadata::RouterContext;
+use kiam::agent::metrics::Metrics;
 use kiam::agent::proxy::Upstream;
+use kiam::agent::server_address::SystemResolver;
 use kiam::agent::TlsConnect;
 use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::proto::GetPodCredentialsRequest;
@@ -111,7 +113,7 @@ async fn start_agent(b: &Backend, stop: CancellationToken) -> Result<SocketAddr>
     )
     .await;
     let upstream = Upstream::new("http://127.0.0.1:9", Duration::from_secs(2))?;
-    let state = State::new(
+    let state = RouterContext::new(
         v.config,
         Arc::new(pool),
         Arc::new(upstream),

@@ -1,0 +1,162 @@
+//! The agent's metrics: kiam's `kiam_metadata_*` families, names and labels
+//! unchanged, plus the agent's own counters.
+//!
+//! The surprise: counters are registered without `_total` because the
+//! library appends it; the exposed names are kiam's exactly, so dashboards
+//! built for Go kiam keep working.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandlerLabel {
+    handler: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResponseLabels {
+    handler: &'static str,
+    code: String,
+}
+
+type HistogramFamily = Family<HandlerLabel, Histogram, fn() -> Histogram>;
+
+/// kiam's `kiam_metadata_*` metrics plus the agent's own: answers served
+/// from the fallback, connections refused by the per-source limit.
+#[derive(Clone)]
+pub struct Metrics {
+    latency: HistogramFamily,
+    credential_fetch_errors: Family<HandlerLabel, Counter>,
+    find_role_errors: Family<HandlerLabel, Counter>,
+    empty_role: Family<HandlerLabel, Counter>,
+    success: Family<HandlerLabel, Counter>,
+    responses: Family<ResponseLabels, Counter>,
+    proxy_blocked: Counter,
+    stale_served: Family<HandlerLabel, Counter>,
+    connections_refused: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // kiam's buckets: 1 ms doubling to ~4 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 13))
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            credential_fetch_errors: Family::default(),
+            find_role_errors: Family::default(),
+            empty_role: Family::default(),
+            success: Family::default(),
+            responses: Family::default(),
+            proxy_blocked: Counter::default(),
+            stale_served: Family::default(),
+            connections_refused: Counter::default(),
+        };
+        // Counters are registered without `_total`: the library appends it.
+        registry.register(
+            "kiam_metadata_handler_latency_seconds",
+            "Bucketed histogram of handler timings",
+            m.latency.clone(),
+        );
+        registry.register(
+            "kiam_metadata_credential_fetch_errors",
+            "Number of errors fetching the credentials for a pod",
+            m.credential_fetch_errors.clone(),
+        );
+        registry.register(
+            "kiam_metadata_find_role_errors",
+            "Number of errors finding the role for a pod",
+            m.find_role_errors.clone(),
+        );
+        registry.register(
+            "kiam_metadata_empty_role",
+            "Number of empty roles returned",
+            m.empty_role.clone(),
+        );
+        registry.register(
+            "kiam_metadata_success",
+            "Number of successful responses from a handler",
+            m.success.clone(),
+        );
+        registry.register(
+            "kiam_metadata_responses",
+            "Responses from mocked out metadata handlers",
+            m.responses.clone(),
+        );
+        registry.register(
+            "kiam_metadata_proxy_requests_blocked",
+            "Number of access requests to the proxy handler that were blocked by the regexp",
+            m.proxy_blocked.clone(),
+        );
+        registry.register(
+            "kiam_agent_stale_credentials_served",
+            "Answers served from the last good server answer because no server answered",
+            m.stale_served.clone(),
+        );
+        registry.register(
+            "kiam_agent_connections_refused",
+            "Connections refused because their source address already had the most open connections allowed",
+            m.connections_refused.clone(),
+        );
+        m
+    }
+
+    /// Counts a connection refused by the per-source limit.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    /// Records one answer of `handler`: its latency, its status code and,
+    /// for a 200, a success.
+    pub(crate) fn answered(&self, handler: &'static str, took: Duration, status: StatusCode) {
+        self.latency
+            .get_or_create(&HandlerLabel { handler })
+            .observe(took.as_secs_f64());
+        self.responses
+            .get_or_create(&ResponseLabels {
+                handler,
+                code: status.as_u16().to_string(),
+            })
+            .inc();
+        if status == StatusCode::OK {
+            Self::inc(&self.success, handler);
+        }
+    }
+
+    /// A request that asked a server for credentials got none.
+    pub(crate) fn credential_fetch_error(&self, handler: &'static str) {
+        Self::inc(&self.credential_fetch_errors, handler);
+    }
+
+    /// A request that needed the pod's role did not get it.
+    pub(crate) fn find_role_error(&self, handler: &'static str) {
+        Self::inc(&self.find_role_errors, handler);
+    }
+
+    /// A server said the pod has no role.
+    pub(crate) fn empty_role(&self, handler: &'static str) {
+        Self::inc(&self.empty_role, handler);
+    }
+
+    /// An answer came from the fallback because no server answered.
+    pub(crate) fn stale_served(&self, handler: &'static str) {
+        Self::inc(&self.stale_served, handler);
+    }
+
+    /// A path `--allow-route-regexp` does not allow was not proxied.
+    pub(crate) fn proxy_blocked(&self) {
+        self.proxy_blocked.inc();
+    }
+
+    fn inc(family: &Family<HandlerLabel, Counter>, handler: &'static str) {
+        family.get_or_create(&HandlerLabel { handler }).inc();
+    }
+}
