@@ -32,7 +32,6 @@ pub mod watch;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -49,7 +48,7 @@ use events::EventRecorder;
 use grpc::{KiamGrpc, Service};
 use model::Prefetch;
 use namespaces::NamespaceCache;
-use pods::{PodCache, PodCacheConfig};
+use pods::{PodCache, PodCacheConfig, PodCacheMetrics};
 use policy::ArnResolver;
 use sts::AssumeRole;
 
@@ -59,23 +58,15 @@ use sts::AssumeRole;
 pub struct ServerMetrics {
     grpc: GrpcMetrics,
     credentials: CredentialMetrics,
-    /// `kiam_k8s_dropped_pods_total`: pods not prefetched because the
-    /// prefetch buffer was full.
-    dropped_pods: Counter,
+    pods: PodCacheMetrics,
 }
 
 impl ServerMetrics {
     pub fn register(registry: &mut Registry) -> Self {
-        let dropped_pods = Counter::default();
-        registry.register(
-            "kiam_k8s_dropped_pods",
-            "Number of dropped pods because of full buffer",
-            dropped_pods.clone(),
-        );
         ServerMetrics {
             grpc: GrpcMetrics::server(registry),
             credentials: CredentialMetrics::register(registry),
-            dropped_pods,
+            pods: PodCacheMetrics::register(registry),
         }
     }
 }
@@ -123,7 +114,7 @@ pub async fn run(
             prefetch_buffer_size: config.prefetch_buffer_size,
             resync: config.sync,
         },
-        metrics.dropped_pods,
+        metrics.pods,
     );
     let namespaces = NamespaceCache::spawn(kube, policy.clone(), config.sync);
     let in_use_pods = pods.clone();

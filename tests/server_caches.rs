@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use kiam::server::model::{PodInfo, PodPhase, Prefetch};
 use kiam::server::namespaces::NamespaceCache;
-use kiam::server::pods::{FindError, PodCache, PodCacheConfig};
+use kiam::server::pods::{FindError, PodCache, PodCacheConfig, PodCacheMetrics};
 use kiam::server::policy::{ArnResolver, NamespacePolicyConfig, Policy};
 use kiam_sandbox::apiserver::{FakeApiServer, RecordedRequest};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -28,7 +28,8 @@ struct Fixture {
     api: FakeApiServer,
     pods: PodCache,
     prefetch: mpsc::Receiver<Prefetch>,
-    dropped: Counter,
+    metrics: PodCacheMetrics,
+    registry: Registry,
 }
 
 /// The policy of a server run with `--role-base-arn=BASE` and
@@ -51,7 +52,8 @@ fn client(api: &FakeApiServer) -> kube::Client {
 async fn fixture_with_buffer(buffer: usize) -> Fixture {
     let api = FakeApiServer::start().await.unwrap();
     api.create_namespace(NS).unwrap();
-    let dropped = Counter::default();
+    let mut registry = Registry::default();
+    let metrics = PodCacheMetrics::register(&mut registry);
     let (pods, prefetch) = PodCache::spawn(
         client(&api),
         policy(None),
@@ -59,7 +61,7 @@ async fn fixture_with_buffer(buffer: usize) -> Fixture {
             prefetch_buffer_size: buffer,
             resync: Duration::from_secs(60),
         },
-        dropped.clone(),
+        metrics.clone(),
     );
     pods.wait_synced().await;
     // Changes made from here on arrive as watch events, not in the list.
@@ -68,7 +70,8 @@ async fn fixture_with_buffer(buffer: usize) -> Fixture {
         api,
         pods,
         prefetch,
-        dropped,
+        metrics,
+        registry,
     }
 }
 
@@ -159,6 +162,47 @@ async fn an_unknown_ip_is_no_pod_found_after_one_api_lookup() {
     assert!(matches!(err, FindError::NotFound));
     assert_eq!(err.to_string(), "no pod found");
     assert_eq!(ip_lookups(&f.api, "10.9.9.9"), 1);
+}
+
+/// 20 requests from an address with no pod used to cost 20 cluster-wide
+/// LISTs (and an agent's retries multiplied that): now one, then misses are
+/// answered from the negative cache for NEGATIVE_TTL, and a pod that takes
+/// the IP meanwhile is still found as soon as the watch delivers it.
+#[tokio::test]
+async fn misses_on_one_ip_cost_one_api_lookup() {
+    let f = fixture().await;
+    for _ in 0..20 {
+        let err = f.pods.find_by_ip(ip("10.9.9.8")).await.unwrap_err();
+        assert!(matches!(err, FindError::NotFound), "{err}");
+    }
+    assert_eq!(ip_lookups(&f.api, "10.9.9.8"), 1);
+    let text = kiam::telemetry::encode(&f.registry);
+    assert!(
+        text.contains("kiam_k8s_pod_lookups_negative_cached_total 19"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"kiam_k8s_pod_lookups_total{result="not_found"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("kiam_k8s_pod_lookups_in_flight 0"), "{text}");
+
+    // A pod taking the IP is found from the watch, negative entry or not.
+    f.api
+        .apply_pod(pod("late", "10.9.9.8", "Running", Some("reader")))
+        .unwrap();
+    f.cached("late", |_| true).await;
+    assert_eq!(
+        &*f.pods.find_by_ip(ip("10.9.9.8")).await.unwrap().name,
+        "late"
+    );
+
+    // After the TTL a miss asks the API again.
+    tokio::time::sleep(kiam::server::pods::NEGATIVE_TTL).await;
+    f.pods.find_by_ip(ip("10.9.9.7")).await.unwrap_err();
+    tokio::time::sleep(kiam::server::pods::NEGATIVE_TTL).await;
+    f.pods.find_by_ip(ip("10.9.9.7")).await.unwrap_err();
+    assert_eq!(ip_lookups(&f.api, "10.9.9.7"), 2);
 }
 
 #[tokio::test]
@@ -401,8 +445,8 @@ async fn a_full_prefetch_buffer_drops_and_counts() {
             .unwrap();
     }
     f.cached("p3", |_| true).await;
-    let dropped = f.dropped.clone();
-    eventually("two dropped prefetches", || dropped.get() == 2).await;
+    let metrics = f.metrics.clone();
+    eventually("two dropped prefetches", || metrics.dropped_pods() == 2).await;
     // The watcher kept going: every pod is matched.
     for n in 1..=3 {
         let found = f.pods.find_by_ip(ip(&format!("10.1.2.{n}"))).await.unwrap();
@@ -460,7 +504,7 @@ async fn pods_listed_before_the_cache_starts_are_synced() {
             prefetch_buffer_size: 10,
             resync: Duration::ZERO,
         },
-        Counter::default(),
+        PodCacheMetrics::default(),
     );
     pods.wait_synced().await;
     assert!(pods.get(NS, "pre").is_some(), "synced means listed");

@@ -37,7 +37,11 @@ use futures::FutureExt;
 use jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::watcher;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -63,6 +67,79 @@ pub const CONFIRM_TTL: Duration = Duration::from_secs(1);
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_millis(150);
 /// Past this many remembered confirmations the stale ones are pruned.
 const CONFIRMATIONS_PRUNE_AT: usize = 1024;
+/// After a direct lookup found no pod on an IP, further misses on that IP
+/// answer `no pod found` without asking the API again for this long. It
+/// spans an agent's bounded retries of one request (about a second), so a
+/// request from an address with no pod costs at most one LIST. A pod that
+/// appears meanwhile is still found as soon as its watch event arrives: the
+/// cache is consulted before this.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+/// Past this many remembered misses the expired ones are pruned.
+const NEGATIVES_PRUNE_AT: usize = 4096;
+
+/// The pod cache's metric families.
+#[derive(Clone, Debug, Default)]
+pub struct PodCacheMetrics {
+    /// `kiam_k8s_dropped_pods_total`: pods not prefetched for because the
+    /// prefetch buffer (`--prefetch-buffer-size`) was full.
+    dropped: Counter,
+    /// `kiam_k8s_pod_lookups_total{result}`: direct API lookups of an IP
+    /// (`found`, `not_found`, `ambiguous`, `error`).
+    lookups: Family<LookupLabel, Counter>,
+    /// `kiam_k8s_pod_lookups_in_flight`: lookups holding or waiting for one
+    /// of the [`MAX_CONCURRENT_LOOKUPS`] slots.
+    in_flight: Gauge,
+    /// `kiam_k8s_pod_lookups_negative_cached_total`: misses answered from
+    /// the short negative cache instead of the API.
+    negative_hits: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabel {
+    result: &'static str,
+}
+
+impl PodCacheMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = PodCacheMetrics::default();
+        registry.register(
+            "kiam_k8s_dropped_pods",
+            "Number of dropped pods because of full buffer",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "kiam_k8s_pod_lookups",
+            "Direct API lookups of a pod by IP (cache misses), by result",
+            m.lookups.clone(),
+        );
+        registry.register(
+            "kiam_k8s_pod_lookups_in_flight",
+            "Direct pod lookups running or waiting for one of the concurrent slots",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "kiam_k8s_pod_lookups_negative_cached",
+            "Cache misses answered 'no pod found' from the short negative cache",
+            m.negative_hits.clone(),
+        );
+        m
+    }
+
+    /// How many pods were not prefetched for because the buffer was full.
+    pub fn dropped_pods(&self) -> u64 {
+        self.dropped.get()
+    }
+
+    fn lookup_done(&self, result: &Result<Arc<PodInfo>, FindError>) {
+        let result = match result {
+            Ok(_) => "found",
+            Err(FindError::NotFound) => "not_found",
+            Err(FindError::Ambiguous { .. }) => "ambiguous",
+            Err(_) => "error",
+        };
+        self.lookups.get_or_create(&LookupLabel { result }).inc();
+    }
+}
 
 /// Why [`PodCache::find_by_ip`] has no pod to answer with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -133,11 +210,13 @@ struct PodCacheState {
     policy: Arc<Policy>,
     api: Api<PodView>,
     prefetch: mpsc::Sender<Prefetch>,
-    dropped: Counter,
+    metrics: PodCacheMetrics,
     synced: Synced,
     // std Mutex: held only to find or insert a lookup, never across `.await`.
     lookups: Mutex<HashMap<IpAddr, Lookup>>,
     lookup_permits: Semaphore,
+    // std Mutex: held only to read or note a miss, never across `.await`.
+    negatives: Mutex<HashMap<IpAddr, Instant>>,
     // std Mutex: held only to find or insert a confirmation, never across `.await`.
     confirmations: Mutex<HashMap<Arc<str>, Confirmation>>,
 }
@@ -148,14 +227,14 @@ impl PodCache {
     /// gave it) arrives whenever a pod with a resolvable role and an IP
     /// (Pending or Running) appears, or its identity or IP changes. When the
     /// receiver lags and the channel is full, the pod is dropped and counted
-    /// in `dropped` (`kiam_k8s_dropped_pods_total`); the watcher never waits.
+    /// (`kiam_k8s_dropped_pods_total`); the watcher never waits.
     ///
     /// Must be called inside a tokio runtime (it spawns the watch).
     pub fn spawn(
         client: kube::Client,
         policy: Arc<Policy>,
         config: PodCacheConfig,
-        dropped: Counter,
+        metrics: PodCacheMetrics,
     ) -> (PodCache, mpsc::Receiver<Prefetch>) {
         let (prefetch, receiver) = mpsc::channel(config.prefetch_buffer_size.max(1));
         let state = Arc::new(PodCacheState {
@@ -163,10 +242,11 @@ impl PodCache {
             policy,
             api: Api::all(client),
             prefetch,
-            dropped,
+            metrics,
             synced: Synced::default(),
             lookups: Mutex::new(HashMap::new()),
             lookup_permits: Semaphore::new(MAX_CONCURRENT_LOOKUPS),
+            negatives: Mutex::new(HashMap::new()),
             confirmations: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();
@@ -332,7 +412,7 @@ impl PodCacheState {
         match self.prefetch.try_send(prefetch) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(dropped)) => {
-                self.dropped.inc();
+                self.metrics.dropped.inc();
                 tracing::warn!(
                     pod.namespace = %dropped.pod.namespace, pod.name = %dropped.pod.name,
                     "prefetch buffer full (--prefetch-buffer-size), not prefetching for this pod"
@@ -438,6 +518,10 @@ impl PodCacheState {
     /// task, so a caller that gives up (its gRPC deadline passed) neither
     /// cancels it for the others nor leaves it half-done holding a permit.
     async fn lookup(self: Arc<Self>, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+        if self.recently_missing(ip) {
+            self.metrics.negative_hits.inc();
+            return Err(FindError::NotFound);
+        }
         let lookup = {
             let mut lookups = self.lookups.lock().unwrap();
             lookups
@@ -445,7 +529,13 @@ impl PodCacheState {
                 .or_insert_with(|| {
                     let state = self.clone();
                     let task = tokio::spawn(async move {
+                        state.metrics.in_flight.inc();
                         let result = state.lookup_api(ip).await;
+                        state.metrics.in_flight.dec();
+                        state.metrics.lookup_done(&result);
+                        if matches!(result, Err(FindError::NotFound)) {
+                            state.note_missing(ip);
+                        }
                         state.lookups.lock().unwrap().remove(&ip);
                         result
                     });
@@ -463,11 +553,32 @@ impl PodCacheState {
         lookup.await
     }
 
+    /// Did a lookup find no pod on `ip` within [`NEGATIVE_TTL`]?
+    fn recently_missing(&self, ip: IpAddr) -> bool {
+        let negatives = self.negatives.lock().unwrap();
+        negatives
+            .get(&ip)
+            .is_some_and(|at| at.elapsed() < NEGATIVE_TTL)
+    }
+
+    fn note_missing(&self, ip: IpAddr) {
+        let mut negatives = self.negatives.lock().unwrap();
+        if negatives.len() >= NEGATIVES_PRUNE_AT {
+            negatives.retain(|_, at| at.elapsed() < NEGATIVE_TTL);
+        }
+        negatives.insert(ip, Instant::now());
+    }
+
     async fn lookup_api(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
-        // The semaphore is never closed, so acquiring cannot fail.
-        let _permit = self.lookup_permits.acquire().await;
         let params = ListParams::default().fields(&format!("status.podIP={ip}"));
-        let list = match tokio::time::timeout(LOOKUP_TIMEOUT, self.api.list(&params)).await {
+        // The timeout covers the wait for a slot too: a queue of lookups
+        // behind a slow API server must not hold requests for longer.
+        let list = tokio::time::timeout(LOOKUP_TIMEOUT, async {
+            // The semaphore is never closed, so acquiring cannot fail.
+            let _permit = self.lookup_permits.acquire().await;
+            self.api.list(&params).await
+        });
+        let list = match list.await {
             Ok(Ok(list)) => list,
             Ok(Err(e)) => {
                 return Err(FindError::Api {
