@@ -19,6 +19,29 @@
 //! - [`certs`]: `kiam certs` — a CA plus server and agent certificates.
 //! - [`flagdoc`]: the flag reference (docs/FLAGS.md) generated from [`cli`].
 //! - [`proto`]: code generated from `proto/kiam.proto`.
+//!
+//! # The credential path, one direction
+//! A pod's request for credentials crosses these modules in this order and
+//! never returns to an earlier one:
+//! 1. `agent` accepts the connection; its TCP peer address is the pod's only
+//!    identity (`agent::metadata` routes the path, normalised by
+//!    `agent::path`, and answers IMDSv2 tokens with `agent::imdsv2`).
+//! 2. `agent::client` asks a kiam server over mutual TLS ([`tls`]), failing
+//!    over across every address `--server-address` resolves to
+//!    (`agent::retry` bounds the attempts; `agent::fallback` keeps the last
+//!    good answer for an outage only).
+//! 3. `server::grpc` (`kiam.KiamService`) finds the pod by IP in
+//!    `server::pods` (a watch cache of `server::model::PodInfo`, confirmed
+//!    or looked up in the API server when it may be stale).
+//! 4. `server::policy` decides: the requested role must be the pod's
+//!    annotated role and its namespace's `permitted` regex
+//!    (`server::namespaces`) must allow it. An allowed decision carries the
+//!    `server::model::Identity` it built; nothing else builds one.
+//! 5. `server::credentials` answers from its cache or joins the one fetch
+//!    in flight for that identity, which calls STS through `server::sts`.
+//! 6. The answer goes back as a gRPC message; refusals carry kiam's status
+//!    strings and, for our agents, the check that refused ([`wire`]), which
+//!    `agent::metadata` maps to an HTTP status in one place.
 
 // Lets the shared test support files (tests/support/*.rs), written against
 // the `kiam` crate, be included by this crate's own unit tests too.

@@ -8,28 +8,30 @@
 //! carries the identity the policy built to the credential cache, and
 //! nothing downstream resolves a role again.
 //!
-//! Data flow: [`pods`] watches Pods (projected by [`podview`] into
-//! [`model::PodInfo`], indexed by [`index`], driven by [`watch`]) and sends
+//! Data flow: [`pods`] watches Pods (projected by `podview` into
+//! [`model::PodInfo`], indexed by `index`, driven by `watch`) and sends
 //! each new pod with a role, with its identity, to the prefetcher;
 //! [`namespaces`] keeps each namespace's compiled `permitted` regex;
-//! [`grpc`] answers agents: pod by IP -> [`policy`] decision -> [`credentials`]
+//! `grpc` answers agents: pod by IP -> [`policy`] decision -> [`credentials`]
 //! -> [`sts`], recording [`events`] on the Pod.
 
 pub mod config;
 pub mod credentials;
-pub mod error;
+mod error;
 pub mod events;
-pub mod grpc;
-pub mod index;
+mod grpc;
+mod index;
 pub mod model;
 pub mod namespaces;
 pub mod pods;
-pub mod podview;
+mod podview;
 pub mod policy;
 pub mod sts;
-pub mod watch;
+mod watch;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+pub use error::ServerError;
+
+pub use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
@@ -43,7 +45,6 @@ use crate::proto::kiam_service_server::KiamServiceServer;
 use crate::tls::{incoming, ServerTls, TlsFiles};
 use config::{BaseArn, ServerConfig};
 use credentials::{CredentialCache, CredentialMetrics};
-use error::ServerError;
 use events::EventRecorder;
 use grpc::{KiamGrpc, Service};
 use model::Prefetch;

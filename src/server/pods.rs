@@ -37,11 +37,6 @@ use futures::FutureExt;
 use jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::watcher;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -50,6 +45,9 @@ use super::model::{Identity, PodInfo, Prefetch};
 use super::podview::PodView;
 use super::policy::Policy;
 use super::watch::{drive, Synced};
+
+mod metrics;
+pub use metrics::PodCacheMetrics;
 
 /// At most this many direct pod lookups run at once, however many IPs miss:
 /// a `status.podIP` field selector is not indexed by the API server.
@@ -76,70 +74,6 @@ const CONFIRMATIONS_PRUNE_AT: usize = 1024;
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 /// Past this many remembered misses the expired ones are pruned.
 const NEGATIVES_PRUNE_AT: usize = 4096;
-
-/// The pod cache's metric families.
-#[derive(Clone, Debug, Default)]
-pub struct PodCacheMetrics {
-    /// `kiam_k8s_dropped_pods_total`: pods not prefetched for because the
-    /// prefetch buffer (`--prefetch-buffer-size`) was full.
-    dropped: Counter,
-    /// `kiam_k8s_pod_lookups_total{result}`: direct API lookups of an IP
-    /// (`found`, `not_found`, `ambiguous`, `error`).
-    lookups: Family<LookupLabel, Counter>,
-    /// `kiam_k8s_pod_lookups_in_flight`: lookups holding or waiting for one
-    /// of the [`MAX_CONCURRENT_LOOKUPS`] slots.
-    in_flight: Gauge,
-    /// `kiam_k8s_pod_lookups_negative_cached_total`: misses answered from
-    /// the short negative cache instead of the API.
-    negative_hits: Counter,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LookupLabel {
-    result: &'static str,
-}
-
-impl PodCacheMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = PodCacheMetrics::default();
-        registry.register(
-            "kiam_k8s_dropped_pods",
-            "Number of dropped pods because of full buffer",
-            m.dropped.clone(),
-        );
-        registry.register(
-            "kiam_k8s_pod_lookups",
-            "Direct API lookups of a pod by IP (cache misses), by result",
-            m.lookups.clone(),
-        );
-        registry.register(
-            "kiam_k8s_pod_lookups_in_flight",
-            "Direct pod lookups running or waiting for one of the concurrent slots",
-            m.in_flight.clone(),
-        );
-        registry.register(
-            "kiam_k8s_pod_lookups_negative_cached",
-            "Cache misses answered 'no pod found' from the short negative cache",
-            m.negative_hits.clone(),
-        );
-        m
-    }
-
-    /// How many pods were not prefetched for because the buffer was full.
-    pub fn dropped_pods(&self) -> u64 {
-        self.dropped.get()
-    }
-
-    fn lookup_done(&self, result: &Result<Arc<PodInfo>, FindError>) {
-        let result = match result {
-            Ok(_) => "found",
-            Err(FindError::NotFound) => "not_found",
-            Err(FindError::Ambiguous { .. }) => "ambiguous",
-            Err(_) => "error",
-        };
-        self.lookups.get_or_create(&LookupLabel { result }).inc();
-    }
-}
 
 /// Why [`PodCache::find_by_ip`] has no pod to answer with.
 #[derive(Debug, Clone, thiserror::Error)]

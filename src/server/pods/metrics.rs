@@ -1,0 +1,77 @@
+//! The pod cache's metric families: prefetches dropped, and the direct API
+//! lookups that cache misses cost (the load kiam puts on the API server).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::FindError;
+use crate::server::model::PodInfo;
+
+/// The pod cache's metric families.
+#[derive(Clone, Debug, Default)]
+pub struct PodCacheMetrics {
+    /// `kiam_k8s_dropped_pods_total`: pods not prefetched for because the
+    /// prefetch buffer (`--prefetch-buffer-size`) was full.
+    pub(super) dropped: Counter,
+    /// `kiam_k8s_pod_lookups_total{result}`: direct API lookups of an IP
+    /// (`found`, `not_found`, `ambiguous`, `error`).
+    lookups: Family<LookupLabel, Counter>,
+    /// `kiam_k8s_pod_lookups_in_flight`: lookups holding or waiting for one
+    /// of the concurrent lookup slots.
+    pub(super) in_flight: Gauge,
+    /// `kiam_k8s_pod_lookups_negative_cached_total`: misses answered from
+    /// the short negative cache instead of the API.
+    pub(super) negative_hits: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabel {
+    result: &'static str,
+}
+
+impl PodCacheMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = PodCacheMetrics::default();
+        registry.register(
+            "kiam_k8s_dropped_pods",
+            "Number of dropped pods because of full buffer",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "kiam_k8s_pod_lookups",
+            "Direct API lookups of a pod by IP (cache misses), by result",
+            m.lookups.clone(),
+        );
+        registry.register(
+            "kiam_k8s_pod_lookups_in_flight",
+            "Direct pod lookups running or waiting for one of the concurrent slots",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "kiam_k8s_pod_lookups_negative_cached",
+            "Cache misses answered 'no pod found' from the short negative cache",
+            m.negative_hits.clone(),
+        );
+        m
+    }
+
+    /// How many pods were not prefetched for because the buffer was full.
+    pub fn dropped_pods(&self) -> u64 {
+        self.dropped.get()
+    }
+
+    pub(super) fn lookup_done(&self, result: &Result<Arc<PodInfo>, FindError>) {
+        let result = match result {
+            Ok(_) => "found",
+            Err(FindError::NotFound) => "not_found",
+            Err(FindError::Ambiguous { .. }) => "ambiguous",
+            Err(_) => "error",
+        };
+        self.lookups.get_or_create(&LookupLabel { result }).inc();
+    }
+}
