@@ -18,26 +18,10 @@ use super::model::{
 };
 
 impl PodInfo {
-    /// The projection of a whole `pod`, by the rules of [`PodInfo::from_view`].
-    pub fn from_pod(pod: &Pod) -> Self {
-        // One set of rules: project the fields a PodView keeps, then use it.
-        Self::from_view(&PodView {
-            metadata: pod.metadata.clone(),
-            spec: pod.spec.as_ref().map(|s| SpecView {
-                host_network: s.host_network,
-                service_account_name: s.service_account_name.clone(),
-            }),
-            status: pod.status.as_ref().map(|s| StatusView {
-                phase: s.phase.clone(),
-                pod_ip: s.pod_ip.clone(),
-            }),
-        })
-    }
-
     /// The projection of a [`PodView`]. Empty annotations count as absent (as
     /// in kiam); only `status.podIP` is used (kiam's rule, and the only IP the
     /// `status.podIP` field selector knows); an unparsable IP counts as none.
-    pub fn from_view(pod: &PodView) -> Self {
+    pub(crate) fn from_view(pod: &PodView) -> Self {
         let meta = &pod.metadata;
         let annotation = |key: &str| {
             meta.annotations
@@ -229,12 +213,29 @@ fn from_k8s_time(t: &k8s_openapi::jiff::Timestamp) -> Option<Timestamp> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::IpAddr;
 
+    use k8s_openapi::api::core::v1::Pod;
     use serde_json::json;
 
     use super::*;
+
+    /// The projection of a whole `pod`, by the rules of [`PodInfo::from_view`]:
+    /// project the fields a PodView keeps, then use it.
+    pub(crate) fn project(pod: &Pod) -> PodInfo {
+        PodInfo::from_view(&PodView {
+            metadata: pod.metadata.clone(),
+            spec: pod.spec.as_ref().map(|s| SpecView {
+                host_network: s.host_network,
+                service_account_name: s.service_account_name.clone(),
+            }),
+            status: pod.status.as_ref().map(|s| StatusView {
+                phase: s.phase.clone(),
+                pod_ip: s.pod_ip.clone(),
+            }),
+        })
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -255,7 +256,7 @@ mod tests {
             "status": { "phase": "Running", "podIP": "fd00::5" },
         }))
         .unwrap();
-        let info = PodInfo::from_pod(&pod);
+        let info = project(&pod);
         assert_eq!(&*info.namespace, "ns");
         assert_eq!(&*info.name, "p");
         assert_eq!(&*info.uid, "u1");
@@ -272,7 +273,7 @@ mod tests {
             "metadata": { "name": "q" }, "status": { "podIP": "not-an-ip" }
         }))
         .unwrap();
-        let info = PodInfo::from_pod(&bare);
+        let info = project(&bare);
         assert_eq!(info.ip, None);
         assert_eq!(info.phase, PodPhase::Unknown);
         assert_eq!(info.role, None);
@@ -300,7 +301,7 @@ mod tests {
         });
         let full: Pod = serde_json::from_value(doc.clone()).unwrap();
         let view: PodView = serde_json::from_value(doc).unwrap();
-        assert_eq!(PodInfo::from_view(&view), PodInfo::from_pod(&full));
+        assert_eq!(PodInfo::from_view(&view), project(&full));
         assert_eq!(view.metadata.resource_version.as_deref(), Some("42"));
         // Only kiam's annotations are kept.
         assert_eq!(view.metadata.annotations.as_ref().map(|a| a.len()), Some(3));

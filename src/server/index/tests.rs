@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::*;
 use crate::server::model::{PodInfo, PodPhase, ROLE_ANNOTATION};
+use crate::server::podview::tests::project;
 use crate::server::policy::{ArnResolver, NamespacePolicyConfig, Policy};
 
 const BASE: &str = "arn:aws:iam::123456789012:role/";
@@ -28,7 +29,7 @@ fn pod_json(name: &str, uid: &str, ip: Option<&str>, phase: &str, role: Option<&
 }
 
 fn entry(pod: &Pod) -> CachedPod {
-    let info = PodInfo::from_pod(pod);
+    let info = project(pod);
     let policy = Policy::new(
         ArnResolver::new(BASE).unwrap(),
         "kiam",
@@ -57,7 +58,7 @@ fn names(pods: &[Arc<PodInfo>]) -> Vec<&str> {
 #[test]
 fn matching_rule() {
     let now = Timestamp::now();
-    let base = PodInfo::from_pod(&pod_json("p", "u", Some("10.0.0.1"), "Running", None));
+    let base = project(&pod_json("p", "u", Some("10.0.0.1"), "Running", None));
     assert!(base.matches_ip_at(now));
     let pending = PodInfo {
         phase: PodPhase::Pending,
