@@ -25,7 +25,7 @@ use crate::proto::{
 use crate::wire::{ec2_time, Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND};
 
 /// Everything the service answers from.
-pub struct Service {
+pub(super) struct Service {
     pub pods: PodCache,
     pub namespaces: NamespaceCache,
     pub policy: Arc<Policy>,
@@ -188,7 +188,7 @@ impl Service {
 
 /// The tonic-facing handle.
 #[derive(Clone)]
-pub struct KiamGrpc(pub Arc<Service>);
+pub(super) struct KiamGrpc(pub Arc<Service>);
 
 impl KiamGrpc {
     /// Runs one RPC, counted and timed under `method`.

@@ -20,9 +20,9 @@ use super::model::{Identity, PodInfo, PodPhase, Prefetch};
 /// its timeout (5s) old when it is inserted, so this is ample.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(60);
 
-pub type PodKey = (Arc<str>, Arc<str>);
+pub(super) type PodKey = (Arc<str>, Arc<str>);
 
-pub struct CachedPod {
+pub(super) struct CachedPod {
     pub info: Arc<PodInfo>,
     /// Resolved once per change, not per request; `None` without a
     /// (resolvable) role.
@@ -32,17 +32,17 @@ pub struct CachedPod {
 }
 
 impl CachedPod {
-    pub fn key(&self) -> PodKey {
+    pub(super) fn key(&self) -> PodKey {
         (self.info.namespace.clone(), self.info.name.clone())
     }
 
     /// Counted in the identity index: it may still ask for credentials.
-    pub fn uses_identity(&self) -> bool {
+    pub(super) fn uses_identity(&self) -> bool {
         self.identity.is_some() && !self.info.host_network && !self.info.phase.is_completed()
     }
 
     /// Worth prefetching for: has a role and an IP, and runs or is about to.
-    pub fn wants_prefetch(&self) -> bool {
+    pub(super) fn wants_prefetch(&self) -> bool {
         self.identity.is_some()
             && self.info.ip.is_some()
             && !self.info.host_network
@@ -52,7 +52,7 @@ impl CachedPod {
 }
 
 #[derive(Default)]
-pub struct PodIndex {
+pub(super) struct PodIndex {
     pub pods: HashMap<PodKey, CachedPod>,
     /// Every cached pod with an IP, live or not (liveness depends on time).
     by_ip: HashMap<IpAddr, Vec<PodKey>>,
@@ -66,7 +66,7 @@ pub struct PodIndex {
 }
 
 impl PodIndex {
-    pub fn live_on(&self, ip: IpAddr, now: Timestamp) -> Vec<Arc<PodInfo>> {
+    pub(super) fn live_on(&self, ip: IpAddr, now: Timestamp) -> Vec<Arc<PodInfo>> {
         let Some(keys) = self.by_ip.get(&ip) else {
             return Vec::new();
         };
@@ -79,7 +79,7 @@ impl PodIndex {
 
     /// Stores `entry`; returns what to prefetch, if anything: when the pod
     /// became worth prefetching for, or what it would be given changed.
-    pub fn upsert(&mut self, entry: CachedPod) -> Option<Prefetch> {
+    pub(super) fn upsert(&mut self, entry: CachedPod) -> Option<Prefetch> {
         let key = entry.key();
         let old = self.remove(&key);
         let changed = old.as_ref().is_none_or(|old| {
@@ -110,7 +110,7 @@ impl PodIndex {
     /// Stores what a direct lookup found, unless the watch already knows
     /// better: the pod was deleted meanwhile (its uid is tombstoned), or the
     /// cache holds another pod under that name or a state at least as new.
-    pub fn insert_fresh(&mut self, entry: CachedPod) -> Option<Prefetch> {
+    pub(super) fn insert_fresh(&mut self, entry: CachedPod) -> Option<Prefetch> {
         if self.tombstoned.contains(&entry.info.uid) {
             return None;
         }
@@ -129,7 +129,7 @@ impl PodIndex {
         }
     }
 
-    pub fn remove(&mut self, key: &PodKey) -> Option<CachedPod> {
+    pub(super) fn remove(&mut self, key: &PodKey) -> Option<CachedPod> {
         let old = self.pods.remove(key)?;
         if let Some(ip) = old.info.ip {
             if let Some(keys) = self.by_ip.get_mut(&ip) {
@@ -152,7 +152,7 @@ impl PodIndex {
         Some(old)
     }
 
-    pub fn delete(&mut self, key: &PodKey, uid: &Arc<str>) {
+    pub(super) fn delete(&mut self, key: &PodKey, uid: &Arc<str>) {
         // A Delete for an older pod of the same name must not remove its successor.
         if self.pods.get(key).is_some_and(|e| e.info.uid == *uid) {
             self.remove(key);
@@ -160,7 +160,7 @@ impl PodIndex {
         self.tombstone(uid.clone());
     }
 
-    pub fn tombstone(&mut self, uid: Arc<str>) {
+    pub(super) fn tombstone(&mut self, uid: Arc<str>) {
         let now = Instant::now();
         while let Some((at, _)) = self.tombstones.front() {
             if now.duration_since(*at) < TOMBSTONE_TTL {
@@ -177,7 +177,7 @@ impl PodIndex {
 
     /// Ends a re-list: pods it did not list were deleted meanwhile. Returns
     /// how many were dropped.
-    pub fn finish_relist(&mut self) -> usize {
+    pub(super) fn finish_relist(&mut self) -> usize {
         let Some(seen) = self.relisted.take() else {
             return 0;
         };

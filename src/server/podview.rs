@@ -63,7 +63,7 @@ impl PodInfo {
 /// fields, so at start-up (a full LIST) building whole `Pod` objects only
 /// to drop them was most of the sync's time and its peak memory.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
-pub struct PodView {
+pub(crate) struct PodView {
     #[serde(default, deserialize_with = "view::metadata")]
     pub metadata: ObjectMeta,
     #[serde(default)]
@@ -74,14 +74,14 @@ pub struct PodView {
 
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct SpecView {
+pub(crate) struct SpecView {
     pub host_network: Option<bool>,
     pub service_account_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StatusView {
+pub(crate) struct StatusView {
     pub phase: Option<String>,
     #[serde(rename = "podIP")]
     pub pod_ip: Option<String>,

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 /// "The first full list has been applied", shared by the Pod and Namespace
 /// caches.
 #[derive(Debug)]
-pub struct Synced(watch::Sender<bool>);
+pub(super) struct Synced(watch::Sender<bool>);
 
 impl Default for Synced {
     fn default() -> Self {
@@ -26,15 +26,15 @@ impl Default for Synced {
 }
 
 impl Synced {
-    pub fn set(&self) {
+    pub(super) fn set(&self) {
         self.0.send_replace(true);
     }
 
-    pub fn is_synced(&self) -> bool {
+    pub(super) fn is_synced(&self) -> bool {
         *self.0.borrow()
     }
 
-    pub async fn wait(&self) {
+    pub(super) async fn wait(&self) {
         let mut synced = self.0.subscribe();
         // The sender lives as long as `self`, so this cannot fail.
         let _ = synced.wait_for(|s| *s).await;
@@ -45,7 +45,7 @@ impl Synced {
 /// event to `on_event`. Errors are logged and retried with kube-runtime's
 /// default backoff (0.8s doubling to 30s, like client-go); they never end
 /// the watch.
-pub async fn drive<K>(
+pub(super) async fn drive<K>(
     api: Api<K>,
     resync: Duration,
     stop: CancellationToken,

@@ -23,7 +23,7 @@ pub(crate) struct Snapshot {
 impl Snapshot {
     /// Reads all three files; each path is opened afresh so symlinks are
     /// resolved now, not when the process started.
-    pub fn read(files: &TlsFiles) -> Result<Snapshot, TlsError> {
+    pub(super) fn read(files: &TlsFiles) -> Result<Snapshot, TlsError> {
         Ok(Snapshot {
             cert: read_file("--cert", &files.cert)?,
             key: read_file("--key", &files.key)?,
@@ -72,7 +72,7 @@ pub(crate) struct Material {
 }
 
 impl Material {
-    pub fn parse(files: &TlsFiles, snap: &Snapshot) -> Result<Material, TlsError> {
+    pub(super) fn parse(files: &TlsFiles, snap: &Snapshot) -> Result<Material, TlsError> {
         let chain = certificates("--cert", &files.cert, &snap.cert)?;
         let key = private_key(&files.key, &snap.key)?;
         let ca = certificates("--ca", &files.ca, &snap.ca)?;

@@ -84,7 +84,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
     /// Loads the files once (errors are for the operator to fix before
     /// starting) and starts polling them every `interval`, if a Tokio runtime
     /// is running. The poller stops once the returned `Arc` is dropped.
-    pub fn load(
+    pub(super) fn load(
         side: Side,
         files: TlsFiles,
         build: Build<T>,
@@ -128,18 +128,18 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         Ok(this)
     }
 
-    pub fn config(&self) -> Arc<T> {
+    pub(super) fn config(&self) -> Arc<T> {
         self.current.load().config.clone()
     }
 
-    pub fn info(&self) -> CertInfo {
+    pub(super) fn info(&self) -> CertInfo {
         self.current.load().info.clone()
     }
 
     /// Re-reads the files now. `Ok(true)`: a new config is in use;
     /// `Ok(false)`: nothing changed; `Err`: the files are broken and the
     /// previous config stays.
-    pub fn reload_now(&self) -> Result<bool, TlsError> {
+    pub(super) fn reload_now(&self) -> Result<bool, TlsError> {
         let mut state = self.poll.lock().unwrap_or_else(|p| p.into_inner());
         self.check(&mut state, true)
     }

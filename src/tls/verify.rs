@@ -67,7 +67,7 @@ pub(crate) fn verify_chain(
 
 /// A certificate that does not name the host the agent dialled.
 #[derive(Debug)]
-pub struct NameMismatch {
+pub(super) struct NameMismatch {
     pub expected: String,
     pub presented: Vec<String>,
 }
@@ -91,7 +91,7 @@ impl std::error::Error for NameMismatch {}
 
 /// A certificate whose extended key usage does not allow this side.
 #[derive(Debug)]
-pub struct WrongUsage {
+pub(super) struct WrongUsage {
     pub side: Side,
     pub present: Vec<String>,
 }
@@ -231,7 +231,7 @@ pub(crate) struct ClientVerifier {
 }
 
 impl ClientVerifier {
-    pub fn new(anchors: Vec<TrustAnchor<'static>>, algs: WebPkiSupportedAlgorithms) -> Self {
+    pub(super) fn new(anchors: Vec<TrustAnchor<'static>>, algs: WebPkiSupportedAlgorithms) -> Self {
         let hints = anchors
             .iter()
             .map(|a| DistinguishedName::from(a.subject.as_ref().to_vec()))
