@@ -48,7 +48,6 @@ mod imds;
 mod procs;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// One HTTP/1.1 GET on a fresh connection: (status, body); (0, "") when
@@ -184,7 +183,7 @@ fn ours(name: &str) -> bool {
 /// Runs a server and an agent (moto for STS, the in-memory API server),
 /// makes every kind of metadata request once, and returns both scrapes.
 async fn scrape_server_and_agent() -> Option<Exposition> {
-    let (_moto, sts_url) = procs::start_moto()?;
+    let moto = procs::start_moto()?;
     let imds = imds::Imds::start(false).await;
     let c = procs::ProcCluster::start().await;
     c.namespace("team-a", "arn:aws:iam::123456789012:role/web-.*");
@@ -200,7 +199,7 @@ async fn scrape_server_and_agent() -> Option<Exposition> {
 
     let (port, server_metrics) = (procs::free_port(), procs::free_port());
     let server = c.spawn_server(
-        &sts_url,
+        &moto.url,
         &[
             "--role-base-arn=arn:aws:iam::123456789012:role/",
             &format!("--bind=127.0.0.1:{port}"),
@@ -208,21 +207,16 @@ async fn scrape_server_and_agent() -> Option<Exposition> {
         ],
     );
     let (agent_port, agent_metrics) = (procs::free_port(), procs::free_port());
-    let mut cmd = procs::kiam_bin();
-    cmd.args(["agent", "--host=127.0.0.1", "--allow-ip-query"])
-        .arg(format!("--port={agent_port}"))
-        .arg(format!("--server-address=localhost:{port}"))
-        .arg(format!(
-            "--prometheus-listen-addr=127.0.0.1:{agent_metrics}"
-        ))
-        .arg(format!("--metadata-endpoint={}", imds.url()))
-        .stdout(Stdio::null())
-        .stderr(procs::child_stderr());
-    c.tls_args(&mut cmd, "agent");
-    let _agent = procs::ChildGuard {
-        child: cmd.spawn().unwrap(),
-        name: "kiam agent".into(),
-    };
+    let cmd = c.agent_cmd(
+        agent_port,
+        &format!("localhost:{port}"),
+        &imds.url(),
+        &[
+            "--allow-ip-query",
+            &format!("--prometheus-listen-addr=127.0.0.1:{agent_metrics}"),
+        ],
+    );
+    let _agent = procs::ChildGuard::spawn("kiam agent", cmd).unwrap();
 
     // Credentials once the server has synced.
     let creds = "/latest/meta-data/iam/security-credentials/web-role?ip=198.18.4.10";

@@ -52,7 +52,7 @@ async fn credentials(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_process_serves_moto_credentials() {
-    let Some((_moto, sts_url)) = start_moto() else {
+    let Some(moto) = start_moto() else {
         return;
     };
     let c = ProcCluster::start().await;
@@ -61,7 +61,7 @@ async fn server_process_serves_moto_credentials() {
     let port = free_port();
     let metrics_port = free_port();
     let _server = c.spawn_server(
-        &sts_url,
+        &moto.url,
         &[
             "--role-base-arn",
             BASE,
@@ -135,14 +135,7 @@ async fn reqwest_get(url: &str) -> String {
 
 fn server_cmd(extra: &[&str], pki: &kiam::certs::Pki) -> Command {
     let mut cmd = kiam_bin();
-    cmd.arg("server")
-        .arg("--cert")
-        .arg(pki.path("server.pem"))
-        .arg("--key")
-        .arg(pki.path("server-key.pem"))
-        .arg("--ca")
-        .arg(pki.path("ca.pem"))
-        .args(extra);
+    kiam_sandbox::procs::tls_args(cmd.arg("server"), &pki.dir, "server").args(extra);
     cmd
 }
 
@@ -231,7 +224,7 @@ async fn profile_imds(instance_profile_arn: &'static str) -> std::net::SocketAdd
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_arn_autodetected_from_the_instance_profile() {
-    let Some((_moto, sts_url)) = start_moto() else {
+    let Some(moto) = start_moto() else {
         return;
     };
     let imds = profile_imds("arn:aws:iam::999988887777:instance-profile/nodes").await;
@@ -242,7 +235,7 @@ async fn base_arn_autodetected_from_the_instance_profile() {
     c.pod("auto", "p", "198.18.2.20", "auto-role");
     let port = free_port();
     let mut cmd = c.server_cmd(
-        &sts_url,
+        &moto.url,
         &[
             "--role-base-arn-autodetect",
             "--bind",
@@ -253,10 +246,7 @@ async fn base_arn_autodetected_from_the_instance_profile() {
         "AWS_EC2_METADATA_SERVICE_ENDPOINT",
         format!("http://{imds}"),
     );
-    let _server = ChildGuard {
-        child: cmd.spawn().unwrap(),
-        name: "kiam server".into(),
-    };
+    let _server = ChildGuard::spawn("kiam server", cmd).unwrap();
     let creds = credentials(&c, port, "198.18.2.20", "auto-role")
         .await
         .expect("credentials for the autodetected role ARN");
