@@ -3,11 +3,13 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/grpc.rs"]
+mod grpc;
 
 use std::time::Duration;
 
 use cluster::{eventually, pod_json, Cluster, BASE_ARN};
-use kiam::proto::{GetPodCredentialsRequest, GetPodRoleRequest};
+use kiam::proto::GetPodRoleRequest;
 use kiam::server::sts::Identity;
 use tonic::Code;
 
@@ -16,13 +18,6 @@ fn identity(role: &str, session: &str) -> Identity {
         role_arn: format!("{BASE_ARN}{role}").into(),
         session_name: session.into(),
         external_id: None,
-    }
-}
-
-fn creds_req(ip: &str, role: &str) -> GetPodCredentialsRequest {
-    GetPodCredentialsRequest {
-        ip: ip.into(),
-        role: role.into(),
     }
 }
 
@@ -44,7 +39,7 @@ async fn answers_role_credentials_and_health() {
     assert_eq!(role.name, "team-a-web");
 
     let creds = client
-        .get_pod_credentials(creds_req("198.18.0.10", "team-a-web"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.10", "team-a-web"))
         .await
         .unwrap()
         .into_inner();
@@ -63,7 +58,10 @@ async fn answers_role_credentials_and_health() {
 
     // The full ARN works too: the policy compares resolved ARNs.
     client
-        .get_pod_credentials(creds_req("198.18.0.10", &format!("{BASE_ARN}team-a-web")))
+        .get_pod_credentials(grpc::credentials_request(
+            "198.18.0.10",
+            &format!("{BASE_ARN}team-a-web"),
+        ))
         .await
         .unwrap();
     assert_eq!(c.sts.calls(&identity("team-a-web", "kiam-kiam")), 1);
@@ -88,14 +86,14 @@ async fn refusals_carry_kiam_wire_messages() {
     assert_eq!(e.message(), "no pod found");
 
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.99", "team-a-web"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.99", "team-a-web"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "no pod found");
 
     // Another role than the annotated one.
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.20", "team-a-admin"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.20", "team-a-admin"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
@@ -103,7 +101,7 @@ async fn refusals_carry_kiam_wire_messages() {
 
     // A namespace without iam.amazonaws.com/permitted permits nothing.
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.21", "team-a-web"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.21", "team-a-web"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
@@ -118,7 +116,7 @@ async fn refusals_carry_kiam_wire_messages() {
         .into_inner();
     assert_eq!(role.name, "");
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.22", "team-a-web"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.22", "team-a-web"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
@@ -142,7 +140,7 @@ async fn refusals_carry_kiam_wire_messages() {
     // The denial is recorded once on the pod, however often it repeats.
     for _ in 0..20 {
         let _ = client
-            .get_pod_credentials(creds_req("198.18.0.20", "team-a-admin"))
+            .get_pod_credentials(grpc::credentials_request("198.18.0.20", "team-a-admin"))
             .await;
     }
     eventually("a KiamRoleForbidden event", || {
@@ -207,7 +205,7 @@ async fn one_sts_call_per_identity_under_concurrency() {
         let i = n % 50;
         tasks.push(tokio::spawn(async move {
             client
-                .get_pod_credentials(creds_req(
+                .get_pod_credentials(grpc::credentials_request(
                     &format!("198.18.1.{i}"),
                     &format!("role-{}", i % 5),
                 ))
@@ -303,7 +301,7 @@ async fn deleted_completed_and_reused_ips() {
     assert_eq!(seen, "new-role");
     // And the new pod can never get the old pod's role.
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.40", "old-role"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.40", "old-role"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
@@ -325,7 +323,7 @@ async fn start_up_race_is_answered_from_the_api() {
         .into_inner();
     assert_eq!(role.name, "fresh-role");
     let creds = client
-        .get_pod_credentials(creds_req("198.18.0.50", "fresh-role"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.50", "fresh-role"))
         .await
         .unwrap()
         .into_inner();

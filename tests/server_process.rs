@@ -2,6 +2,8 @@
 //! server over HTTP, STS from moto's server, `kiam health` against it, and
 //! flags checked before anything starts.
 
+#[path = "support/grpc.rs"]
+mod grpc;
 #[path = "support/procs.rs"]
 mod procs;
 
@@ -9,7 +11,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiam::proto::kiam_service_client::KiamServiceClient;
-use kiam::proto::GetPodCredentialsRequest;
 use kiam::tls::{ChannelOpts, ClientTls};
 use procs::{free_port, kiam_bin, start_moto, ChildGuard, ProcCluster};
 
@@ -29,20 +30,16 @@ async fn credentials(
     port: u16,
     ip: &str,
     role: &str,
-) -> Result<kiam::proto::Credentials, tonic::Status> {
+) -> Result<kiam::proto::Credentials, grpc::Failure> {
     let tls = ClientTls::load(c.pki.agent_files(), &mut Default::default()).unwrap();
     let channel = tls
         .channel(&format!("localhost:{port}"), &ChannelOpts::default())
         .unwrap();
-    let mut client = KiamServiceClient::new(channel);
+    let client = KiamServiceClient::new(channel);
     let mut last = None;
     for _ in 0..100 {
-        let req = GetPodCredentialsRequest {
-            ip: ip.into(),
-            role: role.into(),
-        };
-        match client.get_pod_credentials(req).await {
-            Ok(r) => return Ok(r.into_inner()),
+        match grpc::credentials(&client, ip, role).await {
+            Ok(creds) => return Ok(creds),
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
