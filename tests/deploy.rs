@@ -8,8 +8,6 @@
 //! Needs `kubectl` and PyPI's `kubernetes-validate` (scripts/test.sh installs
 //! the latter into .venv); without them the tests say SKIPPED loudly.
 
-#[path = "support/imds.rs"]
-mod imds;
 #[path = "support/procs.rs"]
 mod procs;
 
@@ -740,7 +738,12 @@ async fn server_and_agent_pass_their_own_probes() {
     let Some(kubectl) = kubectl() else {
         return;
     };
-    let imds = imds::Imds::start(false).await;
+    let imds = kiam_sandbox::imds::ImdsEmulator::start(
+        Default::default(),
+        kiam_sandbox::imds::Behaviour::leaky(),
+    )
+    .await
+    .unwrap();
     let cluster = procs::ProcCluster::start().await;
     for t in targets() {
         let docs = render(&kubectl, &t);

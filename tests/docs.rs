@@ -42,8 +42,6 @@ fn flag_reference_matches_the_binary() {
 // Metric names: docs/grafana-dashboard.json and docs/METRICS.md against what
 // a real server and agent export after some traffic.
 
-#[path = "support/imds.rs"]
-mod imds;
 #[path = "support/procs.rs"]
 mod procs;
 
@@ -184,7 +182,12 @@ fn ours(name: &str) -> bool {
 /// makes every kind of metadata request once, and returns both scrapes.
 async fn scrape_server_and_agent() -> Option<Exposition> {
     let moto = procs::start_moto()?;
-    let imds = imds::Imds::start(false).await;
+    let imds = kiam_sandbox::imds::ImdsEmulator::start(
+        Default::default(),
+        kiam_sandbox::imds::Behaviour::leaky(),
+    )
+    .await
+    .unwrap();
     let c = procs::ProcCluster::start().await;
     c.namespace("team-a", "arn:aws:iam::123456789012:role/web-.*");
     c.pod("team-a", "web", "198.18.4.10", "web-role");

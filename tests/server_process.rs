@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::tls::{ChannelOpts, ClientTls};
+use kiam_sandbox::imds::{Behaviour, ImdsEmulator, NodeIdentity};
 use procs::{free_port, kiam_bin, start_moto, ChildGuard, ProcCluster};
 
 const BASE: &str = "arn:aws:iam::123456789012:role/";
@@ -196,35 +197,21 @@ fn bad_flags_exit_64_naming_the_flag() {
     expect_usage(&mut missing, "--cert");
 }
 
-/// A minimal IMDS that only knows the instance profile (IMDSv2 token first,
-/// as the aws-config client does).
-async fn profile_imds(instance_profile_arn: &'static str) -> std::net::SocketAddr {
-    use axum::routing::{get, put};
-    let app = axum::Router::new()
-        .route(
-            "/latest/api/token",
-            put(|| async { ([("x-aws-ec2-metadata-token-ttl-seconds", "21600")], "test-token") }),
-        )
-        .route(
-            "/latest/meta-data/iam/info",
-            get(move || async move {
-                format!(
-                    r#"{{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","InstanceProfileArn":"{instance_profile_arn}","InstanceProfileId":"AIPAEXAMPLE"}}"#
-                )
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_arn_autodetected_from_the_instance_profile() {
     let Some(moto) = start_moto() else {
         return;
     };
-    let imds = profile_imds("arn:aws:iam::999988887777:instance-profile/nodes").await;
+    let imds = ImdsEmulator::start(
+        NodeIdentity {
+            account_id: "999988887777".into(),
+            instance_profile_name: "nodes".into(),
+            ..NodeIdentity::default()
+        },
+        Behaviour::default(),
+    )
+    .await
+    .unwrap();
     let c = ProcCluster::start().await;
     // Only the detected account's roles are permitted: success proves the
     // bare role name was resolved against the detected base.
@@ -239,10 +226,8 @@ async fn base_arn_autodetected_from_the_instance_profile() {
             &format!("127.0.0.1:{port}"),
         ],
     );
-    cmd.env_remove("AWS_EC2_METADATA_DISABLED").env(
-        "AWS_EC2_METADATA_SERVICE_ENDPOINT",
-        format!("http://{imds}"),
-    );
+    cmd.env_remove("AWS_EC2_METADATA_DISABLED")
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url());
     let _server = ChildGuard::spawn("kiam server", cmd).unwrap();
     let creds = credentials(&c, port, "198.18.2.20", "auto-role")
         .await
