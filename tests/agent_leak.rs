@@ -331,15 +331,10 @@ async fn allowed_paths_are_proxied_without_identity_headers() {
 
 #[tokio::test]
 async fn upstream_requiring_imdsv2_still_works() {
-    let imds = ImdsEmulator::start(
-        NodeIdentity::default(),
-        Behaviour {
-            tokens_required: true,
-            ..Behaviour::leaky()
-        },
-    )
-    .await
-    .unwrap();
+    let behaviour = Behaviour::leaky().requiring_tokens();
+    let imds = ImdsEmulator::start(NodeIdentity::default(), behaviour)
+        .await
+        .unwrap();
     let mut registry = Registry::default();
     let state = state(&imds, "^/latest/meta-data/placement/", &mut registry);
     let (status, body) = get(&state, "/latest/meta-data/placement/region", &[]).await;

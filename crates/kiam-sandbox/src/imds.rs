@@ -114,6 +114,14 @@ impl Behaviour {
             leaky: true,
         }
     }
+
+    /// The same, but tokenless GETs get 401.
+    pub fn requiring_tokens(self) -> Behaviour {
+        Behaviour {
+            tokens_required: true,
+            ..self
+        }
+    }
 }
 
 /// One request as the emulator received it.
@@ -513,15 +521,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_leaky_emulator_hands_the_node_role_to_any_spelling_of_iam() {
-        let imds = ImdsEmulator::start(
-            NodeIdentity::default(),
-            Behaviour {
-                tokens_required: true,
-                ..Behaviour::leaky()
-            },
-        )
-        .await
-        .unwrap();
+        let behaviour = Behaviour::leaky().requiring_tokens();
+        let imds = ImdsEmulator::start(NodeIdentity::default(), behaviour)
+            .await
+            .unwrap();
         let addr = imds.addr();
         let spelled = "/1.0/META-DATA/x/..%2f%2569am//security-credentials;p/anything";
         assert_eq!(send(addr, &get(spelled, None)).await.0, 401);
