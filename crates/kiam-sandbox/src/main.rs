@@ -214,6 +214,21 @@ fn permitted_regex(sandbox: &Sandbox, namespace: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A Pod with a role in a namespace that permits roles, and one in a
+/// namespace that permits none: what `describe` suggests and `smoke` checks.
+fn examples<'a>(
+    sandbox: &Sandbox,
+    pods: &'a [SandboxPod],
+) -> (Option<&'a SandboxPod>, Option<&'a SandboxPod>) {
+    let with_role = |permits: bool| {
+        pods.iter().find(|p| {
+            role_of(sandbox, p).is_some()
+                && permitted_regex(sandbox, &p.namespace).is_some() == permits
+        })
+    };
+    (with_role(true), with_role(false))
+}
+
 /// What is running and what to try.
 fn describe(sandbox: &Sandbox) -> String {
     use std::fmt::Write;
@@ -306,12 +321,7 @@ fn describe(sandbox: &Sandbox) -> String {
         Some(_) => format!("http://169.254.169.254{path}"),
         None => format!("{}{path}?ip={}", e.agent, pod.ip),
     };
-    let permitted = pods.iter().find(|p| {
-        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_some()
-    });
-    let forbidden = pods.iter().find(|p| {
-        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_none()
-    });
+    let (permitted, forbidden) = examples(sandbox, &pods);
     if let Some(pod) = permitted {
         let role = role_of(sandbox, pod).unwrap_or_default();
         let role = role.rsplit('/').next().unwrap_or(&role).to_string();
@@ -408,12 +418,7 @@ fn describe(sandbox: &Sandbox) -> String {
 /// forbidden Pod gets none. Prints a line per check.
 fn smoke(sandbox: &Sandbox) -> bool {
     let pods = sandbox.pods();
-    let permitted = pods.iter().find(|p| {
-        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_some()
-    });
-    let forbidden = pods.iter().find(|p| {
-        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_none()
-    });
+    let (permitted, forbidden) = examples(sandbox, &pods);
     let (Some(permitted), Some(forbidden)) = (permitted, forbidden) else {
         println!(
             "FAIL: the seed needs a Pod with a role in a namespace with iam.amazonaws.com/permitted \
