@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use kiam::server::credentials::{CacheConfig, CredentialCache};
 use kiam::server::sts::{AssumeRole, Identity, SessionTags, StsClient, StsError};
-use kiam_sandbox::procs::{start_moto, Moto};
+use kiam_sandbox::procs::{free_port, start_moto, Moto};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -150,10 +150,7 @@ async fn throttling_and_server_errors_are_retryable() {
 async fn an_unreachable_endpoint_is_retryable() {
     let _serial = SERIAL.lock().await;
     // A port that was just free: nothing listens there any more.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let e = assume(&client_for(&format!("http://{addr}")), &identity("a", None))
         .await
         .unwrap_err();
