@@ -17,7 +17,6 @@
 //! - [`agent`]: `kiam agent` — metadata API, IMDSv2, proxy, server pool, iptables.
 //! - [`health`]: `kiam health` — one GetHealth call for probes.
 //! - [`certs`]: `kiam certs` — a CA plus server and agent certificates.
-//! - [`flagdoc`]: the flag reference (docs/FLAGS.md) generated from [`cli`].
 //! - [`proto`]: code generated from `proto/kiam.proto`.
 //!
 //! # The credential path, one direction
@@ -51,7 +50,6 @@ pub mod agent;
 pub mod arn;
 pub mod certs;
 pub mod cli;
-pub mod flagdoc;
 pub mod grpc_metrics;
 pub mod health;
 pub mod server;

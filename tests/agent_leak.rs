@@ -5,8 +5,6 @@
 
 #[path = "support/fake_kiam.rs"]
 mod fake_kiam;
-#[path = "support/imds.rs"]
-mod imds;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +15,10 @@ use axum::extract::connect_info::ConnectInfo;
 use fake_kiam::{creds, FakeKiam};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use imds::Imds;
 use kiam::agent::metadata::{router, Config, RouterContext};
 use kiam::agent::metrics::Metrics;
 use kiam::agent::proxy::Upstream;
+use kiam_sandbox::imds::{looks_like_iam, Behaviour, ImdsEmulator, NodeIdentity};
 use prometheus_client::registry::Registry;
 use regex::Regex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,7 +27,7 @@ use tower::ServiceExt;
 
 const POD_ROLE: &str = "pod-role";
 
-fn state(imds: &Imds, allow: &str, registry: &mut Registry) -> Arc<RouterContext> {
+fn state(imds: &ImdsEmulator, allow: &str, registry: &mut Registry) -> Arc<RouterContext> {
     let fake = FakeKiam::new().pod("127.0.0.1", Some(POD_ROLE)).grant(
         "127.0.0.1",
         POD_ROLE,
@@ -50,14 +48,16 @@ type Transform = Box<dyn Fn(&str) -> String>;
 
 /// Path spellings aimed at the node's IAM data.
 fn variants() -> Vec<String> {
+    // The node every emulator here runs as.
+    let node = NodeIdentity::default();
     let versions = ["latest", "2016-09-02", "1.0", "garbage"];
     let bodies = [
         "meta-data/iam/security-credentials/".to_string(),
         "meta-data/iam/security-credentials".to_string(),
-        format!("meta-data/iam/security-credentials/{}", imds::NODE_ROLE),
+        format!("meta-data/iam/security-credentials/{}", node.role_name),
         format!(
             "meta-data/iam/security-credentials-extended/{}",
-            imds::NODE_ROLE
+            node.role_name
         ),
         "meta-data/iam/security-credentials-extended/".to_string(),
         "meta-data/iam/info".to_string(),
@@ -124,7 +124,9 @@ async fn raw(addr: SocketAddr, method: &str, target: &str) -> Vec<u8> {
 }
 
 async fn leak_check(allow: &str) {
-    let imds = Imds::start(false).await;
+    let imds = ImdsEmulator::start(NodeIdentity::default(), Behaviour::leaky())
+        .await
+        .unwrap();
     let mut registry = Registry::default();
     let state = state(&imds, allow, &mut registry);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -162,7 +164,7 @@ async fn leak_check(allow: &str) {
                 !text.is_empty() || p.contains('#') || p.contains('\\'),
                 "{m} {p}: no answer"
             );
-            for marker in imds::NODE_MARKERS {
+            for marker in imds.node().markers() {
                 assert!(
                     !text.contains(&marker.to_lowercase()),
                     "{m} {p} leaked {marker}:\n{text}"
@@ -170,7 +172,7 @@ async fn leak_check(allow: &str) {
             }
             if allow == "^$" {
                 assert!(
-                    !text.contains(&imds::USER_DATA.to_lowercase()),
+                    !text.contains(&imds.node().user_data.to_lowercase()),
                     "{m} {p} got user-data"
                 );
             }
@@ -184,13 +186,8 @@ async fn leak_check(allow: &str) {
 
     // Nothing IAM-like ever reached the upstream, in any spelling.
     for s in imds.seen() {
-        let l = imds::lenient(&s.path);
-        let squashed: String = l
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '/')
-            .collect();
         assert!(
-            !squashed.contains("iam") && !squashed.contains("credentials"),
+            !looks_like_iam(&s.path),
             "forwarded upstream: {} {}",
             s.method,
             s.path
@@ -237,12 +234,14 @@ async fn get(
 
 #[tokio::test]
 async fn user_data_is_blocked_by_default() {
-    let imds = Imds::start(false).await;
+    let imds = ImdsEmulator::start(NodeIdentity::default(), Behaviour::leaky())
+        .await
+        .unwrap();
     let mut registry = Registry::default();
     let state = state(&imds, "^$", &mut registry);
     let (status, body) = get(&state, "/latest/user-data", &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(!body.contains(imds::USER_DATA));
+    assert!(!body.contains(&imds.node().user_data));
     let m = kiam::telemetry::encode(&registry);
     assert!(
         m.contains("kiam_metadata_proxy_requests_blocked_total 1"),
@@ -257,7 +256,9 @@ async fn user_data_is_blocked_by_default() {
 
 #[tokio::test]
 async fn allowed_paths_are_proxied_without_identity_headers() {
-    let imds = Imds::start(false).await;
+    let imds = ImdsEmulator::start(NodeIdentity::default(), Behaviour::leaky())
+        .await
+        .unwrap();
     let mut registry = Registry::default();
     let state = state(
         &imds,
@@ -295,9 +296,15 @@ async fn allowed_paths_are_proxied_without_identity_headers() {
         ],
     )
     .await;
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "eu-west-1"));
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, imds.node().region.as_str())
+    );
     let (status, body) = get(&state, "/latest/user-data", &[]).await;
-    assert_eq!((status, body.as_str()), (StatusCode::OK, imds::USER_DATA));
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, imds.node().user_data.as_str())
+    );
     // Not allowed: blocked even though the upstream has it.
     let (status, _) = get(&state, "/latest/meta-data/instance-id", &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -329,18 +336,28 @@ async fn allowed_paths_are_proxied_without_identity_headers() {
 
 #[tokio::test]
 async fn upstream_requiring_imdsv2_still_works() {
-    let imds = Imds::start(true).await;
+    let behaviour = Behaviour::leaky().requiring_tokens();
+    let imds = ImdsEmulator::start(NodeIdentity::default(), behaviour)
+        .await
+        .unwrap();
     let mut registry = Registry::default();
     let state = state(&imds, "^/latest/meta-data/placement/", &mut registry);
     let (status, body) = get(&state, "/latest/meta-data/placement/region", &[]).await;
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "eu-west-1"));
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, imds.node().region.as_str())
+    );
     let (status, _) = get(&state, "/latest/meta-data/placement/region", &[]).await;
     assert_eq!(status, StatusCode::OK);
     // One token, reused; it is the agent's own, never a pod's.
-    assert_eq!(imds.tokens_issued(), 1);
+    assert_eq!(imds.issued_tokens().len(), 1);
     let (status, body) = get(&state, "/health", &[]).await;
-    assert_eq!((status, body.as_str()), (StatusCode::OK, imds::INSTANCE_ID));
-    assert_eq!(imds.tokens_issued(), 1);
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, imds.node().instance_id.as_str())
+    );
+    let tokens = imds.issued_tokens();
+    assert_eq!(tokens.len(), 1);
     let gets: Vec<_> = imds
         .seen()
         .into_iter()
@@ -349,5 +366,5 @@ async fn upstream_requiring_imdsv2_still_works() {
     assert!(gets
         .iter()
         .filter(|s| s.headers.contains_key("x-aws-ec2-metadata-token"))
-        .all(|s| s.headers["x-aws-ec2-metadata-token"] == "upstream-token-0"));
+        .all(|s| s.headers["x-aws-ec2-metadata-token"] == tokens[0].as_str()));
 }

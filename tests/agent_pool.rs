@@ -8,9 +8,6 @@
 //! accepted but never answered — what a crashed or frozen process looks like
 //! from the agent.
 
-#[path = "support/imds.rs"]
-mod imds;
-
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +18,6 @@ use axum::extract::connect_info::ConnectInfo;
 use futures::future::BoxFuture;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use imds::Imds;
 use kiam::agent::client::{Pool, PoolConfig};
 use kiam::agent::metadata::{router, Config, RouterContext};
 use kiam::agent::metrics::Metrics;
@@ -34,6 +30,7 @@ use kiam::proto::{
 };
 use kiam::tls::{self, ClientTls, ServerTls};
 use kiam::wire::{Check, DENIED_CHECK_KEY};
+use kiam_sandbox::imds::{Behaviour, ImdsEmulator, NodeIdentity};
 use prometheus_client::registry::Registry;
 use regex::Regex;
 use tokio::net::{TcpListener, TcpStream};
@@ -218,7 +215,7 @@ async fn relay(front: TcpListener, backend: SocketAddr, mut mode: watch::Receive
 struct Setup {
     _dir: tempfile::TempDir,
     pki: kiam::certs::Pki,
-    _imds: Imds,
+    _imds: ImdsEmulator,
 }
 
 async fn setup() -> Setup {
@@ -227,7 +224,9 @@ async fn setup() -> Setup {
     Setup {
         _dir: dir,
         pki,
-        _imds: Imds::start(false).await,
+        _imds: ImdsEmulator::start(NodeIdentity::default(), Behaviour::leaky())
+            .await
+            .unwrap(),
     }
 }
 

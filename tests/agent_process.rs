@@ -7,12 +7,9 @@
 #[path = "support/procs.rs"]
 mod procs;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use procs::{
-    child_stderr, free_port, kiam_bin, start_moto, wait_for_port, ChildGuard, ProcCluster,
-};
+use procs::{free_port, kiam_bin, start_moto, wait_for_port, ChildGuard, ProcCluster};
 
 /// One HTTP/1.1 GET on a fresh connection, as SDKs do: (status, body).
 async fn get(port: u16, path: &str) -> Result<(u16, String), String> {
@@ -52,7 +49,7 @@ const CREDS: &str = "/latest/meta-data/iam/security-credentials/web-role?ip=198.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_survives_server_loss_and_serves_stale_inside_the_window() {
-    let Some((_moto, sts_url)) = start_moto() else {
+    let Some(moto) = start_moto() else {
         return;
     };
     let c = ProcCluster::start().await;
@@ -60,7 +57,7 @@ async fn agent_survives_server_loss_and_serves_stale_inside_the_window() {
     c.pod("team-a", "web", "198.18.3.10", "web-role");
     let server = |port: u16| {
         c.spawn_server(
-            &sts_url,
+            &moto.url,
             &[
                 "--role-base-arn",
                 "arn:aws:iam::123456789012:role/",
@@ -78,26 +75,14 @@ async fn agent_survives_server_loss_and_serves_stale_inside_the_window() {
     );
 
     let agent_port = free_port();
-    let mut cmd = kiam_bin();
-    cmd.args(["agent", "--host", "127.0.0.1", "--allow-ip-query"])
-        .args(["--port", &agent_port.to_string()])
-        .args([
-            "--server-address",
-            &format!("localhost:{p1},localhost:{p2}"),
-        ])
-        .args(["--stale-credentials-window", "4s"])
+    let cmd = c.agent_cmd(
+        agent_port,
+        &format!("localhost:{p1},localhost:{p2}"),
         // No upstream metadata service in this test.
-        .args([
-            "--metadata-endpoint",
-            &format!("http://127.0.0.1:{}", free_port()),
-        ])
-        .stdout(Stdio::null())
-        .stderr(child_stderr());
-    c.tls_args(&mut cmd, "agent");
-    let _agent = ChildGuard {
-        child: cmd.spawn().unwrap(),
-        name: "kiam agent".into(),
-    };
+        &format!("http://127.0.0.1:{}", free_port()),
+        &["--allow-ip-query", "--stale-credentials-window", "4s"],
+    );
+    let _agent = ChildGuard::spawn("kiam agent", cmd).unwrap();
     assert!(wait_for_port(agent_port, Duration::from_secs(20)));
 
     // Warm up: both servers synced, credentials cached.
@@ -184,13 +169,8 @@ fn host_comes_from_host_ip_or_kiam_host() {
     let pki = kiam::certs::generate(dir.path(), &[], 1).unwrap();
     let check = |env: &[(&str, &str)]| {
         let mut cmd = kiam_bin();
-        cmd.args(["agent", "--check-config"])
-            .arg("--cert")
-            .arg(pki.path("agent.pem"))
-            .arg("--key")
-            .arg(pki.path("agent-key.pem"))
-            .arg("--ca")
-            .arg(pki.path("ca.pem"))
+        cmd.args(["agent", "--check-config"]);
+        kiam_sandbox::procs::tls_args(&mut cmd, &pki.dir, "agent")
             .env_remove("HOST_IP")
             .env_remove("KIAM_HOST");
         for (k, v) in env {

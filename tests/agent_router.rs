@@ -3,8 +3,6 @@
 
 #[path = "support/fake_kiam.rs"]
 mod fake_kiam;
-#[path = "support/imds.rs"]
-mod imds;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -16,12 +14,12 @@ use axum::extract::connect_info::ConnectInfo;
 use fake_kiam::{creds, FakeKiam};
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
-use imds::Imds;
 use kiam::agent::client::ClientError;
 use kiam::agent::metadata::{router, Config, RouterContext};
 use kiam::agent::metrics::Metrics;
 use kiam::agent::proxy::Upstream;
 use kiam::wire::Check;
+use kiam_sandbox::imds::{Behaviour, ImdsEmulator, NodeIdentity};
 use prometheus_client::registry::Registry;
 use regex::Regex;
 use tower::ServiceExt;
@@ -37,7 +35,7 @@ struct Agent {
     fake: Arc<FakeKiam>,
     state: Arc<RouterContext>,
     registry: Registry,
-    _imds: Imds,
+    _imds: ImdsEmulator,
 }
 
 fn default_fake() -> FakeKiam {
@@ -52,7 +50,9 @@ fn default_fake() -> FakeKiam {
 }
 
 async fn agent_with(fake: FakeKiam, tweak: impl FnOnce(&mut Config)) -> Agent {
-    let imds = Imds::start(false).await;
+    let imds = ImdsEmulator::start(NodeIdentity::default(), Behaviour::leaky())
+        .await
+        .unwrap();
     let mut cfg = Config::new(Regex::new("^$").unwrap());
     // Short budgets keep retry-until-deadline cases fast.
     cfg.deadline = Duration::from_millis(250);
@@ -138,7 +138,7 @@ async fn health_returns_upstream_instance_id() {
     let r = a.get("/health", POD).await;
     assert_eq!(
         (r.status, r.body.as_str()),
-        (StatusCode::OK, imds::INSTANCE_ID)
+        (StatusCode::OK, a._imds.node().instance_id.as_str())
     );
     assert_eq!(
         a.fake.health_calls.load(Ordering::SeqCst),
@@ -149,7 +149,7 @@ async fn health_returns_upstream_instance_id() {
     let r = a.get("/health?deep=1", POD).await;
     assert_eq!(
         (r.status, r.body.as_str()),
-        (StatusCode::OK, imds::INSTANCE_ID)
+        (StatusCode::OK, a._imds.node().instance_id.as_str())
     );
     assert_eq!(a.fake.health_calls.load(Ordering::SeqCst), 1);
 
@@ -161,7 +161,9 @@ async fn health_returns_upstream_instance_id() {
 
 #[tokio::test]
 async fn health_fails_when_upstream_is_gone() {
-    let imds = Imds::start(false).await;
+    let imds = ImdsEmulator::start(NodeIdentity::default(), Behaviour::leaky())
+        .await
+        .unwrap();
     let dead = imds.url();
     drop(imds);
     let mut registry = Registry::default();
@@ -471,7 +473,7 @@ async fn iam_info_is_the_pods_never_the_nodes() {
         "arn:aws:iam::210987654321:instance-profile/team/app"
     );
     assert!(v["InstanceProfileId"].as_str().unwrap().starts_with("AIPA"));
-    for marker in imds::NODE_MARKERS {
+    for marker in a._imds.node().markers() {
         assert!(!r.body.contains(marker));
     }
     // Unknown account (bare role name) or no role: 404, never proxied.
@@ -502,7 +504,7 @@ async fn unknown_iam_paths_are_404_and_not_proxied() {
     ] {
         let r = a.get(p, POD).await;
         assert_ne!(r.status, StatusCode::OK, "{p}");
-        assert!(!r.body.contains(imds::NODE_ROLE), "{p}");
+        assert!(!r.body.contains(&a._imds.node().role_name), "{p}");
     }
     let r = a
         .call(

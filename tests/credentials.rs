@@ -3,14 +3,12 @@
 //! the happy path (credentials, external id, regions, `--assume-role-arn`,
 //! `AWS_ENDPOINT_URL_STS` / `AWS_ENDPOINT_URL`).
 //!
-//! moto is found through `MOTO_SERVER` (path to `moto_server`) or `PATH`;
-//! without it the moto test prints a loud SKIP and passes. Tests here change
+//! moto is found and started by `kiam_sandbox::procs::start_moto`
+//! (`MOTO_SERVER`, `PATH`, or the `.venv` scripts/test.sh makes); without it
+//! the moto test prints a loud SKIP and passes. Tests here change
 //! process environment variables, so they run one at a time (`SERIAL`).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +19,7 @@ use axum::response::IntoResponse;
 use kiam::server::credentials::{CacheConfig, CredentialCache, CredentialMetrics};
 use kiam::server::model::{Identity, PodInfo, PodPhase, SessionTags};
 use kiam::server::sts::{AssumeRole, StsClient, StsError};
+use kiam_sandbox::procs::{free_port, start_moto, Moto};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -153,83 +152,12 @@ async fn throttling_and_server_errors_are_retryable() {
 async fn an_unreachable_endpoint_is_retryable() {
     let _serial = SERIAL.lock().await;
     // A port that was just free: nothing listens there any more.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let e = assume(&client_for(&format!("http://{addr}")), &identity("a", None))
         .await
         .unwrap_err();
     assert_eq!(e.code.as_deref(), Some("Unreachable"), "{e:?}");
     assert!(e.retryable);
-}
-
-/// moto's STS server on 127.0.0.1, killed on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("MOTO_SERVER").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("moto_server"))
-        .find(|p| p.is_file())
-}
-
-/// Starts moto on a free port (`-p 0`) and reads the port it prints.
-fn start_moto() -> Option<Moto> {
-    let Some(bin) = moto_binary() else {
-        eprintln!(
-            "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-             SKIP: moto_server not found (set MOTO_SERVER or put it on PATH:\n\
-             pip install 'moto[server]'); the real STS client was NOT tested against moto\n\
-             !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
-        );
-        return None;
-    };
-    let mut child = Command::new(&bin)
-        .args(["-H", "127.0.0.1", "-p", "0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Werkzeug prints " * Running on http://127.0.0.1:PORT" once bound; keep
-    // draining stderr afterwards so moto never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(rest) = line.split("Running on http://127.0.0.1:").nth(1) {
-                    let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                    let _ = tx.send(port);
-                    sent = true;
-                }
-            }
-        }
-    });
-    let mut moto = Moto {
-        child,
-        url: String::new(),
-    };
-    let port = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("{} did not report its port within 60s", bin.display()));
-    moto.url = format!("http://127.0.0.1:{port}");
-    Some(moto)
 }
 
 /// moto's record of the roles it was asked to assume:

@@ -8,8 +8,6 @@
 //! Needs `kubectl` and PyPI's `kubernetes-validate` (scripts/test.sh installs
 //! the latter into .venv); without them the tests say SKIPPED loudly.
 
-#[path = "support/imds.rs"]
-mod imds;
 #[path = "support/procs.rs"]
 mod procs;
 
@@ -740,7 +738,12 @@ async fn server_and_agent_pass_their_own_probes() {
     let Some(kubectl) = kubectl() else {
         return;
     };
-    let imds = imds::Imds::start(false).await;
+    let imds = kiam_sandbox::imds::ImdsEmulator::start(
+        Default::default(),
+        kiam_sandbox::imds::Behaviour::leaky(),
+    )
+    .await
+    .unwrap();
     let cluster = procs::ProcCluster::start().await;
     for t in targets() {
         let docs = render(&kubectl, &t);
@@ -771,13 +774,8 @@ async fn server_and_agent_pass_their_own_probes() {
         cmd.env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url())
-            .stdout(Stdio::null())
-            .stderr(procs::child_stderr());
-        let _server = procs::ChildGuard {
-            child: cmd.spawn().unwrap(),
-            name: "kiam server".into(),
-        };
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url());
+        let _server = procs::ChildGuard::spawn("kiam server", cmd).unwrap();
 
         let probes = server.probe_argvs();
         assert_eq!(probes.len(), 3, "{}: startup, readiness, liveness", t.name);
@@ -814,12 +812,7 @@ async fn server_and_agent_pass_their_own_probes() {
             &format!("127.0.0.1:{}", procs::free_port()),
         );
         set_flag(&mut argv, "metadata-endpoint", &imds.url());
-        let mut cmd = kiam_in(agent, &argv);
-        cmd.stdout(Stdio::null()).stderr(procs::child_stderr());
-        let _agent = procs::ChildGuard {
-            child: cmd.spawn().unwrap(),
-            name: "kiam agent".into(),
-        };
+        let _agent = procs::ChildGuard::spawn("kiam agent", kiam_in(agent, &argv)).unwrap();
         for probe in ["livenessProbe", "readinessProbe"] {
             let path = agent.spec[probe]["httpGet"]["path"]
                 .as_str()

@@ -1,16 +1,19 @@
 //! Documentation that must match the binary: the flag reference, and the
 //! metric names the Grafana dashboard and docs/METRICS.md use.
 
+#[path = "support/flagdoc.rs"]
+mod flagdoc;
+
 use std::path::PathBuf;
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// docs/FLAGS.md is exactly what `kiam::flagdoc::markdown()` generates.
+/// docs/FLAGS.md is exactly what `flagdoc::markdown()` generates.
 #[test]
 fn flag_reference_matches_the_binary() {
-    let want = kiam::flagdoc::markdown();
+    let want = flagdoc::markdown();
     let path = repo("docs/FLAGS.md");
     if std::env::var_os("KIAM_REGENERATE_DOCS").is_some() {
         std::fs::write(&path, &want).unwrap();
@@ -30,7 +33,7 @@ fn flag_reference_matches_the_binary() {
             first + 1,
             have.lines().nth(first).unwrap_or("<end of file>"),
             want.lines().nth(first).unwrap_or("<end of file>"),
-            kiam::flagdoc::REGENERATE
+            flagdoc::REGENERATE
         );
     }
 }
@@ -39,13 +42,10 @@ fn flag_reference_matches_the_binary() {
 // Metric names: docs/grafana-dashboard.json and docs/METRICS.md against what
 // a real server and agent export after some traffic.
 
-#[path = "support/imds.rs"]
-mod imds;
 #[path = "support/procs.rs"]
 mod procs;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// One HTTP/1.1 GET on a fresh connection: (status, body); (0, "") when
@@ -181,8 +181,13 @@ fn ours(name: &str) -> bool {
 /// Runs a server and an agent (moto for STS, the in-memory API server),
 /// makes every kind of metadata request once, and returns both scrapes.
 async fn scrape_server_and_agent() -> Option<Exposition> {
-    let (_moto, sts_url) = procs::start_moto()?;
-    let imds = imds::Imds::start(false).await;
+    let moto = procs::start_moto()?;
+    let imds = kiam_sandbox::imds::ImdsEmulator::start(
+        Default::default(),
+        kiam_sandbox::imds::Behaviour::leaky(),
+    )
+    .await
+    .unwrap();
     let c = procs::ProcCluster::start().await;
     c.namespace("team-a", "arn:aws:iam::123456789012:role/web-.*");
     c.pod("team-a", "web", "198.18.4.10", "web-role");
@@ -197,7 +202,7 @@ async fn scrape_server_and_agent() -> Option<Exposition> {
 
     let (port, server_metrics) = (procs::free_port(), procs::free_port());
     let server = c.spawn_server(
-        &sts_url,
+        &moto.url,
         &[
             "--role-base-arn=arn:aws:iam::123456789012:role/",
             &format!("--bind=127.0.0.1:{port}"),
@@ -205,21 +210,16 @@ async fn scrape_server_and_agent() -> Option<Exposition> {
         ],
     );
     let (agent_port, agent_metrics) = (procs::free_port(), procs::free_port());
-    let mut cmd = procs::kiam_bin();
-    cmd.args(["agent", "--host=127.0.0.1", "--allow-ip-query"])
-        .arg(format!("--port={agent_port}"))
-        .arg(format!("--server-address=localhost:{port}"))
-        .arg(format!(
-            "--prometheus-listen-addr=127.0.0.1:{agent_metrics}"
-        ))
-        .arg(format!("--metadata-endpoint={}", imds.url()))
-        .stdout(Stdio::null())
-        .stderr(procs::child_stderr());
-    c.tls_args(&mut cmd, "agent");
-    let _agent = procs::ChildGuard {
-        child: cmd.spawn().unwrap(),
-        name: "kiam agent".into(),
-    };
+    let cmd = c.agent_cmd(
+        agent_port,
+        &format!("localhost:{port}"),
+        &imds.url(),
+        &[
+            "--allow-ip-query",
+            &format!("--prometheus-listen-addr=127.0.0.1:{agent_metrics}"),
+        ],
+    );
+    let _agent = procs::ChildGuard::spawn("kiam agent", cmd).unwrap();
 
     // Credentials once the server has synced.
     let creds = "/latest/meta-data/iam/security-credentials/web-role?ip=198.18.4.10";

@@ -13,28 +13,20 @@
 mod cluster;
 #[path = "support/fault_stack.rs"]
 mod fault_stack;
+#[path = "support/grpc.rs"]
+mod grpc;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use cluster::Cluster;
 use fault_stack::{ms, report, until};
-use kiam::proto::kiam_service_client::KiamServiceClient;
-use kiam::proto::{GetHealthRequest, GetPodRoleRequest};
+use grpc::role;
+use kiam::proto::GetHealthRequest;
 use kiam_sandbox::apiserver::FakeApiServer;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const NS: &str = "team-a";
-
-async fn role(client: &KiamServiceClient<Channel>, ip: &str) -> Result<String, (Code, String)> {
-    client
-        .clone()
-        .get_pod_role(GetPodRoleRequest { ip: ip.into() })
-        .await
-        .map(|r| r.into_inner().name)
-        .map_err(|e| (e.code(), e.message().to_string()))
-}
 
 fn full_pod_lists(api: &FakeApiServer) -> usize {
     api.count_requests(|r| {

@@ -9,13 +9,14 @@
 mod cluster;
 #[path = "support/fault_stack.rs"]
 mod fault_stack;
+#[path = "support/grpc.rs"]
+mod grpc;
 
 use std::time::{Duration, Instant};
 
 use cluster::{pod_json, Cluster};
 use fault_stack::{ms, report, until, Agent};
 use kiam::proto::kiam_service_client::KiamServiceClient;
-use kiam::proto::{GetPodCredentialsRequest, GetPodRoleRequest};
 use kiam::server::pods::CONFIRM_TTL;
 use tonic::transport::Channel;
 
@@ -29,29 +30,25 @@ const NS: &str = "team-a";
 /// the real race rather than one no node can produce.
 const HANDOVER: Duration = Duration::from_millis(CONFIRM_TTL.as_millis() as u64 + 100);
 
+/// GetPodRole, a failure as one line.
 async fn role(client: &KiamServiceClient<Channel>, ip: &str) -> Result<String, String> {
-    client
-        .clone()
-        .get_pod_role(GetPodRoleRequest { ip: ip.into() })
-        .await
-        .map(|r| r.into_inner().name)
-        .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+    grpc::role(client, ip).await.map_err(as_line)
 }
 
+/// The access key id a pod gets, a failure as one line.
 async fn creds(
     client: &KiamServiceClient<Channel>,
     ip: &str,
     role: &str,
 ) -> Result<String, String> {
-    client
-        .clone()
-        .get_pod_credentials(GetPodCredentialsRequest {
-            ip: ip.into(),
-            role: role.into(),
-        })
+    grpc::credentials(client, ip, role)
         .await
-        .map(|r| r.into_inner().access_key_id)
-        .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+        .map(|c| c.access_key_id)
+        .map_err(as_line)
+}
+
+fn as_line((code, message): grpc::Failure) -> String {
+    format!("{code:?}: {message}")
 }
 
 /// Asks as the pod at `ip` would, `rounds` times: its role, the old role's

@@ -32,25 +32,19 @@ fn copies(ns: &NetNs, target: &str) -> usize {
 /// Starts `kiam agent --iptables --iptables-remove=false` inside `ns`.
 fn agent(ns: &NetNs, node: &Node, port: u16, pki: &kiam::certs::Pki) -> Child {
     let mut cmd = ns.command(env!("CARGO_BIN_EXE_kiam")).unwrap();
-    cmd.args(["agent", "--iptables", "--iptables-remove=false"])
-        .args(["--host", &node.host_ip().to_string()])
-        .args(["--host-interface", &node.interface_wildcard()])
-        .args(["--port", &port.to_string()])
-        // No server is needed to keep the rule; the agent starts without one.
-        .args(["--server-address", "127.0.0.1:1"])
-        .args(["--metadata-endpoint", "http://127.0.0.1:1"])
-        .arg("--cert")
-        .arg(pki.path("agent.pem"))
-        .arg("--key")
-        .arg(pki.path("agent-key.pem"))
-        .arg("--ca")
-        .arg(pki.path("ca.pem"))
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("KIAM_TEST_LOGS").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        });
+    // No server is needed to keep the rule; the agent starts without one.
+    kiam_sandbox::procs::agent_args(
+        &mut cmd,
+        port,
+        "127.0.0.1:1",
+        "http://127.0.0.1:1",
+        &pki.dir,
+    )
+    .args(["--iptables", "--iptables-remove=false"])
+    .args(["--host", &node.host_ip().to_string()])
+    .args(["--host-interface", &node.interface_wildcard()])
+    .stdout(Stdio::null())
+    .stderr(kiam_sandbox::procs::child_stderr());
     cmd.spawn().unwrap()
 }
 

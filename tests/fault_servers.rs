@@ -17,13 +17,10 @@ mod fault_stack;
 mod procs;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use fault_stack::{http, ms, report, until, Reply};
-use procs::{
-    child_stderr, free_port, kiam_bin, start_moto, wait_for_port, ChildGuard, ProcCluster,
-};
+use procs::{free_port, kiam_bin, start_moto, wait_for_port, ChildGuard, ProcCluster};
 
 const POD: &str = "127.0.11.10";
 const LISTING: &str = "/latest/meta-data/iam/security-credentials/";
@@ -63,55 +60,38 @@ fn server(
     kubeconfig: Option<&std::path::Path>,
 ) -> ChildGuard {
     let mut cmd = kiam_bin();
-    cmd.arg("server")
-        .arg("--kubeconfig")
-        .arg(kubeconfig.unwrap_or(&c.kubeconfig))
+    kiam_sandbox::procs::server_args(&mut cmd, kubeconfig.unwrap_or(&c.kubeconfig), &c.pki.dir)
         .args(["--role-base-arn", cluster::BASE_ARN])
-        .args(["--bind", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(child_stderr());
-    c.tls_args(&mut cmd, "server");
+        .args(["--bind", &format!("127.0.0.1:{port}")]);
     procs::moto_env(&mut cmd, sts_url);
-    ChildGuard {
-        child: cmd.spawn().unwrap(),
-        name: format!("kiam server :{port}"),
-    }
+    ChildGuard::spawn(format!("kiam server :{port}"), cmd).unwrap()
 }
 
 fn agent(c: &ProcCluster, servers: &[u16]) -> (ChildGuard, SocketAddr) {
     let port = free_port();
     let addresses: Vec<String> = servers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut cmd = kiam_bin();
-    cmd.args(["agent", "--host", "127.0.0.1"])
-        .args(["--port", &port.to_string()])
-        .args(["--server-address", &addresses.join(",")])
-        .args(["--stale-credentials-window", "0s"])
-        .args([
-            "--metadata-endpoint",
-            &format!("http://127.0.0.1:{}", free_port()),
-        ])
-        .stdout(Stdio::null())
-        .stderr(child_stderr());
-    c.tls_args(&mut cmd, "agent");
-    let guard = ChildGuard {
-        child: cmd.spawn().unwrap(),
-        name: "kiam agent".into(),
-    };
+    let cmd = c.agent_cmd(
+        port,
+        &addresses.join(","),
+        &format!("http://127.0.0.1:{}", free_port()),
+        &["--stale-credentials-window", "0s"],
+    );
+    let guard = ChildGuard::spawn("kiam agent", cmd).unwrap();
     assert!(wait_for_port(port, Duration::from_secs(20)));
     (guard, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_servers_down_then_one_back_recovers_at_once() {
-    let Some((_moto, sts_url)) = start_moto() else {
+    let Some(moto) = start_moto() else {
         return;
     };
     let c = ProcCluster::start().await;
     c.namespace("team-a", ".*");
     c.pod("team-a", "web", POD, "web-role");
     let (p1, p2) = (free_port(), free_port());
-    let mut s1 = server(&c, &sts_url, p1, None);
-    let mut s2 = server(&c, &sts_url, p2, None);
+    let mut s1 = server(&c, &moto.url, p1, None);
+    let mut s2 = server(&c, &moto.url, p2, None);
     let (_agent, addr) = agent(&c, &[p1, p2]);
     until("the agent to serve", Duration::from_secs(30), || async {
         sdk_fetch(addr).await.ok()
@@ -143,7 +123,7 @@ async fn all_servers_down_then_one_back_recovers_at_once() {
 
     // One server comes back on its old address, with cold caches.
     let restarted = Instant::now();
-    let _s2 = server(&c, &sts_url, p2, None);
+    let _s2 = server(&c, &moto.url, p2, None);
     assert!(wait_for_port(p2, Duration::from_secs(20)));
     let listening = restarted.elapsed();
     until(
@@ -178,7 +158,7 @@ async fn all_servers_down_then_one_back_recovers_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_cannot_reach_the_api_is_never_the_one_answering() {
-    let Some((_moto, sts_url)) = start_moto() else {
+    let Some(moto) = start_moto() else {
         return;
     };
     let c = ProcCluster::start().await;
@@ -194,8 +174,8 @@ async fn a_server_that_cannot_reach_the_api_is_never_the_one_answering() {
     unreachable.set_unavailable(true);
 
     let (p_bad, p_good) = (free_port(), free_port());
-    let _bad = server(&c, &sts_url, p_bad, Some(&nowhere));
-    let _good = server(&c, &sts_url, p_good, None);
+    let _bad = server(&c, &moto.url, p_bad, Some(&nowhere));
+    let _good = server(&c, &moto.url, p_good, None);
     assert!(wait_for_port(p_bad, Duration::from_secs(20)));
     let (_agent, addr) = agent(&c, &[p_bad, p_good]);
     until("the agent to serve", Duration::from_secs(30), || async {

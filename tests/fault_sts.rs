@@ -13,6 +13,8 @@
 mod cluster;
 #[path = "support/fault_stack.rs"]
 mod fault_stack;
+#[path = "support/grpc.rs"]
+mod grpc;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +23,6 @@ use cluster::FakeFailure;
 use cluster::{Cluster, BASE_ARN};
 use fault_stack::{ms, report, until};
 use kiam::proto::kiam_service_client::KiamServiceClient;
-use kiam::proto::GetPodCredentialsRequest;
 use kiam::server::model::Identity;
 use tonic::transport::Channel;
 
@@ -49,17 +50,12 @@ struct Seen {
     min_left: Option<f64>,
 }
 
+/// When the credentials a pod gets expire, or the refusal's message.
 async fn ask(client: &KiamServiceClient<Channel>, ip: &str, role: &str) -> Result<String, String> {
-    let r = client
-        .clone()
-        .get_pod_credentials(GetPodCredentialsRequest {
-            ip: ip.into(),
-            role: role.into(),
-        })
+    grpc::credentials(client, ip, role)
         .await
-        .map_err(|e| e.message().to_string())?
-        .into_inner();
-    Ok(r.expiration)
+        .map(|c| c.expiration)
+        .map_err(|(_, message)| message)
 }
 
 /// `per_tick` concurrent requests every 100 ms for `how_long`; every

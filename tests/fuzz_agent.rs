@@ -19,8 +19,6 @@
 
 #[path = "support/fake_kiam.rs"]
 mod fake_kiam;
-#[path = "support/imds.rs"]
-mod imds;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
@@ -31,12 +29,12 @@ use axum::extract::connect_info::ConnectInfo;
 use fake_kiam::{creds, FakeKiam};
 use http::{Request, Uri};
 use http_body_util::BodyExt;
-use imds::Imds;
 use kiam::agent::imdsv2::Tokens;
 use kiam::agent::metadata::{router, Config, RouterContext};
 use kiam::agent::metrics::Metrics;
 use kiam::agent::path::NormalPath;
 use kiam::agent::proxy::Upstream;
+use kiam_sandbox::imds::{looks_like_iam, Behaviour, ImdsEmulator, NodeIdentity};
 use prometheus_client::registry::Registry;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
@@ -165,7 +163,7 @@ fn as_uri(raw: &str) -> Uri {
 
 /// An agent (everything allow-listed) in front of a leaky metadata service.
 struct Pair {
-    imds: Imds,
+    imds: ImdsEmulator,
     state: Arc<RouterContext>,
 }
 
@@ -174,7 +172,9 @@ struct Pair {
 const FRESH_AFTER: usize = 500;
 
 async fn pair() -> Pair {
-    let imds = Imds::start(false).await;
+    let imds = ImdsEmulator::start(NodeIdentity::default(), Behaviour::leaky())
+        .await
+        .unwrap();
     let fake = FakeKiam::new()
         .pod(POD, Some("pod-role"))
         .grant(POD, "pod-role", creds("PODKEY"));
@@ -227,19 +227,15 @@ fn rig() -> &'static Rig {
     })
 }
 
-fn leaks(text: &str) -> Option<&'static str> {
+/// The first of the node's markers in `text` (every emulator here runs as
+/// the default node).
+fn leaks(text: &str) -> Option<String> {
     let text = text.to_lowercase();
-    imds::NODE_MARKERS
+    NodeIdentity::default()
+        .markers()
         .into_iter()
         .find(|m| text.contains(&m.to_lowercase()))
-}
-
-fn looks_like_iam(upstream_path: &str) -> bool {
-    let squashed: String = imds::lenient(upstream_path)
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '/')
-        .collect();
-    squashed.contains("iam") || squashed.contains("credentials")
+        .map(str::to_string)
 }
 
 /// Routes one request through the router; returns (status, body, what

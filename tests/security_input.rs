@@ -8,40 +8,29 @@
 mod cluster;
 #[path = "support/fault_stack.rs"]
 mod fault_stack;
+#[path = "support/grpc.rs"]
+mod grpc;
 
 use std::time::Duration;
 
 use cluster::{Cluster, BASE_ARN};
 use fault_stack::{report, until, Agent};
+use grpc::role;
 use kiam::proto::kiam_service_client::KiamServiceClient;
-use kiam::proto::{GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest};
+use kiam::proto::GetHealthRequest;
 use serde_json::json;
 use tonic::transport::Channel;
 use tonic::Code;
 
-async fn role(client: &KiamServiceClient<Channel>, ip: &str) -> Result<String, (Code, String)> {
-    client
-        .clone()
-        .get_pod_role(GetPodRoleRequest { ip: ip.into() })
-        .await
-        .map(|r| r.into_inner().name)
-        .map_err(|e| (e.code(), e.message().to_string()))
-}
-
+/// The access key id a pod gets, or why not.
 async fn creds(
     client: &KiamServiceClient<Channel>,
     ip: &str,
     role: &str,
-) -> Result<String, (Code, String)> {
-    client
-        .clone()
-        .get_pod_credentials(GetPodCredentialsRequest {
-            ip: ip.into(),
-            role: role.into(),
-        })
+) -> Result<String, grpc::Failure> {
+    grpc::credentials(client, ip, role)
         .await
-        .map(|r| r.into_inner().access_key_id)
-        .map_err(|e| (e.code(), e.message().to_string()))
+        .map(|c| c.access_key_id)
 }
 
 /// The server still answers health and serves a well-formed pod.

@@ -3,11 +3,13 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/grpc.rs"]
+mod grpc;
 
 use std::time::Duration;
 
 use cluster::{eventually, pod_json, Cluster, BASE_ARN};
-use kiam::proto::{GetPodCredentialsRequest, GetPodRoleRequest};
+use kiam::proto::GetPodRoleRequest;
 use kiam::server::model::Identity;
 use tonic::Code;
 
@@ -25,13 +27,6 @@ fn denied_check(e: &tonic::Status) -> Option<&str> {
     e.metadata()
         .get(kiam::wire::DENIED_CHECK_KEY)
         .and_then(|v| v.to_str().ok())
-}
-
-fn creds_req(ip: &str, role: &str) -> GetPodCredentialsRequest {
-    GetPodCredentialsRequest {
-        ip: ip.into(),
-        role: role.into(),
-    }
 }
 
 #[tokio::test]
@@ -52,7 +47,7 @@ async fn answers_role_credentials_and_health() {
     assert_eq!(role.name, "team-a-web");
 
     let creds = client
-        .get_pod_credentials(creds_req("198.18.0.10", "team-a-web"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.10", "team-a-web"))
         .await
         .unwrap()
         .into_inner();
@@ -71,7 +66,10 @@ async fn answers_role_credentials_and_health() {
 
     // The full ARN works too: the policy compares resolved ARNs.
     client
-        .get_pod_credentials(creds_req("198.18.0.10", &format!("{BASE_ARN}team-a-web")))
+        .get_pod_credentials(grpc::credentials_request(
+            "198.18.0.10",
+            &format!("{BASE_ARN}team-a-web"),
+        ))
         .await
         .unwrap();
     assert_eq!(c.sts.calls(&identity("team-a-web", "kiam-kiam")), 1);
@@ -96,14 +94,14 @@ async fn refusals_carry_kiam_wire_messages() {
     assert_eq!(e.message(), "no pod found");
 
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.99", "team-a-web"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.99", "team-a-web"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "no pod found");
 
     // Another role than the annotated one.
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.20", "team-a-admin"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.20", "team-a-admin"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
@@ -112,7 +110,7 @@ async fn refusals_carry_kiam_wire_messages() {
 
     // A namespace without iam.amazonaws.com/permitted permits nothing.
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.21", "team-a-web"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.21", "team-a-web"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
@@ -128,7 +126,7 @@ async fn refusals_carry_kiam_wire_messages() {
         .into_inner();
     assert_eq!(role.name, "");
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.22", "team-a-web"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.22", "team-a-web"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
@@ -152,7 +150,7 @@ async fn refusals_carry_kiam_wire_messages() {
     // The denial is recorded once on the pod, however often it repeats.
     for _ in 0..20 {
         let _ = client
-            .get_pod_credentials(creds_req("198.18.0.20", "team-a-admin"))
+            .get_pod_credentials(grpc::credentials_request("198.18.0.20", "team-a-admin"))
             .await;
     }
     eventually("a KiamRoleForbidden event", || {
@@ -217,7 +215,7 @@ async fn one_sts_call_per_identity_under_concurrency() {
         let i = n % 50;
         tasks.push(tokio::spawn(async move {
             client
-                .get_pod_credentials(creds_req(
+                .get_pod_credentials(grpc::credentials_request(
                     &format!("198.18.1.{i}"),
                     &format!("role-{}", i % 5),
                 ))
@@ -313,7 +311,7 @@ async fn deleted_completed_and_reused_ips() {
     assert_eq!(seen, "new-role");
     // And the new pod can never get the old pod's role.
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.40", "old-role"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.40", "old-role"))
         .await
         .unwrap_err();
     assert_eq!(e.message(), "forbidden by policy");
@@ -335,7 +333,7 @@ async fn start_up_race_is_answered_from_the_api() {
         .into_inner();
     assert_eq!(role.name, "fresh-role");
     let creds = client
-        .get_pod_credentials(creds_req("198.18.0.50", "fresh-role"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.50", "fresh-role"))
         .await
         .unwrap()
         .into_inner();
@@ -403,12 +401,12 @@ async fn session_tags_are_never_shared_between_pods() {
     c.pod("team-b", "api", "198.18.0.41", Some("shared"));
     let mut client = c.ready().await;
     let a = client
-        .get_pod_credentials(creds_req("198.18.0.40", "shared"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.40", "shared"))
         .await
         .unwrap()
         .into_inner();
     let b = client
-        .get_pod_credentials(creds_req("198.18.0.41", "shared"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.41", "shared"))
         .await
         .unwrap()
         .into_inner();
@@ -426,7 +424,7 @@ async fn session_tags_are_never_shared_between_pods() {
     assert_eq!(c.sts.last_tags(&tb).unwrap().namespace, "team-b");
     // Repeats are cache hits for each pod's own identity.
     let again = client
-        .get_pod_credentials(creds_req("198.18.0.41", "shared"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.41", "shared"))
         .await
         .unwrap()
         .into_inner();
@@ -453,7 +451,7 @@ async fn error_messages_are_short_and_final_refusals_are_marked() {
     let mut answer = Ok(());
     for _ in 0..200 {
         answer = client
-            .get_pod_credentials(creds_req("198.18.0.50", "web"))
+            .get_pod_credentials(grpc::credentials_request("198.18.0.50", "web"))
             .await
             .map(|_| ());
         if answer.is_err() {
@@ -470,7 +468,7 @@ async fn error_messages_are_short_and_final_refusals_are_marked() {
     c.sts.fail_always(Some(cluster::FakeFailure::AccessDenied));
     c.pod("team-a", "api", "198.18.0.51", Some("api"));
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.51", "api"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.51", "api"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
@@ -479,7 +477,7 @@ async fn error_messages_are_short_and_final_refusals_are_marked() {
     c.sts.fail_always(Some(cluster::FakeFailure::Throttle));
     c.pod("team-a", "batch", "198.18.0.52", Some("batch"));
     let e = client
-        .get_pod_credentials(creds_req("198.18.0.52", "batch"))
+        .get_pod_credentials(grpc::credentials_request("198.18.0.52", "batch"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Internal);

@@ -2,6 +2,8 @@
 //! server over HTTP, STS from moto's server, `kiam health` against it, and
 //! flags checked before anything starts.
 
+#[path = "support/grpc.rs"]
+mod grpc;
 #[path = "support/procs.rs"]
 mod procs;
 
@@ -9,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiam::proto::kiam_service_client::KiamServiceClient;
-use kiam::proto::GetPodCredentialsRequest;
 use kiam::tls::{ChannelOpts, ClientTls};
+use kiam_sandbox::imds::{Behaviour, ImdsEmulator, NodeIdentity};
 use procs::{free_port, kiam_bin, start_moto, ChildGuard, ProcCluster};
 
 const BASE: &str = "arn:aws:iam::123456789012:role/";
@@ -29,20 +31,16 @@ async fn credentials(
     port: u16,
     ip: &str,
     role: &str,
-) -> Result<kiam::proto::Credentials, tonic::Status> {
+) -> Result<kiam::proto::Credentials, grpc::Failure> {
     let tls = ClientTls::load(c.pki.agent_files(), &mut Default::default()).unwrap();
     let channel = tls
         .channel(&format!("localhost:{port}"), &ChannelOpts::default())
         .unwrap();
-    let mut client = KiamServiceClient::new(channel);
+    let client = KiamServiceClient::new(channel);
     let mut last = None;
     for _ in 0..100 {
-        let req = GetPodCredentialsRequest {
-            ip: ip.into(),
-            role: role.into(),
-        };
-        match client.get_pod_credentials(req).await {
-            Ok(r) => return Ok(r.into_inner()),
+        match grpc::credentials(&client, ip, role).await {
+            Ok(creds) => return Ok(creds),
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -52,7 +50,7 @@ async fn credentials(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_process_serves_moto_credentials() {
-    let Some((_moto, sts_url)) = start_moto() else {
+    let Some(moto) = start_moto() else {
         return;
     };
     let c = ProcCluster::start().await;
@@ -61,7 +59,7 @@ async fn server_process_serves_moto_credentials() {
     let port = free_port();
     let metrics_port = free_port();
     let _server = c.spawn_server(
-        &sts_url,
+        &moto.url,
         &[
             "--role-base-arn",
             BASE,
@@ -135,14 +133,7 @@ async fn reqwest_get(url: &str) -> String {
 
 fn server_cmd(extra: &[&str], pki: &kiam::certs::Pki) -> Command {
     let mut cmd = kiam_bin();
-    cmd.arg("server")
-        .arg("--cert")
-        .arg(pki.path("server.pem"))
-        .arg("--key")
-        .arg(pki.path("server-key.pem"))
-        .arg("--ca")
-        .arg(pki.path("ca.pem"))
-        .args(extra);
+    kiam_sandbox::procs::tls_args(cmd.arg("server"), &pki.dir, "server").args(extra);
     cmd
 }
 
@@ -206,35 +197,21 @@ fn bad_flags_exit_64_naming_the_flag() {
     expect_usage(&mut missing, "--cert");
 }
 
-/// A minimal IMDS that only knows the instance profile (IMDSv2 token first,
-/// as the aws-config client does).
-async fn profile_imds(instance_profile_arn: &'static str) -> std::net::SocketAddr {
-    use axum::routing::{get, put};
-    let app = axum::Router::new()
-        .route(
-            "/latest/api/token",
-            put(|| async { ([("x-aws-ec2-metadata-token-ttl-seconds", "21600")], "test-token") }),
-        )
-        .route(
-            "/latest/meta-data/iam/info",
-            get(move || async move {
-                format!(
-                    r#"{{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","InstanceProfileArn":"{instance_profile_arn}","InstanceProfileId":"AIPAEXAMPLE"}}"#
-                )
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_arn_autodetected_from_the_instance_profile() {
-    let Some((_moto, sts_url)) = start_moto() else {
+    let Some(moto) = start_moto() else {
         return;
     };
-    let imds = profile_imds("arn:aws:iam::999988887777:instance-profile/nodes").await;
+    let imds = ImdsEmulator::start(
+        NodeIdentity {
+            account_id: "999988887777".into(),
+            instance_profile_name: "nodes".into(),
+            ..NodeIdentity::default()
+        },
+        Behaviour::default(),
+    )
+    .await
+    .unwrap();
     let c = ProcCluster::start().await;
     // Only the detected account's roles are permitted: success proves the
     // bare role name was resolved against the detected base.
@@ -242,21 +219,16 @@ async fn base_arn_autodetected_from_the_instance_profile() {
     c.pod("auto", "p", "198.18.2.20", "auto-role");
     let port = free_port();
     let mut cmd = c.server_cmd(
-        &sts_url,
+        &moto.url,
         &[
             "--role-base-arn-autodetect",
             "--bind",
             &format!("127.0.0.1:{port}"),
         ],
     );
-    cmd.env_remove("AWS_EC2_METADATA_DISABLED").env(
-        "AWS_EC2_METADATA_SERVICE_ENDPOINT",
-        format!("http://{imds}"),
-    );
-    let _server = ChildGuard {
-        child: cmd.spawn().unwrap(),
-        name: "kiam server".into(),
-    };
+    cmd.env_remove("AWS_EC2_METADATA_DISABLED")
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url());
+    let _server = ChildGuard::spawn("kiam server", cmd).unwrap();
     let creds = credentials(&c, port, "198.18.2.20", "auto-role")
         .await
         .expect("credentials for the autodetected role ARN");

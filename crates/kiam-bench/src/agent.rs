@@ -23,6 +23,7 @@ use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::proto::GetPodCredentialsRequest;
 use kiam::tls::{ClientTls, ServerTls};
 use kiam_sandbox::apiserver::FakeApiServer;
+use kiam_sandbox::procs::{self as sandbox_procs, ChildGuard};
 use prometheus_client::registry::Registry;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
@@ -316,32 +317,19 @@ pub fn agent_rss(report: &mut Report, window: Window) -> Result<()> {
     let kiam_rt = runtime("kiam-server", 2);
     let load_rt = runtime("load", 2);
     let b = backend(&kiam_rt)?;
-    let bin = procs::kiam_binary()?;
-    let port = procs::free_port()?;
-    let mut cmd = Command::new(bin);
-    let args = [
-        "agent".to_string(),
-        "--port".into(),
-        port.to_string(),
-        "--host".into(),
-        "127.0.0.1".into(),
-        "--server-address".into(),
-        format!("127.0.0.1:{}", b.cluster.addr.port()),
-        "--metadata-endpoint".into(),
-        "http://127.0.0.1:9".into(),
-        "--cert".into(),
-        b.cluster.pki.path("agent.pem").display().to_string(),
-        "--key".into(),
-        b.cluster.pki.path("agent-key.pem").display().to_string(),
-        "--ca".into(),
-        b.cluster.pki.path("ca.pem").display().to_string(),
-    ];
-    cmd.args(&args);
-    let child = procs::spawn(cmd)?;
+    let port = sandbox_procs::free_port()?;
+    let mut cmd = Command::new(sandbox_procs::find_kiam()?);
+    sandbox_procs::agent_args(
+        &mut cmd,
+        port,
+        &format!("127.0.0.1:{}", b.cluster.addr.port()),
+        "http://127.0.0.1:9",
+        &b.cluster.pki.dir,
+    )
+    .args(["--host", "127.0.0.1"]);
+    let child = ChildGuard::spawn("kiam agent", cmd)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    if !procs::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
-        std::net::TcpStream::connect(addr).is_ok()
-    }) {
+    if !sandbox_procs::wait_for_port(port, Duration::from_secs(10)) {
         bail!("kiam agent did not listen on {addr}");
     }
     let body = load_rt.block_on(warm(addr))?;

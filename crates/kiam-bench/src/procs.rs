@@ -1,63 +1,9 @@
-//! Real `kiam` processes, for figures only a process has (RSS, start-up),
-//! and the RSS readings themselves.
-//!
-//! The `kiam` binary is built by cargo in the same profile as this bench
-//! (`cargo build --release --bin kiam`) before anything is measured: a
-//! benchmark of a stale binary would be worse than none.
+//! What a benchmark reads of a process: RSS and CPU time, its own runtimes'
+//! included. Starting the real `kiam` processes (the binary found and
+//! rebuilt in this bench's profile first, children guarded, logs with
+//! `KIAM_BENCH_LOGS=1`) is `kiam_sandbox::procs`, shared with the tests.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use anyhow::{bail, Context, Result};
-
-/// Kills the child when dropped, even on error paths.
-pub struct ChildGuard(pub Child);
-
-impl ChildGuard {
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The `kiam` binary next to this one, rebuilt first when cargo is known.
-pub fn kiam_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("the bench binary has no directory")?;
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--bin", "kiam", "-p", "kiam"]);
-        if release {
-            cmd.arg("--release");
-        }
-        eprintln!(
-            "building the kiam binary ({})",
-            if release { "release" } else { "debug" }
-        );
-        let status = cmd
-            .status()
-            .context("running cargo build for the kiam binary")?;
-        if !status.success() {
-            bail!("cargo build --bin kiam failed");
-        }
-    }
-    let bin = dir.join("kiam");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: run through `cargo run --release -p kiam-bench` so the kiam binary is built",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
+use anyhow::{Context, Result};
 
 /// `VmRSS` and `VmHWM` (peak RSS) of a process, in bytes.
 pub fn rss(pid: u32) -> Result<(u64, u64)> {
@@ -129,40 +75,6 @@ impl CpuMeter {
             .map(|(p, s)| (*p, threads_cpu(p) - s))
             .collect()
     }
-}
-
-/// Spawns `cmd` with stdout and stderr dropped (or inherited with
-/// `KIAM_BENCH_LOGS=1`).
-pub fn spawn(mut cmd: Command) -> Result<ChildGuard> {
-    let logs = std::env::var_os("KIAM_BENCH_LOGS").is_some();
-    let out = || {
-        if logs {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        }
-    };
-    cmd.stdout(out()).stderr(out()).stdin(Stdio::null());
-    Ok(ChildGuard(cmd.spawn().context("spawning a kiam process")?))
-}
-
-/// A free loopback port (bound, then released).
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Polls `f` every `every` until it is true or `timeout` passes.
-pub fn wait_until(timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(every);
-    }
-    false
 }
 
 pub fn mib(bytes: u64) -> String {

@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::tls::{ChannelOpts, ClientTls};
 use kiam_sandbox::apiserver::FakeApiServer;
+use kiam_sandbox::procs::{self as sandbox_procs, ChildGuard};
 use prometheus_client::registry::Registry;
 
 use crate::cluster::Cluster;
@@ -144,24 +145,16 @@ struct ProcessRun {
 }
 
 fn run_process(api: std::net::SocketAddr, load_rt: &tokio::runtime::Runtime) -> Result<ProcessRun> {
-    let bin = procs::kiam_binary()?;
+    let bin = sandbox_procs::find_kiam()?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, replay::kubeconfig(api))?;
     let pki = kiam::certs::generate(&dir.path().join("certs"), &[], 1)?;
-    let port = procs::free_port()?;
+    let port = sandbox_procs::free_port()?;
     let mut cmd = Command::new(bin);
-    cmd.arg("server")
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
+    sandbox_procs::server_args(&mut cmd, &kubeconfig, &pki.dir)
         .args(["--role-base-arn", BASE_ARN])
         .args(["--bind", &format!("127.0.0.1:{port}")])
-        .arg("--cert")
-        .arg(pki.path("server.pem"))
-        .arg("--key")
-        .arg(pki.path("server-key.pem"))
-        .arg("--ca")
-        .arg(pki.path("ca.pem"))
         // STS is never called (no namespace permits a role); keep the SDK
         // off the network and away from real credentials anyway.
         .env("AWS_ACCESS_KEY_ID", "bench")
@@ -175,7 +168,7 @@ fn run_process(api: std::net::SocketAddr, load_rt: &tokio::runtime::Runtime) -> 
     let channel = ClientTls::load(pki.agent_files(), &mut Registry::default())?
         .channel(&format!("127.0.0.1:{port}"), &ChannelOpts::default())?;
     let start = Instant::now();
-    let child = procs::spawn(cmd)?;
+    let child = ChildGuard::spawn("kiam server", cmd)?;
     let sync = load_rt.block_on(async {
         let mut client = KiamServiceClient::new(channel);
         loop {

@@ -1,22 +1,25 @@
 //! The node's own EC2 instance metadata service, as the agent's
-//! `--metadata-endpoint` sees it: instance id, placement, and an instance
-//! profile with the *node's* role and credentials.
+//! `--metadata-endpoint` sees it: instance id, placement, user-data, and an
+//! instance profile with the *node's* role and credentials.
 //!
 //! The one surprise: the node role exists to be stolen. Its name and keys are
 //! unmistakable markers ([`NodeIdentity::markers`]) and every request is
-//! counted, so a test can prove that no Pod ever got them — whatever kiam
+//! recorded, so a test can prove that no Pod ever got them — whatever kiam
 //! serves a Pod must come from STS via the server, never from here. On an
 //! isolated sandbox node this emulator answers at 169.254.169.254:80 itself,
 //! exactly where a Pod would reach the real service if the agent's iptables
-//! rule were missing.
+//! rule were missing. Agent tests make it leakier still ([`Behaviour::leaky`]):
+//! it then hands the node's identity to any spelling of an IAM path a sloppy
+//! server might accept, so a test fails if the agent forwards one.
 //!
-//! Tokens work as on EC2 with `HttpTokens=optional`: `PUT /latest/api/token`
-//! with a TTL of 1..21600 seconds returns one; a GET may go without, but a
-//! GET with an unknown or expired token is 401.
+//! Tokens work as on EC2 with `HttpTokens=optional` (or `required`, see
+//! [`Behaviour`]): `PUT /latest/api/token` with a TTL of 1..21600 seconds
+//! returns one; a GET may go without, but a GET with an unknown or expired
+//! token is 401.
 
-use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
@@ -39,10 +42,14 @@ pub struct NodeIdentity {
     pub availability_zone: String,
     pub local_ipv4: String,
     pub role_name: String,
+    /// The instance profile's name, in its ARN (often the role's name).
+    pub instance_profile_name: String,
     pub instance_profile_id: String,
     pub access_key_id: String,
     pub secret_access_key: String,
     pub token: String,
+    /// `/latest/user-data`: the operator's to allow to Pods or not.
+    pub user_data: String,
 }
 
 impl Default for NodeIdentity {
@@ -54,19 +61,23 @@ impl Default for NodeIdentity {
             availability_zone: "us-east-1a".into(),
             local_ipv4: "198.18.0.1".into(),
             role_name: "kiam-sandbox-NODE-ROLE".into(),
+            instance_profile_name: "kiam-sandbox-NODE-ROLE".into(),
             instance_profile_id: "AIPASANDBOXNODEPROFILE".into(),
             access_key_id: "ASIASANDBOXNODEROLEKEY".into(),
             secret_access_key: "sandbox-NODE-ROLE-secret-must-never-reach-a-pod".into(),
             token: "sandbox-NODE-ROLE-session-token-must-never-reach-a-pod".into(),
+            user_data: "kiam-sandbox-USER-DATA".into(),
         }
     }
 }
 
 impl NodeIdentity {
-    /// Strings that must never appear in anything a Pod receives.
-    pub fn markers(&self) -> [&str; 5] {
+    /// Strings that must never appear in anything a Pod receives (user-data
+    /// aside: it is the operator's to allow).
+    pub fn markers(&self) -> [&str; 6] {
         [
             &self.role_name,
+            &self.instance_profile_name,
             &self.instance_profile_id,
             &self.access_key_id,
             &self.secret_access_key,
@@ -74,29 +85,69 @@ impl NodeIdentity {
         ]
     }
 
-    /// `arn:aws:iam::<account>:instance-profile/<role>` (what
+    /// `arn:aws:iam::<account>:instance-profile/<profile>` (what
     /// `--role-base-arn-autodetect` reads).
     pub fn instance_profile_arn(&self) -> String {
         format!(
             "arn:aws:iam::{}:instance-profile/{}",
-            self.account_id, self.role_name
+            self.account_id, self.instance_profile_name
         )
     }
 }
 
+/// What the emulator does beyond EC2's defaults; tests choose.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behaviour {
+    /// Tokenless GETs get 401, as on an instance with `HttpTokens=required`.
+    pub tokens_required: bool,
+    /// Paths are matched the way a sloppy server could ([`lenient`], any
+    /// version, any method), and whatever looks like IAM after that gets the
+    /// node's identity.
+    pub leaky: bool,
+}
+
+impl Behaviour {
+    /// Leaky, tokens optional: the upstream agent tests put behind kiam.
+    pub fn leaky() -> Behaviour {
+        Behaviour {
+            tokens_required: false,
+            leaky: true,
+        }
+    }
+
+    /// The same, but tokenless GETs get 401.
+    pub fn requiring_tokens(self) -> Behaviour {
+        Behaviour {
+            tokens_required: true,
+            ..self
+        }
+    }
+}
+
+/// One request as the emulator received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
 struct Inner {
     node: NodeIdentity,
-    // std Mutex: inserts and lookups only, never across an `.await`.
-    tokens: Mutex<HashMap<String, Instant>>,
-    requests: AtomicUsize,
+    behaviour: Behaviour,
+    // std Mutexes: pushes and lookups only, never across an `.await`.
+    /// Every token issued, in order, with its expiry.
+    tokens: Mutex<Vec<(String, Instant)>>,
+    seen: Mutex<Vec<Seen>>,
     node_credentials_served: AtomicUsize,
 }
 
-/// A running emulator; it serves until the runtime it was started on ends.
-#[derive(Clone)]
+/// A running emulator; it stops serving when dropped.
 pub struct ImdsEmulator {
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     inner: Arc<Inner>,
+    /// Dropping it ends the server (and closes the listener).
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl std::fmt::Debug for ImdsEmulator {
@@ -107,27 +158,61 @@ impl std::fmt::Debug for ImdsEmulator {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl ImdsEmulator {
-    /// Serves on a listener the caller bound. Must be called inside a tokio runtime.
+    /// Serves on a listener the caller bound, as EC2 would. Must be called
+    /// inside a tokio runtime.
     pub fn serve(listener: TcpListener, node: NodeIdentity) -> std::io::Result<ImdsEmulator> {
+        Self::serve_with(listener, node, Behaviour::default())
+    }
+
+    /// Serves on a listener the caller bound, behaving as `behaviour` says.
+    pub fn serve_with(
+        listener: TcpListener,
+        node: NodeIdentity,
+        behaviour: Behaviour,
+    ) -> std::io::Result<ImdsEmulator> {
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             node,
+            behaviour,
             tokens: Mutex::default(),
-            requests: AtomicUsize::new(0),
+            seen: Mutex::default(),
             node_credentials_served: AtomicUsize::new(0),
         });
         let app = Router::new().fallback(handle).with_state(inner.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = stopped.await;
+            });
+            if let Err(error) = serve.await {
                 tracing::warn!(%error, "IMDS emulator stopped");
             }
         });
-        Ok(ImdsEmulator { addr, inner })
+        Ok(ImdsEmulator {
+            addr,
+            inner,
+            _stop: stop,
+        })
     }
 
-    pub fn addr(&self) -> std::net::SocketAddr {
+    /// On 127.0.0.1:0, for tests.
+    pub async fn start(node: NodeIdentity, behaviour: Behaviour) -> std::io::Result<ImdsEmulator> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve_with(listener, node, behaviour)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `http://<addr>`, for `--metadata-endpoint`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     pub fn node(&self) -> &NodeIdentity {
@@ -136,7 +221,20 @@ impl ImdsEmulator {
 
     /// How many requests arrived.
     pub fn requests(&self) -> usize {
-        self.inner.requests.load(Ordering::SeqCst)
+        lock(&self.inner.seen).len()
+    }
+
+    /// Every request so far, oldest first.
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.inner.seen).clone()
+    }
+
+    /// Every token issued so far, oldest first.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        lock(&self.inner.tokens)
+            .iter()
+            .map(|(token, _)| token.clone())
+            .collect()
     }
 
     /// How many times the node role's credentials were handed out, to anyone.
@@ -145,33 +243,107 @@ impl ImdsEmulator {
     }
 }
 
+/// The spelling a lenient server matches on: percent-decoded repeatedly,
+/// lowercased, `\` as `/`, `;params` dropped, `//` collapsed and `.`/`..`
+/// resolved.
+pub fn lenient(path: &str) -> String {
+    let mut s = path.to_string();
+    for _ in 0..5 {
+        let d = percent_encoding::percent_decode_str(&s)
+            .decode_utf8_lossy()
+            .into_owned();
+        if d == s {
+            break;
+        }
+        s = d;
+    }
+    let s = s.to_lowercase().replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    for seg in s.split('/') {
+        let seg = seg
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim_matches(|c: char| c.is_whitespace() || c == '\0');
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            _ => out.push(seg),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+/// A path with only its letters, digits and slashes.
+fn squashed(path: &str) -> String {
+    path.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '/')
+        .collect()
+}
+
+/// Whether a sloppy server would take `path` for IAM data: its [`lenient`]
+/// spelling, squashed, names `iam` or `credentials` anywhere.
+pub fn looks_like_iam(path: &str) -> bool {
+    let squashed = squashed(&lenient(path));
+    squashed.contains("iam") || squashed.contains("credentials")
+}
+
 async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
-    inner.requests.fetch_add(1, Ordering::SeqCst);
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let headers = request.headers().clone();
-    if path == "/latest/api/token" {
+    let (parts, _) = request.into_parts();
+    lock(&inner.seen).push(Seen {
+        method: parts.method.clone(),
+        path: parts.uri.path().to_string(),
+        headers: parts.headers.clone(),
+    });
+    let leaky = inner.behaviour.leaky;
+    let path = if leaky {
+        lenient(parts.uri.path())
+    } else {
+        parts.uri.path().to_string()
+    };
+    let method = &parts.method;
+    let headers = &parts.headers;
+    if path == "/latest/api/token" || (leaky && path.ends_with("/api/token")) {
         return if method == Method::PUT {
-            issue_token(&inner, &headers)
+            issue_token(&inner, headers)
         } else {
             (StatusCode::METHOD_NOT_ALLOWED, "").into_response()
         };
     }
-    if method != Method::GET && method != Method::HEAD {
+    if !leaky && method != Method::GET && method != Method::HEAD {
         return (StatusCode::METHOD_NOT_ALLOWED, "").into_response();
     }
-    if let Some(token) = headers.get(TOKEN_HEADER) {
-        let valid = token.to_str().ok().is_some_and(|t| {
-            inner
-                .tokens
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(t)
-                .is_some_and(|expiry| *expiry > Instant::now())
-        });
-        if !valid {
+    match headers.get(TOKEN_HEADER) {
+        Some(token) => {
+            let valid = token.to_str().ok().is_some_and(|t| {
+                lock(&inner.tokens)
+                    .iter()
+                    .any(|(issued, expiry)| issued == t && *expiry > Instant::now())
+            });
+            if !valid {
+                return (StatusCode::UNAUTHORIZED, "").into_response();
+            }
+        }
+        None if inner.behaviour.tokens_required => {
             return (StatusCode::UNAUTHORIZED, "").into_response();
         }
+        None => {}
+    }
+    if leaky {
+        if looks_like_iam(&path) {
+            return leak(&inner, &path);
+        }
+        // Any version answers as `latest`.
+        let latest = match path.trim_start_matches('/').split_once('/') {
+            Some((_, rest)) => format!("/latest/{rest}"),
+            None => path.clone(),
+        };
+        return answer(&inner, &latest).map_or_else(
+            || (StatusCode::NOT_FOUND, "").into_response(),
+            IntoResponse::into_response,
+        );
     }
     match answer(&inner, &path) {
         Some(body) => body.into_response(),
@@ -192,20 +364,65 @@ fn issue_token(inner: &Inner, headers: &HeaderMap) -> Response {
         return (StatusCode::BAD_REQUEST, "").into_response();
     };
     let token = Alphanumeric.sample_string(&mut rand::rng(), 56);
-    inner
-        .tokens
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(token.clone(), Instant::now() + Duration::from_secs(ttl));
+    lock(&inner.tokens).push((token.clone(), Instant::now() + Duration::from_secs(ttl)));
     ([(TTL_HEADER, ttl.to_string())], token).into_response()
+}
+
+fn ec2_time(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn instance_profile_info(node: &NodeIdentity) -> String {
+    serde_json::json!({
+        "Code": "Success",
+        "LastUpdated": ec2_time(jiff::Timestamp::now()),
+        "InstanceProfileArn": node.instance_profile_arn(),
+        "InstanceProfileId": node.instance_profile_id,
+    })
+    .to_string()
+}
+
+fn node_credentials(inner: &Inner) -> String {
+    let node = &inner.node;
+    inner.node_credentials_served.fetch_add(1, Ordering::SeqCst);
+    let now = jiff::Timestamp::now();
+    let expiration = now
+        .checked_add(jiff::SignedDuration::from_hours(6))
+        .unwrap_or(now);
+    serde_json::json!({
+        "Code": "Success",
+        "LastUpdated": ec2_time(now),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": node.access_key_id,
+        "SecretAccessKey": node.secret_access_key,
+        "Token": node.token,
+        "Expiration": ec2_time(expiration),
+    })
+    .to_string()
+}
+
+/// A leaky server's answer to anything IAM-like: the node's identity,
+/// whatever was asked, with its role in a header too.
+fn leak(inner: &Inner, path: &str) -> Response {
+    let node = &inner.node;
+    let squashed = squashed(path);
+    let body = if squashed.ends_with("/info") {
+        instance_profile_info(node)
+    } else if squashed.ends_with("securitycredentials")
+        || squashed.ends_with("securitycredentialsextended")
+    {
+        node.role_name.clone()
+    } else {
+        node_credentials(inner)
+    };
+    ([("x-node-role", node.role_name.clone())], body).into_response()
 }
 
 fn answer(inner: &Inner, path: &str) -> Option<String> {
     let node = &inner.node;
-    let now = jiff::Timestamp::now();
-    let updated = now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
     let body = match path.trim_end_matches('/') {
-        "/latest" => "dynamic\nmeta-data\n".into(),
+        "/latest" => "dynamic\nmeta-data\nuser-data\n".into(),
+        "/latest/user-data" => node.user_data.clone(),
         "/latest/meta-data" => {
             "ami-id\nhostname\niam/\ninstance-id\ninstance-type\nlocal-ipv4\nplacement/\n".into()
         }
@@ -218,13 +435,7 @@ fn answer(inner: &Inner, path: &str) -> Option<String> {
         "/latest/meta-data/placement/availability-zone" => node.availability_zone.clone(),
         "/latest/meta-data/placement/region" => node.region.clone(),
         "/latest/meta-data/iam" => "info\nsecurity-credentials/\n".into(),
-        "/latest/meta-data/iam/info" => serde_json::json!({
-            "Code": "Success",
-            "LastUpdated": updated,
-            "InstanceProfileArn": node.instance_profile_arn(),
-            "InstanceProfileId": node.instance_profile_id,
-        })
-        .to_string(),
+        "/latest/meta-data/iam/info" => instance_profile_info(node),
         "/latest/meta-data/iam/security-credentials" => node.role_name.clone(),
         "/latest/dynamic/instance-identity/document" => serde_json::json!({
             "accountId": node.account_id,
@@ -240,22 +451,7 @@ fn answer(inner: &Inner, path: &str) -> Option<String> {
             if role != node.role_name {
                 return None;
             }
-            inner.node_credentials_served.fetch_add(1, Ordering::SeqCst);
-            let expiration = now
-                .checked_add(jiff::SignedDuration::from_hours(6))
-                .unwrap_or(now)
-                .strftime("%Y-%m-%dT%H:%M:%SZ")
-                .to_string();
-            serde_json::json!({
-                "Code": "Success",
-                "LastUpdated": updated,
-                "Type": "AWS-HMAC",
-                "AccessKeyId": node.access_key_id,
-                "SecretAccessKey": node.secret_access_key,
-                "Token": node.token,
-                "Expiration": expiration,
-            })
-            .to_string()
+            node_credentials(inner)
         }
     };
     Some(body)
@@ -321,5 +517,30 @@ mod tests {
             send(addr, &get(&format!("{role_path}other"), None)).await.0,
             404
         );
+    }
+
+    #[tokio::test]
+    async fn a_leaky_emulator_hands_the_node_role_to_any_spelling_of_iam() {
+        let behaviour = Behaviour::leaky().requiring_tokens();
+        let imds = ImdsEmulator::start(NodeIdentity::default(), behaviour)
+            .await
+            .unwrap();
+        let addr = imds.addr();
+        let spelled = "/1.0/META-DATA/x/..%2f%2569am//security-credentials;p/anything";
+        assert_eq!(send(addr, &get(spelled, None)).await.0, 401);
+        let (_, token) = send(addr, &put_token("60")).await;
+        let (status, body) = send(addr, &get(spelled, Some(&token))).await;
+        assert_eq!(status, 200);
+        assert!(body.contains(&imds.node().secret_access_key), "{body}");
+        assert_eq!(imds.node_credentials_served(), 1);
+        assert!(looks_like_iam(spelled));
+        // Not IAM: answered as any version's `latest`.
+        let (status, body) = send(addr, &get("/2016-09-02/user-data", Some(&token))).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, imds.node().user_data.as_str())
+        );
+        assert_eq!(imds.issued_tokens(), [token]);
+        assert_eq!(imds.seen().len(), 4);
     }
 }

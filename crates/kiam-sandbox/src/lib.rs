@@ -6,7 +6,8 @@
 //! - [`imds`]: the node's own EC2 metadata service, with a node role that must never
 //!   reach a Pod.
 //! - [`netns`]: a node and Pods made of network namespaces and veth pairs (root).
-//! - [`procs`]: child processes that log to files, die with the sandbox and are watched.
+//! - [`procs`]: child processes: the sandbox's (logged, watched, die with it), the
+//!   tests' and benchmarks' (one guard each), moto, and `kiam` command lines.
 //! - [`sandbox`]: the local sandbox cluster (real `kiam server` and `kiam agent` processes)
 //!   behind the `kiam-sandbox` binary and the end-to-end tests.
 //! - [`sts`]: a built-in STS (AssumeRole, GetCallerIdentity) for when moto is missing.

@@ -1,85 +1,132 @@
 //! `kiam-sandbox`: runs kiam the way it runs on a node — real `kiam server`
 //! and `kiam agent --iptables` processes, Pods as network namespaces — with
 //! an in-memory Kubernetes API server, STS and the node's metadata service,
-//! then prints what to try and waits for Ctrl-C. `--check` instead verifies
-//! that one Pod gets credentials and a forbidden one gets none, and exits.
+//! then prints what to try and waits for Ctrl-C. `--check` (or `smoke`)
+//! instead verifies that one Pod gets credentials and a forbidden one gets
+//! none, and exits. Flags are clap's, as `kiam`'s are; a bad one exits 64
+//! with one line naming it, as `kiam` does.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::{Parser, Subcommand, ValueEnum};
 use kiam_sandbox::sandbox::{
-    Mode, NetworkChoice, Sandbox, SandboxOptions, SandboxPod, StsChoice, StsKind, REGION,
+    Mode, NetworkChoice, Sandbox, SandboxError, SandboxOptions, SandboxPod, StsChoice, StsKind,
+    REGION,
 };
 
-const USAGE: &str = "\
-kiam-sandbox: kiam on a simulated node on this machine (root: Pods are network namespaces)
+/// The exit code for a bad flag or an unreadable seed file (EX_USAGE), as
+/// `kiam` uses.
+const EXIT_USAGE: u8 = 64;
 
-usage: cargo run -p kiam-sandbox -- [options]
+/// kiam on a simulated node on this machine (root: Pods are network namespaces).
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiam-sandbox",
+    disable_help_subcommand = true,
+    override_usage = "cargo run -p kiam-sandbox -- [OPTIONS] [smoke]"
+)]
+struct Cli {
+    /// Start, check that a permitted Pod gets credentials and a forbidden one
+    /// gets none, stop; exit 0 if so, 1 if not.
+    #[arg(long, global = true)]
+    check: bool,
+    /// Namespaces and Pods to start with (default: the built-in demo,
+    /// crates/kiam-sandbox/demo/cluster.yaml).
+    #[arg(long, value_name = "FILE", global = true)]
+    seed: Option<PathBuf>,
+    /// Which STS: auto (moto if installed, else built-in), moto or builtin.
+    #[arg(long, value_name = "KIND", value_enum, default_value_t = Sts::Auto, global = true)]
+    sts: Sts,
+    /// No network namespaces even as root (agent with --allow-ip-query).
+    #[arg(long, global = true)]
+    loopback: bool,
+    /// The kiam binary (default: built next to this one).
+    #[arg(long, value_name = "PATH", global = true)]
+    kiam: Option<PathBuf>,
+    /// Keep kubeconfig, certificates and logs here (default: a temp dir,
+    /// removed at exit).
+    #[arg(long, value_name = "DIR", global = true)]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Check>,
+}
 
-options:
-  --check             start, check that a permitted Pod gets credentials and a forbidden
-                      one gets none, stop; exit 0 if so, 1 if not
-  --seed FILE         Namespaces and Pods to start with (default: the built-in demo,
-                      crates/kiam-sandbox/demo/cluster.yaml)
-  --sts KIND          auto (moto if installed, else built-in), moto or builtin
-  --loopback          no network namespaces even as root (agent with --allow-ip-query)
-  --kiam PATH         the kiam binary (default: built next to this one)
-  --state-dir DIR     keep kubeconfig, certificates and logs here (default: a temp dir,
-                      removed at exit)
-  -h, --help          this text
-";
+#[derive(Debug, Subcommand)]
+enum Check {
+    /// The same as --check.
+    Smoke,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Sts {
+    Auto,
+    Moto,
+    #[value(name = "builtin")]
+    BuiltIn,
+}
+
+impl From<Sts> for StsChoice {
+    fn from(sts: Sts) -> StsChoice {
+        match sts {
+            Sts::Auto => StsChoice::Auto,
+            Sts::Moto => StsChoice::Moto,
+            Sts::BuiltIn => StsChoice::BuiltIn,
+        }
+    }
+}
 
 struct Args {
     check: bool,
     options: SandboxOptions,
 }
 
-fn parse_args() -> Result<Option<Args>, String> {
+/// The command line, or the one line (naming the flag) to print before
+/// exiting 64. Help is printed here and exits 0.
+fn parse_args() -> Result<Args, String> {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help: clap prints it to stdout and exits 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // clap would exit 2; kiam's tools exit 64 with the message's first
+        // paragraph on one line (a missing value is named on its second line).
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let first = rendered.split("\n\n").next().unwrap_or_default();
+            return Err(first.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    };
     let mut options = SandboxOptions {
         announce: true,
         ..SandboxOptions::default()
     };
-    let mut check = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = |flag: &str| args.next().ok_or(format!("{flag} needs a value"));
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--check" | "smoke" => check = true,
-            "--loopback" => options.network = NetworkChoice::Loopback,
-            "--seed" => {
-                let path = PathBuf::from(value("--seed")?);
-                let seeded = SandboxOptions::with_seed_file(&path).map_err(|e| e.to_string())?;
-                options.seed_yaml = seeded.seed_yaml;
-                options.seed_name = seeded.seed_name;
-            }
-            "--sts" => {
-                options.sts = match value("--sts")?.as_str() {
-                    "auto" => StsChoice::Auto,
-                    "moto" => StsChoice::Moto,
-                    "builtin" => StsChoice::BuiltIn,
-                    other => return Err(format!("--sts {other:?}: use auto, moto or builtin")),
-                }
-            }
-            "--kiam" => options.kiam = Some(PathBuf::from(value("--kiam")?)),
-            "--state-dir" => options.state_dir = Some(PathBuf::from(value("--state-dir")?)),
-            other => return Err(format!("unknown argument {other:?} (see --help)")),
-        }
+    if let Some(path) = &cli.seed {
+        let seeded = SandboxOptions::with_seed_file(path).map_err(|e| match e {
+            SandboxError::Seed { name, reason } => format!("--seed {name}: {reason}"),
+            other => format!("--seed: {other}"),
+        })?;
+        options.seed_yaml = seeded.seed_yaml;
+        options.seed_name = seeded.seed_name;
     }
-    Ok(Some(Args { check, options }))
+    options.sts = cli.sts.into();
+    if cli.loopback {
+        options.network = NetworkChoice::Loopback;
+    }
+    options.kiam = cli.kiam;
+    options.state_dir = cli.state_dir;
+    Ok(Args {
+        check: cli.check || cli.command.is_some(),
+        options,
+    })
 }
 
 fn main() -> ExitCode {
     let args = match parse_args() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("kiam-sandbox: {e}");
-            return ExitCode::from(64);
+        Ok(args) => args,
+        Err(line) => {
+            eprintln!("kiam-sandbox: {line}");
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     eprintln!(
@@ -165,6 +212,21 @@ fn permitted_regex(sandbox: &Sandbox, namespace: &str) -> Option<String> {
     object["metadata"]["annotations"]["iam.amazonaws.com/permitted"]
         .as_str()
         .map(str::to_string)
+}
+
+/// A Pod with a role in a namespace that permits roles, and one in a
+/// namespace that permits none: what `describe` suggests and `smoke` checks.
+fn examples<'a>(
+    sandbox: &Sandbox,
+    pods: &'a [SandboxPod],
+) -> (Option<&'a SandboxPod>, Option<&'a SandboxPod>) {
+    let with_role = |permits: bool| {
+        pods.iter().find(|p| {
+            role_of(sandbox, p).is_some()
+                && permitted_regex(sandbox, &p.namespace).is_some() == permits
+        })
+    };
+    (with_role(true), with_role(false))
 }
 
 /// What is running and what to try.
@@ -259,12 +321,7 @@ fn describe(sandbox: &Sandbox) -> String {
         Some(_) => format!("http://169.254.169.254{path}"),
         None => format!("{}{path}?ip={}", e.agent, pod.ip),
     };
-    let permitted = pods.iter().find(|p| {
-        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_some()
-    });
-    let forbidden = pods.iter().find(|p| {
-        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_none()
-    });
+    let (permitted, forbidden) = examples(sandbox, &pods);
     if let Some(pod) = permitted {
         let role = role_of(sandbox, pod).unwrap_or_default();
         let role = role.rsplit('/').next().unwrap_or(&role).to_string();
@@ -361,12 +418,7 @@ fn describe(sandbox: &Sandbox) -> String {
 /// forbidden Pod gets none. Prints a line per check.
 fn smoke(sandbox: &Sandbox) -> bool {
     let pods = sandbox.pods();
-    let permitted = pods.iter().find(|p| {
-        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_some()
-    });
-    let forbidden = pods.iter().find(|p| {
-        role_of(sandbox, p).is_some() && permitted_regex(sandbox, &p.namespace).is_none()
-    });
+    let (permitted, forbidden) = examples(sandbox, &pods);
     let (Some(permitted), Some(forbidden)) = (permitted, forbidden) else {
         println!(
             "FAIL: the seed needs a Pod with a role in a namespace with iam.amazonaws.com/permitted \

@@ -1,9 +1,11 @@
-//! The sandbox's child processes (`kiam server`, `kiam agent`, moto): each
-//! logs to its own file, dies with the sandbox, and is watched so that a
-//! crash is reported with the end of its log.
+//! Child processes (`kiam server`, `kiam agent`, moto) for the sandbox, the
+//! integration tests and the benchmarks. The sandbox's [`ProcessSet`] logs
+//! each child to its own file, kills it with the sandbox and watches it so
+//! that a crash is reported with the end of its log; tests and benchmarks
+//! hold one [`ChildGuard`] per child instead.
 //!
-//! The one surprise: children are started from a dedicated thread that lives
-//! as long as the [`ProcessSet`]. `PR_SET_PDEATHSIG` fires when the *thread*
+//! The one surprise: a [`ProcessSet`] starts children from a dedicated thread
+//! that lives as long as the set. `PR_SET_PDEATHSIG` fires when the *thread*
 //! that forked a child exits, not the process, so forking from whatever
 //! thread happens to call (a tokio blocking thread that idles out, or a test
 //! thread that finishes) would kill children early.
@@ -386,6 +388,160 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Polls `ready` every `every` until it is true or `timeout` passes; whether
+/// it became true.
+pub fn wait_until(timeout: Duration, every: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ready() {
+            return true;
+        }
+        std::thread::sleep(every);
+    }
+    false
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    wait_until(timeout, Duration::from_millis(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+}
+
+/// A child that is killed (SIGKILL, no grace period) and reaped when the
+/// guard drops, even when a test panics: for tests and benchmarks, which
+/// hold a child for one scenario. The sandbox uses a [`ProcessSet`].
+#[derive(Debug)]
+pub struct ChildGuard {
+    pub child: Child,
+    /// What the child is, for messages.
+    pub name: String,
+}
+
+impl ChildGuard {
+    /// Starts `cmd` with stdin closed, stdout dropped and stderr as
+    /// [`child_stderr`] says.
+    pub fn spawn(name: impl Into<String>, mut cmd: Command) -> Result<ChildGuard, ProcsError> {
+        let name = name.into();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(child_stderr());
+        match cmd.spawn() {
+            Ok(child) => Ok(ChildGuard { child, name }),
+            Err(source) => Err(ProcsError::Spawn {
+                name,
+                program: cmd.get_program().to_string_lossy().into_owned(),
+                source,
+            }),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where a test's or benchmark's child writes its logs (stderr): inherited
+/// with `KIAM_TEST_LOGS=1` or `KIAM_BENCH_LOGS=1`, else dropped.
+pub fn child_stderr() -> Stdio {
+    if std::env::var_os("KIAM_TEST_LOGS").is_some() || std::env::var_os("KIAM_BENCH_LOGS").is_some()
+    {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
+}
+
+/// A moto_server serving STS on a loopback port; killed when dropped.
+#[derive(Debug)]
+pub struct Moto {
+    /// `http://127.0.0.1:<port>`: the endpoint for `AWS_ENDPOINT_URL_STS`.
+    pub url: String,
+    _child: ChildGuard,
+}
+
+/// Starts moto_server ([`moto_server_path`]) on a free loopback port and
+/// waits until it listens. `None`, after a loud `SKIPPED` line on stderr,
+/// when moto is not installed: scripts/test.sh installs it, so CI always runs
+/// what needs it. Panics when moto starts but never listens (a test helper).
+pub fn start_moto() -> Option<Moto> {
+    let Some(path) = moto_server_path() else {
+        eprintln!(
+            "\n*** SKIPPED: moto_server not found (set MOTO_SERVER or run scripts/test.sh, \
+             which installs moto[server] into .venv); nothing was tested against moto ***\n"
+        );
+        return None;
+    };
+    let port = free_port().expect("a free loopback port for moto");
+    let mut cmd = Command::new(path);
+    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    let child = ChildGuard::spawn("moto", cmd).expect("start moto_server");
+    assert!(
+        wait_for_port(port, Duration::from_secs(30)),
+        "moto_server did not listen on {port}"
+    );
+    Some(Moto {
+        url: format!("http://127.0.0.1:{port}"),
+        _child: child,
+    })
+}
+
+/// AWS settings for a child that point its SDK at the STS at `sts_url` with
+/// fake credentials, and keep it away from any real profile or instance
+/// metadata.
+pub fn moto_env(cmd: &mut Command, sts_url: &str) {
+    cmd.env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL_STS", sts_url)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN");
+}
+
+/// `--cert <certs>/<role>.pem --key <certs>/<role>-key.pem --ca <certs>/ca.pem`:
+/// the files `kiam certs` writes into `certs`, for `role` `server` or `agent`.
+pub fn tls_args<'a>(cmd: &'a mut Command, certs: &Path, role: &str) -> &'a mut Command {
+    cmd.arg("--cert")
+        .arg(certs.join(format!("{role}.pem")))
+        .arg("--key")
+        .arg(certs.join(format!("{role}-key.pem")))
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+}
+
+/// `cmd` (the kiam binary, perhaps run in a namespace) made into
+/// `kiam server --kubeconfig <kubeconfig>` with the server's TLS files from
+/// `certs`; the caller adds the role's other flags.
+pub fn server_args<'a>(cmd: &'a mut Command, kubeconfig: &Path, certs: &Path) -> &'a mut Command {
+    cmd.arg("server").arg("--kubeconfig").arg(kubeconfig);
+    tls_args(cmd, certs, "server")
+}
+
+/// `cmd` made into `kiam agent --port <port> --server-address <servers>
+/// --metadata-endpoint <metadata>` with the agent's TLS files from `certs`;
+/// the caller adds `--host` and the rest.
+pub fn agent_args<'a>(
+    cmd: &'a mut Command,
+    port: u16,
+    servers: &str,
+    metadata: &str,
+    certs: &Path,
+) -> &'a mut Command {
+    cmd.arg("agent")
+        .args(["--port", &port.to_string()])
+        .args(["--server-address", servers])
+        .args(["--metadata-endpoint", metadata]);
+    tls_args(cmd, certs, "agent")
 }
 
 #[cfg(test)]

@@ -565,18 +565,13 @@ impl Sandbox {
         self.endpoints.server_address = format!("localhost:{server_port}");
 
         let mut server = self.kiam_command(node_ns)?;
-        server
-            .arg("server")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
+        procs::server_args(&mut server, &self.kubeconfig, &self.certs)
             .args(["--role-base-arn", ROLE_BASE_ARN])
             .args(["--bind", &format!("127.0.0.1:{server_port}")])
             .args([
                 "--prometheus-listen-addr",
                 &format!("127.0.0.1:{server_metrics}"),
-            ]);
-        self.tls_args(&mut server, "server");
-        server
+            ])
             .args(&options.server_args)
             .env("AWS_ACCESS_KEY_ID", "AKIASANDBOXSERVER001")
             .env("AWS_SECRET_ACCESS_KEY", "sandbox-server-secret")
@@ -592,15 +587,17 @@ impl Sandbox {
         })?;
 
         let mut agent = self.kiam_command(node_ns)?;
-        agent
-            .arg("agent")
-            .args(["--port", &agent_port.to_string()])
-            .args(["--server-address", &self.endpoints.server_address])
-            .args(["--metadata-endpoint", &self.endpoints.node_metadata])
-            .args([
-                "--prometheus-listen-addr",
-                &format!("127.0.0.1:{agent_metrics}"),
-            ]);
+        procs::agent_args(
+            &mut agent,
+            agent_port,
+            &self.endpoints.server_address,
+            &self.endpoints.node_metadata,
+            &self.certs,
+        )
+        .args([
+            "--prometheus-listen-addr",
+            &format!("127.0.0.1:{agent_metrics}"),
+        ]);
         match node_ns {
             Some(_) => {
                 let wildcard = self.with_node(|node| node.interface_wildcard());
@@ -612,7 +609,6 @@ impl Sandbox {
                 agent.args(["--allow-ip-query", "--host", "127.0.0.1"]);
             }
         }
-        self.tls_args(&mut agent, "agent");
         agent.args(&options.agent_args);
         self.procs.spawn("kiam-agent", agent)?;
         let agent_local = SocketAddr::from(([127, 0, 0, 1], agent_port));
@@ -656,22 +652,13 @@ impl Sandbox {
         Ok(cmd)
     }
 
-    fn tls_args(&self, cmd: &mut Command, role: &str) {
-        cmd.arg("--cert")
-            .arg(self.certs.join(format!("{role}.pem")))
-            .arg("--key")
-            .arg(self.certs.join(format!("{role}-key.pem")))
-            .arg("--ca")
-            .arg(self.certs.join("ca.pem"));
-    }
-
     fn server_healthy(&self, node_ns: Option<&NetNs>) -> bool {
         let Ok(mut cmd) = self.kiam_command(node_ns) else {
             return false;
         };
         cmd.args(["health", "--server-address", &self.endpoints.server_address])
             .args(["--timeout", "2s"]);
-        self.tls_args(&mut cmd, "agent");
+        procs::tls_args(&mut cmd, &self.certs, "agent");
         cmd.output().is_ok_and(|out| out.status.success())
     }
 

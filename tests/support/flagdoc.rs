@@ -1,20 +1,21 @@
 //! The flag reference (docs/FLAGS.md), generated from the clap definitions
-//! in [`crate::cli`] so that it cannot drift from the binary: `tests/docs.rs`
-//! fails when the committed file differs from [`markdown`]'s output.
+//! in `kiam::cli` so that it cannot drift from the binary: `tests/docs.rs`
+//! fails when the committed file differs from [`markdown`]'s output. It lives
+//! with the tests because nothing but that check uses it.
 //!
 //! Only clap's introspection is used; nothing here restates a default or an
-//! env var by hand, except `HOST_IP`, which `cli::host_ip_fallback` reads
-//! outside clap.
+//! env var by hand, except `HOST_IP`, which `kiam::cli::host_ip_fallback`
+//! reads outside clap.
 
 use std::fmt::Write;
 
 use clap::{Arg, ArgAction, Command, CommandFactory};
 
-use crate::cli::Cli;
+use kiam::cli::Cli;
 
 /// How to regenerate docs/FLAGS.md; printed at the top of the file and by the
 /// test that compares it.
-pub const REGENERATE: &str = "KIAM_REGENERATE_DOCS=1 cargo test --test docs";
+pub const REGENERATE: &str = "KIAM_REGENERATE_DOCS=1 cargo test --test docs flag_reference";
 
 /// The whole flag reference as markdown.
 pub fn markdown() -> String {
@@ -25,7 +26,7 @@ pub fn markdown() -> String {
     out.push_str("# Flag reference\n\n");
     let _ = writeln!(
         out,
-        "<!-- Generated from src/cli.rs by src/flagdoc.rs; do not edit. \
+        "<!-- Generated from src/cli.rs by tests/support/flagdoc.rs; do not edit. \
          Regenerate with: {REGENERATE} -->\n"
     );
     out.push_str(
