@@ -239,6 +239,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
             iptables::DEFAULT_CHECK_INTERVAL,
             args.iptables_remove,
             iptables_metrics,
+            None,
             shutdown.child_token(),
         ))
     });
