@@ -4,7 +4,9 @@
 //! (checked every 20 ms throughout) and is never doubled; deleted by
 //! someone else, the running agent puts it back. tests/iptables_netns.rs
 //! covers the same rules at the library level (idempotent add, removal
-//! at shutdown, conntrack flush, interface matching).
+//! at shutdown, conntrack flush, interface matching). A DNAT of the
+//! metadata address to another port put above the rule after the agent
+//! started (a leftover kube2iam) is overtaken at the agent's next check.
 
 #[path = "support/netns.rs"]
 mod netns;
@@ -163,6 +165,87 @@ fn the_rule_survives_an_agent_restart_and_is_restored_when_deleted() {
             ("restart_to_serving", ms(restarted_in)),
             ("restored_after_delete", ms(restored)),
         ],
+    );
+}
+
+#[test]
+fn a_dnat_put_above_the_rule_is_overtaken_at_the_next_check() {
+    let Some(node) = Node::isolated(
+        "a_dnat_put_above_the_rule_is_overtaken_at_the_next_check",
+        1,
+    ) else {
+        return;
+    };
+    let ns = node.node_ns().expect("an isolated node").clone_named();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = kiam::certs::generate(dir.path(), &[], 1).unwrap();
+    let port = 3100;
+    let target = format!("{}:{port}", node.host_ip());
+    // kube2iam's port; nothing listens there any more (kube2iam was
+    // uninstalled, its rule was not), so its rule makes probes fail.
+    let leftover = format!("{}:8181", node.host_ip());
+    let agent = agent(&ns, &node, port, &pki);
+    let pod = node.pod(0);
+    let ping = || {
+        pod.http_get_blocking(&format!("{METADATA_URL}/ping"))
+            .as_deref()
+            == Ok("pong")
+    };
+    wait_until("the agent to answer", Duration::from_secs(20), ping);
+
+    let out = ns
+        .exec(&[
+            "iptables",
+            "-w",
+            "5",
+            "-t",
+            "nat",
+            "-I",
+            "PREROUTING",
+            "1",
+            "-p",
+            "tcp",
+            "-d",
+            "169.254.169.254",
+            "--dport",
+            "80",
+            "-i",
+            &node.interface_wildcard(),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &leftover,
+        ])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!ping(), "the rule put above kiam's takes the traffic");
+    // The agent checks every 10 s.
+    let overtaken = wait_until(
+        "the agent's rule to be first again",
+        Duration::from_secs(25),
+        ping,
+    );
+    let rules = ns
+        .exec(&["iptables", "-w", "5", "-t", "nat", "-S", "PREROUTING"])
+        .unwrap();
+    let rules: Vec<String> = String::from_utf8_lossy(&rules.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A PREROUTING"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(rules.len(), 2, "{rules:#?}");
+    assert!(
+        rules[0].ends_with(&format!("--to-destination {target}")),
+        "{rules:#?}"
+    );
+    assert!(
+        rules[1].ends_with(&format!("--to-destination {leftover}")),
+        "the other rule stays, below kiam's: {rules:#?}"
+    );
+    stop(agent);
+    report(
+        "iptables/dnat-put-above",
+        &[("overtaken_after", ms(overtaken))],
     );
 }
 
