@@ -89,8 +89,6 @@ pub enum AgentError {
     /// A bad `--node-startup-taint`/`--node-name` (usage error).
     #[error(transparent)]
     StartupTaint(taint::TaintError),
-    #[error(transparent)]
-    Kube(taint::TaintError),
     #[error("agent server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -268,10 +266,8 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         _ => (None, None),
     };
     if let Some(startup_taint) = startup_taint {
-        let kube = taint::kube_client().await.map_err(AgentError::Kube)?;
-        tokio::spawn(taint::run(
+        tokio::spawn(taint::run_in_cluster(
             startup_taint,
-            kube,
             rule_told,
             pool,
             taint_metrics,

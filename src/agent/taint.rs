@@ -186,6 +186,34 @@ pub async fn kube_client() -> Result<kube::Client, TaintError> {
     kube::Client::try_from(config).map_err(|e| TaintError::Config(e.to_string()))
 }
 
+/// [`run`] with a client from [`kube_client`], retried with backoff while
+/// there is no usable config (the agent keeps serving meanwhile; the node
+/// stays tainted and the error is logged and counted).
+pub async fn run_in_cluster(
+    taint: StartupTaint,
+    rule_in_place: Option<oneshot::Receiver<()>>,
+    servers: Arc<dyn KiamClient>,
+    metrics: TaintMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    let client = loop {
+        match kube_client().await {
+            Ok(client) => break client,
+            Err(e) => {
+                metrics.api_errors.inc();
+                tracing::error!(error = %e, retry_in = ?backoff, "cannot reach the Kubernetes API; the node keeps its start-up taint");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+    run(taint, client, rule_in_place, servers, metrics, shutdown).await
+}
+
 /// What one removal found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removal {
