@@ -2,10 +2,13 @@
 //! server: the agent takes only its own taint off its node, only after its
 //! iptables rule is in place and a server is healthy, without dropping a
 //! taint another controller adds meanwhile, retrying while the API server is
-//! unreachable, and doing nothing when the taint is already gone.
+//! unreachable, and doing nothing when the taint is already gone. The last
+//! tests run the real `kiam agent` and `kiam server` processes.
 
 #[path = "support/fake_kiam.rs"]
 mod fake_kiam;
+#[path = "support/procs.rs"]
+mod procs;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -256,4 +259,80 @@ async fn api_failures_are_retried_and_a_rule_never_in_place_keeps_the_taint() {
         .await
         .expect("the gate gives up at once");
     assert_eq!(taint_keys(&api), [KEY]);
+}
+
+/// A `kiam agent` with the gate on and no `--iptables`, its node from
+/// `NODE_NAME` and its API server from `KUBECONFIG`, as in a Pod.
+fn gated_agent(cluster: &procs::ProcCluster, server_port: u16) -> std::process::Command {
+    let mut cmd = procs::kiam_bin();
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("NODE_NAME", NODE)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .args(["agent", "--host", "127.0.0.1", "--node-startup-taint", KEY])
+        .args(["--port", &procs::free_port().to_string()])
+        .args(["--server-address", &format!("127.0.0.1:{server_port}")])
+        .args(["--metadata-endpoint", "http://127.0.0.1:1"]);
+    cluster.tls_args(&mut cmd, "agent");
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(procs::child_stderr());
+    cmd
+}
+
+#[tokio::test]
+async fn the_agent_process_removes_its_taint_only_once_a_server_is_healthy() {
+    kiam::ensure_crypto_provider();
+    let cluster = procs::ProcCluster::start().await;
+    cluster
+        .api
+        .apply_node(json!({
+            "metadata": {"name": NODE},
+            "spec": {"taints": [
+                {"key": KEY, "effect": "NoSchedule"},
+                {"key": "example.com/gpu", "value": "true", "effect": "NoSchedule"},
+            ]}
+        }))
+        .unwrap();
+    let server_port = procs::free_port();
+    let _agent = procs::ChildGuard {
+        child: gated_agent(&cluster, server_port).spawn().unwrap(),
+        name: "kiam agent".into(),
+    };
+
+    // No server yet: the agent reads nothing and writes nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(taint_keys(&cluster.api), [KEY, "example.com/gpu"]);
+    assert_eq!(patches(&cluster.api), 0, "no write before a healthy server");
+
+    let _server = cluster.spawn_server(
+        "http://127.0.0.1:1",
+        &[
+            "--bind",
+            &format!("127.0.0.1:{server_port}"),
+            "--role-base-arn",
+            "arn:aws:iam::123456789012:role/",
+        ],
+    );
+    let took = eventually("the taint to go", Duration::from_secs(20), || {
+        taint_keys(&cluster.api) == ["example.com/gpu"]
+    })
+    .await;
+    assert_eq!(patches(&cluster.api), 1);
+    println!(
+        "RELIABILITY node-startup-gate/process: taint_removed_after_server_start={}ms",
+        took.as_millis()
+    );
+}
+
+#[test]
+fn the_gate_without_a_node_name_is_a_usage_error() {
+    let out = procs::kiam_bin()
+        .env_clear()
+        .args(["agent", "--host", "127.0.0.1", "--cert", "a", "--key", "b"])
+        .args(["--ca", "c", "--node-startup-taint", KEY, "--check-config"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--node-name"), "{stderr}");
 }
