@@ -21,19 +21,46 @@ use netns::{Node, METADATA_URL};
 
 /// Copies of the rule to `target` in the namespace's `nat PREROUTING`.
 fn copies(ns: &NetNs, target: &str) -> usize {
+    prerouting(ns, "iptables")
+        .iter()
+        .filter(|l| l.ends_with(&format!("--to-destination {target}")))
+        .count()
+}
+
+/// The rules of the namespace's `nat PREROUTING`, as `iptables` (or
+/// `iptables-legacy`) lists them.
+fn prerouting(ns: &NetNs, iptables: &str) -> Vec<String> {
     let out = ns
-        .exec(&["iptables", "-w", "5", "-t", "nat", "-S", "PREROUTING"])
+        .exec(&[iptables, "-w", "5", "-t", "nat", "-S", "PREROUTING"])
         .unwrap();
-    let suffix = format!("--to-destination {target}");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.ends_with(&suffix))
-        .count()
+        .filter(|l| l.starts_with("-A PREROUTING"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Starts `kiam agent --iptables --iptables-remove=false` inside `ns`.
 fn agent(ns: &NetNs, node: &Node, port: u16, pki: &kiam::certs::Pki) -> Child {
+    agent_with_path(ns, node, port, pki, None)
+}
+
+/// [`agent`] with `path_first` put before `PATH`, as the agent's container
+/// does for nodes on the legacy iptables backend (docs/CNI.md).
+fn agent_with_path(
+    ns: &NetNs,
+    node: &Node,
+    port: u16,
+    pki: &kiam::certs::Pki,
+    path_first: Option<&std::path::Path>,
+) -> Child {
     let mut cmd = ns.command(env!("CARGO_BIN_EXE_kiam")).unwrap();
+    if let Some(dir) = path_first {
+        let mut path = std::ffi::OsString::from(dir);
+        path.push(":");
+        path.push(std::env::var_os("PATH").unwrap_or_default());
+        cmd.env("PATH", path);
+    }
     cmd.args(["agent", "--iptables", "--iptables-remove=false"])
         .args(["--host", &node.host_ip().to_string()])
         .args(["--host-interface", &node.interface_wildcard()])
@@ -170,21 +197,55 @@ fn the_rule_survives_an_agent_restart_and_is_restored_when_deleted() {
 
 #[test]
 fn a_dnat_put_above_the_rule_is_overtaken_at_the_next_check() {
-    let Some(node) = Node::isolated(
+    dnat_put_above_the_rule(
         "a_dnat_put_above_the_rule_is_overtaken_at_the_next_check",
-        1,
-    ) else {
+        "iptables",
+    );
+}
+
+/// The same on a node whose iptables is the legacy backend: the agent's
+/// `iptables` is `iptables-legacy` (first in PATH), and so is the restore
+/// that moves the rule; nothing lands in the nft tables.
+#[test]
+fn on_the_legacy_backend_the_rule_is_moved_with_legacy_iptables() {
+    let legacy = std::path::Path::new("/usr/sbin/iptables-legacy");
+    if !legacy.exists() {
+        eprintln!("SKIPPED: on_the_legacy_backend_the_rule_is_moved_with_legacy_iptables: no iptables-legacy");
+        return;
+    }
+    dnat_put_above_the_rule(
+        "on_the_legacy_backend_the_rule_is_moved_with_legacy_iptables",
+        "iptables-legacy",
+    );
+}
+
+/// A leftover kube2iam DNAT (same match, another port) put above the
+/// running agent's rule with `iptables` (the program named so, or
+/// `iptables-legacy`): the agent's next check puts its rule first again,
+/// keeping the other rule below it.
+fn dnat_put_above_the_rule(test: &str, iptables: &str) {
+    let Some(node) = Node::isolated(test, 1) else {
         return;
     };
     let ns = node.node_ns().expect("an isolated node").clone_named();
     let dir = tempfile::tempdir().unwrap();
     let pki = kiam::certs::generate(dir.path(), &[], 1).unwrap();
+    let legacy_dir = (iptables != "iptables").then(|| {
+        let bin = dir.path().join("iptables-first");
+        std::fs::create_dir(&bin).unwrap();
+        std::os::unix::fs::symlink(
+            std::path::Path::new("/usr/sbin").join(iptables),
+            bin.join("iptables"),
+        )
+        .unwrap();
+        bin
+    });
     let port = 3100;
     let target = format!("{}:{port}", node.host_ip());
     // kube2iam's port; nothing listens there any more (kube2iam was
     // uninstalled, its rule was not), so its rule makes probes fail.
     let leftover = format!("{}:8181", node.host_ip());
-    let agent = agent(&ns, &node, port, &pki);
+    let agent = agent_with_path(&ns, &node, port, &pki, legacy_dir.as_deref());
     let pod = node.pod(0);
     let ping = || {
         pod.http_get_blocking(&format!("{METADATA_URL}/ping"))
@@ -195,7 +256,7 @@ fn a_dnat_put_above_the_rule_is_overtaken_at_the_next_check() {
 
     let out = ns
         .exec(&[
-            "iptables",
+            iptables,
             "-w",
             "5",
             "-t",
@@ -225,14 +286,7 @@ fn a_dnat_put_above_the_rule_is_overtaken_at_the_next_check() {
         Duration::from_secs(25),
         ping,
     );
-    let rules = ns
-        .exec(&["iptables", "-w", "5", "-t", "nat", "-S", "PREROUTING"])
-        .unwrap();
-    let rules: Vec<String> = String::from_utf8_lossy(&rules.stdout)
-        .lines()
-        .filter(|l| l.starts_with("-A PREROUTING"))
-        .map(str::to_string)
-        .collect();
+    let rules = prerouting(&ns, iptables);
     assert_eq!(rules.len(), 2, "{rules:#?}");
     assert!(
         rules[0].ends_with(&format!("--to-destination {target}")),
@@ -242,9 +296,16 @@ fn a_dnat_put_above_the_rule_is_overtaken_at_the_next_check() {
         rules[1].ends_with(&format!("--to-destination {leftover}")),
         "the other rule stays, below kiam's: {rules:#?}"
     );
+    if iptables != "iptables" {
+        let nft = prerouting(&ns, "iptables");
+        assert!(
+            nft.is_empty(),
+            "the agent wrote to the other backend: {nft:#?}"
+        );
+    }
     stop(agent);
     report(
-        "iptables/dnat-put-above",
+        &format!("iptables/dnat-put-above ({iptables})"),
         &[("overtaken_after", ms(overtaken))],
     );
 }
