@@ -33,6 +33,8 @@ const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed API request, doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Pause before reading the node again after the guard refused a patch.
+const REREAD_PAUSE: Duration = Duration::from_millis(100);
 /// How often the servers' health is asked while none says `ok`.
 const HEALTH_POLL: Duration = Duration::from_secs(1);
 /// Longest taint key Kubernetes accepts: a 253-byte DNS prefix, `/`, a 63-byte name.
@@ -268,7 +270,7 @@ async fn gate(
                 tracing::info!(
                     taint = %taint.key,
                     node = %taint.node,
-                    "removed the node start-up taint: the iptables rule is in place and a server is healthy"
+                    "removed the node start-up taint: the agent is ready (its iptables rule is first, if --iptables, and a server is healthy)"
                 );
                 return;
             }
@@ -277,8 +279,9 @@ async fn gate(
                 return;
             }
             // Someone changed the taints between our read and our patch:
-            // read again at once.
-            Ok(None) => continue,
+            // read again after a moment (a moment, so that a server that
+            // keeps refusing cannot turn this into a busy loop).
+            Ok(None) => tokio::time::sleep(REREAD_PAUSE).await,
             Err(e) => {
                 metrics.api_errors.inc();
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot remove the node start-up taint yet");
