@@ -55,6 +55,10 @@ const MAX_INTERFACE_LEN: usize = 15;
 /// A missing `conntrack` binary is reported once per process, not on every
 /// restore.
 static CONNTRACK_MISSING_REPORTED: AtomicBool = AtomicBool::new(false);
+/// A failed `iptables-restore` move is reported once per process at warning
+/// level (it fails once in a while when a copy vanishes mid-move; always,
+/// where `iptables` has no restore mode).
+static RESTORE_FAILURE_REPORTED: AtomicBool = AtomicBool::new(false);
 
 /// What [`IptablesRule::ensure_first`] found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,11 +205,7 @@ impl IptablesRule {
         if self.exists().await? {
             return Ok(false);
         }
-        let args = self.args(&["-I", "PREROUTING", "1"]);
-        let out = run("iptables", &args).await?;
-        if !out.status.success() {
-            return Err(failed("iptables", &args, &out));
-        }
+        self.insert_at_top().await?;
         flush_conntrack().await;
         Ok(true)
     }
@@ -290,7 +290,15 @@ impl IptablesRule {
         match restore(&script).await {
             Ok(()) => Ok(()),
             Err(e) => {
-                tracing::debug!(error = %e, "cannot move the iptables rule in one transaction; inserting it at the top");
+                if !RESTORE_FAILURE_REPORTED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot move the iptables rule in one iptables-restore transaction; \
+                         inserting it at the top instead and leaving its lower copies until shutdown"
+                    );
+                } else {
+                    tracing::debug!(error = %e, "cannot move the iptables rule in one transaction");
+                }
                 self.insert_at_top().await
             }
         }
