@@ -16,6 +16,7 @@
 //! - [`server_address`]: `--server-address` parsed and resolved.
 //! - [`fallback`]: last good answers, served only while no server answers.
 //! - [`iptables`]: the DNAT rule for `169.254.169.254:80`.
+//! - [`taint`]: the node start-up gate (`--node-startup-taint`).
 
 pub mod client;
 mod documents;
@@ -28,6 +29,7 @@ pub mod path;
 pub mod proxy;
 mod retry;
 pub mod server_address;
+pub mod taint;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -96,6 +98,9 @@ pub enum AgentError {
     IptablesRule(String),
     #[error("{0}")]
     Iptables(String),
+    /// A bad `--node-startup-taint`/`--node-name` (usage error).
+    #[error(transparent)]
+    StartupTaint(taint::TaintError),
     #[error("agent server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -111,6 +116,7 @@ impl AgentError {
                 | AgentError::ServerAddress(_)
                 | AgentError::Tls(_)
                 | AgentError::IptablesRule(_)
+                | AgentError::StartupTaint(_)
         )
     }
 }
@@ -132,6 +138,8 @@ pub struct Validated {
     /// The `--iptables` rule, when asked for.
     pub rule: Option<iptables::IptablesRule>,
     pub pool: PoolConfig,
+    /// The node start-up gate, when `--node-startup-taint` is set.
+    pub startup_taint: Option<taint::StartupTaint>,
 }
 
 /// Checks every agent flag, naming the flag at fault.
@@ -172,7 +180,18 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
     } else {
         None
     };
-    Ok(Validated { config, rule, pool })
+    let node_name = match args.node_name.trim() {
+        "" => std::env::var("NODE_NAME").unwrap_or_default(),
+        name => name.to_string(),
+    };
+    let startup_taint = taint::StartupTaint::new(&args.node_startup_taint, &node_name)
+        .map_err(AgentError::StartupTaint)?;
+    Ok(Validated {
+        config,
+        rule,
+        pool,
+        startup_taint,
+    })
 }
 
 /// Channels to kiam servers over mutual TLS, verifying each server as the
@@ -201,6 +220,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         config,
         rule,
         pool: pool_cfg,
+        startup_taint,
     } = validate(&args)?;
     let mut registry = Registry::default();
     let tls = ClientTls::load(TlsFiles::from(&args.tls), &mut registry)?;
@@ -225,15 +245,18 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
     let metrics = Metrics::new(&mut registry);
     let client_metrics = crate::grpc_metrics::GrpcMetrics::client(&mut registry);
     let iptables_metrics = iptables::IptablesMetrics::register(&mut registry);
-    let pool = Pool::new(
-        pool_cfg,
-        Arc::new(TlsConnect(tls)),
-        Arc::new(SystemResolver),
-        client_metrics,
-    )
-    .await;
+    let taint_metrics = taint::TaintMetrics::register(&mut registry);
+    let pool: Arc<dyn client::KiamClient> = Arc::new(
+        Pool::new(
+            pool_cfg,
+            Arc::new(TlsConnect(tls)),
+            Arc::new(SystemResolver),
+            client_metrics,
+        )
+        .await,
+    );
     let upstream = Upstream::new(&args.metadata_endpoint, UPSTREAM_TIMEOUT)?;
-    let ctx = RouterContext::new(config, Arc::new(pool), Arc::new(upstream), metrics);
+    let ctx = RouterContext::new(config, pool.clone(), Arc::new(upstream), metrics);
 
     let shutdown = crate::shutdown::on_signal();
     let registry = Arc::new(registry);
@@ -245,12 +268,31 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         ));
     }
 
+    // The start-up gate waits for the rule (when there is one) and a
+    // healthy server, then takes the taint off the node.
+    let (rule_in_place, rule_told) = match (&startup_taint, &rule) {
+        (Some(_), Some(_)) => {
+            let (tell, told) = tokio::sync::oneshot::channel();
+            (Some(tell), Some(told))
+        }
+        _ => (None, None),
+    };
+    if let Some(startup_taint) = startup_taint {
+        tokio::spawn(taint::run_in_cluster(
+            startup_taint,
+            rule_told,
+            pool,
+            taint_metrics,
+            shutdown.child_token(),
+        ));
+    }
     let iptables_task = rule.map(|rule| {
         tokio::spawn(iptables::maintain(
             rule,
             iptables::DEFAULT_CHECK_INTERVAL,
             args.iptables_remove,
             iptables_metrics,
+            rule_in_place,
             shutdown.child_token(),
         ))
     });

@@ -253,6 +253,16 @@ pub struct AgentArgs {
     /// this long (never within 5m of their expiry). 0s turns this off.
     #[arg(long, env = "KIAM_STALE_CREDENTIALS_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub stale_credentials_window: Duration,
+    /// Node start-up gate: remove the taint with this key (any effect) from
+    /// --node-name once the --iptables rule is in place and a server is
+    /// healthy. Register nodes with it (kubelet --register-with-taints) so no
+    /// Pod starts before the agent is ready (empty: off).
+    #[arg(long, env = "KIAM_NODE_STARTUP_TAINT", default_value = "")]
+    pub node_startup_taint: String,
+    /// This agent's node, for --node-startup-taint (empty: the NODE_NAME
+    /// environment variable, which the manifests set from spec.nodeName).
+    #[arg(long, env = "KIAM_NODE_NAME", default_value = "")]
+    pub node_name: String,
 
     /// Parse flags and read files, then exit without binding any port.
     #[arg(long, env = "KIAM_CHECK_CONFIG", default_value_t = false, num_args = 0..=1,

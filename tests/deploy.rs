@@ -26,6 +26,8 @@ const KUBERNETES_VERSION: &str = "1.30.0";
 const CERT_MANAGER_SCHEMA: &str = "tests/schemas/cert-manager-v1.json";
 /// What the fieldRefs in the manifests resolve to in these tests.
 const FAKE_POD_IP: &str = "10.20.30.40";
+/// What the kubelet puts in env from `spec.nodeName`.
+const FAKE_NODE_NAME: &str = "ip-10-20-30-40.eu-west-1.compute.internal";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -528,6 +530,7 @@ impl Container {
             } else {
                 match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                     Some("status.podIP" | "status.hostIP") => FAKE_POD_IP.to_string(),
+                    Some("spec.nodeName") => FAKE_NODE_NAME.to_string(),
                     other => panic!(
                         "{}: env {name} from {other:?} is not simulated",
                         self.workload

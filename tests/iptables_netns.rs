@@ -17,7 +17,7 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use axum::http::Uri;
 use axum::Router;
-use kiam::agent::iptables::{maintain, IptablesMetrics, IptablesRule};
+use kiam::agent::iptables::{maintain, IptablesMetrics, IptablesRule, Position};
 use netns::{Footprint, Node, METADATA_URL};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -42,6 +42,16 @@ async fn stand_in_agent(ip: Ipv4Addr) -> SocketAddr {
         )
         .await
     });
+    addr
+}
+
+/// Stands in for another metadata agent (a kube2iam left on the node):
+/// answers any path with "kube2iam".
+async fn stand_in_kube2iam(ip: Ipv4Addr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(|| async { "kube2iam" });
+    tokio::spawn(async move { axum::serve(listener, app).await });
     addr
 }
 
@@ -271,6 +281,7 @@ async fn maintain_restores_a_deleted_rule_and_removes_it_at_shutdown() {
         Duration::from_millis(200),
         true,
         metrics.clone(),
+        None,
         shutdown.clone(),
     ));
     until_rule(&rule, true).await;
@@ -315,6 +326,7 @@ async fn maintain_keeps_the_rule_at_shutdown_when_told_to() {
         Duration::from_millis(200),
         false,
         IptablesMetrics::default(),
+        None,
         shutdown.clone(),
     ));
     until_rule(&rule, true).await;
@@ -329,4 +341,104 @@ async fn maintain_keeps_the_rule_at_shutdown_when_told_to() {
     assert!(rule.remove().await.unwrap());
     drop(inside);
     drop(node);
+}
+
+#[tokio::test]
+async fn maintain_moves_the_rule_back_above_a_later_dnat_to_another_agent() {
+    let Some(node) = Node::isolated(
+        "maintain_moves_the_rule_back_above_a_later_dnat_to_another_agent",
+        1,
+    ) else {
+        return;
+    };
+    let inside = node.enter();
+    let pod = node.pod(0);
+    let agent = stand_in_agent(node.host_ip()).await;
+    let rule = rule_to(agent, &pod.host_if);
+    let other = rule_to(stand_in_kube2iam(node.host_ip()).await, &pod.host_if);
+    let mut registry = Registry::default();
+    let metrics = IptablesMetrics::register(&mut registry);
+    let (in_place, told) = tokio::sync::oneshot::channel();
+    let shutdown = CancellationToken::new();
+    let interval = Duration::from_millis(200);
+    let task = tokio::spawn(maintain(
+        rule.clone(),
+        interval,
+        true,
+        metrics.clone(),
+        Some(in_place),
+        shutdown.clone(),
+    ));
+    told.await.expect("maintain says when the rule is in place");
+    assert!(rule.position().await.unwrap().first);
+    assert_reaches_agent(pod).await;
+
+    // After the agent started, kube2iam's DNAT (same match, another port)
+    // goes in above kiam's rule, and kiam's rule was also appended once more
+    // by hand (as Go kiam did). Blocking calls: the maintenance task cannot
+    // run in between.
+    iptables_by_hand("-A", &rule);
+    iptables_by_hand_at_top(&other);
+    assert_eq!(
+        rule.position().await.unwrap(),
+        Position {
+            first: false,
+            copies: 2
+        }
+    );
+    // Until the next check, the other agent takes the Pod's traffic.
+    let body = pod
+        .http_get(&format!("{METADATA_URL}{CREDENTIALS_PATH}"))
+        .await
+        .unwrap();
+    assert_eq!(body, "kube2iam", "the inserted rule wins while it is first");
+
+    let started = std::time::Instant::now();
+    while metrics.displaced.get() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the rule was not moved back to the top (the check runs every {interval:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let moved_after = started.elapsed();
+    assert_eq!(
+        rule.position().await.unwrap(),
+        Position {
+            first: true,
+            copies: 1
+        },
+        "first again, and kiam's lower copies are gone"
+    );
+    assert!(
+        other.exists().await.unwrap(),
+        "the other rule is not deleted"
+    );
+    assert_reaches_agent(pod).await;
+    assert_eq!(metrics.displaced.get(), 1);
+    assert_eq!(metrics.restored.get(), 0, "the rule was never missing");
+    assert!(kiam::telemetry::encode(&registry).contains("kiam_agent_iptables_displaced_total 1"));
+    println!(
+        "RELIABILITY iptables/displaced-by-another-dnat: moved_back_after={}ms interval={}ms",
+        moved_after.as_millis(),
+        interval.as_millis()
+    );
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(copies(&rule), 0, "removed at shutdown");
+    assert!(other.exists().await.unwrap(), "only kiam's rule is removed");
+    assert!(other.remove().await.unwrap());
+    drop(inside);
+    drop(node);
+}
+
+/// `iptables -t nat -I PREROUTING 1 <rule>`, as another program would.
+fn iptables_by_hand_at_top(rule: &IptablesRule) {
+    let out = Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-I", "PREROUTING", "1"])
+        .args(rule.spec())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "iptables -I: {out:?}");
 }

@@ -1,18 +1,28 @@
 //! `--iptables`: the DNAT rule that sends Pods' metadata requests to the agent.
 //!
-//! Unlike Go kiam, which appended the rule, this module inserts it at the top
-//! of `nat PREROUTING`. The nat table only decides the first packet of a
-//! connection, and the first rule that accepts, returns or NATs it wins: an
-//! earlier rule from a CNI plugin, Docker or an operator (for example a
-//! `-j ACCEPT` for the pod CIDR, or a Service whose external IP is the
-//! metadata address) would otherwise let a Pod reach the node's real metadata
-//! service and its role. kube-proxy and CNI plugins only ever ensure their own
-//! jump rules exist, so a rule above them is left alone. The position is not
-//! part of the rule's identity: a rule Go kiam appended is recognised and kept.
+//! Unlike Go kiam, which appended the rule and then only checked that it
+//! existed somewhere, this module keeps it the *first* rule of `nat
+//! PREROUTING`. The nat table only decides the first packet of a connection,
+//! and the first rule that accepts, returns or NATs it wins: an earlier rule
+//! from a CNI plugin, Docker, an operator or a leftover kube2iam (a DNAT of
+//! the same address to another port) would otherwise let a Pod reach the
+//! node's real metadata service and its role, or another agent. So every
+//! check reads the chain, and when something has been put above the rule it
+//! moves the rule back to the top in one atomic `iptables-restore` (delete
+//! kiam's copies, insert at 1): other programs' rules are never deleted, and
+//! there is no moment without the rule. kube-proxy and most CNI plugins only
+//! ensure their own jump rules exist, so a rule above them is left alone; a
+//! program that also insists on being first (Calico's Felix in its default
+//! `ChainInsertMode=Insert`) would trade places with kiam at every check,
+//! which `kiam_agent_iptables_displaced_total` shows. The position is not part
+//! of the rule's identity: a rule Go kiam appended is recognised as kiam's and
+//! moved to the top.
 //!
 //! Everything runs the `iptables` and `conntrack` binaries (no shell) with
 //! `-w` so that kube-proxy and CNI plugins holding the xtables lock are waited
-//! for instead of clobbered.
+//! for instead of clobbered. `iptables-restore` is run as the same binary as
+//! `iptables` (the xtables multi-call binary, chosen by `argv[0]`), so the
+//! move uses the same backend, nft or legacy, as every other call.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::process::{ExitStatus, Output};
@@ -45,6 +55,21 @@ const MAX_INTERFACE_LEN: usize = 15;
 /// A missing `conntrack` binary is reported once per process, not on every
 /// restore.
 static CONNTRACK_MISSING_REPORTED: AtomicBool = AtomicBool::new(false);
+/// A failed `iptables-restore` move is reported once per process at warning
+/// level (it fails once in a while when a copy vanishes mid-move; always,
+/// where `iptables` has no restore mode).
+static RESTORE_FAILURE_REPORTED: AtomicBool = AtomicBool::new(false);
+
+/// What [`IptablesRule::ensure_first`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The rule was already the first rule of `nat PREROUTING`.
+    Kept,
+    /// The rule was missing; it was inserted at the top.
+    Added,
+    /// Another rule was above it; the rule is now first again.
+    MovedToTop,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IptablesError {
@@ -77,6 +102,11 @@ pub struct IptablesMetrics {
     /// Counts rules put back after something deleted them; a rising value
     /// means another program (or a person) keeps flushing the nat table.
     pub restored: Counter,
+    /// Counts rules moved back to the top of `nat PREROUTING` after another
+    /// rule was put above them (which would have taken Pods' metadata
+    /// traffic); a value rising at every check means another program insists
+    /// on being first too.
+    pub displaced: Counter,
 }
 
 impl IptablesMetrics {
@@ -86,6 +116,11 @@ impl IptablesMetrics {
             "kiam_agent_iptables_restored",
             "iptables DNAT rules restored after being removed by someone else",
             metrics.restored.clone(),
+        );
+        registry.register(
+            "kiam_agent_iptables_displaced",
+            "iptables DNAT rules moved back to the top of nat PREROUTING after another rule was put above them",
+            metrics.displaced.clone(),
         );
         metrics
     }
@@ -170,13 +205,103 @@ impl IptablesRule {
         if self.exists().await? {
             return Ok(false);
         }
+        self.insert_at_top().await?;
+        flush_conntrack().await;
+        Ok(true)
+    }
+
+    /// Where kiam's rule stands in `nat PREROUTING`: whether it is the
+    /// chain's first rule, and how many copies the chain holds.
+    pub async fn position(&self) -> Result<Position, IptablesError> {
+        let args: Vec<String> = ["-w", LOCK_WAIT_SECONDS, "-t", "nat", "-S", "PREROUTING"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let out = run("iptables", &args).await?;
+        if !out.status.success() {
+            return Err(failed("iptables", &args, &out));
+        }
+        Ok(self.position_in(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// [`IptablesRule::position`] from `iptables -S PREROUTING` output.
+    fn position_in(&self, listing: &str) -> Position {
+        let mine = normalise(&self.spec);
+        let rules: Vec<&str> = listing
+            .lines()
+            .filter_map(|l| l.strip_prefix("-A PREROUTING "))
+            .collect();
+        let is_mine = |rule: &str| {
+            let words: Vec<String> = rule.split_whitespace().map(str::to_string).collect();
+            normalise(&words) == mine
+        };
+        Position {
+            first: rules.first().is_some_and(|r| is_mine(r)),
+            copies: rules.iter().filter(|r| is_mine(r)).count(),
+        }
+    }
+
+    /// Makes the rule the first rule of `nat PREROUTING`: inserts it if it
+    /// is missing, and if another rule has been put above it, moves it back
+    /// to the top (deleting kiam's lower copies, never anyone else's rule).
+    /// Conntrack entries to the metadata address are flushed after any
+    /// change, so connections the other rule (or no rule) decided end.
+    pub async fn ensure_first(&self) -> Result<Placement, IptablesError> {
+        let position = self.position().await?;
+        let placement = match position {
+            Position { first: true, .. } => return Ok(Placement::Kept),
+            Position { copies: 0, .. } => {
+                self.insert_at_top().await?;
+                Placement::Added
+            }
+            Position { copies, .. } => {
+                self.move_to_top(copies).await?;
+                Placement::MovedToTop
+            }
+        };
+        flush_conntrack().await;
+        Ok(placement)
+    }
+
+    /// `iptables -I PREROUTING 1 <rule>`.
+    async fn insert_at_top(&self) -> Result<(), IptablesError> {
         let args = self.args(&["-I", "PREROUTING", "1"]);
         let out = run("iptables", &args).await?;
         if !out.status.success() {
             return Err(failed("iptables", &args, &out));
         }
-        flush_conntrack().await;
-        Ok(true)
+        Ok(())
+    }
+
+    /// Deletes kiam's `copies` copies and inserts the rule at the top in one
+    /// `iptables-restore --noflush` transaction: the chain is never without
+    /// the rule, and `-D` by rule (not by number) cannot hit another
+    /// program's rule. Should the transaction fail (a copy vanished in the
+    /// meantime, or the binary has no restore mode), the rule is inserted at
+    /// the top on its own; the copies left below it are never reached and go
+    /// at shutdown with the rest.
+    async fn move_to_top(&self, copies: usize) -> Result<(), IptablesError> {
+        let rule = self.spec.join(" ");
+        let mut script = String::from("*nat\n");
+        for _ in 0..copies {
+            script.push_str(&format!("-D PREROUTING {rule}\n"));
+        }
+        script.push_str(&format!("-I PREROUTING 1 {rule}\nCOMMIT\n"));
+        match restore(&script).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if !RESTORE_FAILURE_REPORTED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot move the iptables rule in one iptables-restore transaction; \
+                         inserting it at the top instead and leaving its lower copies until shutdown"
+                    );
+                } else {
+                    tracing::debug!(error = %e, "cannot move the iptables rule in one transaction");
+                }
+                self.insert_at_top().await
+            }
+        }
     }
 
     /// Deletes the rule (every copy, should there be several), retrying
@@ -226,6 +351,88 @@ impl IptablesRule {
             .chain(self.spec.iter().cloned())
             .collect()
     }
+}
+
+/// Where kiam's rule stands in `nat PREROUTING`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Whether the chain's first rule is kiam's.
+    pub first: bool,
+    /// How many copies of kiam's rule the chain holds.
+    pub copies: usize,
+}
+
+/// A rule's words in a form that compares equal however iptables prints
+/// them: `-S` writes `-d 169.254.169.254/32`, adds `-m tcp` for `--dport` and
+/// orders the options its own way, so each option (with its `!` and values)
+/// becomes one entry and the entries are sorted.
+fn normalise(words: &[String]) -> Vec<String> {
+    let mut options: Vec<Vec<&str>> = Vec::new();
+    let mut negate_next = false;
+    for word in words {
+        let word = word.as_str();
+        if word == "!" {
+            negate_next = true;
+            continue;
+        }
+        if word.starts_with('-') || options.is_empty() {
+            options.push(if negate_next {
+                vec!["!", word]
+            } else {
+                vec![word]
+            });
+            negate_next = false;
+        } else {
+            options.last_mut().expect("checked above").push(word);
+        }
+    }
+    let mut entries: Vec<String> = options
+        .into_iter()
+        .filter(|o| o[..] != ["-m", "tcp"])
+        .map(|o| {
+            let joined = o.join(" ");
+            match joined.strip_suffix("/32") {
+                Some(host) if joined.starts_with("-d ") || joined.starts_with("! -d ") => {
+                    host.to_string()
+                }
+                _ => joined,
+            }
+        })
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// Runs `script` with `iptables-restore -w <secs> --noflush`, as the same
+/// binary `iptables` is: the multi-call binary picks its restore mode from
+/// `argv[0]`, which keeps a node's legacy or nft backend consistent (an
+/// `iptables-restore` found on PATH might be the other backend).
+async fn restore(script: &str) -> Result<(), IptablesError> {
+    use tokio::io::AsyncWriteExt;
+    let args: Vec<String> = ["-w", LOCK_WAIT_SECONDS, "--noflush"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let spawn_error = |source| IptablesError::Spawn {
+        program: "iptables-restore",
+        source,
+    };
+    let mut child = Command::new("iptables")
+        .arg0("iptables-restore")
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let written = stdin.write_all(script.as_bytes()).await;
+    drop(stdin);
+    let out = child.wait_with_output().await.map_err(spawn_error)?;
+    if !out.status.success() || written.is_err() {
+        return Err(failed("iptables-restore", &args, &out));
+    }
+    Ok(())
 }
 
 impl std::fmt::Display for IptablesRule {
@@ -310,10 +517,13 @@ async fn flush_conntrack() {
     }
 }
 
-/// Adds `rule`, puts it back whenever a check every `interval` finds it
-/// gone, and when `shutdown` is cancelled removes it (with retries) unless
+/// Adds `rule` at the top of `nat PREROUTING`, puts it back there whenever
+/// a check every `interval` finds it gone or below another rule, and when
+/// `shutdown` is cancelled removes it (with retries) unless
 /// `remove_on_shutdown` is false (`--iptables-remove=false`, so Pods never
-/// reach the real metadata service while the agent restarts).
+/// reach the real metadata service while the agent restarts). `in_place` is
+/// told once the rule is first in the chain (the node start-up gate waits
+/// for it).
 ///
 /// Fails only if the first add fails or the final removal does; a failed
 /// periodic check is logged and tried again at the next interval.
@@ -322,12 +532,19 @@ pub async fn maintain(
     interval: Duration,
     remove_on_shutdown: bool,
     metrics: IptablesMetrics,
+    in_place: Option<tokio::sync::oneshot::Sender<()>>,
     shutdown: CancellationToken,
 ) -> Result<(), IptablesError> {
-    if rule.add().await? {
-        tracing::info!(rule = %rule, "iptables rule added");
-    } else {
-        tracing::info!(rule = %rule, "iptables rule already present");
+    match rule.ensure_first().await? {
+        Placement::Added => tracing::info!(rule = %rule, "iptables rule added"),
+        Placement::Kept => tracing::info!(rule = %rule, "iptables rule already present"),
+        Placement::MovedToTop => {
+            tracing::info!(rule = %rule, "iptables rule was present below other rules; moved it to the top")
+        }
+    }
+    if let Some(tell) = in_place {
+        // The receiver may be gone (gate off or given up): nothing to tell.
+        let _ = tell.send(());
     }
 
     let mut ticks = tokio::time::interval(interval);
@@ -340,12 +557,20 @@ pub async fn maintain(
             _ = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        match rule.add().await {
-            Ok(true) => {
+        match rule.ensure_first().await {
+            Ok(Placement::Kept) => {}
+            Ok(Placement::Added) => {
                 metrics.restored.inc();
                 tracing::warn!(rule = %rule, "iptables rule was removed by someone else; restored it");
             }
-            Ok(false) => {}
+            Ok(Placement::MovedToTop) => {
+                metrics.displaced.inc();
+                tracing::warn!(
+                    rule = %rule,
+                    "another rule was put above the iptables rule in nat PREROUTING and could take Pods' \
+                     metadata traffic; moved the rule back to the top"
+                );
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot check the iptables rule; trying again later")
             }
@@ -384,122 +609,4 @@ fn failed(program: &str, args: &[String], out: &Output) -> IptablesError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rule(iface: &str) -> Result<IptablesRule, IptablesError> {
-        IptablesRule::new("10.0.0.7".parse().unwrap(), 3100, iface)
-    }
-
-    fn spec(iface: &str) -> String {
-        rule(iface).unwrap().spec().join(" ")
-    }
-
-    #[test]
-    fn plain_interface() {
-        assert_eq!(
-            spec("docker0"),
-            "-p tcp -d 169.254.169.254 --dport 80 -i docker0 -j DNAT --to-destination 10.0.0.7:3100"
-        );
-    }
-
-    #[test]
-    fn negated_interface_becomes_bang_before_dash_i() {
-        assert_eq!(
-            spec("!eth0"),
-            "-p tcp -d 169.254.169.254 --dport 80 ! -i eth0 -j DNAT --to-destination 10.0.0.7:3100"
-        );
-    }
-
-    #[test]
-    fn wildcards_pass_through() {
-        assert!(spec("cali+").contains(" -i cali+ -j "));
-        assert!(spec("!cali+").contains(" ! -i cali+ -j "));
-        assert!(spec("+").contains(" -i + -j "));
-    }
-
-    #[test]
-    fn target_is_host_and_port() {
-        let r = IptablesRule::new("192.168.1.2".parse().unwrap(), 8181, "eni+").unwrap();
-        assert_eq!(r.target(), "192.168.1.2:8181".parse().unwrap());
-        assert!(r.to_string().starts_with("-t nat PREROUTING -p tcp"));
-        assert!(r.to_string().ends_with("--to-destination 192.168.1.2:8181"));
-    }
-
-    #[test]
-    fn command_lines_wait_for_the_xtables_lock() {
-        let r = rule("docker0").unwrap();
-        let check = r.args(&["-C", "PREROUTING"]);
-        assert_eq!(&check[..6], ["-w", "5", "-t", "nat", "-C", "PREROUTING"]);
-        assert_eq!(&check[6..], r.spec());
-        let insert = r.args(&["-I", "PREROUTING", "1"]);
-        assert_eq!(&insert[4..7], ["-I", "PREROUTING", "1"]);
-    }
-
-    #[test]
-    fn ipv6_host_is_rejected_naming_host() {
-        let err = IptablesRule::new("fd00::1".parse().unwrap(), 3100, "docker0").unwrap_err();
-        assert!(matches!(err, IptablesError::Ipv6Host(_)));
-        let msg = err.to_string();
-        assert!(msg.contains("--host fd00::1"), "{msg}");
-        assert!(msg.contains("IPv4"), "{msg}");
-    }
-
-    #[test]
-    fn port_zero_is_rejected_naming_port() {
-        let err = IptablesRule::new("10.0.0.7".parse().unwrap(), 0, "docker0").unwrap_err();
-        assert!(err.to_string().contains("--port"), "{err}");
-    }
-
-    #[test]
-    fn bad_interface_names_are_rejected_naming_the_flag() {
-        for bad in [
-            "",
-            "!",
-            "! eth0",
-            "eth0 -j ACCEPT",
-            "eth0;reboot",
-            "$(id)",
-            "eth/0",
-            "eth:0",
-            "!!eth0",
-            "ca+li",
-            "eth0\n",
-            "averyveryverylongname",
-            "..",
-        ] {
-            let err = rule(bad).expect_err(bad);
-            assert!(
-                matches!(err, IptablesError::InvalidInterface { .. }),
-                "{bad:?}: {err}"
-            );
-            assert!(
-                err.to_string().starts_with("--host-interface "),
-                "{bad:?}: {err}"
-            );
-        }
-    }
-
-    #[test]
-    fn longest_valid_names_are_accepted() {
-        assert!(rule("abcdefghijklmno").is_ok());
-        assert!(rule("!abcdefghijklmn+").is_ok());
-        assert!(rule("veth.100@x_y-z").is_ok());
-    }
-
-    #[test]
-    fn failure_message_names_the_flag_and_includes_stderr() {
-        use std::os::unix::process::ExitStatusExt;
-        let out = Output {
-            status: ExitStatus::from_raw(4 << 8),
-            stdout: Vec::new(),
-            stderr: b"Another app is currently holding the xtables lock.\n".to_vec(),
-        };
-        let msg = failed("iptables", &["-w".into(), "5".into()], &out).to_string();
-        assert!(
-            msg.starts_with("--iptables: `iptables -w 5` failed"),
-            "{msg}"
-        );
-        assert!(msg.ends_with("holding the xtables lock."), "{msg}");
-    }
-}
+mod tests;

@@ -4,7 +4,7 @@
 //! back while LIST and GET already see them, cut every watch mid-stream, forget its
 //! history so old resourceVersions get 410 Gone, refuse connections, or answer 503 to
 //! everything. Otherwise it tries to be indistinguishable from the real thing for kube-rs and `kubectl`: core/v1
-//! pods, namespaces and events (plus events.k8s.io/v1 events), discovery, one global
+//! pods, namespaces, nodes and events (plus events.k8s.io/v1 events), discovery, one global
 //! resourceVersion counter, optimistic concurrency, merge/strategic/JSON patches, label and
 //! field selectors, `limit`/`continue` paging, and chunked watches with bookmarks.
 //!
@@ -262,7 +262,7 @@ impl FakeApiServer {
         std::fs::write(path, self.kubeconfig_yaml())
     }
 
-    /// Creates or replaces any served object (Namespace, Pod, Event) exactly as given,
+    /// Creates or replaces any served object (Namespace, Node, Pod, Event) exactly as given,
     /// status included; returns the stored object. Its namespace must exist.
     pub fn apply(&self, obj: impl IntoObject) -> Result<Value, ApiError> {
         ops::apply(&self.shared.store, obj.into_object()?).map(|o| (*o).clone())
@@ -412,6 +412,26 @@ impl FakeApiServer {
 
     pub fn namespace(&self, name: &str) -> Option<Value> {
         self.get(Resource::Namespaces, "", name)
+    }
+
+    /// Creates or replaces a node exactly as given (status and taints included), as the
+    /// kubelet registers it.
+    pub fn apply_node(&self, node: impl IntoObject) -> Result<Value, ApiError> {
+        self.apply(typed(node.into_object()?, Resource::Nodes)?)
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.get(Resource::Nodes, "", name)
+    }
+
+    /// Applies a JSON merge patch to a node, as another controller writing it
+    /// concurrently would (status included).
+    pub fn patch_node(&self, name: &str, merge_patch: Value) -> Result<Value, ApiError> {
+        ops::modify(&self.shared.store, Resource::Nodes, "", name, |node| {
+            json_patch::merge(node, &merge_patch);
+            metadata_mut(node).insert("name".into(), name.into());
+        })
+        .map(|o| (*o).clone())
     }
 
     /// Every stored object of a type, in key order; `namespace: None` means all.

@@ -615,6 +615,16 @@ mod tests {
             t(Resource::Namespaces, None, Some("a"), true)
         );
         assert_eq!(r("/api/v1/events"), t(Resource::Events, None, None, false));
+        assert_eq!(r("/api/v1/nodes"), t(Resource::Nodes, None, None, false));
+        assert_eq!(
+            r("/api/v1/nodes/n1"),
+            t(Resource::Nodes, None, Some("n1"), false)
+        );
+        assert_eq!(
+            r("/api/v1/nodes/n1/status"),
+            t(Resource::Nodes, None, Some("n1"), true)
+        );
+        assert_eq!(r("/api/v1/namespaces/a/nodes/n1"), None);
         assert_eq!(
             r("/apis/events.k8s.io/v1/namespaces/a/events/e"),
             t(Resource::EventsV1, Some("a"), Some("e"), false)

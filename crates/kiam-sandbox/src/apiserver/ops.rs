@@ -401,7 +401,7 @@ pub fn apply(store: &Store, mut obj: Value) -> Result<Arc<Value>, ApiError> {
     let (api_version, kind) = (field("apiVersion"), field("kind"));
     let res = Resource::from_type(&api_version, &kind).ok_or_else(|| {
         ApiError::bad_request(format!(
-            "the fake API server does not serve {api_version:?} {kind:?}; it serves v1 Pod, Namespace, Event and events.k8s.io/v1 Event"
+            "the fake API server does not serve {api_version:?} {kind:?}; it serves v1 Pod, Namespace, Node, Event and events.k8s.io/v1 Event"
         ))
     })?;
     let namespace = if res.namespaced() {

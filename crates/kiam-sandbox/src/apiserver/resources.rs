@@ -24,14 +24,17 @@ pub enum Resource {
     Events,
     /// events.k8s.io/v1 events, which kube-runtime's `Recorder` writes.
     EventsV1,
+    /// core/v1 nodes (cluster-scoped), whose taints the agent's start-up gate removes.
+    Nodes,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 4] = [
+    pub const ALL: [Resource; 5] = [
         Resource::Pods,
         Resource::Namespaces,
         Resource::Events,
         Resource::EventsV1,
+        Resource::Nodes,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -57,6 +60,7 @@ impl Resource {
             Resource::Pods => "pods",
             Resource::Namespaces => "namespaces",
             Resource::Events | Resource::EventsV1 => "events",
+            Resource::Nodes => "nodes",
         }
     }
 
@@ -65,6 +69,7 @@ impl Resource {
             Resource::Pods => "pod",
             Resource::Namespaces => "namespace",
             Resource::Events | Resource::EventsV1 => "event",
+            Resource::Nodes => "node",
         }
     }
 
@@ -73,6 +78,7 @@ impl Resource {
             Resource::Pods => "Pod",
             Resource::Namespaces => "Namespace",
             Resource::Events | Resource::EventsV1 => "Event",
+            Resource::Nodes => "Node",
         }
     }
 
@@ -81,11 +87,12 @@ impl Resource {
             Resource::Pods => "PodList",
             Resource::Namespaces => "NamespaceList",
             Resource::Events | Resource::EventsV1 => "EventList",
+            Resource::Nodes => "NodeList",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, Resource::Namespaces)
+        !matches!(self, Resource::Namespaces | Resource::Nodes)
     }
 
     pub fn short_names(self) -> &'static [&'static str] {
@@ -93,13 +100,17 @@ impl Resource {
             Resource::Pods => &["po"],
             Resource::Namespaces => &["ns"],
             Resource::Events | Resource::EventsV1 => &["ev"],
+            Resource::Nodes => &["no"],
         }
     }
 
     /// Whether the type has a `/status` subresource, which means the main resource's
     /// writes ignore `.status` (and status writes ignore everything else).
     pub fn has_status(self) -> bool {
-        matches!(self, Resource::Pods | Resource::Namespaces)
+        matches!(
+            self,
+            Resource::Pods | Resource::Namespaces | Resource::Nodes
+        )
     }
 
     /// Whether the server counts spec changes in `metadata.generation`.
@@ -123,6 +134,7 @@ impl Resource {
                 "status.nominatedNodeName",
             ],
             Resource::Namespaces => &["metadata.name", "status.phase"],
+            Resource::Nodes => &["metadata.name", "spec.unschedulable"],
             Resource::Events => &[
                 "metadata.name",
                 "metadata.namespace",
@@ -338,6 +350,50 @@ pub fn validate(res: Resource, obj: &Value, origin: Origin) -> Result<(), ApiErr
             }
         }
     }
+    if res == Resource::Nodes {
+        validate_taints(obj).map_err(|(field, why)| invalid(&field, why))?;
+    }
+    Ok(())
+}
+
+/// The taint effects the real API server accepts.
+const TAINT_EFFECTS: [&str; 3] = ["NoSchedule", "PreferNoSchedule", "NoExecute"];
+
+/// `spec.taints` as the real node validation checks it: each taint has a key and a
+/// known effect, and no two taints share a key and an effect.
+fn validate_taints(node: &Value) -> Result<(), (String, String)> {
+    let Some(taints) = node.pointer("/spec/taints") else {
+        return Ok(());
+    };
+    let Some(taints) = taints.as_array() else {
+        return Err(("spec.taints".into(), "Invalid value: must be a list".into()));
+    };
+    let mut seen = Vec::new();
+    for (i, taint) in taints.iter().enumerate() {
+        let text = |f: &str| taint.get(f).and_then(Value::as_str).unwrap_or("");
+        let (key, effect) = (text("key"), text("effect"));
+        if key.is_empty() {
+            return Err((format!("spec.taints[{i}].key"), "Required value".into()));
+        }
+        if effect.is_empty() {
+            return Err((format!("spec.taints[{i}].effect"), "Required value".into()));
+        }
+        if !TAINT_EFFECTS.contains(&effect) {
+            return Err((
+                format!("spec.taints[{i}].effect"),
+                format!(
+                    "Unsupported value: {effect:?}: supported values: \"NoExecute\", \"NoSchedule\", \"PreferNoSchedule\""
+                ),
+            ));
+        }
+        if seen.contains(&(key, effect)) {
+            return Err((
+                format!("spec.taints[{i}]"),
+                "Duplicate value: taints must be unique by key and effect pair".into(),
+            ));
+        }
+        seen.push((key, effect));
+    }
     Ok(())
 }
 
@@ -396,7 +452,8 @@ pub fn prepare_create(res: Resource, obj: &mut Value, origin: Origin) {
                 default_field(object_field(obj, "status"), "phase", "Active".into());
             }
         }
-        Resource::Events | Resource::EventsV1 => {}
+        // The kubelet registers its node with a status, and the registry keeps it.
+        Resource::Events | Resource::EventsV1 | Resource::Nodes => {}
     }
 }
 
@@ -489,6 +546,36 @@ mod tests {
         prepare_create(Resource::Pods, &mut via_control, Origin::Control);
         assert_eq!(via_control["status"]["podIP"], "10.0.0.1");
         assert_eq!(via_control["metadata"]["generation"], 1);
+    }
+
+    #[test]
+    fn node_taints_are_validated_like_the_real_server() {
+        let node = |taints: Value| json!({"metadata": {"name": "n1"}, "spec": {"taints": taints}});
+        let ok = node(json!([
+            {"key": "kiam.example/agent-not-ready", "effect": "NoSchedule"},
+            {"key": "kiam.example/agent-not-ready", "effect": "NoExecute"},
+            {"key": "other", "value": "x", "effect": "PreferNoSchedule"},
+        ]));
+        assert!(validate(Resource::Nodes, &ok, Origin::Api).is_ok());
+        for bad in [
+            json!([{"effect": "NoSchedule"}]),
+            json!([{"key": "a"}]),
+            json!([{"key": "a", "effect": "Sometimes"}]),
+            json!([{"key": "a", "effect": "NoSchedule"}, {"key": "a", "value": "v", "effect": "NoSchedule"}]),
+        ] {
+            let err = validate(Resource::Nodes, &node(bad.clone()), Origin::Api).unwrap_err();
+            assert_eq!(err.code, 422, "{bad}");
+        }
+    }
+
+    #[test]
+    fn created_nodes_keep_their_status() {
+        let mut node = json!({"metadata": {"name": "n1"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+        prepare_create(Resource::Nodes, &mut node, Origin::Api);
+        assert_eq!(node["status"]["conditions"][0]["type"], "Ready");
+        assert_eq!(node["kind"], "Node");
+        assert!(node["metadata"].get("namespace").is_none());
+        assert!(node["metadata"].get("generation").is_none());
     }
 
     #[test]

@@ -135,7 +135,7 @@ fn columns(res: Resource) -> Vec<Value> {
             column("Nominated Node", "string", 1),
             column("Readiness Gates", "string", 1),
         ],
-        Resource::Namespaces => vec![
+        Resource::Namespaces | Resource::Nodes => vec![
             column("Name", "string", 0),
             column("Status", "string", 0),
             column("Age", "string", 0),
@@ -162,6 +162,33 @@ fn cells(res: Resource, obj: &Value) -> Vec<Value> {
             .into(),
         ],
         Resource::Events | Resource::EventsV1 => event_cells(obj),
+        Resource::Nodes => vec![
+            text(obj, "/metadata/name").into(),
+            node_status(obj).into(),
+            age(obj
+                .pointer("/metadata/creationTimestamp")
+                .and_then(Value::as_str))
+            .into(),
+        ],
+    }
+}
+
+/// kubectl's node STATUS: Ready, NotReady or Unknown, then SchedulingDisabled when cordoned.
+fn node_status(node: &Value) -> String {
+    let ready = node
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .map(|c| match c["status"].as_str() {
+            Some("True") => "Ready",
+            Some("False") => "NotReady",
+            _ => "Unknown",
+        })
+        .unwrap_or("Unknown");
+    if node.pointer("/spec/unschedulable") == Some(&Value::Bool(true)) {
+        format!("{ready},SchedulingDisabled")
+    } else {
+        ready.to_string()
     }
 }
 

@@ -1,0 +1,164 @@
+//! Unit tests of the rule's arguments, validation and placement parsing.
+
+use super::*;
+
+fn rule(iface: &str) -> Result<IptablesRule, IptablesError> {
+    IptablesRule::new("10.0.0.7".parse().unwrap(), 3100, iface)
+}
+
+fn spec(iface: &str) -> String {
+    rule(iface).unwrap().spec().join(" ")
+}
+
+#[test]
+fn plain_interface() {
+    assert_eq!(
+        spec("docker0"),
+        "-p tcp -d 169.254.169.254 --dport 80 -i docker0 -j DNAT --to-destination 10.0.0.7:3100"
+    );
+}
+
+#[test]
+fn negated_interface_becomes_bang_before_dash_i() {
+    assert_eq!(
+        spec("!eth0"),
+        "-p tcp -d 169.254.169.254 --dport 80 ! -i eth0 -j DNAT --to-destination 10.0.0.7:3100"
+    );
+}
+
+#[test]
+fn wildcards_pass_through() {
+    assert!(spec("cali+").contains(" -i cali+ -j "));
+    assert!(spec("!cali+").contains(" ! -i cali+ -j "));
+    assert!(spec("+").contains(" -i + -j "));
+}
+
+#[test]
+fn target_is_host_and_port() {
+    let r = IptablesRule::new("192.168.1.2".parse().unwrap(), 8181, "eni+").unwrap();
+    assert_eq!(r.target(), "192.168.1.2:8181".parse().unwrap());
+    assert!(r.to_string().starts_with("-t nat PREROUTING -p tcp"));
+    assert!(r.to_string().ends_with("--to-destination 192.168.1.2:8181"));
+}
+
+#[test]
+fn command_lines_wait_for_the_xtables_lock() {
+    let r = rule("docker0").unwrap();
+    let check = r.args(&["-C", "PREROUTING"]);
+    assert_eq!(&check[..6], ["-w", "5", "-t", "nat", "-C", "PREROUTING"]);
+    assert_eq!(&check[6..], r.spec());
+    let insert = r.args(&["-I", "PREROUTING", "1"]);
+    assert_eq!(&insert[4..7], ["-I", "PREROUTING", "1"]);
+}
+
+/// `iptables -S PREROUTING` as nft and legacy iptables print it.
+const LISTING: &str = "-P PREROUTING ACCEPT\n\
+    -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+    -A PREROUTING -d 169.254.169.254/32 -i cali+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n\
+    -A PREROUTING -d 169.254.169.254/32 ! -i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:3100\n\
+    -A PREROUTING -d 169.254.169.254/32 ! -i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:3100\n";
+
+#[test]
+fn position_finds_kiams_copies_below_other_rules() {
+    let below = rule("!eth0").unwrap().position_in(LISTING);
+    assert_eq!(
+        below,
+        Position {
+            first: false,
+            copies: 2
+        }
+    );
+    // The kube2iam-style rule differs only in its port and interface.
+    let other = IptablesRule::new("10.0.0.7".parse().unwrap(), 8181, "eth0").unwrap();
+    assert_eq!(other.position_in(LISTING).copies, 0);
+    let negation_matters = rule("eth0").unwrap().position_in(LISTING);
+    assert_eq!(negation_matters.copies, 0);
+}
+
+#[test]
+fn position_sees_the_rule_first_as_iptables_prints_it() {
+    let listing = "-P PREROUTING ACCEPT\n\
+        -A PREROUTING -d 169.254.169.254/32 -i cali+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:3100\n\
+        -A PREROUTING -j KUBE-SERVICES\n";
+    assert_eq!(
+        rule("cali+").unwrap().position_in(listing),
+        Position {
+            first: true,
+            copies: 1
+        }
+    );
+    assert_eq!(
+        rule("cali+").unwrap().position_in("-P PREROUTING ACCEPT\n"),
+        Position {
+            first: false,
+            copies: 0
+        }
+    );
+}
+
+#[test]
+fn ipv6_host_is_rejected_naming_host() {
+    let err = IptablesRule::new("fd00::1".parse().unwrap(), 3100, "docker0").unwrap_err();
+    assert!(matches!(err, IptablesError::Ipv6Host(_)));
+    let msg = err.to_string();
+    assert!(msg.contains("--host fd00::1"), "{msg}");
+    assert!(msg.contains("IPv4"), "{msg}");
+}
+
+#[test]
+fn port_zero_is_rejected_naming_port() {
+    let err = IptablesRule::new("10.0.0.7".parse().unwrap(), 0, "docker0").unwrap_err();
+    assert!(err.to_string().contains("--port"), "{err}");
+}
+
+#[test]
+fn bad_interface_names_are_rejected_naming_the_flag() {
+    for bad in [
+        "",
+        "!",
+        "! eth0",
+        "eth0 -j ACCEPT",
+        "eth0;reboot",
+        "$(id)",
+        "eth/0",
+        "eth:0",
+        "!!eth0",
+        "ca+li",
+        "eth0\n",
+        "averyveryverylongname",
+        "..",
+    ] {
+        let err = rule(bad).expect_err(bad);
+        assert!(
+            matches!(err, IptablesError::InvalidInterface { .. }),
+            "{bad:?}: {err}"
+        );
+        assert!(
+            err.to_string().starts_with("--host-interface "),
+            "{bad:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn longest_valid_names_are_accepted() {
+    assert!(rule("abcdefghijklmno").is_ok());
+    assert!(rule("!abcdefghijklmn+").is_ok());
+    assert!(rule("veth.100@x_y-z").is_ok());
+}
+
+#[test]
+fn failure_message_names_the_flag_and_includes_stderr() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = Output {
+        status: ExitStatus::from_raw(4 << 8),
+        stdout: Vec::new(),
+        stderr: b"Another app is currently holding the xtables lock.\n".to_vec(),
+    };
+    let msg = failed("iptables", &["-w".into(), "5".into()], &out).to_string();
+    assert!(
+        msg.starts_with("--iptables: `iptables -w 5` failed"),
+        "{msg}"
+    );
+    assert!(msg.ends_with("holding the xtables lock."), "{msg}");
+}
