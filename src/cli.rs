@@ -145,6 +145,12 @@ pub struct ServerArgs {
     #[arg(long, env = "KIAM_PREFETCH_BUFFER_SIZE", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub prefetch_buffer_size: u32,
+    /// GETs per second this server may spend confirming that a cached pod
+    /// still owns the IP a request came from (at most one per pod per
+    /// second). When the budget is spent, cached pods are trusted as the
+    /// watch shows them; 0 turns confirmation off (see docs/RELIABILITY.md).
+    #[arg(long, env = "KIAM_POD_CONFIRMATIONS_PER_SECOND", default_value_t = 100)]
+    pub pod_confirmations_per_second: u32,
     /// Permitted-role regex for namespaces without iam.amazonaws.com/permitted
     /// (empty: such namespaces permit nothing, as in kiam).
     #[arg(long, env = "KIAM_DEFAULT_PERMITTED_REGEXP", default_value = "")]

@@ -113,6 +113,7 @@ pub async fn run(
         policy.clone(),
         PodCacheConfig {
             prefetch_buffer_size: config.prefetch_buffer_size,
+            confirmations_per_second: config.pod_confirmations_per_second,
             resync: config.sync,
         },
         metrics.pods,

@@ -50,6 +50,10 @@ fn client(api: &FakeApiServer) -> kube::Client {
 }
 
 async fn fixture_with_buffer(buffer: usize) -> Fixture {
+    fixture_with(buffer, 100).await
+}
+
+async fn fixture_with(buffer: usize, confirmations_per_second: u32) -> Fixture {
     let api = FakeApiServer::start().await.unwrap();
     api.create_namespace(NS).unwrap();
     let mut registry = Registry::default();
@@ -59,6 +63,7 @@ async fn fixture_with_buffer(buffer: usize) -> Fixture {
         policy(None),
         PodCacheConfig {
             prefetch_buffer_size: buffer,
+            confirmations_per_second,
             resync: Duration::from_secs(60),
         },
         metrics.clone(),
@@ -203,6 +208,57 @@ async fn misses_on_one_ip_cost_one_api_lookup() {
     tokio::time::sleep(kiam::server::pods::NEGATIVE_TTL).await;
     f.pods.find_by_ip(ip("10.9.9.7")).await.unwrap_err();
     assert_eq!(ip_lookups(&f.api, "10.9.9.7"), 2);
+}
+
+/// Confirmation GETs are bounded by `--pod-confirmations-per-second`
+/// across all pods: past the budget the cache is trusted (and counted), so
+/// busy pods cannot turn the server into an etcd load generator.
+#[tokio::test]
+async fn confirmations_stay_within_their_budget() {
+    let f = fixture_with(100, 3).await;
+    for n in 1..=12 {
+        f.api
+            .apply_pod(pod(
+                &format!("b{n}"),
+                &format!("10.1.7.{n}"),
+                "Running",
+                None,
+            ))
+            .unwrap();
+    }
+    f.cached("b12", |_| true).await;
+    let gets =
+        |api: &FakeApiServer| api.count_requests(|r| r.verb == "get" && r.path.contains("/pods/b"));
+    let before = gets(&f.api);
+    for n in 1..=12 {
+        let found = f.pods.find_by_ip(ip(&format!("10.1.7.{n}"))).await.unwrap();
+        assert_eq!(&*found.name, format!("b{n}"));
+    }
+    let spent = gets(&f.api) - before;
+    // A burst of 12 pods within well under a second: the bucket's 3, plus
+    // at most what it refilled meanwhile.
+    assert!((3..=5).contains(&spent), "{spent} confirmation GETs");
+    let text = kiam::telemetry::encode(&f.registry);
+    let skipped = 12 - spent;
+    assert!(
+        text.contains(&format!(
+            r#"kiam_k8s_pod_confirmations_total{{result="skipped"}} {skipped}"#
+        )),
+        "{text}"
+    );
+
+    // 0 turns confirmation off: no GET at all.
+    let off = fixture_with(100, 0).await;
+    off.api
+        .apply_pod(pod("c1", "10.1.7.100", "Running", None))
+        .unwrap();
+    off.cached("c1", |_| true).await;
+    off.pods.find_by_ip(ip("10.1.7.100")).await.unwrap();
+    assert_eq!(
+        off.api
+            .count_requests(|r| r.verb == "get" && r.path.contains("/pods/c1")),
+        0
+    );
 }
 
 #[tokio::test]
@@ -502,6 +558,7 @@ async fn pods_listed_before_the_cache_starts_are_synced() {
         policy(None),
         PodCacheConfig {
             prefetch_buffer_size: 10,
+            confirmations_per_second: 100,
             resync: Duration::ZERO,
         },
         PodCacheMetrics::default(),

@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub region: Option<String>,
     pub fetchers: usize,
     pub prefetch_buffer_size: usize,
+    /// `--pod-confirmations-per-second`.
+    pub pod_confirmations_per_second: u32,
     pub keepalive_time: Duration,
     pub keepalive_timeout: Duration,
     pub max_connection_age: Duration,
@@ -138,6 +140,7 @@ impl ServerConfig {
             region,
             fetchers: args.fetchers as usize,
             prefetch_buffer_size: args.prefetch_buffer_size as usize,
+            pod_confirmations_per_second: args.pod_confirmations_per_second,
             keepalive_time: args.grpc_keepalive_time_duration,
             keepalive_timeout: args.grpc_keepalive_timeout_duration,
             max_connection_age: args.grpc_max_connection_age_duration,

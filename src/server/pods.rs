@@ -105,6 +105,40 @@ pub struct PodCacheConfig {
     /// `--sync`: the watch timeout (see the module doc); zero means
     /// kube-runtime's default (290s).
     pub resync: Duration,
+    /// `--pod-confirmations-per-second`: the budget of confirmation GETs;
+    /// 0 turns confirmation off.
+    pub confirmations_per_second: u32,
+}
+
+/// A token bucket: at most `rate` takes per second, `rate` at once.
+#[derive(Debug)]
+struct Budget {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Budget {
+    fn new(rate: u32) -> Self {
+        Budget {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// A cheaply cloneable handle on the Pod cache. The watch stops when the
@@ -153,6 +187,8 @@ struct PodCacheState {
     negatives: Mutex<HashMap<IpAddr, Instant>>,
     // std Mutex: held only to find or insert a confirmation, never across `.await`.
     confirmations: Mutex<HashMap<Arc<str>, Confirmation>>,
+    // std Mutex: held only to take a token, never across `.await`.
+    confirm_budget: Mutex<Budget>,
 }
 
 impl PodCache {
@@ -181,6 +217,7 @@ impl PodCache {
             lookups: Mutex::new(HashMap::new()),
             lookup_permits: Semaphore::new(MAX_CONCURRENT_LOOKUPS),
             negatives: Mutex::new(HashMap::new()),
+            confirm_budget: Mutex::new(Budget::new(config.confirmations_per_second)),
             confirmations: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();
@@ -367,6 +404,12 @@ impl PodCacheState {
                 Some(Confirmation::Until(t)) if Instant::now() < *t => return Confirmed::Trusted,
                 Some(Confirmation::InFlight(f)) => f.clone(),
                 _ => {
+                    if !self.confirm_budget.lock().unwrap().take() {
+                        // Over budget (or confirmation off): the cache is
+                        // trusted as the watch shows it.
+                        self.metrics.confirmed("skipped");
+                        return Confirmed::Trusted;
+                    }
                     if confirmations.len() >= CONFIRMATIONS_PRUNE_AT {
                         let now = Instant::now();
                         confirmations.retain(|_, c| match c {
@@ -410,11 +453,13 @@ impl PodCacheState {
             Ok(Err(error)) => {
                 tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, %error,
                     "cannot confirm the cached pod; trusting the cache");
+                self.metrics.confirmed("unanswered");
                 return Confirmed::Trusted;
             }
             Err(_) => {
                 tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name,
                     "confirming the cached pod took too long; trusting the cache");
+                self.metrics.confirmed("unanswered");
                 return Confirmed::Trusted;
             }
         };
@@ -423,6 +468,7 @@ impl PodCacheState {
         match fetched {
             None => {
                 index.delete(&key, &pod.uid);
+                self.metrics.confirmed("stale");
                 Confirmed::Stale
             }
             Some(fetched) => {
@@ -430,6 +476,7 @@ impl PodCacheState {
                 if entry.info.uid != pod.uid {
                     // Replaced by a namesake: the one we had is deleted.
                     index.delete(&key, &pod.uid);
+                    self.metrics.confirmed("stale");
                     return Confirmed::Stale;
                 }
                 let still = entry.info.ip == Some(ip) && entry.info.matches_ip_at(Timestamp::now());
@@ -440,8 +487,10 @@ impl PodCacheState {
                     self.prefetch(prefetch);
                 }
                 if still {
+                    self.metrics.confirmed("owner");
                     Confirmed::Trusted
                 } else {
+                    self.metrics.confirmed("stale");
                     Confirmed::Stale
                 }
             }

@@ -27,6 +27,11 @@ pub struct PodCacheMetrics {
     /// `kiam_k8s_pod_lookups_negative_cached_total`: misses answered from
     /// the short negative cache instead of the API.
     pub(super) negative_hits: Counter,
+    /// `kiam_k8s_pod_confirmations_total{result}`: checks that a cached pod
+    /// still owns a request's IP: `owner`, `stale` (gone, completed or
+    /// moved), `unanswered` (the GET failed or was slow: cache trusted),
+    /// `skipped` (over `--pod-confirmations-per-second`: cache trusted).
+    confirmations: Family<LookupLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,7 +62,18 @@ impl PodCacheMetrics {
             "Cache misses answered 'no pod found' from the short negative cache",
             m.negative_hits.clone(),
         );
+        registry.register(
+            "kiam_k8s_pod_confirmations",
+            "Checks that a cached pod still owns the IP a request came from, by result",
+            m.confirmations.clone(),
+        );
         m
+    }
+
+    pub(super) fn confirmed(&self, result: &'static str) {
+        self.confirmations
+            .get_or_create(&LookupLabel { result })
+            .inc();
     }
 
     /// How many pods were not prefetched for because the buffer was full.
