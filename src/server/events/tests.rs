@@ -282,6 +282,10 @@ async fn a_pod_retrying_in_a_loop_costs_one_write_per_interval() {
         [600],
         "exact after the final flush"
     );
+    println!(
+        "RELIABILITY events: 600 occurrences in 60 s -> 1 Event (count 600), {} writes",
+        writes.len()
+    );
 }
 
 #[tokio::test]
