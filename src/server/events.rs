@@ -6,8 +6,8 @@
 //! with client-go's event recorder, so `kubectl describe pod` shows
 //! "(x10 over 2m)". The first occurrence is created at once; later ones are
 //! coalesced and written (a merge PATCH of `count` and `lastTimestamp`) at
-//! most once per [`FLUSH_INTERVAL`] per event, so a Pod retrying in a loop
-//! costs one API write per ten seconds, not one per request. Counts still
+//! most once per ten seconds per event, so a Pod retrying in a loop costs
+//! one API write per ten seconds, not one per request. Counts still
 //! waiting when the last clone of the recorder is dropped, or on
 //! [`EventRecorder::flush`], are written then, so the final count is exact.
 //! An Event deleted meanwhile (the API server's `--event-ttl` is an hour by
