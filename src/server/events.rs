@@ -298,6 +298,8 @@ enum Command {
     Flush(oneshot::Sender<()>),
 }
 
+/// The recorders' side; the writer holds the book too, but not the sender,
+/// so the queue closes when the last recorder goes.
 struct Shared {
     book: Arc<Mutex<Book>>,
     tx: mpsc::Sender<Command>,
