@@ -53,6 +53,9 @@ use pods::{PodCache, PodCacheConfig, PodCacheMetrics};
 use policy::ArnResolver;
 use sts::AssumeRole;
 
+/// How long shutdown waits for pending Event counts to be written.
+const EVENT_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Every metric family the server exports, registered once before it runs
 /// (kiam's names, so its Grafana dashboard keeps working).
 #[derive(Clone)]
@@ -147,10 +150,16 @@ pub async fn run(
         .max_connection_age(config.max_connection_age)
         .max_connection_age_grace(config.max_connection_age_grace)
         .tcp_nodelay(true)
-        .add_service(KiamServiceServer::new(KiamGrpc(service)))
+        .add_service(KiamServiceServer::new(KiamGrpc(service.clone())))
         .serve_with_incoming_shutdown(incoming(listener, tls), shutdown.cancelled_owned())
         .await
         .map_err(|e| ServerError::Serve(e.to_string()))?;
+    // Repeated Events are written at most every 10 s; write what is counted
+    // but not yet written, briefly, so a restart loses no count.
+    let flushed = tokio::time::timeout(EVENT_FLUSH_TIMEOUT, service.events.flush()).await;
+    if flushed.is_err() {
+        tracing::warn!("gave up writing pending Event counts at shutdown");
+    }
     tracing::info!("kiam server stopped");
     Ok(())
 }

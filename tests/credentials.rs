@@ -359,47 +359,80 @@ fn pod(namespace: &str, name: &str, uid: &str) -> PodInfo {
     }
 }
 
-#[tokio::test]
-async fn a_denial_recorded_100_times_creates_one_event() {
-    use kiam::server::events::{EventRecorder, Reason};
-    use kiam_sandbox::apiserver::FakeApiServer;
-
-    let _serial = SERIAL.lock().await;
-    let api = FakeApiServer::start().await.unwrap();
+/// A fake API server and an [`EventRecorder`] writing to it.
+async fn recorder_and_api() -> (
+    kiam::server::events::EventRecorder,
+    kiam_sandbox::apiserver::FakeApiServer,
+) {
+    let api = kiam_sandbox::apiserver::FakeApiServer::start()
+        .await
+        .unwrap();
     api.create_namespace("team").unwrap();
     kiam::ensure_crypto_provider();
     let config = kube::Config::new(api.url().parse().unwrap());
-    let recorder = EventRecorder::new(kube::Client::try_from(config).unwrap());
-    let web = pod("team", "web-1", "0b5e6c1a-1111-4222-8333-944455556666");
-    let denial = "failed assuming role \"admin\": role arn:aws:iam::123456789012:role/admin is not permitted by namespace team";
-    for _ in 0..100 {
-        recorder.record(&web, Reason::RoleForbidden, denial.to_string());
-    }
-    // Events are written in order by one task: once this one is there, every
-    // earlier write has happened.
-    recorder.record(&web, Reason::CredentialError, "sentinel".to_string());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !api
-        .events("team")
-        .iter()
-        .any(|e| e["message"] == "sentinel")
-    {
+    let client = kube::Client::try_from(config).unwrap();
+    (kiam::server::events::EventRecorder::new(client), api)
+}
+
+/// Waits up to 10 s for the Events in `team` to satisfy `done`.
+async fn until_events(
+    api: &kiam_sandbox::apiserver::FakeApiServer,
+    what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = api.events("team");
+        if done(&events) {
+            return events;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the sentinel event never arrived"
+            "{what} never happened: {events:#?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let events = api.events("team");
-    let denials: Vec<_> = events
-        .iter()
-        .filter(|e| e["reason"] == "KiamRoleForbidden")
-        .collect();
+}
+
+fn event_writes(api: &kiam_sandbox::apiserver::FakeApiServer, method: &str) -> usize {
+    api.count_requests(|r| {
+        r.method == method && r.path.starts_with("/api/v1/namespaces/team/events")
+    })
+}
+
+#[tokio::test]
+async fn a_denial_recorded_100_times_creates_one_event() {
+    use kiam::server::events::Reason;
+
+    let _serial = SERIAL.lock().await;
+    let (recorder, api) = recorder_and_api().await;
+    let web = pod("team", "web-1", "0b5e6c1a-1111-4222-8333-944455556666");
+    let denial = "failed assuming role \"admin\": role arn:aws:iam::123456789012:role/admin is not permitted by namespace team";
+    let is_denial = |e: &serde_json::Value| e["reason"] == "KiamRoleForbidden";
+    recorder.record(&web, Reason::RoleForbidden, denial.to_string());
+    until_events(&api, "the first denial's Event", |events| {
+        events.iter().any(is_denial)
+    })
+    .await;
+    for _ in 0..99 {
+        recorder.record(&web, Reason::RoleForbidden, denial.to_string());
+    }
+    recorder.record(&web, Reason::CredentialError, "sentinel".to_string());
+    // The last recorder gone, its writer writes what it counted and ends.
+    drop(recorder);
+    let events = until_events(&api, "a count of 100 and the sentinel", |events| {
+        events.iter().any(|e| e["message"] == "sentinel")
+            && events.iter().any(|e| is_denial(e) && e["count"] == 100)
+    })
+    .await;
+    let denials: Vec<_> = events.iter().filter(|e| is_denial(e)).collect();
     assert_eq!(denials.len(), 1, "{events:#?}");
     let e = denials[0];
     assert_eq!(e["apiVersion"], "v1");
     assert_eq!(e["type"], "Warning");
     assert_eq!(e["message"], denial);
+    assert_eq!(e["count"], 100);
+    assert!(e["firstTimestamp"].as_str().unwrap() <= e["lastTimestamp"].as_str().unwrap());
     assert_eq!(e["involvedObject"]["kind"], "Pod");
     assert_eq!(e["involvedObject"]["namespace"], "team");
     assert_eq!(e["involvedObject"]["name"], "web-1");
@@ -409,7 +442,70 @@ async fn a_denial_recorded_100_times_creates_one_event() {
     );
     assert_eq!(e["source"]["component"], "kiam");
     assert_eq!(e["reportingComponent"], "kiam-server");
-    let posts =
-        api.count_requests(|r| r.method == "POST" && r.path == "/api/v1/namespaces/team/events");
-    assert_eq!(posts, 2, "one denial and the sentinel");
+    let writes = (event_writes(&api, "POST"), event_writes(&api, "PATCH"));
+    assert_eq!(
+        writes,
+        (2, 1),
+        "the denial created once and updated once, and the sentinel"
+    );
+    println!(
+        "RELIABILITY events: 100 denials of one pod -> 1 Event (count {}), creates: {}, updates: {}",
+        e["count"],
+        writes.0 - 1,
+        writes.1
+    );
+}
+
+#[tokio::test]
+async fn ten_denials_on_four_pods_are_four_events() {
+    use kiam::server::events::Reason;
+
+    let _serial = SERIAL.lock().await;
+    let (recorder, api) = recorder_and_api().await;
+    let pods: Vec<PodInfo> = (0..4)
+        .map(|i| pod("team", &format!("web-{i}"), &format!("uid-{i}")))
+        .collect();
+    // 4, 3, 2 and 1 denials, interleaved.
+    for round in 0..4 {
+        for p in &pods[round..] {
+            let denial = format!("role admin is not permitted for {}", p.name);
+            recorder.record(p, Reason::RoleForbidden, denial);
+        }
+    }
+    drop(recorder);
+    let events = until_events(&api, "4 Events counting 10 denials", |events| {
+        events
+            .iter()
+            .filter_map(|e| e["count"].as_i64())
+            .sum::<i64>()
+            == 10
+    })
+    .await;
+    let mut counts: Vec<(String, i64)> = events
+        .iter()
+        .map(|e| {
+            let uid = e["involvedObject"]["uid"].as_str().unwrap().to_string();
+            (uid, e["count"].as_i64().unwrap())
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("uid-0".to_string(), 1),
+            ("uid-1".to_string(), 2),
+            ("uid-2".to_string(), 3),
+            ("uid-3".to_string(), 4)
+        ],
+        "{events:#?}"
+    );
+    let writes = (event_writes(&api, "POST"), event_writes(&api, "PATCH"));
+    assert_eq!(writes.0, 4, "one create per pod");
+    assert!(writes.1 <= 4, "at most one update per pod");
+    println!(
+        "RELIABILITY events: 10 denials on 4 pods -> {} Events, creates: {}, updates: {}",
+        events.len(),
+        writes.0,
+        writes.1
+    );
 }

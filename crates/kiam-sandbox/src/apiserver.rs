@@ -32,8 +32,10 @@
 //!
 //! Known differences from a real server: deletion is immediate (no kubelet honours a grace
 //! period; use [`FakeApiServer::mark_pod_terminating`]), pod spec updates are not
-//! restricted, strategic merge patches replace lists instead of merging them, server-side
-//! apply answers 415, and only JSON (and YAML request bodies) is spoken, never protobuf.
+//! restricted, strategic merge patches replace lists instead of merging them, core/v1
+//! Events are only checked for the namespace rule (not the stricter rules for Events with an
+//! `eventTime`), server-side apply answers 415, and only JSON (and YAML request bodies) is
+//! spoken, never protobuf.
 
 mod discovery;
 mod http;

@@ -457,3 +457,104 @@ pub fn modify(
         Ok(w.put(res, key, new))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn store_with_namespace(ns: &str) -> Store {
+        let store = Store::new(100);
+        apply(
+            &store,
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        )
+        .unwrap();
+        store
+    }
+
+    fn event(ns: &str, count: i64) -> Value {
+        json!({
+            "metadata": {"name": "web.17", "namespace": ns},
+            "involvedObject": {"kind": "Pod", "namespace": ns, "name": "web", "uid": "u"},
+            "reason": "KiamRoleForbidden", "message": "no", "type": "Warning",
+            "count": count,
+            "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:00:00Z"
+        })
+    }
+
+    /// What a recorder does with a repeated core/v1 Event: patch its count and
+    /// lastTimestamp, by merge or strategic merge patch, and create it again when gone.
+    #[test]
+    fn a_core_event_is_counted_up_by_patches_and_gone_once_deleted() {
+        let store = store_with_namespace("a");
+        let created = create(
+            &store,
+            Resource::Events,
+            "a",
+            event("a", 1),
+            Origin::Api,
+            false,
+        )
+        .unwrap();
+        let update = |patch: Patch| {
+            super::patch(
+                &store,
+                Resource::Events,
+                "a",
+                "web.17",
+                &patch,
+                false,
+                false,
+            )
+        };
+        let merged = update(Patch::Merge(
+            json!({"count": 2, "lastTimestamp": "2026-01-01T00:00:10Z"}),
+        ))
+        .unwrap();
+        assert_eq!(merged["count"], 2);
+        assert_eq!(merged["lastTimestamp"], "2026-01-01T00:00:10Z");
+        assert_eq!(merged["firstTimestamp"], "2026-01-01T00:00:00Z");
+        assert_eq!(merged["metadata"]["uid"], created["metadata"]["uid"]);
+        assert_ne!(resource_version_of(&merged), resource_version_of(&created));
+        let strategic = update(Patch::Strategic(json!({"count": 3}))).unwrap();
+        assert_eq!(strategic["count"], 3);
+        assert_eq!(strategic["message"], "no");
+        // Updates are validated like creates.
+        let moved = update(Patch::Merge(json!({"involvedObject": {"namespace": "b"}})));
+        assert_eq!(moved.unwrap_err().code, 422);
+
+        delete(
+            &store,
+            Resource::Events,
+            "a",
+            "web.17",
+            &Preconditions::default(),
+            false,
+        )
+        .unwrap();
+        let gone = update(Patch::Merge(json!({"count": 4}))).unwrap_err();
+        assert_eq!((gone.code, gone.reason), (404, "NotFound"));
+        let again = create(
+            &store,
+            Resource::Events,
+            "a",
+            event("a", 4),
+            Origin::Api,
+            false,
+        )
+        .unwrap();
+        assert_eq!(again["count"], 4);
+        let taken = create(
+            &store,
+            Resource::Events,
+            "a",
+            event("a", 1),
+            Origin::Api,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!((taken.code, taken.reason), (409, "AlreadyExists"));
+    }
+}

@@ -350,6 +350,9 @@ pub fn validate(res: Resource, obj: &Value, origin: Origin) -> Result<(), ApiErr
             }
         }
     }
+    if res == Resource::Events && origin == Origin::Api {
+        validate_legacy_event(obj).map_err(|(field, why)| invalid(field, why))?;
+    }
     if res == Resource::Nodes {
         validate_taints(obj).map_err(|(field, why)| invalid(&field, why))?;
     }
@@ -395,6 +398,35 @@ fn validate_taints(node: &Value) -> Result<(), (String, String)> {
         seen.push((key, effect));
     }
     Ok(())
+}
+
+/// What the real server's `legacyValidateEvent` checks of a core/v1 Event without an
+/// `eventTime` (the kind `kubectl describe` and client-go's recorder write), on create and
+/// on every update: the Event lives in its object's namespace. Events with an `eventTime`
+/// have stricter rules there that this server does not check.
+fn validate_legacy_event(event: &Value) -> Result<(), (&'static str, String)> {
+    if event.get("eventTime").is_some_and(|t| !t.is_null()) {
+        return Ok(());
+    }
+    let namespace = namespace_of(event);
+    let involved = event
+        .pointer("/involvedObject/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    // An Event about a cluster-scoped object goes in "default" (or nowhere, for old clients).
+    let agrees = if involved.is_empty() {
+        namespace.is_empty() || namespace == "default"
+    } else {
+        involved == namespace
+    };
+    if agrees {
+        Ok(())
+    } else {
+        Err((
+            "involvedObject.namespace",
+            format!("Invalid value: {involved:?}: does not match event.namespace"),
+        ))
+    }
 }
 
 /// Fills in what the server owns on a new object: type, uid, timestamps, generation, the
@@ -576,6 +608,36 @@ mod tests {
         assert_eq!(node["kind"], "Node");
         assert!(node["metadata"].get("namespace").is_none());
         assert!(node["metadata"].get("generation").is_none());
+    }
+
+    #[test]
+    fn a_core_event_lives_in_its_objects_namespace() {
+        let event = |ns: &str, involved: Option<&str>| {
+            let mut e = json!({"metadata": {"name": "web.1", "namespace": ns},
+                               "involvedObject": {"kind": "Pod", "name": "web"}});
+            if let Some(involved) = involved {
+                e["involvedObject"]["namespace"] = involved.into();
+            }
+            e
+        };
+        let check = |e: &Value| validate(Resource::Events, e, Origin::Api);
+        check(&event("a", Some("a"))).unwrap();
+        check(&event("default", None)).unwrap();
+        let err = check(&event("b", Some("a"))).unwrap_err();
+        assert_eq!(err.code, 422);
+        assert!(
+            err.message.contains(
+                "involvedObject.namespace: Invalid value: \"a\": does not match event.namespace"
+            ),
+            "{}",
+            err.message
+        );
+        assert_eq!(check(&event("b", None)).unwrap_err().code, 422);
+        // Events with an eventTime follow other rules; test controls store anything.
+        let mut timed = event("b", Some("a"));
+        timed["eventTime"] = "2026-01-01T00:00:00.000000Z".into();
+        check(&timed).unwrap();
+        validate(Resource::Events, &event("b", Some("a")), Origin::Control).unwrap();
     }
 
     #[test]

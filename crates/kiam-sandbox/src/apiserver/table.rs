@@ -87,38 +87,66 @@ fn pod_cells(pod: &Value) -> Vec<Value> {
     ]
 }
 
+/// The real server's event printer, for core/v1 and events.k8s.io/v1 alike (the latter's
+/// `deprecated*` fields and `series` are what the former's fields become): the wide columns
+/// carry the source, first sighting and count.
 fn event_cells(event: &Value) -> Vec<Value> {
-    let last = [
-        "/lastTimestamp",
-        "/eventTime",
-        "/deprecatedLastTimestamp",
-        "/metadata/creationTimestamp",
-    ]
-    .iter()
-    .map(|p| text(event, p))
-    .find(|t| !t.is_empty());
-    let object = match (
-        text(event, "/involvedObject/kind"),
-        text(event, "/regarding/kind"),
-    ) {
-        ("", "") => String::new(),
-        ("", kind) => format!("{}/{}", kind.to_lowercase(), text(event, "/regarding/name")),
-        (kind, _) => format!(
-            "{}/{}",
-            kind.to_lowercase(),
-            text(event, "/involvedObject/name")
-        ),
+    let first_text = |pointers: &[&str]| {
+        pointers
+            .iter()
+            .map(|p| text(event, p))
+            .find(|t| !t.is_empty())
+    };
+    let first = first_text(&["/firstTimestamp", "/deprecatedFirstTimestamp", "/eventTime"]);
+    let mut last = first_text(&["/lastTimestamp", "/deprecatedLastTimestamp"]).or(first);
+    let mut count = ["/count", "/deprecatedCount"]
+        .iter()
+        .find_map(|p| event.pointer(p).and_then(Value::as_i64))
+        .filter(|c| *c != 0)
+        .unwrap_or(1);
+    if let Some(series) = event.get("series").filter(|s| s.is_object()) {
+        last = Some(text(series, "/lastObservedTime"));
+        count = series.get("count").and_then(Value::as_i64).unwrap_or(0);
+    }
+    // events.k8s.io/v1 calls the object `regarding`, the source `deprecatedSource`.
+    let reference = match event.get("involvedObject") {
+        Some(r) if r.is_object() => r,
+        _ => event.get("regarding").unwrap_or(&Value::Null),
+    };
+    let object = match text(reference, "/kind") {
+        "" => text(reference, "/name").to_string(),
+        kind => format!("{}/{}", kind.to_lowercase(), text(reference, "/name")),
     };
     let message = match text(event, "/message") {
         "" => text(event, "/note"),
         m => m,
+    };
+    let component = first_text(&[
+        "/source/component",
+        "/deprecatedSource/component",
+        "/reportingComponent",
+        "/reportingController",
+    ])
+    .unwrap_or("");
+    let source = match first_text(&[
+        "/source/host",
+        "/deprecatedSource/host",
+        "/reportingInstance",
+    ]) {
+        None => component.to_string(),
+        Some(instance) => format!("{component}, {instance}"),
     };
     vec![
         age(last).into(),
         text(event, "/type").into(),
         text(event, "/reason").into(),
         object.into(),
-        message.into(),
+        text(reference, "/fieldPath").into(),
+        source.into(),
+        message.trim().into(),
+        age(first).into(),
+        count.into(),
+        text(event, "/metadata/name").into(),
     ]
 }
 
@@ -145,7 +173,12 @@ fn columns(res: Resource) -> Vec<Value> {
             column("Type", "string", 0),
             column("Reason", "string", 0),
             column("Object", "string", 0),
+            column("Subobject", "string", 1),
+            column("Source", "string", 1),
             column("Message", "string", 0),
+            column("First Seen", "string", 1),
+            column("Count", "string", 1),
+            column("Name", "string", 1),
         ],
     }
 }
@@ -264,5 +297,57 @@ mod tests {
             ])
         );
         assert_eq!(table["rows"][0]["object"]["metadata"]["name"], "web");
+    }
+
+    #[test]
+    fn event_rows_show_the_count_in_wide_columns() {
+        let core = json!({
+            "metadata": {"name": "web.17"},
+            "involvedObject": {"kind": "Pod", "name": "web"},
+            "type": "Warning", "reason": "KiamRoleForbidden", "message": " no \n",
+            "source": {"component": "kiam"}, "reportingInstance": "kiam-server-0",
+            "firstTimestamp": "2020-01-01T00:00:00Z", "lastTimestamp": "2020-01-02T00:00:00Z",
+            "count": 10
+        });
+        let series = json!({
+            "metadata": {"name": "web.18"},
+            "regarding": {"kind": "Pod", "name": "web"},
+            "type": "Warning", "reason": "KiamCredentialError", "note": "sts failed",
+            "reportingController": "kiam", "eventTime": "2020-01-01T00:00:00.000000Z",
+            "series": {"count": 3, "lastObservedTime": "2020-01-03T00:00:00.000000Z"}
+        });
+        let table = render(Resource::Events, &[&core, &series], json!({}), "Metadata");
+        let names: Vec<&str> = table["columnDefinitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names[8], "Count");
+        assert_eq!(
+            table["rows"][0]["cells"].as_array().unwrap().len(),
+            names.len()
+        );
+        assert_eq!(
+            table["rows"][0]["cells"],
+            json!([
+                age(Some("2020-01-02T00:00:00Z")),
+                "Warning",
+                "KiamRoleForbidden",
+                "pod/web",
+                "",
+                "kiam, kiam-server-0",
+                "no",
+                age(Some("2020-01-01T00:00:00Z")),
+                10,
+                "web.17"
+            ])
+        );
+        let row = &table["rows"][1]["cells"];
+        assert_eq!(row[0], age(Some("2020-01-03T00:00:00Z")));
+        assert_eq!(row[3], "pod/web");
+        assert_eq!(row[5], "kiam");
+        assert_eq!(row[6], "sts failed");
+        assert_eq!(row[8], 3);
     }
 }
