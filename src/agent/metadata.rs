@@ -85,6 +85,8 @@ pub struct RouterContext {
     fallback: Fallback,
     tokens: Tokens,
     metrics: Metrics,
+    /// The node's instance-id, once the metadata service gave it.
+    instance_id: std::sync::OnceLock<String>,
 }
 
 impl RouterContext {
@@ -101,6 +103,7 @@ impl RouterContext {
             client,
             upstream,
             metrics,
+            instance_id: std::sync::OnceLock::new(),
         })
     }
 
@@ -136,12 +139,14 @@ enum Reject {
     Forbidden(&'static str),
     NotFound,
     MethodNotAllowed,
-    /// A server answered with an error.
-    Server(String),
-    /// No server answered.
-    BadGateway(String),
+    /// A server answered with an error (its message is for the log only).
+    Server,
+    /// No server answered, or the node's metadata service did not: a short
+    /// reason, never an address.
+    BadGateway(&'static str),
     /// The deadline passed before a server answered.
     GatewayTimeout,
+    /// Something on the agent's side failed: a short text of our own.
     Internal(String),
 }
 
@@ -153,7 +158,7 @@ impl Reject {
             Reject::Forbidden(_) => StatusCode::FORBIDDEN,
             Reject::NotFound => StatusCode::NOT_FOUND,
             Reject::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Reject::Server(_) | Reject::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Reject::Server | Reject::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Reject::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -171,9 +176,10 @@ impl Reject {
             ClientError::Forbidden(Some(Check::NamespacePermitted) | None) => {
                 Reject::Forbidden(FORBIDDEN_BY_POLICY)
             }
-            ClientError::Server(m) => Reject::Server(m),
+            ClientError::Server(_) | ClientError::Final(_) => Reject::Server,
+            ClientError::Timeout(_) => Reject::GatewayTimeout,
             ClientError::Unavailable(_) if f.interrupted => Reject::GatewayTimeout,
-            ClientError::Unavailable(m) => Reject::BadGateway(m),
+            ClientError::Unavailable(_) => Reject::BadGateway(NO_SERVER_ANSWERED),
         }
     }
 }
@@ -181,12 +187,14 @@ impl Reject {
 impl IntoResponse for Reject {
     fn into_response(self) -> Response {
         let status = self.status();
-        // Bodies are short and never contain upstream data.
+        // Bodies are short and never contain upstream data, server
+        // addresses or what a server said (it may name the server's own
+        // role or another pod): those go to the agent's log.
         let body = match &self {
             Reject::BadRequest(m) => m.clone(),
             Reject::Forbidden(m) => (*m).to_string(),
-            Reject::Server(m) => format!("error fetching from kiam server: {m}"),
-            Reject::BadGateway(m) => format!("no kiam server answered: {m}"),
+            Reject::Server => "kiam server error".to_string(),
+            Reject::BadGateway(m) => (*m).to_string(),
             Reject::Internal(m) => m.clone(),
             _ => status.canonical_reason().unwrap_or("error").to_string(),
         };
@@ -198,6 +206,9 @@ impl IntoResponse for Reject {
             .into_response()
     }
 }
+
+/// The body for a request no kiam server could be reached for.
+const NO_SERVER_ANSWERED: &str = "no kiam server answered";
 
 // ---------------------------------------------------------------------------
 // Dispatch
@@ -410,18 +421,23 @@ async fn find_role(
     let fallback = &ctx.fallback;
     let result = retry(
         deadline,
-        || ctx.client.get_pod_role(caller),
+        |deadline| {
+            asked(fallback, caller, async move {
+                ctx.client.get_pod_role(caller, deadline).await
+            })
+        },
         // Serve a kept role at once rather than making the pod wait out
-        // an outage; `no pod found` is retried (start-up race), as kiam did.
+        // an outage; `no pod found` is asked again a few times (start-up
+        // race), as kiam did, but not until the deadline.
         |e| matches!(e, ClientError::Unavailable(_)) && fallback.role(caller).is_some(),
     )
     .await;
     match result {
-        Ok(Some(role)) => {
-            fallback.remember_role(caller, &role);
+        Ok((Some(role), at)) => {
+            fallback.remember_role(caller, &role, at);
             Ok(role)
         }
-        Ok(None) => {
+        Ok((None, _)) => {
             fallback.forget_ip(caller);
             ctx.metrics.empty_role(handler);
             tracing::info!(pod.ip = %caller, "pod has no role");
@@ -441,6 +457,28 @@ async fn find_role(
             ctx.metrics.find_role_error(handler);
             tracing::warn!(pod.ip = %caller, error = %f.err, "error finding role for pod");
             Err(Reject::from_failure(f))
+        }
+    }
+}
+
+/// One attempt at asking the servers about `caller`, and when it was asked
+/// (the fallback keeps an answer only if nothing was forgotten since). A
+/// `no pod found` in any attempt drops what the fallback kept for the IP at
+/// once, not only when it is the request's last answer: a later attempt
+/// that finds no server must not serve the previous pod's answers.
+async fn asked<T>(
+    fallback: &Fallback,
+    caller: IpAddr,
+    attempt: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<(T, std::time::Instant), ClientError> {
+    let at = std::time::Instant::now();
+    match attempt.await {
+        Ok(v) => Ok((v, at)),
+        Err(e) => {
+            if matches!(e, ClientError::NotFound) {
+                fallback.forget_ip(caller);
+            }
+            Err(e)
         }
     }
 }
@@ -485,18 +523,21 @@ async fn credentials(
     let fallback = &ctx.fallback;
     let result = retry(
         deadline,
-        || ctx.client.get_pod_credentials(caller, role),
-        |e| match e {
-            // A policy denial is final: answering at once lets SDKs move on.
-            ClientError::Forbidden(_) => true,
-            ClientError::Unavailable(_) => fallback.credentials(caller, role).is_some(),
-            _ => false,
+        |deadline| {
+            asked(fallback, caller, async move {
+                ctx.client.get_pod_credentials(caller, role, deadline).await
+            })
+        },
+        // Final answers (a policy denial, a refusal) end the loop by
+        // themselves; an outage ends it at once when there is a kept answer.
+        |e| {
+            matches!(e, ClientError::Unavailable(_)) && fallback.credentials(caller, role).is_some()
         },
     )
     .await;
     let creds = match result {
-        Ok(c) => {
-            fallback.remember_credentials(caller, role, &c);
+        Ok((c, at)) => {
+            fallback.remember_credentials(caller, role, &c, at);
             c
         }
         Err(f) => {
@@ -531,30 +572,47 @@ async fn iam_info(ctx: &RouterContext, caller: IpAddr) -> Result<Response, Rejec
 async fn health(ctx: &RouterContext, deep: bool) -> Result<Response, Reject> {
     let deadline = Instant::now() + ctx.cfg.health_deadline;
     if deep {
-        let msg = retry(deadline, || ctx.client.health(), |_| false)
+        let msg = retry(deadline, |d| ctx.client.health(d), |_| false)
             .await
-            .map_err(|f| Reject::Internal(format!("server health: {}", f.err)))?;
+            .map_err(|f| {
+                tracing::warn!(error = %f.err, "health: no kiam server is healthy");
+                Reject::Internal("kiam server health: no server answered".into())
+            })?;
         if msg != "ok" {
-            return Err(Reject::Internal(format!("server health: {msg}")));
+            tracing::warn!(health = %msg, "health: kiam server is not healthy");
+            // Servers answer a one-word state; anything longer is logged only.
+            let word = msg.len() <= 32 && msg.bytes().all(|b| b.is_ascii_alphanumeric());
+            let state = if word { msg.as_str() } else { "not ok" };
+            return Err(Reject::Internal(format!("kiam server health: {state}")));
         }
+    }
+    instance_id(ctx, deadline).await.map(text)
+}
+
+/// The node's instance-id, asked of the node's metadata service once: it
+/// never changes for a node, and a probe every few seconds need not cost
+/// the metadata service a request each.
+async fn instance_id(ctx: &RouterContext, deadline: Instant) -> Result<String, Reject> {
+    if let Some(id) = ctx.instance_id.get() {
+        return Ok(id.clone());
     }
     let no_headers = HeaderMap::new();
     let fetch = ctx
         .upstream
         .fetch(&Method::GET, "/latest/meta-data/instance-id", &no_headers);
-    match tokio::time::timeout_at(deadline, fetch).await {
+    let failed = match tokio::time::timeout_at(deadline, fetch).await {
         Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
-            Ok(text(String::from_utf8_lossy(resp.body()).into_owned()))
+            let id = String::from_utf8_lossy(resp.body()).into_owned();
+            return Ok(ctx.instance_id.get_or_init(|| id).clone());
         }
-        Ok(Ok(resp)) => Err(Reject::Internal(format!(
-            "metadata endpoint answered {} for instance-id",
-            resp.status()
-        ))),
-        Ok(Err(e)) => Err(Reject::Internal(e.to_string())),
-        Err(_) => Err(Reject::Internal(
-            "metadata endpoint did not answer in time".into(),
-        )),
-    }
+        Ok(Ok(resp)) => format!("answered {} for instance-id", resp.status()),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer in time".to_string(),
+    };
+    tracing::warn!(error = %failed, "health: the node's metadata service did not give the instance-id");
+    Err(Reject::Internal(
+        "metadata endpoint did not give the instance-id".into(),
+    ))
 }
 
 async fn proxy(
@@ -581,7 +639,10 @@ async fn proxy(
             Ok(resp)
         }
         Err(UpstreamError::Timeout(_)) => Err(Reject::GatewayTimeout),
-        Err(e) => Err(Reject::BadGateway(e.to_string())),
+        Err(e) => {
+            tracing::warn!(error = %e, "proxy: the node's metadata service failed");
+            Err(Reject::BadGateway("metadata endpoint unreachable"))
+        }
     }
 }
 
