@@ -419,8 +419,9 @@ impl Balancer {
 
     /// Runs `call` on one server after another until one answers, or
     /// `deadline` passes. A server that had the request and ran out of time
-    /// or failed (INTERNAL) is skipped like an unreachable one, but the call
-    /// then reports that a server answered.
+    /// is skipped like an unreachable one, but the call then reports that a
+    /// server answered. Any error a server sends ends the call (the caller
+    /// decides whether to ask again; calls rotate over the servers).
     async fn call<T, F, Fut>(
         &self,
         method: &'static str,
@@ -446,9 +447,8 @@ impl Balancer {
         // a server that just failed is still tried if nothing else works.
         let (healthy, cooling): (Vec<_>, Vec<_>) = rotated.partition(|m| !m.is_cooling(now));
         let mut unreached = String::from("no time left to ask a server");
-        // The answer of a server that had the request but gave none usable;
-        // an error from a server beats a timeout.
-        let mut answered: Option<ClientError> = None;
+        // Set when a server had the request but did not answer in time.
+        let mut slow: Option<String> = None;
         for m in healthy.into_iter().chain(cooling) {
             let budget =
                 attempt_timeout.min(deadline.saturating_duration_since(TokioInstant::now()));
@@ -470,13 +470,6 @@ impl Balancer {
                             m.mark(Some(self.cfg.failure_cooldown));
                             unreached = format!("{}: {msg}", m.addr);
                         }
-                        e @ (ClientError::Server(_) | ClientError::Timeout(_)) => {
-                            tracing::debug!(server = %m.addr, error = %e, "server failed; trying the next");
-                            m.mark(None);
-                            if !matches!(answered, Some(ClientError::Server(_))) {
-                                answered = Some(e);
-                            }
-                        }
                         e => {
                             m.mark(None);
                             return Err(e);
@@ -489,12 +482,7 @@ impl Balancer {
                     m.mark(Some(self.cfg.failure_cooldown));
                     if m.link.is_open() {
                         tracing::debug!(server = %m.addr, "server had the request but did not answer in time; trying the next");
-                        if answered.is_none() {
-                            answered = Some(ClientError::Timeout(format!(
-                                "{}: no answer within {budget:?}",
-                                m.addr
-                            )));
-                        }
+                        slow = Some(format!("{}: no answer within {budget:?}", m.addr));
                     } else {
                         tracing::debug!(server = %m.addr, "no connection to the server in time; trying the next");
                         unreached = format!("{}: no connection within {budget:?}", m.addr);
@@ -502,8 +490,8 @@ impl Balancer {
                 }
             }
         }
-        if let Some(e) = answered {
-            return Err(e);
+        if let Some(s) = slow {
+            return Err(ClientError::Timeout(s));
         }
         self.resolve_now.notify_one();
         Err(ClientError::Unavailable(unreached))
@@ -586,99 +574,4 @@ impl KiamClient for Pool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statuses_are_classified_by_message() {
-        // Go kiam sends these with code Unknown.
-        assert_eq!(
-            classify(&Status::unknown("no pod found")),
-            ClientError::NotFound
-        );
-        assert_eq!(
-            classify(&Status::unknown("forbidden by policy")),
-            ClientError::Forbidden(None)
-        );
-        assert_eq!(
-            classify(&Status::not_found("no pod found")),
-            ClientError::NotFound
-        );
-        assert_eq!(
-            classify(&Status::permission_denied("forbidden by policy")),
-            ClientError::Forbidden(None)
-        );
-        assert!(matches!(
-            classify(&Status::unavailable("down")),
-            ClientError::Unavailable(_)
-        ));
-        assert!(matches!(
-            classify(&Status::internal("sts failed")),
-            ClientError::Server(_)
-        ));
-        let local = Status::from_error(Box::new(std::io::Error::other("connection reset")));
-        assert!(matches!(classify(&local), ClientError::Unavailable(_)));
-    }
-
-    /// Issue 12: only a server that could not be reached (or says it is
-    /// not ready) is "no server answered"; a server that ran out of time
-    /// or refused for good has answered, and a refusal is final.
-    #[test]
-    fn only_unreachable_or_unready_servers_are_unavailable() {
-        for status in [
-            Status::deadline_exceeded("lookup took too long"),
-            Status::cancelled("cancelled"),
-        ] {
-            let e = classify(&status);
-            assert!(matches!(e, ClientError::Timeout(_)), "{e:?}");
-            assert!(e.answered() && !e.is_final());
-        }
-        for status in [
-            Status::failed_precondition("error retrieving credentials: AccessDenied"),
-            Status::failed_precondition("several live pods share this IP; refusing to guess"),
-            Status::permission_denied("some other refusal"),
-        ] {
-            let e = classify(&status);
-            assert!(matches!(e, ClientError::Final(_)), "{e:?}");
-            assert!(e.answered() && e.is_final());
-        }
-        let e = classify(&Status::internal(
-            "error retrieving credentials: Throttling",
-        ));
-        assert!(e.answered() && !e.is_final(), "{e:?}");
-        let e = classify(&Status::unavailable("kiam server is starting"));
-        assert!(!e.answered(), "{e:?}");
-        // tonic's own status for a failed connection carries its cause.
-        let refused = Status::from_error(Box::new(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "connection refused",
-        )));
-        assert!(!classify(&refused).answered());
-    }
-
-    #[test]
-    fn a_denial_names_the_check_that_refused() {
-        for check in [Check::AnnotatedRole, Check::NamespacePermitted] {
-            let mut status = Status::permission_denied(FORBIDDEN_BY_POLICY);
-            status
-                .metadata_mut()
-                .insert(DENIED_CHECK_KEY, check.as_str().parse().unwrap());
-            assert_eq!(classify(&status), ClientError::Forbidden(Some(check)));
-        }
-        // A check this agent does not know yet reads as no check at all.
-        let mut status = Status::permission_denied(FORBIDDEN_BY_POLICY);
-        status
-            .metadata_mut()
-            .insert(DENIED_CHECK_KEY, "something-new".parse().unwrap());
-        assert_eq!(classify(&status), ClientError::Forbidden(None));
-        // The logs say which check refused.
-        assert_eq!(
-            ClientError::Forbidden(Some(Check::AnnotatedRole)).to_string(),
-            "forbidden by policy (annotated-role)"
-        );
-        assert_eq!(
-            ClientError::Forbidden(None).to_string(),
-            "forbidden by policy"
-        );
-    }
-}
+mod tests;

@@ -6,8 +6,8 @@
 //! [`NOT_FOUND_ATTEMPTS`] times, spread over the deadline (the start-up race
 //! is served within the SDK's second, but an address with no pod does not
 //! cost the servers one API lookup per backoff step); the rest is retried
-//! with backoff until the deadline. The caller's `stop` may end it sooner
-//! (an outage the fallback can cover).
+//! with backoff until the deadline. The caller's `stop` may end it sooner,
+//! while no server has answered (an outage the fallback can cover).
 
 use std::future::Future;
 use std::time::Duration;
@@ -73,7 +73,9 @@ where
             interrupted: false,
             answered,
         };
-        if e.is_final() || stop(&e) {
+        // `stop` is for outages the caller can cover; once a server has
+        // answered, the request is no outage.
+        if e.is_final() || (!answered && stop(&e)) {
             return Err(fail(e));
         }
         let wake = if matches!(e, ClientError::NotFound) {
@@ -101,21 +103,44 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_stop_ends_the_loop_at_once_and_remembers_an_answer() {
+    async fn a_stop_ends_an_outage_at_once_but_not_once_a_server_answered() {
         let calls = AtomicUsize::new(0);
         let deadline = Instant::now() + Duration::from_secs(5);
         let r: Result<(), _> = retry(
             deadline,
             |_| {
                 calls.fetch_add(1, Ordering::SeqCst);
-                async { Err(ClientError::NotFound) }
+                async { Err(ClientError::Unavailable("down".into())) }
             },
             |_| true,
         )
         .await;
         let f = r.unwrap_err();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert!(f.answered && !f.interrupted);
+        assert!(!f.answered && !f.interrupted);
+
+        // A server answered (INTERNAL), then none could be reached: no
+        // stop, the request is no outage.
+        let calls = AtomicUsize::new(0);
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let r: Result<(), _> = retry(
+            deadline,
+            |_| {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    Err(if n == 0 {
+                        ClientError::Server("internal".into())
+                    } else {
+                        ClientError::Unavailable("down".into())
+                    })
+                }
+            },
+            |_| true,
+        )
+        .await;
+        let f = r.unwrap_err();
+        assert!(calls.load(Ordering::SeqCst) > 2);
+        assert!(f.answered);
     }
 
     #[tokio::test]
