@@ -632,24 +632,12 @@ async fn final_answers_are_final_and_internal_errors_never_open_the_fallback() {
     .await;
     let key = agent.sdk_fetch().await.unwrap();
     let path = format!("{CREDS}{ROLE}");
+    let fail = |code, message| *srv.behaviour.fail.lock().unwrap() = Some((code, message));
 
-    *srv.behaviour.fail.lock().unwrap() = Some((
-        tonic::Code::FailedPrecondition,
-        "error retrieving credentials: AccessDenied",
-    ));
-    let before = srv.calls();
-    let (status, body) = agent.get(&path).await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
-    assert_eq!(srv.calls() - before, 1, "a final answer is not asked again");
-    assert!(
-        !body.contains(&key) && !body.contains("AccessDenied"),
-        "{body}"
-    );
-
-    *srv.behaviour.fail.lock().unwrap() = Some((
+    fail(
         tonic::Code::Internal,
         "error retrieving credentials: Throttling",
-    ));
+    );
     let before = srv.calls();
     let (status, body) = agent.get(&path).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
@@ -659,9 +647,28 @@ async fn final_answers_are_final_and_internal_errors_never_open_the_fallback() {
         "{body}"
     );
 
-    *srv.behaviour.fail.lock().unwrap() =
-        Some((tonic::Code::Unavailable, "kiam server is starting"));
+    fail(tonic::Code::Unavailable, "kiam server is starting");
     let (status, body) = agent.get(&path).await;
     assert_eq!(status, StatusCode::OK, "a server not ready is an outage");
     assert!(body.contains(&key));
+
+    fail(
+        tonic::Code::FailedPrecondition,
+        "error retrieving credentials: AccessDenied",
+    );
+    let before = srv.calls();
+    let (status, body) = agent.get(&path).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(srv.calls() - before, 1, "a final answer is not asked again");
+    assert!(
+        !body.contains(&key) && !body.contains("AccessDenied"),
+        "{body}"
+    );
+
+    // A refusal also drops what was kept for the IP: a later outage does
+    // not bring the refused credentials back.
+    fail(tonic::Code::Unavailable, "kiam server is starting");
+    let (status, body) = agent.get(&path).await;
+    assert_ne!(status, StatusCode::OK, "{body}");
+    assert!(agent.state.fallback().is_empty());
 }

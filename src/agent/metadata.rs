@@ -444,9 +444,6 @@ async fn find_role(
             Err(Reject::NotFound)
         }
         Err(f) => {
-            if matches!(f.err, ClientError::NotFound) {
-                fallback.forget_ip(caller);
-            }
             if !f.answered {
                 if let Some(role) = fallback.role(caller) {
                     ctx.metrics.stale_served(handler);
@@ -463,9 +460,10 @@ async fn find_role(
 
 /// One attempt at asking the servers about `caller`, and when it was asked
 /// (the fallback keeps an answer only if nothing was forgotten since). A
-/// `no pod found` in any attempt drops what the fallback kept for the IP at
-/// once, not only when it is the request's last answer: a later attempt
-/// that finds no server must not serve the previous pod's answers.
+/// `no pod found` or a final refusal (e.g. several pods share the IP) in
+/// any attempt drops what the fallback kept for the IP at once, not only
+/// when it is the request's last answer: a later attempt that finds no
+/// server must not serve the previous pod's answers.
 async fn asked<T>(
     fallback: &Fallback,
     caller: IpAddr,
@@ -475,7 +473,7 @@ async fn asked<T>(
     match attempt.await {
         Ok(v) => Ok((v, at)),
         Err(e) => {
-            if matches!(e, ClientError::NotFound) {
+            if matches!(e, ClientError::NotFound | ClientError::Final(_)) {
                 fallback.forget_ip(caller);
             }
             Err(e)
@@ -542,10 +540,8 @@ async fn credentials(
         }
         Err(f) => {
             ctx.metrics.credential_fetch_error(handler);
-            match &f.err {
-                ClientError::NotFound => fallback.forget_ip(caller),
-                ClientError::Forbidden(_) => fallback.forget(caller, role),
-                _ => {}
+            if let ClientError::Forbidden(_) = &f.err {
+                fallback.forget(caller, role);
             }
             if !f.answered {
                 if let Some(c) = fallback.credentials(caller, role) {
@@ -601,7 +597,7 @@ async fn instance_id(ctx: &RouterContext, deadline: Instant) -> Result<String, R
         .upstream
         .fetch(&Method::GET, "/latest/meta-data/instance-id", &no_headers);
     let failed = match tokio::time::timeout_at(deadline, fetch).await {
-        Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
+        Ok(Ok(resp)) if resp.status() == StatusCode::OK && !resp.body().is_empty() => {
             let id = String::from_utf8_lossy(resp.body()).into_owned();
             return Ok(ctx.instance_id.get_or_init(|| id).clone());
         }
