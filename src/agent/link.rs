@@ -9,6 +9,9 @@
 //! must stay shut, or a pod that reused an IP would be served the previous
 //! pod's role. tonic does not say which, so every connection the pool's
 //! channels open is counted here while it lives.
+//!
+//! A server that goes silent on an open connection (power lost, no reset)
+//! therefore counts as slow until gRPC keepalive drops the connection.
 
 use std::future::Future;
 use std::io;
