@@ -570,13 +570,13 @@ async fn a_slow_server_has_answered_and_the_fallback_stays_shut() {
     let (status, body) = agent.get(CREDS).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "listing: {body}");
     assert_ne!(body, ROLE);
+    // The budget is 900 ms; the margin is for a loaded CI machine.
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let started = std::time::Instant::now();
     let (status, body) = agent.get(&format!("{CREDS}{ROLE}")).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "credentials: {body}");
     assert!(!body.contains(&key), "kept credentials served: {body}");
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "within the SDKs' budget"
-    );
+    assert!(started.elapsed() < Duration::from_millis(1500));
     let m = kiam::telemetry::encode(&agent.registry);
     assert!(
         !m.contains("kiam_agent_stale_credentials_served_total{"),
