@@ -39,6 +39,8 @@ use super::proxy::{response_headers, Upstream, UpstreamError};
 use super::retry::{retry, RetryFailure};
 use crate::wire::{Check, FORBIDDEN_BY_POLICY};
 
+mod health;
+
 /// Router settings (from the agent flags).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -240,7 +242,8 @@ async fn dispatch(State(ctx): State<Arc<RouterContext>>, req: Request) -> Respon
         ["ping"] if get_like => return "pong".into_response(),
         ["health"] if get_like => {
             let start = Instant::now();
-            let resp = health(&ctx, query.get("deep").is_some_and(|v| !v.is_empty())).await;
+            let deep = query.get("deep").is_some_and(|v| !v.is_empty());
+            let resp = health::health(&ctx, deep).await;
             return ctx.finish(handler::HEALTH, start, resp);
         }
         _ => {}
@@ -563,52 +566,6 @@ async fn credentials(
 async fn iam_info(ctx: &RouterContext, caller: IpAddr) -> Result<Response, Reject> {
     let role = find_role(ctx, caller, handler::IAM_INFO).await?;
     documents::iam_info(&role).ok_or(Reject::NotFound)
-}
-
-async fn health(ctx: &RouterContext, deep: bool) -> Result<Response, Reject> {
-    let deadline = Instant::now() + ctx.cfg.health_deadline;
-    if deep {
-        let msg = retry(deadline, |d| ctx.client.health(d), |_| false)
-            .await
-            .map_err(|f| {
-                tracing::warn!(error = %f.err, "health: no kiam server is healthy");
-                Reject::Internal("kiam server health: no server answered".into())
-            })?;
-        if msg != "ok" {
-            tracing::warn!(health = %msg, "health: kiam server is not healthy");
-            // Servers answer a one-word state; anything longer is logged only.
-            let word = msg.len() <= 32 && msg.bytes().all(|b| b.is_ascii_alphanumeric());
-            let state = if word { msg.as_str() } else { "not ok" };
-            return Err(Reject::Internal(format!("kiam server health: {state}")));
-        }
-    }
-    instance_id(ctx, deadline).await.map(text)
-}
-
-/// The node's instance-id, asked of the node's metadata service once: it
-/// never changes for a node, and a probe every few seconds need not cost
-/// the metadata service a request each.
-async fn instance_id(ctx: &RouterContext, deadline: Instant) -> Result<String, Reject> {
-    if let Some(id) = ctx.instance_id.get() {
-        return Ok(id.clone());
-    }
-    let no_headers = HeaderMap::new();
-    let fetch = ctx
-        .upstream
-        .fetch(&Method::GET, "/latest/meta-data/instance-id", &no_headers);
-    let failed = match tokio::time::timeout_at(deadline, fetch).await {
-        Ok(Ok(resp)) if resp.status() == StatusCode::OK && !resp.body().is_empty() => {
-            let id = String::from_utf8_lossy(resp.body()).into_owned();
-            return Ok(ctx.instance_id.get_or_init(|| id).clone());
-        }
-        Ok(Ok(resp)) => format!("answered {} for instance-id", resp.status()),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "no answer in time".to_string(),
-    };
-    tracing::warn!(error = %failed, "health: the node's metadata service did not give the instance-id");
-    Err(Reject::Internal(
-        "metadata endpoint did not give the instance-id".into(),
-    ))
 }
 
 async fn proxy(
