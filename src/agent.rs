@@ -13,6 +13,7 @@
 //! - [`imdsv2`]: stateless IMDSv2 tokens bound to the caller's IP.
 //! - [`proxy`]: the client for `--metadata-endpoint`.
 //! - [`client`]: the pool of kiam servers.
+//! - [`link`]: open connections per server, to tell slow from unreachable.
 //! - [`server_address`]: `--server-address` parsed and resolved.
 //! - [`fallback`]: last good answers, served only while no server answers.
 //! - [`iptables`]: the DNAT rule for `169.254.169.254:80`.
@@ -23,6 +24,7 @@ mod documents;
 pub mod fallback;
 pub mod imdsv2;
 pub mod iptables;
+pub mod link;
 pub mod metadata;
 pub mod metrics;
 pub mod path;
@@ -52,6 +54,7 @@ use tower::ServiceExt;
 use crate::cli::AgentArgs;
 use crate::tls::{ClientTls, TlsError, TlsFiles};
 use client::{Connect, Pool, PoolConfig};
+use link::Link;
 use metadata::{Config, RouterContext};
 use metrics::Metrics;
 use proxy::Upstream;
@@ -199,9 +202,9 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
 pub struct TlsConnect(pub ClientTls);
 
 impl Connect for TlsConnect {
-    fn channel(&self, endpoint: Endpoint, addr: SocketAddr, host: &str) -> Channel {
+    fn channel(&self, endpoint: Endpoint, addr: SocketAddr, host: &str, link: &Link) -> Channel {
         match self.0.connector(host) {
-            Ok(c) => endpoint.connect_with_connector_lazy(c),
+            Ok(c) => endpoint.connect_with_connector_lazy(link.track(c)),
             Err(e) => {
                 // Names are checked at start-up; this is unreachable in
                 // practice. A channel that cannot connect keeps the pool

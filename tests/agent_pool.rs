@@ -54,6 +54,26 @@ const NAMESPACE_DENIED: &str = "namespace-denied";
 struct Srv {
     name: &'static str,
     calls: Arc<AtomicUsize>,
+    behaviour: Arc<Behaviour>,
+}
+
+/// What the test makes a stand-in do for the pod's own role.
+#[derive(Default)]
+struct Behaviour {
+    /// Every answer waits this long first (a server stuck on a slow API
+    /// lookup).
+    delay: Mutex<Duration>,
+    /// Credentials for [`ROLE`] fail with this code and message.
+    fail: Mutex<Option<(tonic::Code, &'static str)>>,
+}
+
+impl Behaviour {
+    async fn pause(&self) {
+        let d = *self.delay.lock().unwrap();
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -63,6 +83,7 @@ impl KiamService for Srv {
         r: tonic::Request<GetPodRoleRequest>,
     ) -> Result<Response<Role>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.behaviour.pause().await;
         if r.into_inner().ip == POD {
             Ok(Response::new(Role { name: ROLE.into() }))
         } else {
@@ -75,9 +96,15 @@ impl KiamService for Srv {
         r: tonic::Request<GetPodCredentialsRequest>,
     ) -> Result<Response<Credentials>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.behaviour.pause().await;
         let r = r.into_inner();
         if r.ip != POD {
             return Err(Status::unknown("no pod found"));
+        }
+        if let Some((code, message)) = *self.behaviour.fail.lock().unwrap() {
+            if r.role == ROLE {
+                return Err(Status::new(code, message));
+            }
         }
         match r.role.as_str() {
             ROLE => {}
@@ -129,6 +156,7 @@ struct Server {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
     calls: Arc<AtomicUsize>,
+    behaviour: Arc<Behaviour>,
     stop: CancellationToken,
 }
 
@@ -145,10 +173,12 @@ impl Server {
         let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let backend_addr = backend.local_addr().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
+        let behaviour = Arc::new(Behaviour::default());
         let stop = CancellationToken::new();
         let svc = KiamServiceServer::new(Srv {
             name,
             calls: calls.clone(),
+            behaviour: behaviour.clone(),
         });
         let signal = stop.clone().cancelled_owned();
         tokio::spawn(async move {
@@ -167,6 +197,7 @@ impl Server {
             addr,
             mode,
             calls,
+            behaviour,
             stop,
         }
     }
@@ -279,9 +310,13 @@ async fn agent(s: &Setup, cfg: PoolConfig, resolver: Arc<dyn Resolve>, window: D
 
 impl Agent {
     async fn get(&self, path: &str) -> (StatusCode, String) {
+        self.get_from(POD, path).await
+    }
+
+    async fn get_from(&self, from: &str, path: &str) -> (StatusCode, String) {
         let mut req = Request::get(path).body(Body::empty()).unwrap();
         req.extensions_mut().insert(ConnectInfo(
-            format!("{POD}:40000").parse::<SocketAddr>().unwrap(),
+            format!("{from}:40000").parse::<SocketAddr>().unwrap(),
         ));
         let resp = router(self.state.clone()).oneshot(req).await.unwrap();
         let status = resp.status();
@@ -441,6 +476,11 @@ async fn all_servers_down_serves_kept_credentials_inside_the_window_only() {
     assert!(err.contains("502") || err.contains("504"), "{err}");
 }
 
+/// A deadline for a direct pool call.
+fn soon() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(1)
+}
+
 /// A resolver whose answer the test changes, standing for a DNS name that
 /// follows server scale-out and scale-in.
 struct Scripted(Mutex<Vec<SocketAddr>>);
@@ -480,7 +520,7 @@ async fn the_pool_follows_re_resolution() {
     use kiam::agent::client::KiamClient;
     let ip: IpAddr = POD.parse().unwrap();
     for _ in 0..6 {
-        pool.get_pod_role(ip).await.unwrap();
+        pool.get_pod_role(ip, soon()).await.unwrap();
     }
     assert!(a_srv.calls() > 0 && b_srv.calls() > 0, "balanced over both");
 
@@ -489,10 +529,145 @@ async fn the_pool_follows_re_resolution() {
     pool.refresh().await;
     assert_eq!(pool.addresses(), vec![b_srv.addr]);
     a_srv.set(Mode::Dead);
-    assert_eq!(pool.get_pod_role(ip).await.unwrap().as_deref(), Some(ROLE));
+    assert_eq!(
+        pool.get_pod_role(ip, soon()).await.unwrap().as_deref(),
+        Some(ROLE)
+    );
 
     // A DNS failure keeps the last known addresses.
     resolver.0.lock().unwrap().clear();
     pool.refresh().await;
     assert_eq!(pool.addresses(), vec![b_srv.addr]);
+}
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+/// Issue 12, defect 1: a server that has the request and is slow to answer
+/// (stuck on a slow API lookup) has answered. The fallback is for servers
+/// nobody can reach; serving it here would hand a pod that reused an IP the
+/// previous pod's role and credentials. The pod gets 504, not kept answers.
+#[tokio::test]
+async fn a_slow_server_has_answered_and_the_fallback_stays_shut() {
+    let s = setup().await;
+    let srv = Server::start("a", s.pki.server_files()).await;
+    let agent = agent(
+        &s,
+        pool_config(&[&srv]),
+        Arc::new(SystemResolver),
+        Duration::from_secs(300),
+    )
+    .await;
+    let key = agent.sdk_fetch().await.unwrap();
+    assert_eq!(
+        agent.state.fallback().len(),
+        1,
+        "the fallback holds the pod"
+    );
+
+    *srv.behaviour.delay.lock().unwrap() = Duration::from_secs(3);
+    let started = std::time::Instant::now();
+    let (status, body) = agent.get(CREDS).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "listing: {body}");
+    assert_ne!(body, ROLE);
+    // The budget is 900 ms; the margin is for a loaded CI machine.
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let (status, body) = agent.get(&format!("{CREDS}{ROLE}")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "credentials: {body}");
+    assert!(!body.contains(&key), "kept credentials served: {body}");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let m = kiam::telemetry::encode(&agent.registry);
+    assert!(
+        !m.contains("kiam_agent_stale_credentials_served_total{"),
+        "{m}"
+    );
+
+    // Unreachable is different: connections refused, the kept answers serve.
+    *srv.behaviour.delay.lock().unwrap() = Duration::ZERO;
+    srv.set(Mode::Dead);
+    assert_eq!(agent.sdk_fetch().await, Ok(key));
+}
+
+/// Issue 12, defect 2: `no pod found` is asked at most three times, spread
+/// over the request's deadline, then answered 404 — not once per backoff
+/// step (each costing the server an API lookup).
+#[tokio::test]
+async fn no_pod_found_is_asked_at_most_three_times() {
+    let s = setup().await;
+    let srv = Server::start("a", s.pki.server_files()).await;
+    let agent = agent(
+        &s,
+        pool_config(&[&srv]),
+        Arc::new(SystemResolver),
+        Duration::from_secs(300),
+    )
+    .await;
+    for path in [CREDS.to_string(), format!("{CREDS}{ROLE}")] {
+        let before = srv.calls();
+        let started = std::time::Instant::now();
+        let (status, body) = agent.get_from("10.2.0.99", &path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        let calls = srv.calls() - before;
+        assert!((2..=3).contains(&calls), "{path}: {calls} calls");
+        assert!(started.elapsed() < Duration::from_secs(1), "{path}");
+    }
+}
+
+/// Issue 12: FAILED_PRECONDITION (a final STS refusal, two pods on one IP)
+/// is final: one call, 500, never the fallback. INTERNAL is asked again
+/// within the deadline but never opens the fallback either. UNAVAILABLE
+/// (a server not ready) is an outage, which the fallback covers. Bodies say
+/// nothing of what the server said.
+#[tokio::test]
+async fn final_answers_are_final_and_internal_errors_never_open_the_fallback() {
+    let s = setup().await;
+    let srv = Server::start("a", s.pki.server_files()).await;
+    let agent = agent(
+        &s,
+        pool_config(&[&srv]),
+        Arc::new(SystemResolver),
+        Duration::from_secs(300),
+    )
+    .await;
+    let key = agent.sdk_fetch().await.unwrap();
+    let path = format!("{CREDS}{ROLE}");
+    let fail = |code, message| *srv.behaviour.fail.lock().unwrap() = Some((code, message));
+
+    fail(
+        tonic::Code::Internal,
+        "error retrieving credentials: Throttling",
+    );
+    let before = srv.calls();
+    let (status, body) = agent.get(&path).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(srv.calls() - before > 1, "INTERNAL is asked again");
+    assert!(
+        !body.contains(&key) && !body.contains("Throttling"),
+        "{body}"
+    );
+
+    fail(tonic::Code::Unavailable, "kiam server is starting");
+    let (status, body) = agent.get(&path).await;
+    assert_eq!(status, StatusCode::OK, "a server not ready is an outage");
+    assert!(body.contains(&key));
+
+    fail(
+        tonic::Code::FailedPrecondition,
+        "error retrieving credentials: AccessDenied",
+    );
+    let before = srv.calls();
+    let (status, body) = agent.get(&path).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(srv.calls() - before, 1, "a final answer is not asked again");
+    assert!(
+        !body.contains(&key) && !body.contains("AccessDenied"),
+        "{body}"
+    );
+
+    // A refusal also drops what was kept for the IP: a later outage does
+    // not bring the refused credentials back.
+    fail(tonic::Code::Unavailable, "kiam server is starting");
+    let (status, body) = agent.get(&path).await;
+    assert_ne!(status, StatusCode::OK, "{body}");
+    assert!(agent.state.fallback().is_empty());
 }

@@ -839,3 +839,150 @@ async fn served_over_tcp_with_graceful_shutdown() {
         "listener closed after shutdown"
     );
 }
+
+/// Issue 12, defect 1: a `no pod found` in any attempt of a request drops
+/// what the fallback kept for that IP, not only when it is the last error.
+/// Here the server says "no pod" once (the old pod is gone) and then every
+/// server becomes unreachable: the new pod on that IP must not be served
+/// the old pod's role or credentials.
+#[tokio::test]
+async fn no_pod_found_in_any_attempt_drops_the_fallback() {
+    let list = "/latest/meta-data/iam/security-credentials/";
+    let get = "/latest/meta-data/iam/security-credentials/app-role";
+    for path in [list, get] {
+        let a = agent().await;
+        assert_eq!(a.get(list, POD).await.status, StatusCode::OK);
+        assert_eq!(a.get(get, POD).await.status, StatusCode::OK);
+        a.fake.remove_pod(POD);
+        a.fake.script(
+            std::iter::once(ClientError::NotFound)
+                .chain((0..200).map(|_| ClientError::Unavailable("down".into()))),
+        );
+        let r = a.get(path, POD).await;
+        assert_ne!(r.status, StatusCode::OK, "{path}: {}", r.body);
+        assert!(
+            !r.body.contains("PODKEY") && r.body != "app-role",
+            "{path}: {}",
+            r.body
+        );
+        assert!(a.state.fallback().is_empty(), "{path}");
+    }
+}
+
+/// Issue 12, defect 5: a pod gets a short reason; server addresses, STS
+/// messages (which may carry the server's own role ARN) and other pods'
+/// names go to the agent's log only.
+#[tokio::test]
+async fn bodies_never_carry_server_details() {
+    let secrets = [
+        "10.20.30.40",
+        "arn:aws",
+        "AccessDenied",
+        "kiam-server-role",
+        "team-b",
+    ];
+    let errors = [
+        ClientError::Server(
+            "10.20.30.40:443: Internal: error retrieving credentials: AccessDenied: \
+             User: arn:aws:sts::123456789012:assumed-role/kiam-server-role/x"
+                .into(),
+        ),
+        ClientError::Server("10.20.30.40:443: pods team-b/web and team-a/api share this IP".into()),
+        ClientError::Unavailable("10.20.30.40:443: transport error: connection refused".into()),
+    ];
+    for e in errors {
+        let a = agent().await;
+        a.fake.fail_always(Some(e.clone()));
+        for path in [
+            "/latest/meta-data/iam/security-credentials/",
+            "/latest/meta-data/iam/security-credentials/app-role",
+            "/latest/meta-data/iam/info",
+            "/health?deep=1",
+        ] {
+            let r = a.get(path, POD).await;
+            assert!(r.status.is_server_error(), "{e:?} {path}: {}", r.status);
+            for s in secrets {
+                assert!(!r.body.contains(s), "{e:?} {path}: body {:?}", r.body);
+            }
+        }
+    }
+}
+
+/// Issue 12: `/health` asks the node's metadata service for the instance-id
+/// once (it never changes for a node), not on every probe; `?deep=1` still
+/// asks a server every time.
+#[tokio::test]
+async fn health_asks_the_metadata_service_once() {
+    let a = agent().await;
+    for _ in 0..5 {
+        let r = a.get("/health", POD).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (StatusCode::OK, imds::INSTANCE_ID)
+        );
+    }
+    for _ in 0..3 {
+        let r = a.get("/health?deep=1", POD).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (StatusCode::OK, imds::INSTANCE_ID)
+        );
+    }
+    let asked = a
+        ._imds
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with("instance-id"))
+        .count();
+    assert_eq!(asked, 1, "instance-id asked once");
+    assert_eq!(a.fake.health_calls.load(Ordering::SeqCst), 3);
+}
+
+/// The start-up race: a pod whose IP the server learns a few hundred
+/// milliseconds into the request is still served within the SDK's second.
+#[tokio::test]
+async fn a_pod_known_within_the_second_is_served() {
+    let a = agent_with(default_fake(), |c| c.deadline = Duration::from_millis(900)).await;
+    let fake = a.fake.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        fake.set_pod("10.1.0.50", Some("late-role"));
+    });
+    let started = std::time::Instant::now();
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/", "10.1.0.50")
+        .await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "late-role"));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(a.fake.role_calls.load(Ordering::SeqCst) <= 3);
+}
+
+/// IMDSv2 across IP reuse: a token only proves its bearer did a PUT from
+/// that IP; who the caller is comes from the connection alone. A token the
+/// old pod got still authorises only the *current* pod's role at that IP.
+#[tokio::test]
+async fn a_token_from_an_ips_old_pod_never_brings_back_its_role() {
+    let a = agent().await;
+    let token = a.token(POD, "300").await.body;
+    // The old pod is replaced by one with another role on the same IP.
+    a.fake.remove_pod(POD);
+    a.fake.set_pod(POD, Some("new-role"));
+    let r = a
+        .call(
+            "GET",
+            "/latest/meta-data/iam/security-credentials/",
+            POD,
+            &[("x-aws-ec2-metadata-token", &token)],
+        )
+        .await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "new-role"));
+    let r = a
+        .call(
+            "GET",
+            "/latest/meta-data/iam/security-credentials/app-role",
+            POD,
+            &[("x-aws-ec2-metadata-token", &token)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+}

@@ -12,12 +12,18 @@ mod fault_stack;
 #[path = "support/grpc.rs"]
 mod grpc;
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster::{pod_json, Cluster};
 use fault_stack::{ms, report, until, Agent};
 use kiam::proto::kiam_service_client::KiamServiceClient;
 use kiam::server::pods::CONFIRM_TTL;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 const NS: &str = "team-a";
@@ -240,4 +246,151 @@ async fn through_the_agent_the_fallback_never_serves_the_old_pods_credentials() 
             ("elapsed", ms(start.elapsed())),
         ],
     );
+}
+
+/// A TCP relay in front of the API server that holds every chunk the API
+/// server sends for `delay` milliseconds (0: none): a slow API server.
+async fn slow_relay(to: SocketAddr, delay: Arc<AtomicU64>) -> SocketAddr {
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = front.accept().await else {
+                continue;
+            };
+            let delay = delay.clone();
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = tokio::io::copy(&mut from_client, &mut to_server);
+                let down = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = from_server.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        let d = delay.load(Ordering::SeqCst);
+                        if d > 0 {
+                            tokio::time::sleep(Duration::from_millis(d)).await;
+                        }
+                        to_client.write_all(&buf[..n]).await?;
+                    }
+                    to_client.shutdown().await
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    addr
+}
+
+/// A second kiam server for `c`'s cluster (same PKI and STS) whose API
+/// server connection goes through `api`.
+async fn server_via(c: &Cluster, api: SocketAddr, stop: &CancellationToken) -> SocketAddr {
+    kiam::ensure_crypto_provider();
+    let config = kube::Config::new(format!("http://{api}").parse().unwrap());
+    let kube = kube::Client::try_from(config).unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let deps = kiam::server::Deps {
+        config: cluster::server_config(&[]),
+        events: kiam::server::events::EventRecorder::new(kube.clone()),
+        kube,
+        sts: c.sts.clone(),
+        tls: kiam::tls::ServerTls::load(c.pki.server_files(), &mut registry).unwrap(),
+        metrics: kiam::server::ServerMetrics::register(&mut registry),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kiam::server::run(listener, deps, stop.clone()));
+    addr
+}
+
+/// Issue 12, defect 1, end to end: pod A (old-role) fetched credentials
+/// through the agent, so its fallback holds them; A is deleted and B takes
+/// its IP while the server's watch lags and the API server takes seconds to
+/// answer the server's lookup. The server is up and has every request, so
+/// the agent must not treat its slowness as an outage: B never gets A's role
+/// or credentials (504 instead), and is served its own role once the API
+/// answers again.
+#[tokio::test]
+async fn a_slow_api_server_never_lets_the_agent_serve_the_old_pods_credentials() {
+    let c = Cluster::start(&[]).await;
+    c.namespace(NS, Some(".*"));
+    let ip = "127.0.7.40";
+    c.pod(NS, "old", ip, Some("old-role"));
+    let delay = Arc::new(AtomicU64::new(0));
+    let relay = slow_relay(c.api.addr(), delay.clone()).await;
+    let stop = CancellationToken::new();
+    let server = server_via(&c, relay, &stop).await;
+    // The default five-minute stale window: the fallback is on.
+    let agent = Agent::start(&c, &[server], |_| {}).await;
+    let ((role, old_key), _) = until("the agent to serve", Duration::from_secs(20), || async {
+        agent.sdk_fetch(ip).await.ok()
+    })
+    .await;
+    assert_eq!(role, "old-role");
+    assert_eq!(agent.state.fallback().len(), 1);
+
+    // A is deleted and the server's watch delivers it; then the watch lags,
+    // B is created on the same IP, and the API server turns slow.
+    tokio::time::sleep(HANDOVER).await;
+    c.api.delete_pod(NS, "old").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.api.hold_watch_events(true);
+    c.pod(NS, "new", ip, Some("new-role"));
+    delay.store(3000, Ordering::SeqCst);
+
+    let listing = "/latest/meta-data/iam/security-credentials/";
+    let old_creds = "/latest/meta-data/iam/security-credentials/old-role";
+    let start = Instant::now();
+    let mut sent = 0;
+    let mut leaks = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        for path in [listing, old_creds] {
+            let t = Instant::now();
+            let r = agent.get(ip, path).await;
+            slowest = slowest.max(t.elapsed());
+            sent += 1;
+            if r.body.contains(&old_key) || (r.status == 200 && r.body == "old-role") {
+                leaks.push(format!("{path}: {} {}", r.status, r.body));
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "the agent served the old pod's answers to the new pod: {leaks:?}"
+    );
+    // The agent's budget is 900 ms; the margin is for a loaded CI machine.
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "slowest answer {slowest:?}"
+    );
+
+    // The API server recovers and the watch catches up: B gets its own role.
+    delay.store(0, Ordering::SeqCst);
+    c.api.hold_watch_events(false);
+    let ((role, new_key), recovered) = until(
+        "the new pod to be served",
+        Duration::from_secs(20),
+        || async { agent.sdk_fetch(ip).await.ok() },
+    )
+    .await;
+    assert_eq!(role, "new-role");
+    assert_ne!(new_key, old_key);
+    report(
+        "ip-reuse/agent/slow-api-lagging-watch",
+        &[
+            ("requests", sent.to_string()),
+            ("old_role_answers", leaks.len().to_string()),
+            ("slowest_answer", ms(slowest)),
+            ("new_role_after_recovery", ms(recovered)),
+            ("elapsed", ms(start.elapsed())),
+        ],
+    );
+    stop.cancel();
 }

@@ -7,11 +7,14 @@
 //! send both with code `Unknown`, ours with `NotFound`/`PermissionDenied`.
 //! A denial's response metadata says which policy check refused, so the
 //! router can answer it without asking the servers again.
-//! A failure that did not come from a server's answer (connection refused,
-//! reset, TLS failure, per-attempt timeout, `Unavailable`) moves on to the
-//! next server; only when every server failed that way does a call return
-//! [`ClientError::Unavailable`], the one error the credential fallback may
-//! paper over.
+//!
+//! "No server answered" ([`ClientError::Unavailable`], the one error the
+//! credential fallback may cover) means only that no server could be
+//! reached: connection refused or never completed, TLS handshake failed,
+//! connection lost before a reply, or a server saying `UNAVAILABLE` because
+//! it has not synced yet. A server that has the request and is slow (an
+//! attempt timed out on an open connection, see [`link`](super::link)) has
+//! answered: [`ClientError::Timeout`]. Both move on to the next server.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -23,9 +26,11 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
+use tokio::time::Instant as TokioInstant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use super::link::Link;
 use super::server_address::{parse_server_address, AddressError, Resolve, Target};
 use crate::cli::ClientArgs;
 pub use crate::grpc_metrics::GrpcMetrics;
@@ -81,10 +86,21 @@ pub enum ClientError {
     /// never does).
     #[error("{}{}", FORBIDDEN_BY_POLICY, named_check(.0))]
     Forbidden(Option<Check>),
-    /// No server answered (all refused, reset, timed out or unavailable).
+    /// No server could be reached (connection refused or never completed,
+    /// TLS failure, connection lost before a reply, server not ready).
     #[error("no kiam server answered (check --server-address): {0}")]
     Unavailable(String),
-    /// A server answered with another error (e.g. STS failed).
+    /// A server had the request but did not answer in time (e.g. it waits
+    /// on a slow API server). It has answered, for the fallback's purposes.
+    #[error("kiam server did not answer in time: {0}")]
+    Timeout(String),
+    /// A server answered with an error asking again will not change
+    /// (`FAILED_PRECONDITION`: STS refused the role, several pods share
+    /// the IP): never retried.
+    #[error("kiam server refused: {0}")]
+    Final(String),
+    /// A server answered with another error (e.g. STS failed for now):
+    /// retried, as another server may have the answer.
     #[error("kiam server error: {0}")]
     Server(String),
 }
@@ -99,25 +115,46 @@ impl ClientError {
     pub fn answered(&self) -> bool {
         !matches!(self, ClientError::Unavailable(_))
     }
+
+    /// Whether asking again cannot change the answer.
+    pub fn is_final(&self) -> bool {
+        matches!(self, ClientError::Forbidden(_) | ClientError::Final(_))
+    }
+
+    /// Names the server in a message for the logs (never for pods).
+    fn naming_server(self, addr: SocketAddr) -> Self {
+        match self {
+            ClientError::Final(m) => ClientError::Final(format!("{addr}: {m}")),
+            ClientError::Server(m) => ClientError::Server(format!("{addr}: {m}")),
+            other => other,
+        }
+    }
 }
 
 /// What the router needs from the servers; a trait so router tests can use
-/// a fake.
+/// a fake. Each call is over by `deadline`: the pool stops its last attempt
+/// then and says whether that attempt had reached a server.
 pub trait KiamClient: Send + Sync + 'static {
     /// The role annotated on the pod at `ip`; `None` when it has none.
-    fn get_pod_role(&self, ip: IpAddr) -> BoxFuture<'_, Result<Option<String>, ClientError>>;
+    fn get_pod_role(
+        &self,
+        ip: IpAddr,
+        deadline: TokioInstant,
+    ) -> BoxFuture<'_, Result<Option<String>, ClientError>>;
     /// Credentials for `role` if the pod at `ip` may use it.
     fn get_pod_credentials<'a>(
         &'a self,
         ip: IpAddr,
         role: &'a str,
+        deadline: TokioInstant,
     ) -> BoxFuture<'a, Result<Credentials, ClientError>>;
     /// A server's health message (`ok` when healthy).
-    fn health(&self) -> BoxFuture<'_, Result<String, ClientError>>;
+    fn health(&self, deadline: TokioInstant) -> BoxFuture<'_, Result<String, ClientError>>;
 }
 
 /// Maps a gRPC status to the agent's error: by message first (Go servers
-/// send `Unknown`), then by whether a server produced it at all.
+/// send `Unknown`), then by whether a server produced it at all, then by
+/// code.
 fn classify(status: &Status) -> ClientError {
     let msg = status.message();
     if msg.contains(NO_POD_FOUND) {
@@ -131,18 +168,21 @@ fn classify(status: &Status) -> ClientError {
             .and_then(Check::parse);
         return ClientError::Forbidden(check);
     }
-    // A status with a source was made locally from a transport error, not
-    // decoded from a server's grpc-status.
+    let detail = format!("{:?}: {}", status.code(), msg);
+    // A status with a source was made locally from a transport error (tonic
+    // keeps the hyper/h2 or connect error as its source), not decoded from
+    // a server's grpc-status: the connection could not be made, or was lost
+    // before a reply. A server's own UNAVAILABLE means it is not ready.
     let local = std::error::Error::source(status).is_some();
-    if local
-        || matches!(
-            status.code(),
-            Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded
-        )
-    {
-        return ClientError::Unavailable(format!("{:?}: {}", status.code(), msg));
+    if local || status.code() == Code::Unavailable {
+        return ClientError::Unavailable(detail);
     }
-    ClientError::Server(format!("{:?}: {}", status.code(), msg))
+    match status.code() {
+        // A server cut its own work short: it had the request.
+        Code::DeadlineExceeded | Code::Cancelled => ClientError::Timeout(detail),
+        Code::FailedPrecondition | Code::PermissionDenied => ClientError::Final(detail),
+        _ => ClientError::Server(detail),
+    }
 }
 
 /// Makes the channel to one server address. The TLS connector verifies the
@@ -150,8 +190,10 @@ fn classify(status: &Status) -> ClientError {
 /// against the resolved IP.
 pub trait Connect: Send + Sync + 'static {
     /// A lazily connecting channel; `endpoint` carries timeouts and
-    /// keepalive already.
-    fn channel(&self, endpoint: Endpoint, addr: SocketAddr, host: &str) -> Channel;
+    /// keepalive already. Its connector must be wrapped by `link`
+    /// ([`Link::track`]) so the pool can tell a slow server from an
+    /// unreachable one.
+    fn channel(&self, endpoint: Endpoint, addr: SocketAddr, host: &str, link: &Link) -> Channel;
 }
 
 /// Pool tuning; [`PoolConfig::from_args`] maps the kiam flags.
@@ -199,6 +241,9 @@ struct Member {
     addr: SocketAddr,
     host: String,
     client: KiamServiceClient<Channel>,
+    /// Whether a connection to it is open (a timed-out attempt then reached
+    /// the server).
+    link: Link,
     /// Until when this member is tried only after healthy ones. std Mutex:
     /// held for a copy, never across an await.
     cooling_until: Mutex<Option<Instant>>,
@@ -361,20 +406,27 @@ impl Balancer {
                 .keep_alive_timeout(cfg.keepalive_timeout)
                 .keep_alive_while_idle(cfg.keepalive_while_idle);
         }
-        let channel = self.connector.channel(endpoint, addr, host);
+        let link = Link::default();
+        let channel = self.connector.channel(endpoint, addr, host, &link);
         Member {
             addr,
             host: host.to_string(),
             client: KiamServiceClient::new(channel),
+            link,
             cooling_until: Mutex::new(None),
         }
     }
 
-    /// Runs `call` on one server after another until one answers.
+    /// Runs `call` on one server after another until one answers, or
+    /// `deadline` passes. A server that had the request and ran out of time
+    /// is skipped like an unreachable one, but the call then reports that a
+    /// server answered. Any error a server sends ends the call (the caller
+    /// decides whether to ask again; calls rotate over the servers).
     async fn call<T, F, Fut>(
         &self,
         method: &'static str,
         attempt_timeout: Duration,
+        deadline: TokioInstant,
         call: F,
     ) -> Result<T, ClientError>
     where
@@ -394,10 +446,17 @@ impl Balancer {
         // Healthy members first (in round-robin order), then cooling ones:
         // a server that just failed is still tried if nothing else works.
         let (healthy, cooling): (Vec<_>, Vec<_>) = rotated.partition(|m| !m.is_cooling(now));
-        let mut last = String::new();
+        let mut unreached = String::from("no time left to ask a server");
+        // Set when a server had the request but did not answer in time.
+        let mut slow: Option<String> = None;
         for m in healthy.into_iter().chain(cooling) {
+            let budget =
+                attempt_timeout.min(deadline.saturating_duration_since(TokioInstant::now()));
+            if budget.is_zero() {
+                break;
+            }
             let started = self.metrics.started(method);
-            match tokio::time::timeout(attempt_timeout, call(m.client.clone())).await {
+            match tokio::time::timeout(budget, call(m.client.clone())).await {
                 Ok(Ok(resp)) => {
                     self.metrics.handled(method, started, Code::Ok);
                     m.mark(None);
@@ -405,29 +464,37 @@ impl Balancer {
                 }
                 Ok(Err(status)) => {
                     self.metrics.handled(method, started, status.code());
-                    match classify(&status) {
+                    match classify(&status).naming_server(m.addr) {
                         ClientError::Unavailable(msg) => {
-                            tracing::debug!(server = %m.addr, error = %msg, "server did not answer; trying the next");
+                            tracing::debug!(server = %m.addr, error = %msg, "server could not be reached; trying the next");
                             m.mark(Some(self.cfg.failure_cooldown));
-                            last = format!("{}: {msg}", m.addr);
+                            unreached = format!("{}: {msg}", m.addr);
                         }
-                        answered => {
+                        e => {
                             m.mark(None);
-                            return Err(answered);
+                            return Err(e);
                         }
                     }
                 }
                 Err(_) => {
                     self.metrics
                         .handled(method, started, Code::DeadlineExceeded);
-                    tracing::debug!(server = %m.addr, "server timed out; trying the next");
                     m.mark(Some(self.cfg.failure_cooldown));
-                    last = format!("{}: no answer within {:?}", m.addr, attempt_timeout);
+                    if m.link.is_open() {
+                        tracing::debug!(server = %m.addr, "server had the request but did not answer in time; trying the next");
+                        slow = Some(format!("{}: no answer within {budget:?}", m.addr));
+                    } else {
+                        tracing::debug!(server = %m.addr, "no connection to the server in time; trying the next");
+                        unreached = format!("{}: no connection within {budget:?}", m.addr);
+                    }
                 }
             }
         }
+        if let Some(s) = slow {
+            return Err(ClientError::Timeout(s));
+        }
         self.resolve_now.notify_one();
-        Err(ClientError::Unavailable(last))
+        Err(ClientError::Unavailable(unreached))
     }
 }
 
@@ -440,15 +507,24 @@ fn keep_old(old: &[Arc<Member>], host: &str, wanted: &mut Vec<(SocketAddr, Strin
 }
 
 impl KiamClient for Pool {
-    fn get_pod_role(&self, ip: IpAddr) -> BoxFuture<'_, Result<Option<String>, ClientError>> {
+    fn get_pod_role(
+        &self,
+        ip: IpAddr,
+        deadline: TokioInstant,
+    ) -> BoxFuture<'_, Result<Option<String>, ClientError>> {
         Box::pin(async move {
             let ip = ip.to_string();
             let role = self
                 .balancer
-                .call("GetPodRole", self.balancer.cfg.attempt_timeout, |mut c| {
-                    let ip = ip.clone();
-                    async move { c.get_pod_role(proto::GetPodRoleRequest { ip }).await }
-                })
+                .call(
+                    "GetPodRole",
+                    self.balancer.cfg.attempt_timeout,
+                    deadline,
+                    |mut c| {
+                        let ip = ip.clone();
+                        async move { c.get_pod_role(proto::GetPodRoleRequest { ip }).await }
+                    },
+                )
                 .await?;
             Ok(Some(role.name).filter(|n| !n.is_empty()))
         })
@@ -458,6 +534,7 @@ impl KiamClient for Pool {
         &'a self,
         ip: IpAddr,
         role: &'a str,
+        deadline: TokioInstant,
     ) -> BoxFuture<'a, Result<Credentials, ClientError>> {
         Box::pin(async move {
             let ip = ip.to_string();
@@ -466,6 +543,7 @@ impl KiamClient for Pool {
                 .call(
                     "GetPodCredentials",
                     self.balancer.cfg.credentials_attempt_timeout,
+                    deadline,
                     |mut c| {
                         let req = proto::GetPodCredentialsRequest {
                             ip: ip.clone(),
@@ -479,13 +557,14 @@ impl KiamClient for Pool {
         })
     }
 
-    fn health(&self) -> BoxFuture<'_, Result<String, ClientError>> {
+    fn health(&self, deadline: TokioInstant) -> BoxFuture<'_, Result<String, ClientError>> {
         Box::pin(async move {
             let h = self
                 .balancer
                 .call(
                     "GetHealth",
                     self.balancer.cfg.attempt_timeout,
+                    deadline,
                     |mut c| async move { c.get_health(proto::GetHealthRequest {}).await },
                 )
                 .await?;
@@ -495,63 +574,4 @@ impl KiamClient for Pool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statuses_are_classified_by_message() {
-        // Go kiam sends these with code Unknown.
-        assert_eq!(
-            classify(&Status::unknown("no pod found")),
-            ClientError::NotFound
-        );
-        assert_eq!(
-            classify(&Status::unknown("forbidden by policy")),
-            ClientError::Forbidden(None)
-        );
-        assert_eq!(
-            classify(&Status::not_found("no pod found")),
-            ClientError::NotFound
-        );
-        assert_eq!(
-            classify(&Status::permission_denied("forbidden by policy")),
-            ClientError::Forbidden(None)
-        );
-        assert!(matches!(
-            classify(&Status::unavailable("down")),
-            ClientError::Unavailable(_)
-        ));
-        assert!(matches!(
-            classify(&Status::internal("sts failed")),
-            ClientError::Server(_)
-        ));
-        let local = Status::from_error(Box::new(std::io::Error::other("connection reset")));
-        assert!(matches!(classify(&local), ClientError::Unavailable(_)));
-    }
-
-    #[test]
-    fn a_denial_names_the_check_that_refused() {
-        for check in [Check::AnnotatedRole, Check::NamespacePermitted] {
-            let mut status = Status::permission_denied(FORBIDDEN_BY_POLICY);
-            status
-                .metadata_mut()
-                .insert(DENIED_CHECK_KEY, check.as_str().parse().unwrap());
-            assert_eq!(classify(&status), ClientError::Forbidden(Some(check)));
-        }
-        // A check this agent does not know yet reads as no check at all.
-        let mut status = Status::permission_denied(FORBIDDEN_BY_POLICY);
-        status
-            .metadata_mut()
-            .insert(DENIED_CHECK_KEY, "something-new".parse().unwrap());
-        assert_eq!(classify(&status), ClientError::Forbidden(None));
-        // The logs say which check refused.
-        assert_eq!(
-            ClientError::Forbidden(Some(Check::AnnotatedRole)).to_string(),
-            "forbidden by policy (annotated-role)"
-        );
-        assert_eq!(
-            ClientError::Forbidden(None).to_string(),
-            "forbidden by policy"
-        );
-    }
-}
+mod tests;

@@ -6,6 +6,10 @@
 //! except during an outage, which is why the window is bounded
 //! (`--stale-credentials-window`, `0s` turns it off) and credentials within
 //! [`EXPIRY_MARGIN`] of their expiry are never served.
+//!
+//! An answer is kept only if nothing was forgotten for its IP after it was
+//! asked for: a slow answer meant for the old pod must not land after a
+//! `no pod found` already dropped that pod.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -44,11 +48,18 @@ impl Pod {
     }
 }
 
+/// How long a forgotten IP is remembered as forgotten: longer than any
+/// request is in flight.
+const FORGOTTEN_FOR: Duration = Duration::from_secs(10);
+
 /// The fallback store. Methods are cheap and synchronous.
 pub struct Fallback {
     window: Duration,
     /// std Mutex: every critical section is a few map operations, no await.
     pods: Mutex<HashMap<IpAddr, Pod>>,
+    /// When each IP was last forgotten (within [`FORGOTTEN_FOR`]); answers
+    /// asked for before then are not kept. std Mutex: no await under it.
+    forgotten: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 impl Fallback {
@@ -56,17 +67,29 @@ impl Fallback {
         Fallback {
             window,
             pods: Mutex::new(HashMap::new()),
+            forgotten: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `ip` was forgotten after `asked` (so an answer asked for
+    /// then may be about the pod that was forgotten).
+    fn forgotten_since(&self, ip: IpAddr, asked: Instant) -> bool {
+        self.forgotten
+            .lock()
+            .unwrap()
+            .get(&ip)
+            .is_some_and(|at| *at >= asked)
     }
 
     fn enabled(&self) -> bool {
         !self.window.is_zero()
     }
 
-    /// A server said `ip` has `role`: keep it, and forget credentials kept
-    /// for any other role of that IP (the IP may belong to a new pod now).
-    pub fn remember_role(&self, ip: IpAddr, role: &str) {
-        if !self.enabled() {
+    /// A server said `ip` has `role` in answer to a question asked at
+    /// `asked`: keep it, and forget credentials kept for any other role of
+    /// that IP (the IP may belong to a new pod now).
+    pub fn remember_role(&self, ip: IpAddr, role: &str, asked: Instant) {
+        if !self.enabled() || self.forgotten_since(ip, asked) {
             return;
         }
         let mut pods = self.pods.lock().unwrap();
@@ -82,6 +105,12 @@ impl Fallback {
     /// A server said `ip` has no pod or no role: forget everything about it.
     pub fn forget_ip(&self, ip: IpAddr) {
         self.pods.lock().unwrap().remove(&ip);
+        let now = Instant::now();
+        let mut forgotten = self.forgotten.lock().unwrap();
+        if forgotten.len() >= MAX_PODS {
+            forgotten.retain(|_, at| now.duration_since(*at) < FORGOTTEN_FOR);
+        }
+        forgotten.insert(ip, now);
     }
 
     /// A server refused `role` for `ip`.
@@ -95,10 +124,17 @@ impl Fallback {
         }
     }
 
-    /// Keeps credentials a server just issued for (`ip`, `role`). Ones whose
-    /// expiry cannot be read are not kept: the expiry rule could not be applied.
-    pub fn remember_credentials(&self, ip: IpAddr, role: &str, creds: &Credentials) {
-        if !self.enabled() {
+    /// Keeps credentials a server issued for (`ip`, `role`), asked for at
+    /// `asked`. Ones whose expiry cannot be read are not kept: the expiry
+    /// rule could not be applied.
+    pub fn remember_credentials(
+        &self,
+        ip: IpAddr,
+        role: &str,
+        creds: &Credentials,
+        asked: Instant,
+    ) {
+        if !self.enabled() || self.forgotten_since(ip, asked) {
             return;
         }
         {
@@ -230,7 +266,7 @@ mod tests {
     #[test]
     fn keyed_by_ip_and_role() {
         let f = Fallback::new(Duration::from_secs(60));
-        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600));
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
         assert_eq!(
             f.credentials(ip("10.0.0.1"), "a").unwrap().access_key_id,
             "K1"
@@ -242,9 +278,9 @@ mod tests {
     #[test]
     fn role_change_drops_other_roles_credentials() {
         let f = Fallback::new(Duration::from_secs(60));
-        f.remember_role(ip("10.0.0.1"), "a");
-        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600));
-        f.remember_role(ip("10.0.0.1"), "b");
+        f.remember_role(ip("10.0.0.1"), "a", Instant::now());
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
+        f.remember_role(ip("10.0.0.1"), "b", Instant::now());
         assert!(f.credentials(ip("10.0.0.1"), "a").is_none());
         assert_eq!(f.role(ip("10.0.0.1")).as_deref(), Some("b"));
         f.forget_ip(ip("10.0.0.1"));
@@ -254,15 +290,15 @@ mod tests {
     #[test]
     fn never_near_expiry() {
         let f = Fallback::new(Duration::from_secs(60));
-        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 4 * 60));
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 4 * 60), Instant::now());
         assert!(f.credentials(ip("10.0.0.1"), "a").is_none());
     }
 
     #[test]
     fn zero_window_keeps_nothing() {
         let f = Fallback::new(Duration::ZERO);
-        f.remember_role(ip("10.0.0.1"), "a");
-        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600));
+        f.remember_role(ip("10.0.0.1"), "a", Instant::now());
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
         assert!(f.is_empty());
         assert!(f.role(ip("10.0.0.1")).is_none());
     }
@@ -270,18 +306,34 @@ mod tests {
     #[test]
     fn outside_window_not_served() {
         let f = Fallback::new(Duration::from_millis(1));
-        f.remember_role(ip("10.0.0.1"), "a");
-        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600));
+        f.remember_role(ip("10.0.0.1"), "a", Instant::now());
+        f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
         std::thread::sleep(Duration::from_millis(5));
         assert!(f.role(ip("10.0.0.1")).is_none());
         assert!(f.credentials(ip("10.0.0.1"), "a").is_none());
+    }
+
+    /// Issue 12: an answer asked for before the IP was forgotten (a slow
+    /// reply about the old pod, landing after `no pod found`) is not kept.
+    #[test]
+    fn an_answer_asked_before_a_forget_is_not_kept() {
+        let f = Fallback::new(Duration::from_secs(60));
+        let asked = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        f.forget_ip(ip("10.0.0.1"));
+        f.remember_role(ip("10.0.0.1"), "old", asked);
+        f.remember_credentials(ip("10.0.0.1"), "old", &creds("OLD", 3600), asked);
+        assert!(f.is_empty());
+        // Asked after the forget: kept.
+        f.remember_role(ip("10.0.0.1"), "new", Instant::now());
+        assert_eq!(f.role(ip("10.0.0.1")).as_deref(), Some("new"));
     }
 
     #[test]
     fn memory_is_bounded() {
         let f = Fallback::new(Duration::from_secs(60));
         for i in 0..(MAX_PODS as u32 + 100) {
-            f.remember_role(IpAddr::from(i.to_be_bytes()), "a");
+            f.remember_role(IpAddr::from(i.to_be_bytes()), "a", Instant::now());
         }
         assert!(f.len() <= MAX_PODS);
     }

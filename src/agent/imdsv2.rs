@@ -5,6 +5,12 @@
 //! does not grow with callers, a token is useless from another pod's IP, and
 //! every token dies with the process (clients then get 401 and fetch a new
 //! one, as they do when EC2's metadata service restarts).
+//!
+//! A token is not an identity and needs no revoking when an IP changes
+//! hands: it only proves its bearer did a PUT from that IP. Who is asking
+//! is always the connection's source address, so a token the old pod got
+//! authorises nothing the new pod at that IP could not get by a PUT of its
+//! own — the new pod's role, never the old one's.
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -39,6 +39,8 @@ use super::proxy::{response_headers, Upstream, UpstreamError};
 use super::retry::{retry, RetryFailure};
 use crate::wire::{Check, FORBIDDEN_BY_POLICY};
 
+mod health;
+
 /// Router settings (from the agent flags).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -85,6 +87,8 @@ pub struct RouterContext {
     fallback: Fallback,
     tokens: Tokens,
     metrics: Metrics,
+    /// The node's instance-id, once the metadata service gave it.
+    instance_id: std::sync::OnceLock<String>,
 }
 
 impl RouterContext {
@@ -101,6 +105,7 @@ impl RouterContext {
             client,
             upstream,
             metrics,
+            instance_id: std::sync::OnceLock::new(),
         })
     }
 
@@ -136,12 +141,14 @@ enum Reject {
     Forbidden(&'static str),
     NotFound,
     MethodNotAllowed,
-    /// A server answered with an error.
-    Server(String),
-    /// No server answered.
-    BadGateway(String),
+    /// A server answered with an error (its message is for the log only).
+    Server,
+    /// No server answered, or the node's metadata service did not: a short
+    /// reason, never an address.
+    BadGateway(&'static str),
     /// The deadline passed before a server answered.
     GatewayTimeout,
+    /// Something on the agent's side failed: a short text of our own.
     Internal(String),
 }
 
@@ -153,7 +160,7 @@ impl Reject {
             Reject::Forbidden(_) => StatusCode::FORBIDDEN,
             Reject::NotFound => StatusCode::NOT_FOUND,
             Reject::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Reject::Server(_) | Reject::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Reject::Server | Reject::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Reject::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -171,9 +178,10 @@ impl Reject {
             ClientError::Forbidden(Some(Check::NamespacePermitted) | None) => {
                 Reject::Forbidden(FORBIDDEN_BY_POLICY)
             }
-            ClientError::Server(m) => Reject::Server(m),
+            ClientError::Server(_) | ClientError::Final(_) => Reject::Server,
+            ClientError::Timeout(_) => Reject::GatewayTimeout,
             ClientError::Unavailable(_) if f.interrupted => Reject::GatewayTimeout,
-            ClientError::Unavailable(m) => Reject::BadGateway(m),
+            ClientError::Unavailable(_) => Reject::BadGateway(NO_SERVER_ANSWERED),
         }
     }
 }
@@ -181,12 +189,14 @@ impl Reject {
 impl IntoResponse for Reject {
     fn into_response(self) -> Response {
         let status = self.status();
-        // Bodies are short and never contain upstream data.
+        // Bodies are short and never contain upstream data, server
+        // addresses or what a server said (it may name the server's own
+        // role or another pod): those go to the agent's log.
         let body = match &self {
             Reject::BadRequest(m) => m.clone(),
             Reject::Forbidden(m) => (*m).to_string(),
-            Reject::Server(m) => format!("error fetching from kiam server: {m}"),
-            Reject::BadGateway(m) => format!("no kiam server answered: {m}"),
+            Reject::Server => "kiam server error".to_string(),
+            Reject::BadGateway(m) => (*m).to_string(),
             Reject::Internal(m) => m.clone(),
             _ => status.canonical_reason().unwrap_or("error").to_string(),
         };
@@ -198,6 +208,9 @@ impl IntoResponse for Reject {
             .into_response()
     }
 }
+
+/// The body for a request no kiam server could be reached for.
+const NO_SERVER_ANSWERED: &str = "no kiam server answered";
 
 // ---------------------------------------------------------------------------
 // Dispatch
@@ -229,7 +242,8 @@ async fn dispatch(State(ctx): State<Arc<RouterContext>>, req: Request) -> Respon
         ["ping"] if get_like => return "pong".into_response(),
         ["health"] if get_like => {
             let start = Instant::now();
-            let resp = health(&ctx, query.get("deep").is_some_and(|v| !v.is_empty())).await;
+            let deep = query.get("deep").is_some_and(|v| !v.is_empty());
+            let resp = health::health(&ctx, deep).await;
             return ctx.finish(handler::HEALTH, start, resp);
         }
         _ => {}
@@ -410,27 +424,29 @@ async fn find_role(
     let fallback = &ctx.fallback;
     let result = retry(
         deadline,
-        || ctx.client.get_pod_role(caller),
+        |deadline| {
+            asked(fallback, caller, async move {
+                ctx.client.get_pod_role(caller, deadline).await
+            })
+        },
         // Serve a kept role at once rather than making the pod wait out
-        // an outage; `no pod found` is retried (start-up race), as kiam did.
+        // an outage; `no pod found` is asked again a few times (start-up
+        // race), as kiam did, but not until the deadline.
         |e| matches!(e, ClientError::Unavailable(_)) && fallback.role(caller).is_some(),
     )
     .await;
     match result {
-        Ok(Some(role)) => {
-            fallback.remember_role(caller, &role);
+        Ok((Some(role), at)) => {
+            fallback.remember_role(caller, &role, at);
             Ok(role)
         }
-        Ok(None) => {
+        Ok((None, _)) => {
             fallback.forget_ip(caller);
             ctx.metrics.empty_role(handler);
             tracing::info!(pod.ip = %caller, "pod has no role");
             Err(Reject::NotFound)
         }
         Err(f) => {
-            if matches!(f.err, ClientError::NotFound) {
-                fallback.forget_ip(caller);
-            }
             if !f.answered {
                 if let Some(role) = fallback.role(caller) {
                     ctx.metrics.stale_served(handler);
@@ -441,6 +457,29 @@ async fn find_role(
             ctx.metrics.find_role_error(handler);
             tracing::warn!(pod.ip = %caller, error = %f.err, "error finding role for pod");
             Err(Reject::from_failure(f))
+        }
+    }
+}
+
+/// One attempt at asking the servers about `caller`, and when it was asked
+/// (the fallback keeps an answer only if nothing was forgotten since). A
+/// `no pod found` or a final refusal (e.g. several pods share the IP) in
+/// any attempt drops what the fallback kept for the IP at once, not only
+/// when it is the request's last answer: a later attempt that finds no
+/// server must not serve the previous pod's answers.
+async fn asked<T>(
+    fallback: &Fallback,
+    caller: IpAddr,
+    attempt: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<(T, std::time::Instant), ClientError> {
+    let at = std::time::Instant::now();
+    match attempt.await {
+        Ok(v) => Ok((v, at)),
+        Err(e) => {
+            if matches!(e, ClientError::NotFound | ClientError::Final(_)) {
+                fallback.forget_ip(caller);
+            }
+            Err(e)
         }
     }
 }
@@ -485,26 +524,27 @@ async fn credentials(
     let fallback = &ctx.fallback;
     let result = retry(
         deadline,
-        || ctx.client.get_pod_credentials(caller, role),
-        |e| match e {
-            // A policy denial is final: answering at once lets SDKs move on.
-            ClientError::Forbidden(_) => true,
-            ClientError::Unavailable(_) => fallback.credentials(caller, role).is_some(),
-            _ => false,
+        |deadline| {
+            asked(fallback, caller, async move {
+                ctx.client.get_pod_credentials(caller, role, deadline).await
+            })
+        },
+        // Final answers (a policy denial, a refusal) end the loop by
+        // themselves; an outage ends it at once when there is a kept answer.
+        |e| {
+            matches!(e, ClientError::Unavailable(_)) && fallback.credentials(caller, role).is_some()
         },
     )
     .await;
     let creds = match result {
-        Ok(c) => {
-            fallback.remember_credentials(caller, role, &c);
+        Ok((c, at)) => {
+            fallback.remember_credentials(caller, role, &c, at);
             c
         }
         Err(f) => {
             ctx.metrics.credential_fetch_error(handler);
-            match &f.err {
-                ClientError::NotFound => fallback.forget_ip(caller),
-                ClientError::Forbidden(_) => fallback.forget(caller, role),
-                _ => {}
+            if let ClientError::Forbidden(_) = &f.err {
+                fallback.forget(caller, role);
             }
             if !f.answered {
                 if let Some(c) = fallback.credentials(caller, role) {
@@ -526,35 +566,6 @@ async fn credentials(
 async fn iam_info(ctx: &RouterContext, caller: IpAddr) -> Result<Response, Reject> {
     let role = find_role(ctx, caller, handler::IAM_INFO).await?;
     documents::iam_info(&role).ok_or(Reject::NotFound)
-}
-
-async fn health(ctx: &RouterContext, deep: bool) -> Result<Response, Reject> {
-    let deadline = Instant::now() + ctx.cfg.health_deadline;
-    if deep {
-        let msg = retry(deadline, || ctx.client.health(), |_| false)
-            .await
-            .map_err(|f| Reject::Internal(format!("server health: {}", f.err)))?;
-        if msg != "ok" {
-            return Err(Reject::Internal(format!("server health: {msg}")));
-        }
-    }
-    let no_headers = HeaderMap::new();
-    let fetch = ctx
-        .upstream
-        .fetch(&Method::GET, "/latest/meta-data/instance-id", &no_headers);
-    match tokio::time::timeout_at(deadline, fetch).await {
-        Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
-            Ok(text(String::from_utf8_lossy(resp.body()).into_owned()))
-        }
-        Ok(Ok(resp)) => Err(Reject::Internal(format!(
-            "metadata endpoint answered {} for instance-id",
-            resp.status()
-        ))),
-        Ok(Err(e)) => Err(Reject::Internal(e.to_string())),
-        Err(_) => Err(Reject::Internal(
-            "metadata endpoint did not answer in time".into(),
-        )),
-    }
 }
 
 async fn proxy(
@@ -581,7 +592,10 @@ async fn proxy(
             Ok(resp)
         }
         Err(UpstreamError::Timeout(_)) => Err(Reject::GatewayTimeout),
-        Err(e) => Err(Reject::BadGateway(e.to_string())),
+        Err(e) => {
+            tracing::warn!(error = %e, "proxy: the node's metadata service failed");
+            Err(Reject::BadGateway("metadata endpoint unreachable"))
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use kiam::agent::client::{ClientError, Credentials, KiamClient};
 use kiam::agent::fallback::same_role;
 use kiam::wire::Check;
+use tokio::time::Instant;
 
 /// Credentials with a marker key, valid for an hour.
 pub fn creds(key: &str) -> Credentials {
@@ -102,19 +103,28 @@ impl FakeKiam {
         self.script.lock().unwrap().pop_front()
     }
 
-    async fn pause(&self) {
+    /// The configured delay; like the pool, a call still waiting at its
+    /// deadline ends there, as a server that had the request and was slow.
+    async fn pause(&self, deadline: Instant) -> Result<(), ClientError> {
         let d = *self.delay.lock().unwrap();
         if !d.is_zero() {
-            tokio::time::sleep(d).await;
+            tokio::time::timeout_at(deadline, tokio::time::sleep(d))
+                .await
+                .map_err(|_| ClientError::Timeout("fake: slow".into()))?;
         }
+        Ok(())
     }
 }
 
 impl KiamClient for FakeKiam {
-    fn get_pod_role(&self, ip: IpAddr) -> BoxFuture<'_, Result<Option<String>, ClientError>> {
+    fn get_pod_role(
+        &self,
+        ip: IpAddr,
+        deadline: Instant,
+    ) -> BoxFuture<'_, Result<Option<String>, ClientError>> {
         Box::pin(async move {
             self.role_calls.fetch_add(1, Ordering::SeqCst);
-            self.pause().await;
+            self.pause(deadline).await?;
             if let Some(e) = self.scripted() {
                 return Err(e);
             }
@@ -131,10 +141,11 @@ impl KiamClient for FakeKiam {
         &'a self,
         ip: IpAddr,
         role: &'a str,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Credentials, ClientError>> {
         Box::pin(async move {
             self.cred_calls.fetch_add(1, Ordering::SeqCst);
-            self.pause().await;
+            self.pause(deadline).await?;
             if let Some(e) = self.scripted() {
                 return Err(e);
             }
@@ -158,7 +169,7 @@ impl KiamClient for FakeKiam {
         })
     }
 
-    fn health(&self) -> BoxFuture<'_, Result<String, ClientError>> {
+    fn health(&self, _deadline: Instant) -> BoxFuture<'_, Result<String, ClientError>> {
         Box::pin(async move {
             self.health_calls.fetch_add(1, Ordering::SeqCst);
             if let Some(e) = self.scripted() {
