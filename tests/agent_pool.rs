@@ -30,7 +30,7 @@ use kiam::proto::{
 };
 use kiam::tls::{self, ClientTls, ServerTls};
 use kiam::wire::{Check, DENIED_CHECK_KEY};
-use kiam_sandbox::imds::{Behaviour, ImdsEmulator, NodeIdentity};
+use kiam_sandbox::imds::{Behaviour as ImdsBehaviour, ImdsEmulator, NodeIdentity};
 use prometheus_client::registry::Registry;
 use regex::Regex;
 use tokio::net::{TcpListener, TcpStream};
@@ -255,7 +255,7 @@ async fn setup() -> Setup {
     Setup {
         _dir: dir,
         pki,
-        _imds: ImdsEmulator::start(NodeIdentity::default(), Behaviour::leaky())
+        _imds: ImdsEmulator::start(NodeIdentity::default(), ImdsBehaviour::leaky())
             .await
             .unwrap(),
     }

@@ -918,14 +918,14 @@ async fn health_asks_the_metadata_service_once() {
         let r = a.get("/health", POD).await;
         assert_eq!(
             (r.status, r.body.as_str()),
-            (StatusCode::OK, imds::INSTANCE_ID)
+            (StatusCode::OK, a._imds.node().instance_id.as_str())
         );
     }
     for _ in 0..3 {
         let r = a.get("/health?deep=1", POD).await;
         assert_eq!(
             (r.status, r.body.as_str()),
-            (StatusCode::OK, imds::INSTANCE_ID)
+            (StatusCode::OK, a._imds.node().instance_id.as_str())
         );
     }
     let asked = a

@@ -35,6 +35,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Pause before reading the node again after the guard refused a patch.
 const REREAD_PAUSE: Duration = Duration::from_millis(100);
+/// How long one health question may take.
+const HEALTH_DEADLINE: Duration = Duration::from_secs(1);
 /// How often the servers' health is asked while none says `ok`.
 const HEALTH_POLL: Duration = Duration::from_secs(1);
 /// Longest taint key Kubernetes accepts: a 253-byte DNS prefix, `/`, a 63-byte name.
@@ -296,7 +298,8 @@ async fn gate(
 async fn wait_for_a_healthy_server(servers: &dyn KiamClient) {
     let mut said = false;
     loop {
-        match servers.health().await {
+        let deadline = tokio::time::Instant::now() + HEALTH_DEADLINE;
+        match servers.health(deadline).await {
             Ok(msg) if msg == "ok" => return,
             answer => {
                 if !said {
