@@ -286,6 +286,20 @@ struct Agent {
     registry: Registry,
 }
 
+/// An agent in front of one server "a", with a 5-minute stale window.
+async fn one_server() -> (Setup, Server, Agent) {
+    let s = setup().await;
+    let srv = Server::start("a", s.pki.server_files()).await;
+    let agent = agent(
+        &s,
+        pool_config(&[&srv]),
+        Arc::new(SystemResolver),
+        Duration::from_secs(300),
+    )
+    .await;
+    (s, srv, agent)
+}
+
 async fn agent(s: &Setup, cfg: PoolConfig, resolver: Arc<dyn Resolve>, window: Duration) -> Agent {
     let mut registry = Registry::default();
     let client_tls = ClientTls::load(s.pki.agent_files(), &mut registry).unwrap();
@@ -548,15 +562,7 @@ const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 /// previous pod's role and credentials. The pod gets 504, not kept answers.
 #[tokio::test]
 async fn a_slow_server_has_answered_and_the_fallback_stays_shut() {
-    let s = setup().await;
-    let srv = Server::start("a", s.pki.server_files()).await;
-    let agent = agent(
-        &s,
-        pool_config(&[&srv]),
-        Arc::new(SystemResolver),
-        Duration::from_secs(300),
-    )
-    .await;
+    let (_s, srv, agent) = one_server().await;
     let key = agent.sdk_fetch().await.unwrap();
     assert_eq!(
         agent.state.fallback().len(),
@@ -593,15 +599,7 @@ async fn a_slow_server_has_answered_and_the_fallback_stays_shut() {
 /// step (each costing the server an API lookup).
 #[tokio::test]
 async fn no_pod_found_is_asked_at_most_three_times() {
-    let s = setup().await;
-    let srv = Server::start("a", s.pki.server_files()).await;
-    let agent = agent(
-        &s,
-        pool_config(&[&srv]),
-        Arc::new(SystemResolver),
-        Duration::from_secs(300),
-    )
-    .await;
+    let (_s, srv, agent) = one_server().await;
     for path in [CREDS.to_string(), format!("{CREDS}{ROLE}")] {
         let before = srv.calls();
         let started = std::time::Instant::now();
@@ -620,15 +618,7 @@ async fn no_pod_found_is_asked_at_most_three_times() {
 /// nothing of what the server said.
 #[tokio::test]
 async fn final_answers_are_final_and_internal_errors_never_open_the_fallback() {
-    let s = setup().await;
-    let srv = Server::start("a", s.pki.server_files()).await;
-    let agent = agent(
-        &s,
-        pool_config(&[&srv]),
-        Arc::new(SystemResolver),
-        Duration::from_secs(300),
-    )
-    .await;
+    let (_s, srv, agent) = one_server().await;
     let key = agent.sdk_fetch().await.unwrap();
     let path = format!("{CREDS}{ROLE}");
     let fail = |code, message| *srv.behaviour.fail.lock().unwrap() = Some((code, message));
