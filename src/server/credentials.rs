@@ -103,7 +103,7 @@ struct Cached {
     refresh_at: Instant,
 }
 
-struct Failure {
+struct LastFailure {
     error: StsError,
     /// Requests get this failure back until then.
     reuse_until: Instant,
@@ -115,7 +115,7 @@ struct Failure {
 struct Entry {
     cached: Option<Cached>,
     fetch: Option<Fetch>,
-    failure: Option<Failure>,
+    failure: Option<LastFailure>,
     last_used: Instant,
 }
 
@@ -460,7 +460,7 @@ impl Inner {
                     "error requesting credentials"
                 );
                 if let Some(e) = entry {
-                    e.failure = Some(Failure {
+                    e.failure = Some(LastFailure {
                         error: error.clone(),
                         reuse_until: now + reuse,
                         retry_at: now + backoff,

@@ -300,7 +300,7 @@ enum Command {
 
 /// The recorders' side; the writer holds the book too, but not the sender,
 /// so the queue closes when the last recorder goes.
-struct Shared {
+struct RecorderState {
     book: Arc<Mutex<Book>>,
     tx: mpsc::Sender<Command>,
 }
@@ -315,7 +315,7 @@ fn lock(book: &Mutex<Book>) -> MutexGuard<'_, Book> {
 /// task writes what is left and ends when the last clone is dropped.
 #[derive(Clone)]
 pub struct EventRecorder {
-    shared: Option<Arc<Shared>>,
+    shared: Option<Arc<RecorderState>>,
 }
 
 impl std::fmt::Debug for EventRecorder {
@@ -342,7 +342,7 @@ impl EventRecorder {
         };
         tokio::spawn(writer.run(rx));
         EventRecorder {
-            shared: Some(Arc::new(Shared { book, tx })),
+            shared: Some(Arc::new(RecorderState { book, tx })),
         }
     }
 
