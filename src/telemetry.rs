@@ -2,7 +2,6 @@
 //! keeps working; each component registers its own families into the one
 //! [`Registry`] at construction and keeps the handles.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
@@ -81,11 +80,6 @@ pub fn normalise_listen_addr(addr: &str) -> String {
     } else {
         addr.to_string()
     }
-}
-
-/// Convenience for tests: the metrics text of a registry served at `addr`.
-pub fn metrics_url(addr: SocketAddr) -> String {
-    format!("http://{addr}/metrics")
 }
 
 /// An error and its sources as one line, without repeating a message its

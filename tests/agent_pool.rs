@@ -564,9 +564,8 @@ const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 async fn a_slow_server_has_answered_and_the_fallback_stays_shut() {
     let (_s, srv, agent) = one_server().await;
     let key = agent.sdk_fetch().await.unwrap();
-    assert_eq!(
-        agent.state.fallback().len(),
-        1,
+    assert!(
+        kiam::telemetry::encode(&agent.registry).contains("kiam_agent_fallback_pods 1"),
         "the fallback holds the pod"
     );
 
@@ -659,5 +658,5 @@ async fn final_answers_are_final_and_internal_errors_never_open_the_fallback() {
     fail(tonic::Code::Unavailable, "kiam server is starting");
     let (status, body) = agent.get(&path).await;
     assert_ne!(status, StatusCode::OK, "{body}");
-    assert!(agent.state.fallback().is_empty());
+    assert!(kiam::telemetry::encode(&agent.registry).contains("kiam_agent_fallback_pods 0"));
 }

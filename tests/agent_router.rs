@@ -749,7 +749,7 @@ async fn fallback_never_covers_server_errors_and_can_be_off() {
     a.fake
         .fail_always(Some(ClientError::Unavailable("down".into())));
     assert_ne!(a.get(get, POD).await.status, StatusCode::OK);
-    assert!(a.state.fallback().is_empty());
+    assert!(a.metrics().contains("kiam_agent_fallback_pods 0"));
 }
 
 #[tokio::test]
@@ -865,7 +865,7 @@ async fn no_pod_found_in_any_attempt_drops_the_fallback() {
             "{path}: {}",
             r.body
         );
-        assert!(a.state.fallback().is_empty(), "{path}");
+        assert!(a.metrics().contains("kiam_agent_fallback_pods 0"), "{path}");
     }
 }
 

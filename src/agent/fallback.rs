@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::client::Credentials;
 
@@ -60,15 +61,23 @@ pub struct Fallback {
     /// When each IP was last forgotten (within [`FORGOTTEN_FOR`]); answers
     /// asked for before then are not kept. std Mutex: no await under it.
     forgotten: Mutex<HashMap<IpAddr, Instant>>,
+    /// How many pod IPs are kept (`kiam_agent_fallback_pods`).
+    held: Gauge,
 }
 
 impl Fallback {
-    pub fn new(window: Duration) -> Self {
+    pub fn new(window: Duration, held: Gauge) -> Self {
         Fallback {
             window,
             pods: Mutex::new(HashMap::new()),
             forgotten: Mutex::new(HashMap::new()),
+            held,
         }
+    }
+
+    /// Publishes how many pod IPs `pods` holds.
+    fn count(&self, pods: &HashMap<IpAddr, Pod>) {
+        self.held.set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
     }
 
     /// Whether `ip` was forgotten after `asked` (so an answer asked for
@@ -100,11 +109,16 @@ impl Fallback {
             value: role.to_string(),
             fetched: Instant::now(),
         });
+        self.count(&pods);
     }
 
     /// A server said `ip` has no pod or no role: forget everything about it.
     pub fn forget_ip(&self, ip: IpAddr) {
-        self.pods.lock().unwrap().remove(&ip);
+        {
+            let mut pods = self.pods.lock().unwrap();
+            pods.remove(&ip);
+            self.count(&pods);
+        }
         let now = Instant::now();
         let mut forgotten = self.forgotten.lock().unwrap();
         if forgotten.len() >= MAX_PODS {
@@ -174,6 +188,7 @@ impl Fallback {
                 fetched: Instant::now(),
             },
         );
+        self.count(&pods);
     }
 
     /// The role last seen for `ip`, if fetched within the window.
@@ -196,13 +211,10 @@ impl Fallback {
         Some(kept.value.0.clone())
     }
 
-    /// How many pod IPs are kept (tests and memory bound checks).
-    pub fn len(&self) -> usize {
+    /// How many pod IPs are kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.pods.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Bounds memory before inserting for `ip`: drop everything outside the
@@ -265,7 +277,7 @@ mod tests {
 
     #[test]
     fn keyed_by_ip_and_role() {
-        let f = Fallback::new(Duration::from_secs(60));
+        let f = Fallback::new(Duration::from_secs(60), Gauge::default());
         f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
         assert_eq!(
             f.credentials(ip("10.0.0.1"), "a").unwrap().access_key_id,
@@ -277,7 +289,7 @@ mod tests {
 
     #[test]
     fn role_change_drops_other_roles_credentials() {
-        let f = Fallback::new(Duration::from_secs(60));
+        let f = Fallback::new(Duration::from_secs(60), Gauge::default());
         f.remember_role(ip("10.0.0.1"), "a", Instant::now());
         f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
         f.remember_role(ip("10.0.0.1"), "b", Instant::now());
@@ -289,23 +301,23 @@ mod tests {
 
     #[test]
     fn never_near_expiry() {
-        let f = Fallback::new(Duration::from_secs(60));
+        let f = Fallback::new(Duration::from_secs(60), Gauge::default());
         f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 4 * 60), Instant::now());
         assert!(f.credentials(ip("10.0.0.1"), "a").is_none());
     }
 
     #[test]
     fn zero_window_keeps_nothing() {
-        let f = Fallback::new(Duration::ZERO);
+        let f = Fallback::new(Duration::ZERO, Gauge::default());
         f.remember_role(ip("10.0.0.1"), "a", Instant::now());
         f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
-        assert!(f.is_empty());
+        assert_eq!(f.len(), 0);
         assert!(f.role(ip("10.0.0.1")).is_none());
     }
 
     #[test]
     fn outside_window_not_served() {
-        let f = Fallback::new(Duration::from_millis(1));
+        let f = Fallback::new(Duration::from_millis(1), Gauge::default());
         f.remember_role(ip("10.0.0.1"), "a", Instant::now());
         f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
         std::thread::sleep(Duration::from_millis(5));
@@ -317,13 +329,13 @@ mod tests {
     /// reply about the old pod, landing after `no pod found`) is not kept.
     #[test]
     fn an_answer_asked_before_a_forget_is_not_kept() {
-        let f = Fallback::new(Duration::from_secs(60));
+        let f = Fallback::new(Duration::from_secs(60), Gauge::default());
         let asked = Instant::now();
         std::thread::sleep(Duration::from_millis(2));
         f.forget_ip(ip("10.0.0.1"));
         f.remember_role(ip("10.0.0.1"), "old", asked);
         f.remember_credentials(ip("10.0.0.1"), "old", &creds("OLD", 3600), asked);
-        assert!(f.is_empty());
+        assert_eq!(f.len(), 0);
         // Asked after the forget: kept.
         f.remember_role(ip("10.0.0.1"), "new", Instant::now());
         assert_eq!(f.role(ip("10.0.0.1")).as_deref(), Some("new"));
@@ -331,7 +343,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let f = Fallback::new(Duration::from_secs(60));
+        let f = Fallback::new(Duration::from_secs(60), Gauge::default());
         for i in 0..(MAX_PODS as u32 + 100) {
             f.remember_role(IpAddr::from(i.to_be_bytes()), "a", Instant::now());
         }

@@ -99,7 +99,7 @@ impl RouterContext {
         metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new(RouterContext {
-            fallback: Fallback::new(cfg.stale_window),
+            fallback: Fallback::new(cfg.stale_window, metrics.fallback_pods()),
             tokens: Tokens::new(),
             cfg,
             client,
@@ -107,11 +107,6 @@ impl RouterContext {
             metrics,
             instance_id: std::sync::OnceLock::new(),
         })
-    }
-
-    /// The credential fallback (for tests and diagnostics).
-    pub fn fallback(&self) -> &Fallback {
-        &self.fallback
     }
 
     /// The router's settings.

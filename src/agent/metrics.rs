@@ -11,6 +11,7 @@ use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -40,6 +41,9 @@ pub struct Metrics {
     proxy_blocked: Counter,
     stale_served: Family<HandlerLabel, Counter>,
     connections_refused: Counter,
+    /// `kiam_agent_fallback_pods`: pod IPs whose last good answer is kept
+    /// for an outage (what could be served stale if every server went away).
+    fallback_pods: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -59,6 +63,7 @@ impl Metrics {
             proxy_blocked: Counter::default(),
             stale_served: Family::default(),
             connections_refused: Counter::default(),
+            fallback_pods: Gauge::default(),
         };
         // Counters are registered without `_total`: the library appends it.
         registry.register(
@@ -106,7 +111,17 @@ impl Metrics {
             "Connections refused because their source address already had the most open connections allowed",
             m.connections_refused.clone(),
         );
+        registry.register(
+            "kiam_agent_fallback_pods",
+            "Pod IPs whose last good server answer is kept for a server outage",
+            m.fallback_pods.clone(),
+        );
         m
+    }
+
+    /// The gauge the credential fallback keeps up to date.
+    pub(crate) fn fallback_pods(&self) -> Gauge {
+        self.fallback_pods.clone()
     }
 
     /// Counts a connection refused by the per-source limit.

@@ -141,11 +141,6 @@ impl StsMetrics {
         }
         res
     }
-
-    /// Errors counted so far (for tests and logs).
-    pub fn errors(&self) -> u64 {
-        self.errors.get()
-    }
 }
 
 /// The region used when neither `--region` nor the environment names one:
