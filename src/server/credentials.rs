@@ -170,7 +170,7 @@ impl std::fmt::Debug for CredentialCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CredentialCache")
             .field("config", &self.inner.config)
-            .field("identities", &self.len())
+            .field("identities", &self.inner.lock().len())
             .finish()
     }
 }
@@ -288,20 +288,6 @@ impl CredentialCache {
         }
         // The returned future is only for joiners; the spawned task runs anyway.
         drop(inner.start_fetch(entry, identity, false));
-    }
-
-    /// The identities the cache holds (cached, in flight or failed).
-    pub fn len(&self) -> usize {
-        self.inner.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether the cache holds anything for `identity`.
-    pub fn contains(&self, identity: &Identity) -> bool {
-        self.inner.lock().contains_key(identity)
     }
 }
 

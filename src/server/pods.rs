@@ -273,12 +273,6 @@ impl PodCache {
             .contains_key(identity)
     }
 
-    /// Every identity [`identity_in_use`](Self::identity_in_use) says is in use.
-    pub fn identities(&self) -> Vec<Identity> {
-        let index = self.handle.state.index.lock().unwrap();
-        index.identities.keys().cloned().collect()
-    }
-
     /// The cached projection of one pod, live or not.
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<PodInfo>> {
         let index = self.handle.state.index.lock().unwrap();
