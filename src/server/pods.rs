@@ -6,6 +6,17 @@
 //! lookup (`fieldSelector=status.podIP=<ip>`) before answering, and an
 //! answer that is still ambiguous is an error, never a guess.
 //!
+//! Pods are indexed under every address of `status.podIPs`, so a dual-stack
+//! pod is found by either. The direct lookup cannot do the same: Kubernetes
+//! has a field selector for `status.podIP` (the primary address) only, none
+//! for `podIPs`. So a miss on a pod's *secondary* address (the IPv6 of a pod
+//! whose primary is IPv4, or the other way round) answers `no pod found`
+//! until the watch delivers the pod. The kubelet reports `podIP` and
+//! `podIPs` in one status update, so that is the same moment the watch
+//! delivers the primary; a LIST of every pod in the cluster to cover the gap
+//! would cost far more than the agent's retry. Never another pod: whatever
+//! the lookup lists is filtered again on the exact address.
+//!
 //! What may be stale: a pod whose deletion or completion the watch has not
 //! delivered yet. Because its IP may already belong to a new pod, a cached
 //! answer is confirmed with one GET of that pod by name (not a list) before
@@ -208,6 +219,9 @@ impl PodCache {
     /// one live pod (also put in the cache), none ([`FindError::NotFound`])
     /// or several ([`FindError::Ambiguous`]).
     pub async fn find_by_ip(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+        // `::ffff:198.18.0.5` is 198.18.0.5, in the index, the negative
+        // cache and the field selector alike.
+        let ip = ip.to_canonical();
         let state = &self.handle.state;
         let live = state.index.lock().unwrap().live_on(ip, Timestamp::now());
         if let [only] = live.as_slice() {
@@ -432,7 +446,10 @@ impl PodCacheState {
                     index.delete(&key, &pod.uid);
                     return Confirmed::Stale;
                 }
-                let still = entry.info.ip == Some(ip) && entry.info.matches_ip_at(Timestamp::now());
+                // Still has *this* address: a dual-stack pod confirmed on
+                // one family says nothing about the other.
+                let still = entry.info.ip.as_ref().is_some_and(|ips| ips.contains(ip))
+                    && entry.info.matches_ip_at(Timestamp::now());
                 // Newer than the cache (the watch lags): keep what the API said.
                 let prefetch = index.insert_fresh(entry);
                 drop(index);
@@ -534,7 +551,9 @@ impl PodCacheState {
             .items
             .iter()
             .map(|pod| self.entry(pod))
-            .filter(|e| e.info.ip == Some(ip) && e.info.matches_ip_at(now))
+            .filter(|e| {
+                e.info.ip.as_ref().is_some_and(|ips| ips.contains(ip)) && e.info.matches_ip_at(now)
+            })
             .collect();
         match live.len() {
             0 => Err(FindError::NotFound),
