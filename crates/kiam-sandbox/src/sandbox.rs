@@ -1483,6 +1483,22 @@ fn sweep_state_dirs() {
     }
 }
 
+/// The IPv6 address [`Sandbox::add_ipv6`] gives the Pod with IPv4 `ip`:
+/// 198.18.a.b becomes 2001:2::12:a:b (2001:2::/48, the benchmarking range).
+pub fn pod_ipv6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [_, second, third, fourth] = ip.octets();
+    Ipv6Addr::new(
+        0x2001,
+        2,
+        0,
+        0,
+        0,
+        u16::from(second),
+        u16::from(third),
+        u16::from(fourth),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1527,20 +1543,4 @@ mod tests {
             );
         }
     }
-}
-
-/// The IPv6 address [`Sandbox::add_ipv6`] gives the Pod with IPv4 `ip`:
-/// 198.18.a.b becomes 2001:2::12:a:b (2001:2::/48, the benchmarking range).
-pub fn pod_ipv6(ip: Ipv4Addr) -> Ipv6Addr {
-    let [_, second, third, fourth] = ip.octets();
-    Ipv6Addr::new(
-        0x2001,
-        2,
-        0,
-        0,
-        0,
-        u16::from(second),
-        u16::from(third),
-        u16::from(fourth),
-    )
 }
