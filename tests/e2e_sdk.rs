@@ -1143,7 +1143,8 @@ fn boto_in_mode(
 
 /// A node whose ip6tables has no nat table (a stand-in `ip6tables` on the
 /// agent's PATH fails as the real one does there): the agent says so in
-/// one log line, keeps running and serves IPv4 Pods.
+/// one log line, keeps running and serves IPv4 Pods; once ip6tables works,
+/// its next check puts the rule in place.
 #[test]
 fn a_node_without_ip6_nat_serves_ipv4_and_says_so_once() {
     let test = "a_node_without_ip6_nat_serves_ipv4_and_says_so_once";
@@ -1202,4 +1203,26 @@ fn a_node_without_ip6_nat_serves_ipv4_and_says_so_once() {
         lines[0]
     );
     assert!(lines[0].contains("WARN"), "{}", lines[0]);
+    say(&format!("e2e-ipv6: the agent's one line: {}", lines[0]));
+
+    // The nat table appears (the stand-in gives way to the real ip6tables):
+    // the agent's quiet retry puts the rule in place at its next check.
+    let real = [
+        "/usr/sbin/ip6tables",
+        "/sbin/ip6tables",
+        "/usr/bin/ip6tables",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("ip6tables is installed");
+    std::fs::remove_file(&fake).unwrap();
+    std::os::unix::fs::symlink(real, &fake).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ip6_prerouting(&sandbox).contains("fd00:ec2::254") {
+        assert!(
+            Instant::now() < deadline,
+            "the ip6tables rule was never put in place once ip6tables worked"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

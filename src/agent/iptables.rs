@@ -633,36 +633,54 @@ pub async fn maintain(
     .await
 }
 
-/// [`maintain`] for a rule the node may not support (the ip6tables rule):
-/// when the first attempt fails (no `ip6tables`, no ip6 nat table) it says
-/// so in one warning and returns `Ok`, and the agent carries on without it.
-/// `in_place` is told either way, so the start-up gate does not wait for a
-/// rule this node cannot have.
+/// [`maintain`] for a rule the node may not support (the ip6tables rule).
+/// When it cannot be put in place (no `ip6tables`, no ip6 nat table, or a
+/// passing failure) this says so in one warning, tells `in_place` (so the
+/// start-up gate does not wait for a rule this node may never have) and
+/// tries again quietly at every `interval`: a node without IPv6 costs one
+/// log line and one `ip6tables -S` per interval, and a passing failure
+/// (the xtables lock held too long) heals at the next check. Never fails
+/// but for the final removal.
 pub async fn maintain_if_available(
     rule: IptablesRule,
     interval: Duration,
     remove_on_shutdown: bool,
     metrics: IptablesMetrics,
-    in_place: Option<tokio::sync::oneshot::Sender<()>>,
+    mut in_place: Option<tokio::sync::oneshot::Sender<()>>,
     shutdown: CancellationToken,
 ) -> Result<(), IptablesError> {
-    let placement = match rule.ensure_first().await {
-        Ok(placement) => placement,
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                "this node cannot have the {} rule for the IPv6 metadata address \
-                 [{}]:{}: not intercepting IPv6 metadata requests, serving IPv4 only",
-                rule.family.program(),
-                rule.family.metadata_address(),
-                METADATA_PORT,
-            );
-            if let Some(tell) = in_place {
-                let _ = tell.send(());
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate
+    let mut missing = false;
+    let placement = loop {
+        match rule.ensure_first().await {
+            Ok(placement) => break placement,
+            Err(e) if !missing => {
+                missing = true;
+                tracing::warn!(
+                    error = %e,
+                    "this node cannot have the {} rule for the IPv6 metadata address \
+                     [{}]:{}: not intercepting IPv6 metadata requests, serving IPv4 only \
+                     (trying again every {interval:?} without saying so)",
+                    rule.family.program(),
+                    rule.family.metadata_address(),
+                    METADATA_PORT,
+                );
+                if let Some(tell) = in_place.take() {
+                    let _ = tell.send(());
+                }
             }
-            return Ok(());
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = ticks.tick() => {}
         }
     };
+    if missing {
+        tracing::info!(rule = %rule, "the {} rule could be put in place after all", rule.family.program());
+    }
     keep_first(
         rule,
         placement,
