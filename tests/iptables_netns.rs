@@ -519,3 +519,60 @@ async fn maintain_keeps_the_ip6tables_rule_first_and_removes_it_at_shutdown() {
     drop(inside);
     drop(node);
 }
+
+/// The IPv6 rule flushes conntrack entries to `[fd00:ec2::254]:80` (and
+/// only those) when it is put in place, as the IPv4 rule does for
+/// 169.254.169.254.
+#[tokio::test]
+async fn adding_the_ipv6_rule_flushes_conntrack_entries_to_the_ipv6_metadata_address() {
+    let Some(node) = Node::isolated(
+        "adding_the_ipv6_rule_flushes_conntrack_entries_to_the_ipv6_metadata_address",
+        1,
+    ) else {
+        return;
+    };
+    let inside = node.enter();
+    let pod = node.pod(0);
+    let conntrack = |args: &[&str]| Command::new("conntrack").args(args).output().unwrap();
+    let insert = |dst: &str, sport: &str, dport: &str| {
+        let out = conntrack(&[
+            "-I",
+            "-p",
+            "tcp",
+            "-s",
+            "2001:2::12",
+            "-d",
+            dst,
+            "--sport",
+            sport,
+            "--dport",
+            dport,
+            "--state",
+            "ESTABLISHED",
+            "-u",
+            "ASSURED",
+            "-t",
+            "120",
+        ]);
+        assert!(out.status.success(), "conntrack -I: {out:?}");
+    };
+    let entries_to = |dst: &str| {
+        let out = conntrack(&["-L", "-f", "ipv6", "-p", "tcp", "--orig-dst", dst]);
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    insert("fd00:ec2::254", "40000", "80");
+    insert("2001:2::1", "40001", "8080");
+    assert_eq!(entries_to("fd00:ec2::254"), 1);
+
+    let rule = IptablesRule::new_v6("2001:2::1".parse().unwrap(), 3100, &pod.host_if).unwrap();
+    assert!(rule.add().await.unwrap());
+    assert_eq!(
+        entries_to("fd00:ec2::254"),
+        0,
+        "the old connection must be forgotten"
+    );
+    assert_eq!(entries_to("2001:2::1"), 1, "other connections stay");
+    assert!(rule.remove().await.unwrap());
+    drop(inside);
+    drop(node);
+}

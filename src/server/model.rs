@@ -56,8 +56,8 @@ pub struct PodInfo {
     pub uid: Arc<str>,
     /// Every address of `status.podIPs`, the primary (`status.podIP`) first;
     /// `None` before the pod has one. A dual-stack pod is identified by
-    /// either of its addresses. (Named `ip`, not `ips`, for kiam's one-IP
-    /// history; `"10.0.0.5".parse()` still builds a single-address set.)
+    /// either of its addresses. (Still named `ip` from when kiam knew one
+    /// address per pod; `"10.0.0.5".parse()` builds a one-address set.)
     pub ip: Option<PodIps>,
     pub phase: PodPhase,
     /// Host-network pods share the node's IP and are never matched.
