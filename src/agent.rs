@@ -15,7 +15,8 @@
 //! - [`client`]: the pool of kiam servers.
 //! - [`server_address`]: `--server-address` parsed and resolved.
 //! - [`fallback`]: last good answers, served only while no server answers.
-//! - [`iptables`]: the DNAT rule for `169.254.169.254:80`.
+//! - [`iptables`]: the DNAT rules for `169.254.169.254:80` and (ip6tables)
+//!   `[fd00:ec2::254]:80`.
 //! - [`taint`]: the node start-up gate (`--node-startup-taint`).
 
 pub mod client;
@@ -210,7 +211,8 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
 }
 
 /// The first IPv6 address of `--host-ipv6` (IPv4 entries are skipped, so
-/// `status.hostIPs` of a single-stack node means "no IPv6").
+/// the `status.podIPs` of a host-network Pod on an IPv4-only node means
+/// "no IPv6").
 fn host_ipv6(value: &str) -> Result<Option<IpAddr>, AgentError> {
     let mut first = None;
     for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {

@@ -126,7 +126,7 @@ pub enum IptablesError {
     InvalidInterface { value: String, reason: &'static str },
     #[error(
         "--host {0} is an IPv6 address, but the metadata address 169.254.169.254 is IPv4: \
-         --iptables needs an IPv4 --host"
+         --iptables needs an IPv4 --host (the IPv6 rule's target is --host-ipv6)"
     )]
     Ipv6Host(IpAddr),
     #[error("--host-ipv6 {0} is not an IPv6 address")]

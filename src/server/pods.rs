@@ -521,6 +521,9 @@ impl PodCacheState {
     }
 
     async fn lookup_api(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+        // The selector compares text: an IPv6 address is written in RFC
+        // 5952's canonical form here (Rust's Display) as by the kubelet (Go's
+        // net.IP.String()), so the two spellings agree.
         let params = ListParams::default().fields(&format!("status.podIP={ip}"));
         // The timeout covers the wait for a slot too: a queue of lookups
         // behind a slow API server must not hold requests for longer.
