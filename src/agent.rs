@@ -16,7 +16,8 @@
 //! - [`link`]: open connections per server, to tell slow from unreachable.
 //! - [`server_address`]: `--server-address` parsed and resolved.
 //! - [`fallback`]: last good answers, served only while no server answers.
-//! - [`iptables`]: the DNAT rule for `169.254.169.254:80`.
+//! - [`iptables`]: the DNAT rules for `169.254.169.254:80` and (ip6tables)
+//!   `[fd00:ec2::254]:80`.
 //! - [`taint`]: the node start-up gate (`--node-startup-taint`).
 
 pub mod client;
@@ -83,6 +84,8 @@ pub enum AgentError {
     AllowRoute(String, String),
     #[error("--host {0:?} is not an IP address")]
     Host(String),
+    #[error("--host-ipv6 {0:?} is not a comma-separated list of IP addresses")]
+    HostIpv6(String),
     #[error(transparent)]
     Endpoint(#[from] proxy::EndpointError),
     #[error(transparent)]
@@ -115,6 +118,7 @@ impl AgentError {
             self,
             AgentError::AllowRoute(..)
                 | AgentError::Host(_)
+                | AgentError::HostIpv6(_)
                 | AgentError::Endpoint(_)
                 | AgentError::ServerAddress(_)
                 | AgentError::Tls(_)
@@ -140,6 +144,9 @@ pub struct Validated {
     pub config: Config,
     /// The `--iptables` rule, when asked for.
     pub rule: Option<iptables::IptablesRule>,
+    /// The ip6tables rule for `[fd00:ec2::254]`, when `--iptables` is asked
+    /// for and `--host-ipv6` names an IPv6 address.
+    pub rule_v6: Option<iptables::IptablesRule>,
     pub pool: PoolConfig,
     /// The node start-up gate, when `--node-startup-taint` is set.
     pub startup_taint: Option<taint::StartupTaint>,
@@ -175,6 +182,7 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
     config.allow_ip_query = args.allow_ip_query;
     config.require_imdsv2 = args.require_imdsv2;
     config.stale_window = args.stale_credentials_window;
+    let host_ipv6 = host_ipv6(&args.host_ipv6)?;
     let rule = if args.iptables {
         Some(
             iptables::IptablesRule::new(host, args.port, &args.host_interface)
@@ -182,6 +190,13 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
         )
     } else {
         None
+    };
+    let rule_v6 = match host_ipv6 {
+        Some(ip) if args.iptables => Some(
+            iptables::IptablesRule::new_v6(ip, args.port, &args.host_interface)
+                .map_err(|e| AgentError::IptablesRule(e.to_string()))?,
+        ),
+        _ => None,
     };
     let node_name = match args.node_name.trim() {
         "" => std::env::var("NODE_NAME").unwrap_or_default(),
@@ -192,9 +207,57 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
     Ok(Validated {
         config,
         rule,
+        rule_v6,
         pool,
         startup_taint,
     })
+}
+
+/// The first IPv6 address of `--host-ipv6` (IPv4 entries are skipped, so
+/// the `status.podIPs` of a host-network Pod on an IPv4-only node means
+/// "no IPv6").
+fn host_ipv6(value: &str) -> Result<Option<IpAddr>, AgentError> {
+    let mut first = None;
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let ip: IpAddr = entry
+            .parse()
+            .map_err(|_| AgentError::HostIpv6(value.to_string()))?;
+        if ip.is_ipv6() && first.is_none() {
+            first = Some(ip);
+        }
+    }
+    Ok(first)
+}
+
+/// Binds the metadata port on IPv4 (which must work) and on IPv6 (which
+/// may not: a node with IPv6 disabled gets one log line). Two sockets, the
+/// IPv6 one `IPV6_V6ONLY`, rather than one dual-stack socket: IPv4 must not
+/// depend on the kernel having IPv6, and a dual-stack `[::]` socket would
+/// take the IPv4 port too.
+pub async fn bind(port: u16) -> std::io::Result<Vec<TcpListener>> {
+    let v4 = TcpListener::bind(("0.0.0.0", port)).await?;
+    // The same port as the IPv4 socket got (tests ask for port 0).
+    let port = v4.local_addr()?.port();
+    let mut listeners = vec![v4];
+    match bind_v6_only(port) {
+        Ok(v6) => listeners.push(v6),
+        Err(e) => tracing::warn!(
+            port, error = %e,
+            "cannot listen on IPv6 (is IPv6 disabled on this node?): serving IPv4 only"
+        ),
+    }
+    Ok(listeners)
+}
+
+fn bind_v6_only(port: u16) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Channels to kiam servers over mutual TLS, verifying each server as the
@@ -222,6 +285,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
     let Validated {
         config,
         rule,
+        rule_v6,
         pool: pool_cfg,
         startup_taint,
     } = validate(&args)?;
@@ -238,12 +302,10 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
             addr: args.telemetry.prometheus_listen_addr.clone(),
             source,
         })?;
-    let listener = TcpListener::bind(("0.0.0.0", args.port))
-        .await
-        .map_err(|source| AgentError::Bind {
-            port: args.port,
-            source,
-        })?;
+    let listeners = bind(args.port).await.map_err(|source| AgentError::Bind {
+        port: args.port,
+        source,
+    })?;
 
     let metrics = Metrics::new(&mut registry);
     let client_metrics = crate::grpc_metrics::GrpcMetrics::client(&mut registry);
@@ -271,7 +333,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         ));
     }
 
-    // The start-up gate waits for the rule (when there is one) and a
+    // The start-up gate waits for the rules (when there are any) and a
     // healthy server, then takes the taint off the node.
     let (rule_in_place, rule_told) = match (&startup_taint, &rule) {
         (Some(_), Some(_)) => {
@@ -280,6 +342,25 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         }
         _ => (None, None),
     };
+    let (rule_v6_in_place, rule_told) = match (rule_told, &rule_v6) {
+        (Some(told_v4), Some(_)) => {
+            let (tell_v6, told_v6) = tokio::sync::oneshot::channel::<()>();
+            let (tell, told) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                if told_v4.await.is_ok() && told_v6.await.is_ok() {
+                    let _ = tell.send(());
+                }
+            });
+            (Some(tell_v6), Some(told))
+        }
+        (told, _) => (None, told),
+    };
+    if args.iptables && rule_v6.is_none() {
+        tracing::info!(
+            "--host-ipv6 names no IPv6 address: the IPv6 metadata address [fd00:ec2::254] is \
+             not intercepted (where the instance has it enabled, IPv6 pods would reach the node's)"
+        );
+    }
     if let Some(startup_taint) = startup_taint {
         tokio::spawn(taint::run_in_cluster(
             startup_taint,
@@ -289,6 +370,19 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
             shutdown.child_token(),
         ));
     }
+    // The IPv6 rule is best effort: a node without ip6tables or its nat
+    // table logs one line and serves IPv4. It ends at shutdown (after
+    // removing its rule) like the IPv4 one; its errors never stop the agent.
+    let iptables_v6_task = rule_v6.map(|rule| {
+        tokio::spawn(iptables::maintain_if_available(
+            rule,
+            iptables::DEFAULT_CHECK_INTERVAL,
+            args.iptables_remove,
+            iptables_metrics.clone(),
+            rule_v6_in_place,
+            shutdown.child_token(),
+        ))
+    });
     let iptables_task = rule.map(|rule| {
         tokio::spawn(iptables::maintain(
             rule,
@@ -300,8 +394,12 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         ))
     });
 
-    tracing::info!(port = args.port, "agent listening");
-    let server = tokio::spawn(run(listener, ctx, shutdown.clone()));
+    tracing::info!(
+        port = args.port,
+        ipv6 = listeners.len() > 1,
+        "agent listening"
+    );
+    let server = tokio::spawn(run_on(listeners, ctx, shutdown.clone()));
     // The rule task ends at shutdown (after removing the rule) or at once
     // if the rule cannot be added, which stops the agent as kiam did.
     let rule_result = match iptables_task {
@@ -315,6 +413,13 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         }
         None => Ok(()),
     };
+    if let Some(task) = iptables_v6_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the ip6tables rule"),
+            Err(e) => tracing::error!(error = %e, "the ip6tables rule task failed"),
+        }
+    }
     let served = match server.await {
         Ok(r) => r.map_err(AgentError::Serve),
         Err(e) => Err(AgentError::Serve(std::io::Error::other(e))),
@@ -326,6 +431,15 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
 /// in-flight requests finish (bounded by `DRAIN_TIMEOUT`).
 pub async fn run(
     listener: TcpListener,
+    ctx: Arc<RouterContext>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    run_on(vec![listener], ctx, shutdown).await
+}
+
+/// [`run`] on several listeners (IPv4 and IPv6) sharing one set of limits.
+pub async fn run_on(
+    listeners: Vec<TcpListener>,
     ctx: Arc<RouterContext>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -346,7 +460,7 @@ pub async fn run(
         };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = accept_any(&listeners) => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -389,7 +503,7 @@ pub async fn run(
             }
         });
     }
-    drop(listener);
+    drop(listeners);
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
         .await
@@ -400,6 +514,12 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// The next connection on any of `listeners`.
+async fn accept_any(listeners: &[TcpListener]) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let accepts = listeners.iter().map(|l| Box::pin(l.accept()));
+    futures::future::select_all(accepts).await.0
 }
 
 /// Open connections per source address.
@@ -460,4 +580,48 @@ async fn refuse(mut stream: TcpStream, source: IpAddr, limit: usize) {
         Ok::<_, std::io::Error>(())
     })
     .await;
+}
+
+#[cfg(test)]
+mod ipv6_tests {
+    use super::*;
+
+    #[test]
+    fn host_ipv6_takes_the_first_ipv6_address() {
+        let v6 = |s: &str| host_ipv6(s).unwrap().map(|ip| ip.to_string());
+        assert_eq!(v6(""), None);
+        assert_eq!(v6("2001:2::1"), Some("2001:2::1".into()));
+        // status.hostIPs of a dual-stack node, either family first.
+        assert_eq!(v6("198.18.0.1,2001:2::1"), Some("2001:2::1".into()));
+        assert_eq!(v6(" 2001:2::1 , 198.18.0.1"), Some("2001:2::1".into()));
+        assert_eq!(v6("2001:2::1,2001:2::2"), Some("2001:2::1".into()));
+        // A single-stack IPv4 node: no IPv6, not an error.
+        assert_eq!(v6("198.18.0.1"), None);
+        let err = host_ipv6("2001:2::1,not-an-ip").unwrap_err();
+        assert!(err.is_usage());
+        assert!(err.to_string().contains("--host-ipv6"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_agent_listens_on_ipv4_and_ipv6_on_one_port() {
+        let listeners = bind(0).await.unwrap();
+        let v4 = listeners[0].local_addr().unwrap();
+        assert!(v4.is_ipv4());
+        // Without IPv6 in the kernel there is nothing more to check.
+        let kernel_has_ipv6 = std::path::Path::new("/proc/net/if_inet6").exists();
+        assert_eq!(listeners.len(), if kernel_has_ipv6 { 2 } else { 1 });
+        if let Some(v6) = listeners.get(1) {
+            let v6 = v6.local_addr().unwrap();
+            assert!(v6.is_ipv6());
+            assert_eq!(v6.port(), v4.port());
+            // Each family's connections arrive on its own socket, from an
+            // address of that family.
+            let _a = TcpStream::connect(("127.0.0.1", v4.port())).await.unwrap();
+            let (_, peer) = accept_any(&listeners[..1]).await.unwrap();
+            assert_eq!(peer.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+            let _b = TcpStream::connect(("::1", v4.port())).await.unwrap();
+            let (_, peer) = accept_any(&listeners[1..]).await.unwrap();
+            assert_eq!(peer.ip(), "::1".parse::<IpAddr>().unwrap());
+        }
+    }
 }

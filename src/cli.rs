@@ -241,6 +241,12 @@ pub struct AgentArgs {
     /// Host IP address (the agent's address on the node).
     #[arg(long, env = "KIAM_HOST")]
     pub host: String,
+    /// The agent's IPv6 address on the node: with --iptables, [fd00:ec2::254]:80
+    /// (EC2's IPv6 metadata endpoint) is sent here with ip6tables. A
+    /// comma-separated list is accepted and its first IPv6 address used, so
+    /// status.hostIPs can be passed as is (empty or no IPv6: not intercepted).
+    #[arg(long, env = "KIAM_HOST_IPV6", default_value = "")]
+    pub host_ipv6: String,
     /// Network interface of the pods, for the iptables rule (`!eth0` inverts).
     #[arg(long, env = "KIAM_HOST_INTERFACE", default_value = "docker0")]
     pub host_interface: String,

@@ -26,6 +26,8 @@ const KUBERNETES_VERSION: &str = "1.30.0";
 const CERT_MANAGER_SCHEMA: &str = "tests/schemas/cert-manager-v1.json";
 /// What the fieldRefs in the manifests resolve to in these tests.
 const FAKE_POD_IP: &str = "10.20.30.40";
+/// The IPv6 address of the same node (2001:2::/48, the benchmarking range).
+const FAKE_POD_IPV6: &str = "2001:2::10";
 /// What the kubelet puts in env from `spec.nodeName`.
 const FAKE_NODE_NAME: &str = "ip-10-20-30-40.eu-west-1.compute.internal";
 
@@ -530,6 +532,10 @@ impl Container {
             } else {
                 match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                     Some("status.podIP" | "status.hostIP") => FAKE_POD_IP.to_string(),
+                    // A dual-stack node: the list the downward API gives.
+                    Some("status.podIPs" | "status.hostIPs") => {
+                        format!("{FAKE_POD_IP},{FAKE_POD_IPV6}")
+                    }
                     Some("spec.nodeName") => FAKE_NODE_NAME.to_string(),
                     other => panic!(
                         "{}: env {name} from {other:?} is not simulated",

@@ -377,8 +377,10 @@ fn expect_role(answer: &Value, role: &str) -> Result<(), String> {
 }
 
 /// aws-config's IMDS provider from a thread inside the Pod's namespace, then
-/// aws-sdk-sts GetCallerIdentity with what it got.
-fn rust_sdk(pod: &SandboxPod, sts: &str) -> Result<(String, String), String> {
+/// aws-sdk-sts GetCallerIdentity with what it got. `ipv6`: the IMDS client
+/// in IPv6 endpoint mode (`[fd00:ec2::254]`), as
+/// `AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6` selects.
+fn rust_sdk(pod: &SandboxPod, sts: &str, ipv6: bool) -> Result<(String, String), String> {
     let netns = pod.netns_handle().expect("namespace mode");
     let sts = sts.to_string();
     std::thread::spawn(move || {
@@ -390,10 +392,16 @@ fn rust_sdk(pod: &SandboxPod, sts: &str) -> Result<(String, String), String> {
         rt.block_on(async {
             use aws_config::imds::credentials::ImdsCredentialsProvider;
             use aws_sdk_sts::config::ProvideCredentials;
-            let imds = aws_config::imds::Client::builder()
-                .endpoint("http://169.254.169.254")
-                .map_err(|e| e.to_string())?
-                .build();
+            let imds = if ipv6 {
+                aws_config::imds::Client::builder()
+                    .endpoint_mode(aws_config::imds::client::EndpointMode::IpV6)
+                    .build()
+            } else {
+                aws_config::imds::Client::builder()
+                    .endpoint("http://169.254.169.254")
+                    .map_err(|e| e.to_string())?
+                    .build()
+            };
             let provider = ImdsCredentialsProvider::builder().imds_client(imds).build();
             let creds = provider
                 .provide_credentials()
@@ -544,7 +552,7 @@ fn real_sdk_clients_get_their_pods_credentials() {
         "Rust aws-config ImdsCredentialsProvider (IMDSv2 only)",
         |outputs| {
             warm(&sandbox, &rust, "e2e-rust")?;
-            let (key, arn) = rust_sdk(&rust, &sandbox.endpoints().sts_for_pods)?;
+            let (key, arn) = rust_sdk(&rust, &sandbox.endpoints().sts_for_pods, false)?;
             outputs.push(format!("{key} {arn}"));
             if !arn.starts_with(&assumed_role_prefix("e2e-rust")) {
                 return Err(format!(
@@ -808,4 +816,413 @@ print(boto3.client("sts", endpoint_url=sys.argv[1], region_name="us-east-1",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), identity.arn);
+}
+
+/// EC2's IPv6 metadata endpoint, as the SDKs spell it in IPv6 mode.
+const METADATA_V6: &str = "http://[fd00:ec2::254]";
+
+/// Refuses TCP to 169.254.169.254 from a Pod, so its clients can only have
+/// succeeded over IPv6.
+#[rustfmt::skip]
+const NO_IPV4_METADATA: &[&str] = &[
+    "-I", "OUTPUT", "-p", "tcp", "-d", "169.254.169.254", "-j", "REJECT", "--reject-with", "tcp-reset",
+];
+
+/// Deletes the Pod's [`NO_IPV4_METADATA`] rule.
+fn lift_ipv4_block(pod: &SandboxPod) -> Result<(), String> {
+    let ns = kiam_sandbox::netns::NetNs::named(pod.netns.clone().unwrap());
+    let mut delete = vec!["iptables", "-w", "5", "-D", "OUTPUT"];
+    delete.extend(&NO_IPV4_METADATA[2..]);
+    let out = ns.exec(&delete).map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(())
+}
+
+/// curl inside the Pod: Ok((status, body)) or the connection error.
+fn curl_body(pod: &SandboxPod, args: &[&str]) -> Result<(u16, String), String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", pod.netns.as_deref().unwrap()])
+        .args(["curl", "-gsS", "-w", "\n%{http_code}", "--max-time", "5"])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// [`warm`] over IPv6: until the agent serves `role` at `[fd00:ec2::254]`.
+fn warm_v6(pod: &SandboxPod, role: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = Err(String::new());
+    while Instant::now() < deadline {
+        last = curl_body(pod, &[&format!("{METADATA_V6}{CREDENTIALS}{role}")]);
+        if matches!(&last, Ok((200, _))) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!(
+        "the agent never served {role} to {} over IPv6: {last:?}",
+        pod.name
+    ))
+}
+
+/// A client's command inside the Pod, in the SDKs' IPv6 endpoint mode.
+fn ipv6_mode(mut cmd: Command) -> Command {
+    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6");
+    cmd
+}
+
+/// The node's ip6tables `nat PREROUTING`, as `-S` prints it.
+fn ip6_prerouting(sandbox: &Sandbox) -> String {
+    let ns = sandbox.node_ns().expect("namespace mode");
+    let out = ns
+        .exec(&["ip6tables", "-w", "5", "-t", "nat", "-S", "PREROUTING"])
+        .expect("ip6tables");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// IPv6 end to end (BEHAVIOUR.md 6, issue 12): the agent's ip6tables rule
+/// sends `[fd00:ec2::254]` to it, botocore, the JavaScript SDK v3 and
+/// aws-config in IPv6 endpoint mode get their Pod's credentials, and Pods
+/// are identified by any of `status.podIPs`: a dual-stack Pod by its
+/// secondary IPv6 address, one with IPv6 first by its primary, and one the
+/// API server knows only by IPv6. Every Pod's IPv4 metadata traffic is
+/// refused in the Pod, so a client can only have succeeded over IPv6; the
+/// node's own metadata service answers at `[fd00:ec2::254]` on the node, so
+/// a missing rule would hand out the node's role, which is checked never to
+/// happen.
+#[test]
+fn real_sdk_clients_get_their_pods_credentials_over_ipv6() {
+    let test = "real_sdk_clients_get_their_pods_credentials_over_ipv6";
+    if !kiam_sandbox::netns::is_root() {
+        say(&format!(
+            "SKIPPED: {test}: network namespaces and ip6tables require root"
+        ));
+        return;
+    }
+    if let Err(e) = kiam_sandbox::netns::check_prerequisites() {
+        panic!("{e} (scripts/test.sh installs it)");
+    }
+    if !kiam_sandbox::netns::on_path("ip6tables") {
+        panic!("{test}: ip6tables is not installed: apt-get install iptables");
+    }
+    let started = Instant::now();
+    let sandbox = Sandbox::start(SandboxOptions {
+        seed_yaml: SEED.into(),
+        seed_name: "tests/e2e_sdk.rs".into(),
+        kiam: Some(PathBuf::from(env!("CARGO_BIN_EXE_kiam"))),
+        sts: StsChoice::Auto,
+        network: NetworkChoice::Namespaces,
+        kubelet: false,
+        ipv6: true,
+        ..SandboxOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("sandbox: {e}"));
+    say(&format!(
+        "e2e-ipv6: sandbox up in {:.1}s ({:?} STS)",
+        started.elapsed().as_secs_f64(),
+        sandbox.sts_kind()
+    ));
+    let clients = Clients::find();
+    // (primary, ipv4_too): how the API server reports the Pod's addresses.
+    let add = |name: &str, role: &str, primary: bool, ipv4_too: bool| {
+        let pod = sandbox
+            .add_pod("e2e", name, Some(role))
+            .unwrap_or_else(|e| panic!("adding pod {name}: {e}"));
+        let ip6 = sandbox
+            .add_ipv6(&pod, primary, ipv4_too)
+            .unwrap_or_else(|e| panic!("giving pod {name} IPv6: {e}"));
+        (pod, ip6)
+    };
+    // Dual-stack, IPv4 primary: identified by its secondary address.
+    let (boto, _) = add("boto6", "e2e-boto6", false, true);
+    // Dual-stack, IPv6 primary.
+    let (js, _) = add("js6", "e2e-js6", true, true);
+    // IPv6 only, as far as the API server knows.
+    let (rust, _) = add("rust6", "e2e-rust6", true, false);
+    let mut suite = Suite {
+        failures: Vec::new(),
+        outputs: Vec::new(),
+    };
+
+    suite.case(
+        "the ip6tables rule for [fd00:ec2::254] is first",
+        |outputs| {
+            let listing = ip6_prerouting(&sandbox);
+            outputs.push(listing.clone());
+            let first = listing
+                .lines()
+                .find(|l| l.starts_with("-A PREROUTING"))
+                .unwrap_or_default();
+            if !(first.contains("-d fd00:ec2::254/128")
+                && first.contains("--to-destination [2001:2::1]:"))
+            {
+                return Err(format!("nat PREROUTING:\n{listing}"));
+            }
+            Ok(())
+        },
+    );
+
+    suite.case(
+        "boto3 in IPv6 mode, dual-stack Pod found by its secondary address",
+        |outputs| {
+            pod_iptables(&boto, NO_IPV4_METADATA)?;
+            warm_v6(&boto, "e2e-boto6")?;
+            let answer = boto_in_mode(&clients, &sandbox, &boto, outputs)?;
+            if answer["method"] != "iam-role" {
+                return Err(format!(
+                    "botocore did not use the instance metadata: {answer}"
+                ));
+            }
+            expect_role(&answer, "e2e-boto6")
+        },
+    );
+
+    suite.case(
+        "JavaScript SDK v3 in IPv6 mode, IPv6-primary Pod",
+        |outputs| {
+            let node = clients
+                .node
+                .as_ref()
+                .ok_or_else(|| missing("node with tests/js installed (npm install in tests/js)"))?;
+            pod_iptables(&js, NO_IPV4_METADATA)?;
+            warm_v6(&js, "e2e-js6")?;
+            let argv = [
+                node.display().to_string(),
+                repo()
+                    .join("tests/js/imds-credentials.mjs")
+                    .display()
+                    .to_string(),
+                sandbox.endpoints().sts_for_pods.clone(),
+            ];
+            let answer = run_json(ipv6_mode(clients.in_pod(&js, &argv)), outputs)?;
+            expect_role(&answer, "e2e-js6")
+        },
+    );
+
+    suite.case("Rust aws-config in IPv6 mode, IPv6-only Pod", |outputs| {
+        pod_iptables(&rust, NO_IPV4_METADATA)?;
+        warm_v6(&rust, "e2e-rust6")?;
+        let (key, arn) = rust_sdk(&rust, &sandbox.endpoints().sts_for_pods, true)?;
+        outputs.push(format!("{key} {arn}"));
+        if !arn.starts_with(&assumed_role_prefix("e2e-rust6")) {
+            return Err(format!(
+                "expected the assumed-role ARN of e2e-rust6, got {arn}"
+            ));
+        }
+        Ok(())
+    });
+
+    suite.case(
+        "the IPv4 address the API server does not list gets no role",
+        |outputs| {
+            // rust6's namespace has IPv4 too, but no pod owns that address.
+            lift_ipv4_block(&rust)?;
+            let (status, body) = sandbox.metadata_get(&rust, CREDENTIALS)?;
+            outputs.push(body.clone());
+            if status == 200 || body.contains("e2e-rust6") {
+                return Err(format!("answered {status}: {body}"));
+            }
+            Ok(())
+        },
+    );
+
+    suite.case(
+        "an IMDSv2 token from the IPv6 address is refused over IPv4",
+        |outputs| {
+            let url6 = format!("{METADATA_V6}/latest/api/token");
+            let (status, token) = curl_body(&boto, &[&TOKEN_PUT[..], &[url6.as_str()]].concat())?;
+            if status != 200 || token.is_empty() {
+                return Err(format!("token PUT over IPv6: {status} {token}"));
+            }
+            let header = format!("x-aws-ec2-metadata-token: {token}");
+            let (ok, body) = curl_body(
+                &boto,
+                &["-H", &header, &format!("{METADATA_V6}{CREDENTIALS}")],
+            )?;
+            outputs.push(body.clone());
+            if ok != 200 || body != "e2e-boto6" {
+                return Err(format!("GET over IPv6 with its token: {ok} {body}"));
+            }
+            // IPv4 from the same (dual-stack) Pod: another caller.
+            lift_ipv4_block(&boto)?;
+            let (refused, body) = curl_body(
+                &boto,
+                &[
+                    "-H",
+                    &header,
+                    &format!("http://169.254.169.254{CREDENTIALS}"),
+                ],
+            )?;
+            outputs.push(body.clone());
+            if refused != 401 {
+                return Err(format!(
+                    "GET over IPv4 with the IPv6 token: {refused} {body}"
+                ));
+            }
+            Ok(())
+        },
+    );
+
+    suite.case("the node's role never reached a Pod", |_| {
+        for node in [Some(sandbox.node_metadata()), sandbox.node_metadata_v6()]
+            .into_iter()
+            .flatten()
+        {
+            if node.node_credentials_served() != 0 || node.requests() != 0 {
+                return Err(format!(
+                    "the node's metadata service at {} was asked {} times and handed out its role {} times",
+                    node.addr(),
+                    node.requests(),
+                    node.node_credentials_served()
+                ));
+            }
+        }
+        Ok(())
+    });
+    let leaked: Vec<&String> = suite
+        .outputs
+        .iter()
+        .filter(|o| {
+            sandbox
+                .node_metadata()
+                .node()
+                .markers()
+                .iter()
+                .any(|m| o.contains(m))
+        })
+        .collect();
+    if !leaked.is_empty() {
+        suite
+            .failures
+            .push(format!("a client saw the node's role: {leaked:?}"));
+    }
+    if let Err(e) = sandbox.check() {
+        suite.failures.push(format!("a sandbox process died: {e}"));
+    }
+    say(&format!(
+        "e2e-ipv6: done in {:.1}s",
+        started.elapsed().as_secs_f64()
+    ));
+    drop(sandbox);
+    assert!(
+        suite.failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        suite.failures.len(),
+        suite.failures.join("\n")
+    );
+}
+
+/// [`boto`] in IPv6 endpoint mode.
+fn boto_in_mode(
+    clients: &Clients,
+    sandbox: &Sandbox,
+    pod: &SandboxPod,
+    outputs: &mut Vec<String>,
+) -> Result<Value, String> {
+    let python = clients
+        .python
+        .as_ref()
+        .ok_or_else(|| missing("python with boto3"))?;
+    let argv = [
+        python.display().to_string(),
+        "-c".into(),
+        BOTO_SCRIPT.into(),
+        sandbox.endpoints().sts_for_pods.clone(),
+        REGION.into(),
+    ];
+    run_json(ipv6_mode(clients.in_pod(pod, &argv)), outputs)
+}
+
+/// A node whose ip6tables has no nat table (a stand-in `ip6tables` on the
+/// agent's PATH fails as the real one does there): the agent says so in
+/// one log line, keeps running and serves IPv4 Pods; once ip6tables works,
+/// its next check puts the rule in place.
+#[test]
+fn a_node_without_ip6_nat_serves_ipv4_and_says_so_once() {
+    let test = "a_node_without_ip6_nat_serves_ipv4_and_says_so_once";
+    if !kiam_sandbox::netns::is_root() {
+        say(&format!(
+            "SKIPPED: {test}: network namespaces and iptables require root"
+        ));
+        return;
+    }
+    if let Err(e) = kiam_sandbox::netns::check_prerequisites() {
+        panic!("{e} (scripts/test.sh installs it)");
+    }
+    let bin = tempfile::tempdir().unwrap();
+    let fake = bin.path().join("ip6tables");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"ip6tables v1.8.9 (nf_tables): can't initialize ip6tables table \\`nat': Table does not exist (do you need to insmod?)\" >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let sandbox = Sandbox::start(SandboxOptions {
+        seed_yaml: SEED.into(),
+        seed_name: "tests/e2e_sdk.rs".into(),
+        kiam: Some(PathBuf::from(env!("CARGO_BIN_EXE_kiam"))),
+        sts: StsChoice::BuiltIn,
+        network: NetworkChoice::Namespaces,
+        kubelet: false,
+        ipv6: true,
+        agent_env: vec![("PATH".into(), path)],
+        ..SandboxOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let pod = sandbox.add_pod("e2e", "plain", Some("e2e-plain")).unwrap();
+    warm(&sandbox, &pod, "e2e-plain").unwrap();
+    // Past one rule check (10s), to see it does not repeat.
+    std::thread::sleep(Duration::from_secs(11));
+    let (status, body) = sandbox
+        .metadata_get(&pod, &format!("{CREDENTIALS}e2e-plain"))
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    sandbox.check().expect("the agent keeps running");
+    let log = std::fs::read_to_string(sandbox.log_path("kiam-agent")).unwrap();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ip6tables") || l.contains("IPv6"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line about IPv6, got: {lines:#?}");
+    assert!(
+        lines[0].contains("serving IPv4 only") && lines[0].contains("fd00:ec2::254"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("WARN"), "{}", lines[0]);
+    say(&format!("e2e-ipv6: the agent's one line: {}", lines[0]));
+
+    // The nat table appears (the stand-in gives way to the real ip6tables):
+    // the agent's quiet retry puts the rule in place at its next check.
+    let real = [
+        "/usr/sbin/ip6tables",
+        "/sbin/ip6tables",
+        "/usr/bin/ip6tables",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("ip6tables is installed");
+    std::fs::remove_file(&fake).unwrap();
+    std::os::unix::fs::symlink(real, &fake).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ip6_prerouting(&sandbox).contains("fd00:ec2::254") {
+        assert!(
+            Instant::now() < deadline,
+            "the ip6tables rule was never put in place once ip6tables worked"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -17,7 +17,9 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use axum::http::Uri;
 use axum::Router;
-use kiam::agent::iptables::{maintain, IptablesMetrics, IptablesRule, Position};
+use kiam::agent::iptables::{
+    maintain, maintain_if_available, Family, IptablesMetrics, IptablesRule, Position,
+};
 use netns::{Footprint, Node, METADATA_URL};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -441,4 +443,136 @@ fn iptables_by_hand_at_top(rule: &IptablesRule) {
         .output()
         .unwrap();
     assert!(out.status.success(), "iptables -I: {out:?}");
+}
+
+/// The ip6tables rule is kept first and removed by the same code as the
+/// IPv4 one: inserted at the top, moved back above a DNAT another program
+/// put first, removed at shutdown, other programs' rules left alone. Packets
+/// through it are the end-to-end test's (tests/e2e_sdk.rs, IPv6 SDKs).
+#[tokio::test]
+async fn maintain_keeps_the_ip6tables_rule_first_and_removes_it_at_shutdown() {
+    let test = "maintain_keeps_the_ip6tables_rule_first_and_removes_it_at_shutdown";
+    let Some(node) = Node::isolated(test, 1) else {
+        return;
+    };
+    assert!(
+        kiam_sandbox::netns::on_path("ip6tables"),
+        "{test}: ip6tables is not installed: apt-get install iptables"
+    );
+    let inside = node.enter();
+    let host_if = node.pod(0).host_if.clone();
+    let rule = IptablesRule::new_v6("2001:2::1".parse().unwrap(), 3100, &host_if).unwrap();
+    let other = IptablesRule::new_v6("2001:2::1".parse().unwrap(), 8181, &host_if).unwrap();
+    assert_eq!(rule.family(), Family::V6);
+    let mut registry = Registry::default();
+    let metrics = IptablesMetrics::register(&mut registry);
+    let (in_place, told) = tokio::sync::oneshot::channel();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(maintain_if_available(
+        rule.clone(),
+        Duration::from_millis(200),
+        true,
+        metrics.clone(),
+        Some(in_place),
+        shutdown.clone(),
+    ));
+    told.await.expect("maintain says when the rule is in place");
+    assert!(rule.exists().await.unwrap());
+    assert!(rule.position().await.unwrap().first);
+    // Only in ip6tables: the IPv4 table has no such rule.
+    let v4 = Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-S", "PREROUTING"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&v4.stdout).contains("fd00:ec2::254"));
+
+    let out = Command::new("ip6tables")
+        .args(["-w", "5", "-t", "nat", "-I", "PREROUTING", "1"])
+        .args(other.spec())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip6tables -I: {out:?}");
+    let started = std::time::Instant::now();
+    while metrics.displaced.get() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the ip6tables rule was not moved back to the top"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        rule.position().await.unwrap(),
+        Position {
+            first: true,
+            copies: 1
+        }
+    );
+    assert!(
+        other.exists().await.unwrap(),
+        "the other rule is not deleted"
+    );
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert!(!rule.exists().await.unwrap(), "removed at shutdown");
+    assert!(other.remove().await.unwrap());
+    drop(inside);
+    drop(node);
+}
+
+/// The IPv6 rule flushes conntrack entries to `[fd00:ec2::254]:80` (and
+/// only those) when it is put in place, as the IPv4 rule does for
+/// 169.254.169.254.
+#[tokio::test]
+async fn adding_the_ipv6_rule_flushes_conntrack_entries_to_the_ipv6_metadata_address() {
+    let Some(node) = Node::isolated(
+        "adding_the_ipv6_rule_flushes_conntrack_entries_to_the_ipv6_metadata_address",
+        1,
+    ) else {
+        return;
+    };
+    let inside = node.enter();
+    let pod = node.pod(0);
+    let conntrack = |args: &[&str]| Command::new("conntrack").args(args).output().unwrap();
+    let insert = |dst: &str, sport: &str, dport: &str| {
+        let out = conntrack(&[
+            "-I",
+            "-p",
+            "tcp",
+            "-s",
+            "2001:2::12",
+            "-d",
+            dst,
+            "--sport",
+            sport,
+            "--dport",
+            dport,
+            "--state",
+            "ESTABLISHED",
+            "-u",
+            "ASSURED",
+            "-t",
+            "120",
+        ]);
+        assert!(out.status.success(), "conntrack -I: {out:?}");
+    };
+    let entries_to = |dst: &str| {
+        let out = conntrack(&["-L", "-f", "ipv6", "-p", "tcp", "--orig-dst", dst]);
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    insert("fd00:ec2::254", "40000", "80");
+    insert("2001:2::1", "40001", "8080");
+    assert_eq!(entries_to("fd00:ec2::254"), 1);
+
+    let rule = IptablesRule::new_v6("2001:2::1".parse().unwrap(), 3100, &pod.host_if).unwrap();
+    assert!(rule.add().await.unwrap());
+    assert_eq!(
+        entries_to("fd00:ec2::254"),
+        0,
+        "the old connection must be forgotten"
+    );
+    assert_eq!(entries_to("2001:2::1"), 1, "other connections stay");
+    assert!(rule.remove().await.unwrap());
+    drop(inside);
+    drop(node);
 }

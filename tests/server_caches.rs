@@ -470,7 +470,7 @@ async fn prefetch_gets_pods_with_a_role_and_an_ip() {
         identity,
     } = f.prefetch.recv().await.unwrap();
     assert_eq!(&*prefetched.name, "starting");
-    assert_eq!(prefetched.ip, Some(ip("10.1.1.2")));
+    assert_eq!(prefetched.ip, Some(ip("10.1.1.2").into()));
     assert_eq!(prefetched.role.as_deref(), Some("reader"));
 
     assert_eq!(&*identity.role_arn, format!("{BASE}reader"));
@@ -650,4 +650,143 @@ async fn a_namespace_whose_event_is_late_is_fetched_directly() {
         .unwrap()
         .permits(&format!("{BASE}anything"))
         .is_ok());
+}
+
+/// A pod with several addresses (`podIPs`), the first its `podIP`.
+fn dual_stack(name: &str, ips: &[&str], role: Option<&str>) -> serde_json::Value {
+    let mut pod = pod(name, ips[0], "Running", role);
+    pod["status"]["podIPs"] = ips.iter().map(|ip| json!({ "ip": ip })).collect();
+    pod
+}
+
+#[tokio::test]
+async fn a_dual_stack_pod_is_found_by_either_address() {
+    let f = fixture().await;
+    f.api
+        .apply_pod(dual_stack(
+            "dual",
+            &["198.18.1.1", "2001:2::11"],
+            Some("reader"),
+        ))
+        .unwrap();
+    f.api
+        .apply_pod(dual_stack(
+            "v6-first",
+            &["2001:2::12", "198.18.1.2"],
+            Some("writer"),
+        ))
+        .unwrap();
+    f.api
+        .apply_pod(pod("v6-only", "2001:2::13", "Running", Some("other")))
+        .unwrap();
+    f.cached("dual", |_| true).await;
+    f.cached("v6-first", |_| true).await;
+    f.cached("v6-only", |_| true).await;
+    for (address, name) in [
+        ("198.18.1.1", "dual"),
+        ("2001:2::11", "dual"),
+        ("::ffff:198.18.1.1", "dual"),
+        ("2001:2::12", "v6-first"),
+        ("198.18.1.2", "v6-first"),
+        ("2001:2::13", "v6-only"),
+    ] {
+        let found = f.pods.find_by_ip(ip(address)).await.unwrap();
+        assert_eq!(&*found.name, name, "{address}");
+    }
+    // All from the cache.
+    for address in [
+        "198.18.1.1",
+        "2001:2::11",
+        "2001:2::12",
+        "198.18.1.2",
+        "2001:2::13",
+    ] {
+        assert_eq!(ip_lookups(&f.api, address), 0, "{address}");
+    }
+}
+
+/// The direct lookup can only select on `status.podIP` (Kubernetes has no
+/// field selector for `podIPs`): a pod the watch has not delivered is found
+/// by its primary address, not by its secondary one, and a miss on the
+/// secondary never answers another pod.
+#[tokio::test]
+async fn a_direct_lookup_finds_the_primary_address_only() {
+    let f = fixture().await;
+    f.api.hold_watch_events(true);
+    f.api
+        .apply_pod(dual_stack(
+            "early",
+            &["198.18.1.3", "2001:2::14"],
+            Some("reader"),
+        ))
+        .unwrap();
+    f.api
+        .apply_pod(dual_stack(
+            "early6",
+            &["2001:2::15", "198.18.1.4"],
+            Some("reader"),
+        ))
+        .unwrap();
+
+    // Secondary address, watch lagging: no pod (after one lookup).
+    let err = f.pods.find_by_ip(ip("2001:2::14")).await.unwrap_err();
+    assert!(matches!(err, FindError::NotFound), "{err}");
+    assert_eq!(ip_lookups(&f.api, "2001:2::14"), 1);
+    // Primary IPv6 address: found by the lookup.
+    let found = f.pods.find_by_ip(ip("2001:2::15")).await.unwrap();
+    assert_eq!(&*found.name, "early6");
+    // The lookup put the pod in the cache under both addresses.
+    let found = f.pods.find_by_ip(ip("198.18.1.4")).await.unwrap();
+    assert_eq!(&*found.name, "early6");
+    assert_eq!(ip_lookups(&f.api, "198.18.1.4"), 0);
+
+    // Once the watch delivers the pod, its secondary address is found.
+    f.api.hold_watch_events(false);
+    f.cached("early", |_| true).await;
+    let found = f.pods.find_by_ip(ip("2001:2::14")).await.unwrap();
+    assert_eq!(&*found.name, "early");
+}
+
+/// A cached dual-stack pod is confirmed to still own the address asked
+/// about, not just any of its addresses.
+#[tokio::test]
+async fn a_cached_pod_that_lost_an_ipv6_address_is_not_its_owner() {
+    let f = fixture().await;
+    f.api
+        .apply_pod(dual_stack(
+            "old",
+            &["198.18.1.5", "2001:2::16"],
+            Some("old-role"),
+        ))
+        .unwrap();
+    f.cached("old", |_| true).await;
+    assert_eq!(
+        &*f.pods.find_by_ip(ip("2001:2::16")).await.unwrap().name,
+        "old"
+    );
+
+    // The watch lags: the API has the old pod without its IPv6 address and
+    // a new pod (primary IPv6) with it; the cache still has the old state.
+    f.api.hold_watch_events(true);
+    f.api
+        .apply_pod(dual_stack("old", &["198.18.1.5"], Some("old-role")))
+        .unwrap();
+    f.api
+        .apply_pod(dual_stack(
+            "new",
+            &["2001:2::16", "198.18.1.6"],
+            Some("new-role"),
+        ))
+        .unwrap();
+    tokio::time::sleep(kiam::server::pods::CONFIRM_TTL).await;
+    let found = f.pods.find_by_ip(ip("2001:2::16")).await.unwrap();
+    assert_eq!(
+        (&*found.name, found.role.as_deref()),
+        ("new", Some("new-role"))
+    );
+    // The old pod still has its IPv4 address.
+    assert_eq!(
+        &*f.pods.find_by_ip(ip("198.18.1.5")).await.unwrap().name,
+        "old"
+    );
 }

@@ -90,7 +90,11 @@ impl Tokens {
     }
 }
 
+/// What a token's MAC covers. The address is canonical, so an IPv4 caller
+/// reaching an IPv6 socket (`::ffff:198.18.0.5`) is the same caller as over
+/// IPv4; an IPv6 caller is bound to its full address.
 fn message(caller: IpAddr, expiry: u64) -> Vec<u8> {
+    let caller = caller.to_canonical();
     format!("kiam-imdsv2|{caller}|{expiry}").into_bytes()
 }
 
@@ -160,6 +164,29 @@ mod tests {
         assert_eq!(t.verify(a, forged.as_bytes()), Err(TokenError::Invalid));
         assert_eq!(t.verify(a, b"garbage"), Err(TokenError::Invalid));
         assert_eq!(t.verify(a, b"."), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn tokens_are_bound_to_ipv6_callers() {
+        let t = Tokens::new();
+        let a: IpAddr = "2001:2::1".parse().unwrap();
+        let tok = t.mint(a, Duration::from_secs(60));
+        assert_eq!(t.verify(a, tok.as_bytes()), Ok(()));
+        // Another IPv6 address, even in the same /64, or the IPv4 address of
+        // the same dual-stack pod, is another caller.
+        for other in ["2001:2::2", "2001:2::1:1", "198.18.0.1", "::"] {
+            let other: IpAddr = other.parse().unwrap();
+            assert_eq!(
+                t.verify(other, tok.as_bytes()),
+                Err(TokenError::Invalid),
+                "{other}"
+            );
+        }
+        // An IPv4 caller seen as v4-mapped IPv6 is the same caller.
+        let v4: IpAddr = "198.18.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:198.18.0.1".parse().unwrap();
+        let tok = t.mint(v4, Duration::from_secs(60));
+        assert_eq!(t.verify(mapped, tok.as_bytes()), Ok(()));
     }
 
     #[test]

@@ -18,13 +18,19 @@
 //! of the rule's identity: a rule Go kiam appended is recognised as kiam's and
 //! moved to the top.
 //!
+//! IPv6: where the node has an IPv6 address for the agent (`--host-ipv6`),
+//! the same rule for `[fd00:ec2::254]:80`, EC2's IPv6 metadata endpoint, is
+//! kept first in ip6tables' `nat PREROUTING` by the same code ([`Family`]
+//! picks the binary and addresses). A node without IPv6 (no `ip6tables`, no
+//! ip6 nat table) says so in one log line and the agent serves IPv4 only.
+//!
 //! Everything runs the `iptables` and `conntrack` binaries (no shell) with
 //! `-w` so that kube-proxy and CNI plugins holding the xtables lock are waited
 //! for instead of clobbered. `iptables-restore` is run as the same binary as
 //! `iptables` (the xtables multi-call binary, chosen by `argv[0]`), so the
 //! move uses the same backend, nft or legacy, as every other call.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::{ExitStatus, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -36,6 +42,9 @@ use tokio_util::sync::CancellationToken;
 
 /// The EC2 instance metadata address Pods talk to.
 pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// EC2's IPv6 metadata endpoint, `fd00:ec2::254` (what the SDKs use with
+/// `AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6`).
+pub const METADATA_ADDRESS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 /// The metadata service's port.
 pub const METADATA_PORT: u16 = 80;
 /// How often [`maintain`] re-checks that the rule is still there.
@@ -60,6 +69,46 @@ static CONNTRACK_MISSING_REPORTED: AtomicBool = AtomicBool::new(false);
 /// where `iptables` has no restore mode).
 static RESTORE_FAILURE_REPORTED: AtomicBool = AtomicBool::new(false);
 
+/// Which netfilter family a rule lives in: `iptables` or `ip6tables`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The xtables binary (also run as `<binary>-restore`).
+    pub fn program(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn restore_program(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    /// The metadata address this family intercepts.
+    pub fn metadata_address(self) -> IpAddr {
+        match self {
+            Family::V4 => METADATA_ADDRESS.into(),
+            Family::V6 => METADATA_ADDRESS_V6.into(),
+        }
+    }
+
+    /// The host-route suffix `iptables -S` adds to a single address.
+    fn host_suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "/32",
+            Family::V6 => "/128",
+        }
+    }
+}
+
 /// What [`IptablesRule::ensure_first`] found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -77,9 +126,11 @@ pub enum IptablesError {
     InvalidInterface { value: String, reason: &'static str },
     #[error(
         "--host {0} is an IPv6 address, but the metadata address 169.254.169.254 is IPv4: \
-         --iptables needs an IPv4 --host"
+         --iptables needs an IPv4 --host (the IPv6 rule's target is --host-ipv6)"
     )]
     Ipv6Host(IpAddr),
+    #[error("--host-ipv6 {0} is not an IPv6 address")]
+    Ipv4HostForIpv6(IpAddr),
     #[error("--port 0 cannot be the target of the --iptables rule")]
     ZeroPort,
     #[error("--iptables: cannot run {program}: {source}")]
@@ -129,9 +180,10 @@ impl IptablesMetrics {
 /// The DNAT rule of `--iptables`, validated at construction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IptablesRule {
+    family: Family,
     /// The rule's match and target, everything after the chain name.
     spec: Vec<String>,
-    target: SocketAddrV4,
+    target: SocketAddr,
 }
 
 impl IptablesRule {
@@ -139,21 +191,38 @@ impl IptablesRule {
     /// (`!eth0`: on any interface but eth0; `cali+`: any interface starting
     /// with cali) to `host_ip:port`.
     pub fn new(host_ip: IpAddr, port: u16, host_interface: &str) -> Result<Self, IptablesError> {
-        let host = match host_ip {
-            IpAddr::V4(ip) => ip,
-            IpAddr::V6(_) => return Err(IptablesError::Ipv6Host(host_ip)),
-        };
+        if host_ip.is_ipv6() {
+            return Err(IptablesError::Ipv6Host(host_ip));
+        }
+        Self::build(Family::V4, host_ip, port, host_interface)
+    }
+
+    /// The ip6tables rule sending `[fd00:ec2::254]:80` arriving on
+    /// `host_interface` to `[host_ip]:port` (`--host-ipv6`).
+    pub fn new_v6(host_ip: IpAddr, port: u16, host_interface: &str) -> Result<Self, IptablesError> {
+        if !host_ip.is_ipv6() {
+            return Err(IptablesError::Ipv4HostForIpv6(host_ip));
+        }
+        Self::build(Family::V6, host_ip, port, host_interface)
+    }
+
+    fn build(
+        family: Family,
+        host_ip: IpAddr,
+        port: u16,
+        host_interface: &str,
+    ) -> Result<Self, IptablesError> {
         if port == 0 {
             return Err(IptablesError::ZeroPort);
         }
         let (negated, interface) = parse_interface(host_interface)?;
-        let target = SocketAddrV4::new(host, port);
+        let target = SocketAddr::new(host_ip, port);
 
         let mut spec: Vec<String> = [
             "-p",
             "tcp",
             "-d",
-            &METADATA_ADDRESS.to_string(),
+            &family.metadata_address().to_string(),
             "--dport",
             &METADATA_PORT.to_string(),
         ]
@@ -170,7 +239,16 @@ impl IptablesRule {
             "--to-destination".into(),
             target.to_string(),
         ]);
-        Ok(Self { spec, target })
+        Ok(Self {
+            family,
+            spec,
+            target,
+        })
+    }
+
+    /// Whether this is the `iptables` or the `ip6tables` rule.
+    pub fn family(&self) -> Family {
+        self.family
     }
 
     /// The rule's arguments after `-t nat -A PREROUTING`, e.g. for logs or to
@@ -179,21 +257,22 @@ impl IptablesRule {
         &self.spec
     }
 
-    /// Where matching connections are sent: `--host:--port`.
-    pub fn target(&self) -> SocketAddrV4 {
+    /// Where matching connections are sent: `--host:--port` (or
+    /// `[--host-ipv6]:--port`).
+    pub fn target(&self) -> SocketAddr {
         self.target
     }
 
     /// Whether the rule is in `nat PREROUTING` (at any position).
     pub async fn exists(&self) -> Result<bool, IptablesError> {
         let args = self.args(&["-C", "PREROUTING"]);
-        let out = run("iptables", &args).await?;
+        let out = run(self.family.program(), &args).await?;
         match out.status.code() {
             Some(0) => Ok(true),
             // 1 is "no such rule"; real failures (bad arguments, lock
             // timeout, no permission) exit with 2 or more.
             Some(1) => Ok(false),
-            _ => Err(failed("iptables", &args, &out)),
+            _ => Err(failed(self.family.program(), &args, &out)),
         }
     }
 
@@ -206,7 +285,7 @@ impl IptablesRule {
             return Ok(false);
         }
         self.insert_at_top().await?;
-        flush_conntrack().await;
+        flush_conntrack(self.family).await;
         Ok(true)
     }
 
@@ -217,23 +296,23 @@ impl IptablesRule {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let out = run("iptables", &args).await?;
+        let out = run(self.family.program(), &args).await?;
         if !out.status.success() {
-            return Err(failed("iptables", &args, &out));
+            return Err(failed(self.family.program(), &args, &out));
         }
         Ok(self.position_in(&String::from_utf8_lossy(&out.stdout)))
     }
 
     /// [`IptablesRule::position`] from `iptables -S PREROUTING` output.
     fn position_in(&self, listing: &str) -> Position {
-        let mine = normalise(&self.spec);
+        let mine = normalise(&self.spec, self.family);
         let rules: Vec<&str> = listing
             .lines()
             .filter_map(|l| l.strip_prefix("-A PREROUTING "))
             .collect();
         let is_mine = |rule: &str| {
             let words: Vec<String> = rule.split_whitespace().map(str::to_string).collect();
-            normalise(&words) == mine
+            normalise(&words, self.family) == mine
         };
         Position {
             first: rules.first().is_some_and(|r| is_mine(r)),
@@ -259,16 +338,16 @@ impl IptablesRule {
                 Placement::MovedToTop
             }
         };
-        flush_conntrack().await;
+        flush_conntrack(self.family).await;
         Ok(placement)
     }
 
     /// `iptables -I PREROUTING 1 <rule>`.
     async fn insert_at_top(&self) -> Result<(), IptablesError> {
         let args = self.args(&["-I", "PREROUTING", "1"]);
-        let out = run("iptables", &args).await?;
+        let out = run(self.family.program(), &args).await?;
         if !out.status.success() {
-            return Err(failed("iptables", &args, &out));
+            return Err(failed(self.family.program(), &args, &out));
         }
         Ok(())
     }
@@ -287,7 +366,7 @@ impl IptablesRule {
             script.push_str(&format!("-D PREROUTING {rule}\n"));
         }
         script.push_str(&format!("-I PREROUTING 1 {rule}\nCOMMIT\n"));
-        match restore(&script).await {
+        match restore(self.family, &script).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 if !RESTORE_FAILURE_REPORTED.swap(true, Ordering::Relaxed) {
@@ -333,12 +412,12 @@ impl IptablesRule {
             return Ok(false);
         }
         let args = self.args(&["-D", "PREROUTING"]);
-        let out = run("iptables", &args).await?;
+        let out = run(self.family.program(), &args).await?;
         match out.status.code() {
             Some(0) => Ok(true),
             // Deleted by someone else between the check and the delete.
             Some(1) if !self.exists().await? => Ok(false),
-            _ => Err(failed("iptables", &args, &out)),
+            _ => Err(failed(self.family.program(), &args, &out)),
         }
     }
 
@@ -363,10 +442,10 @@ pub struct Position {
 }
 
 /// A rule's words in a form that compares equal however iptables prints
-/// them: `-S` writes `-d 169.254.169.254/32`, adds `-m tcp` for `--dport` and
-/// orders the options its own way, so each option (with its `!` and values)
-/// becomes one entry and the entries are sorted.
-fn normalise(words: &[String]) -> Vec<String> {
+/// them: `-S` writes `-d 169.254.169.254/32` (`fd00:ec2::254/128`), adds `-m
+/// tcp` for `--dport` and orders the options its own way, so each option
+/// (with its `!` and values) becomes one entry and the entries are sorted.
+fn normalise(words: &[String], family: Family) -> Vec<String> {
     let mut options: Vec<Vec<&str>> = Vec::new();
     let mut negate_next = false;
     for word in words {
@@ -391,7 +470,7 @@ fn normalise(words: &[String]) -> Vec<String> {
         .filter(|o| o[..] != ["-m", "tcp"])
         .map(|o| {
             let joined = o.join(" ");
-            match joined.strip_suffix("/32") {
+            match joined.strip_suffix(family.host_suffix()) {
                 Some(host) if joined.starts_with("-d ") || joined.starts_with("! -d ") => {
                     host.to_string()
                 }
@@ -407,18 +486,18 @@ fn normalise(words: &[String]) -> Vec<String> {
 /// binary `iptables` is: the multi-call binary picks its restore mode from
 /// `argv[0]`, which keeps a node's legacy or nft backend consistent (an
 /// `iptables-restore` found on PATH might be the other backend).
-async fn restore(script: &str) -> Result<(), IptablesError> {
+async fn restore(family: Family, script: &str) -> Result<(), IptablesError> {
     use tokio::io::AsyncWriteExt;
     let args: Vec<String> = ["-w", LOCK_WAIT_SECONDS, "--noflush"]
         .iter()
         .map(|s| s.to_string())
         .collect();
     let spawn_error = |source| IptablesError::Spawn {
-        program: "iptables-restore",
+        program: family.restore_program(),
         source,
     };
-    let mut child = Command::new("iptables")
-        .arg0("iptables-restore")
+    let mut child = Command::new(family.program())
+        .arg0(family.restore_program())
         .args(&args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -430,14 +509,15 @@ async fn restore(script: &str) -> Result<(), IptablesError> {
     drop(stdin);
     let out = child.wait_with_output().await.map_err(spawn_error)?;
     if !out.status.success() || written.is_err() {
-        return Err(failed("iptables-restore", &args, &out));
+        return Err(failed(family.restore_program(), &args, &out));
     }
     Ok(())
 }
 
 impl std::fmt::Display for IptablesRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "-t nat PREROUTING {}", self.spec.join(" "))
+        let program = self.family.program();
+        write!(f, "{program} -t nat PREROUTING {}", self.spec.join(" "))
     }
 }
 
@@ -477,16 +557,21 @@ fn parse_interface(value: &str) -> Result<(bool, &str), IptablesError> {
     Ok((negated, name))
 }
 
-/// Drops conntrack entries for TCP to 169.254.169.254:80. Best effort: the
-/// rule itself is what matters, so a missing or failing `conntrack` is only
-/// logged.
-async fn flush_conntrack() {
+/// Drops conntrack entries for TCP to the family's metadata address, port
+/// 80. Best effort: the rule itself is what matters, so a missing or failing
+/// `conntrack` is only logged.
+async fn flush_conntrack(family: Family) {
     let args: Vec<String> = [
         "-D",
+        "-f",
+        match family {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        },
         "-p",
         "tcp",
         "--orig-dst",
-        &METADATA_ADDRESS.to_string(),
+        &family.metadata_address().to_string(),
         "--dport",
         &METADATA_PORT.to_string(),
     ]
@@ -505,7 +590,7 @@ async fn flush_conntrack() {
         {
             if !CONNTRACK_MISSING_REPORTED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
-                    "conntrack is not installed: connections Pods opened to 169.254.169.254 \
+                    "conntrack is not installed: connections Pods opened to the metadata address \
                      before the iptables rule existed keep reaching the real metadata service \
                      until they close"
                 );
@@ -535,7 +620,90 @@ pub async fn maintain(
     in_place: Option<tokio::sync::oneshot::Sender<()>>,
     shutdown: CancellationToken,
 ) -> Result<(), IptablesError> {
-    match rule.ensure_first().await? {
+    let placement = rule.ensure_first().await?;
+    keep_first(
+        rule,
+        placement,
+        interval,
+        remove_on_shutdown,
+        metrics,
+        in_place,
+        shutdown,
+    )
+    .await
+}
+
+/// [`maintain`] for a rule the node may not support (the ip6tables rule).
+/// When it cannot be put in place (no `ip6tables`, no ip6 nat table, or a
+/// passing failure) this says so in one warning, tells `in_place` (so the
+/// start-up gate does not wait for a rule this node may never have) and
+/// tries again quietly at every `interval`: a node without IPv6 costs one
+/// log line and one `ip6tables -S` per interval, and a passing failure
+/// (the xtables lock held too long) heals at the next check. Never fails
+/// but for the final removal.
+pub async fn maintain_if_available(
+    rule: IptablesRule,
+    interval: Duration,
+    remove_on_shutdown: bool,
+    metrics: IptablesMetrics,
+    mut in_place: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: CancellationToken,
+) -> Result<(), IptablesError> {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate
+    let mut missing = false;
+    let placement = loop {
+        match rule.ensure_first().await {
+            Ok(placement) => break placement,
+            Err(e) if !missing => {
+                missing = true;
+                tracing::warn!(
+                    error = %e,
+                    "this node cannot have the {} rule for the IPv6 metadata address \
+                     [{}]:{}: not intercepting IPv6 metadata requests, serving IPv4 only \
+                     (trying again every {interval:?} without saying so)",
+                    rule.family.program(),
+                    rule.family.metadata_address(),
+                    METADATA_PORT,
+                );
+                if let Some(tell) = in_place.take() {
+                    let _ = tell.send(());
+                }
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = ticks.tick() => {}
+        }
+    };
+    if missing {
+        tracing::info!(rule = %rule, "the {} rule could be put in place after all", rule.family.program());
+    }
+    keep_first(
+        rule,
+        placement,
+        interval,
+        remove_on_shutdown,
+        metrics,
+        in_place,
+        shutdown,
+    )
+    .await
+}
+
+/// The rest of [`maintain`] once the rule was first put in place.
+async fn keep_first(
+    rule: IptablesRule,
+    placement: Placement,
+    interval: Duration,
+    remove_on_shutdown: bool,
+    metrics: IptablesMetrics,
+    in_place: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: CancellationToken,
+) -> Result<(), IptablesError> {
+    match placement {
         Placement::Added => tracing::info!(rule = %rule, "iptables rule added"),
         Placement::Kept => tracing::info!(rule = %rule, "iptables rule already present"),
         Placement::MovedToTop => {

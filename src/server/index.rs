@@ -54,7 +54,8 @@ impl CachedPod {
 #[derive(Default)]
 pub(super) struct PodIndex {
     pub pods: HashMap<PodKey, CachedPod>,
-    /// Every cached pod with an IP, live or not (liveness depends on time).
+    /// Every cached pod under each of its IPs, live or not (liveness
+    /// depends on time).
     by_ip: HashMap<IpAddr, Vec<PodKey>>,
     /// Live pods per identity.
     pub identities: HashMap<Identity, usize>,
@@ -67,7 +68,7 @@ pub(super) struct PodIndex {
 
 impl PodIndex {
     pub(super) fn live_on(&self, ip: IpAddr, now: Timestamp) -> Vec<Arc<PodInfo>> {
-        let Some(keys) = self.by_ip.get(&ip) else {
+        let Some(keys) = self.by_ip.get(&ip.to_canonical()) else {
             return Vec::new();
         };
         keys.iter()
@@ -95,7 +96,8 @@ impl PodIndex {
             }),
             _ => None,
         };
-        if let Some(ip) = entry.info.ip {
+        // Every address: a dual-stack pod is found by either.
+        for ip in entry.info.ip.iter().flat_map(|ips| ips.iter()) {
             self.by_ip.entry(ip).or_default().push(key.clone());
         }
         if entry.uses_identity() {
@@ -131,7 +133,7 @@ impl PodIndex {
 
     pub(super) fn remove(&mut self, key: &PodKey) -> Option<CachedPod> {
         let old = self.pods.remove(key)?;
-        if let Some(ip) = old.info.ip {
+        for ip in old.info.ip.iter().flat_map(|ips| ips.iter()) {
             if let Some(keys) = self.by_ip.get_mut(&ip) {
                 keys.retain(|k| k != key);
                 if keys.is_empty() {

@@ -54,7 +54,11 @@ pub struct PodInfo {
     pub name: Arc<str>,
     /// Distinguishes a new pod that reuses an old pod's name or IP.
     pub uid: Arc<str>,
-    pub ip: Option<IpAddr>,
+    /// Every address of `status.podIPs`, the primary (`status.podIP`) first;
+    /// `None` before the pod has one. A dual-stack pod is identified by
+    /// either of its addresses. (Still named `ip` from when kiam knew one
+    /// address per pod; `"10.0.0.5".parse()` builds a one-address set.)
+    pub ip: Option<PodIps>,
     pub phase: PodPhase,
     /// Host-network pods share the node's IP and are never matched.
     pub host_network: bool,
@@ -79,6 +83,72 @@ impl PodInfo {
             && !self.host_network
             && !self.phase.is_completed()
             && self.deletion.is_none_or(|deadline| deadline > now)
+    }
+}
+
+/// A pod's addresses (`status.podIPs`): never empty, no duplicates, the
+/// primary (`status.podIP`, the only one the API server's `status.podIP`
+/// field selector matches) first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIps(Vec<IpAddr>);
+
+impl PodIps {
+    /// The addresses in order, duplicates dropped; `None` when there are none.
+    pub fn new(ips: impl IntoIterator<Item = IpAddr>) -> Option<Self> {
+        let mut kept: Vec<IpAddr> = Vec::new();
+        for ip in ips {
+            let ip = ip.to_canonical();
+            if !kept.contains(&ip) {
+                kept.push(ip);
+            }
+        }
+        (!kept.is_empty()).then_some(PodIps(kept))
+    }
+
+    /// `status.podIP`.
+    pub fn primary(&self) -> IpAddr {
+        self.0[0]
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.contains(&ip.to_canonical())
+    }
+
+    /// Every address, the primary first.
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+impl From<IpAddr> for PodIps {
+    fn from(ip: IpAddr) -> Self {
+        PodIps(vec![ip.to_canonical()])
+    }
+}
+
+/// `198.18.0.5` or, dual-stack, `198.18.0.5,2001:2::5` (primary first).
+impl std::str::FromStr for PodIps {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ips = s
+            .split(',')
+            .map(|ip| ip.trim().parse())
+            .collect::<Result<Vec<IpAddr>, _>>()?;
+        // An empty string fails to parse above, so there is at least one.
+        Ok(PodIps::new(ips).expect("at least one address"))
+    }
+}
+
+impl std::fmt::Display for PodIps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, ip) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{ip}")?;
+        }
+        Ok(())
     }
 }
 

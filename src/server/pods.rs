@@ -6,6 +6,17 @@
 //! lookup (`fieldSelector=status.podIP=<ip>`) before answering, and an
 //! answer that is still ambiguous is an error, never a guess.
 //!
+//! Pods are indexed under every address of `status.podIPs`, so a dual-stack
+//! pod is found by either. The direct lookup cannot do the same: Kubernetes
+//! has a field selector for `status.podIP` (the primary address) only, none
+//! for `podIPs`. So a miss on a pod's *secondary* address (the IPv6 of a pod
+//! whose primary is IPv4, or the other way round) answers `no pod found`
+//! until the watch delivers the pod. The kubelet reports `podIP` and
+//! `podIPs` in one status update, so that is the same moment the watch
+//! delivers the primary; a LIST of every pod in the cluster to cover the gap
+//! would cost far more than the agent's retry. Never another pod: whatever
+//! the lookup lists is filtered again on the exact address.
+//!
 //! What may be stale: a pod whose deletion or completion the watch has not
 //! delivered yet. Because its IP may already belong to a new pod, a cached
 //! answer is confirmed with one GET of that pod by name (not a list) before
@@ -245,6 +256,9 @@ impl PodCache {
     /// one live pod (also put in the cache), none ([`FindError::NotFound`])
     /// or several ([`FindError::Ambiguous`]).
     pub async fn find_by_ip(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+        // `::ffff:198.18.0.5` is 198.18.0.5, in the index, the negative
+        // cache and the field selector alike.
+        let ip = ip.to_canonical();
         let state = &self.handle.state;
         let live = state.index.lock().unwrap().live_on(ip, Timestamp::now());
         if let [only] = live.as_slice() {
@@ -473,7 +487,10 @@ impl PodCacheState {
                     self.metrics.confirmed("stale");
                     return Confirmed::Stale;
                 }
-                let still = entry.info.ip == Some(ip) && entry.info.matches_ip_at(Timestamp::now());
+                // Still has *this* address: a dual-stack pod confirmed on
+                // one family says nothing about the other.
+                let still = entry.info.ip.as_ref().is_some_and(|ips| ips.contains(ip))
+                    && entry.info.matches_ip_at(Timestamp::now());
                 // Newer than the cache (the watch lags): keep what the API said.
                 let prefetch = index.insert_fresh(entry);
                 drop(index);
@@ -547,6 +564,9 @@ impl PodCacheState {
     }
 
     async fn lookup_api(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+        // The selector compares text: an IPv6 address is written in RFC
+        // 5952's canonical form here (Rust's Display) as by the kubelet (Go's
+        // net.IP.String()), so the two spellings agree.
         let params = ListParams::default().fields(&format!("status.podIP={ip}"));
         // The timeout covers the wait for a slot too: a queue of lookups
         // behind a slow API server must not hold requests for longer.
@@ -577,7 +597,9 @@ impl PodCacheState {
             .items
             .iter()
             .map(|pod| self.entry(pod))
-            .filter(|e| e.info.ip == Some(ip) && e.info.matches_ip_at(now))
+            .filter(|e| {
+                e.info.ip.as_ref().is_some_and(|ips| ips.contains(ip)) && e.info.matches_ip_at(now)
+            })
             .collect();
         match live.len() {
             0 => Err(FindError::NotFound),

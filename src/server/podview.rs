@@ -14,13 +14,14 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::model::{
-    PodInfo, PodPhase, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    PodInfo, PodIps, PodPhase, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
 };
 
 impl PodInfo {
     /// The projection of a [`PodView`]. Empty annotations count as absent (as
-    /// in kiam); only `status.podIP` is used (kiam's rule, and the only IP the
-    /// `status.podIP` field selector knows); an unparsable IP counts as none.
+    /// in kiam). The addresses are `status.podIP` then the rest of
+    /// `status.podIPs` (a dual-stack pod has one per family; kiam only knew
+    /// `podIP`); an unparsable address is skipped.
     pub(crate) fn from_view(pod: &PodView) -> Self {
         let meta = &pod.metadata;
         let annotation = |key: &str| {
@@ -36,9 +37,7 @@ impl PodInfo {
             namespace: meta.namespace.as_deref().unwrap_or_default().into(),
             name: meta.name.as_deref().unwrap_or_default().into(),
             uid: meta.uid.as_deref().unwrap_or_default().into(),
-            ip: status
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok()),
+            ip: status.and_then(StatusView::ips),
             phase: PodPhase::parse(status.and_then(|s| s.phase.as_deref())),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             deletion: meta
@@ -85,6 +84,27 @@ pub(crate) struct StatusView {
     pub phase: Option<String>,
     #[serde(rename = "podIP")]
     pub pod_ip: Option<String>,
+    /// Every address of the pod, `podIP` first (the API server keeps
+    /// `podIPs[0] == podIP`; the order is not relied on).
+    #[serde(rename = "podIPs")]
+    pub pod_ips: Option<Vec<PodIpView>>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub(crate) struct PodIpView {
+    pub ip: Option<String>,
+}
+
+impl StatusView {
+    fn ips(&self) -> Option<PodIps> {
+        let primary = self.pod_ip.iter().map(String::as_str);
+        let all = self
+            .pod_ips
+            .iter()
+            .flatten()
+            .filter_map(|p| p.ip.as_deref());
+        PodIps::new(primary.chain(all).filter_map(|ip| ip.trim().parse().ok()))
+    }
 }
 
 impl k8s_openapi::Resource for PodView {
@@ -214,8 +234,6 @@ fn from_k8s_time(t: &k8s_openapi::jiff::Timestamp) -> Option<Timestamp> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::net::IpAddr;
-
     use k8s_openapi::api::core::v1::Pod;
     use serde_json::json;
 
@@ -233,11 +251,18 @@ pub(crate) mod tests {
             status: pod.status.as_ref().map(|s| StatusView {
                 phase: s.phase.clone(),
                 pod_ip: s.pod_ip.clone(),
+                pod_ips: s.pod_ips.as_ref().map(|ips| {
+                    ips.iter()
+                        .map(|p| PodIpView {
+                            ip: Some(p.ip.clone()),
+                        })
+                        .collect()
+                }),
             }),
         })
     }
 
-    fn ip(s: &str) -> IpAddr {
+    fn ips(s: &str) -> PodIps {
         s.parse().unwrap()
     }
 
@@ -260,7 +285,7 @@ pub(crate) mod tests {
         assert_eq!(&*info.namespace, "ns");
         assert_eq!(&*info.name, "p");
         assert_eq!(&*info.uid, "u1");
-        assert_eq!(info.ip, Some(ip("fd00::5")));
+        assert_eq!(info.ip, Some(ips("fd00::5")));
         assert_eq!(info.phase, PodPhase::Running);
         assert!(info.host_network);
         assert_eq!(info.deletion, Some("2030-01-02T03:04:05Z".parse().unwrap()));
@@ -277,6 +302,57 @@ pub(crate) mod tests {
         assert_eq!(info.ip, None);
         assert_eq!(info.phase, PodPhase::Unknown);
         assert_eq!(info.role, None);
+    }
+
+    #[test]
+    fn every_pod_ip_is_kept_primary_first() {
+        let status = |status: serde_json::Value| {
+            let view: PodView = serde_json::from_value(json!({ "status": status })).unwrap();
+            PodInfo::from_view(&view).ip.map(|ips| ips.to_string())
+        };
+        // Dual-stack, either family first.
+        assert_eq!(
+            status(
+                json!({"podIP": "198.18.0.5", "podIPs": [{"ip": "198.18.0.5"}, {"ip": "2001:2::5"}]})
+            ),
+            Some("198.18.0.5,2001:2::5".into())
+        );
+        assert_eq!(
+            status(
+                json!({"podIP": "2001:2::5", "podIPs": [{"ip": "2001:2::5"}, {"ip": "198.18.0.5"}]})
+            ),
+            Some("2001:2::5,198.18.0.5".into())
+        );
+        // podIP stays first even if podIPs disagrees on the order.
+        assert_eq!(
+            status(
+                json!({"podIP": "2001:2::5", "podIPs": [{"ip": "198.18.0.5"}, {"ip": "2001:2::5"}]})
+            ),
+            Some("2001:2::5,198.18.0.5".into())
+        );
+        // Only one of the two fields; bad and missing entries are skipped.
+        assert_eq!(
+            status(json!({"podIP": "198.18.0.5"})),
+            Some("198.18.0.5".into())
+        );
+        assert_eq!(
+            status(json!({"podIPs": [{"ip": "bad"}, {}, {"ip": "2001:2::5"}]})),
+            Some("2001:2::5".into())
+        );
+        assert_eq!(status(json!({"podIPs": []})), None);
+        // One address written two ways is one address.
+        assert_eq!(
+            status(json!({"podIP": "2001:2::5", "podIPs": [{"ip": "2001:2:0::5"}]})),
+            Some("2001:2::5".into())
+        );
+        let ips: PodIps = "198.18.0.5,2001:2::5".parse().unwrap();
+        assert!(ips.contains("2001:2::5".parse().unwrap()));
+        assert!(ips.contains("::ffff:198.18.0.5".parse().unwrap()));
+        assert!(!ips.contains("2001:2::6".parse().unwrap()));
+        assert_eq!(
+            ips.primary(),
+            "198.18.0.5".parse::<std::net::IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -297,7 +373,7 @@ pub(crate) mod tests {
                 "containers": [{"name": "app", "image": "x", "env": [{"name": "A", "value": "b"}]}],
                 "hostNetwork": true, "serviceAccountName": "sa",
             },
-            "status": { "phase": "Running", "podIP": "fd00::5", "conditions": [{"type": "Ready"}] },
+            "status": { "phase": "Running", "podIP": "fd00::5", "podIPs": [{"ip": "fd00::5"}, {"ip": "198.18.0.5"}], "conditions": [{"type": "Ready"}] },
         });
         let full: Pod = serde_json::from_value(doc.clone()).unwrap();
         let view: PodView = serde_json::from_value(doc).unwrap();

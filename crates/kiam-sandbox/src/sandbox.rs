@@ -24,7 +24,7 @@
 //! the pid); children also die with the thread that started them.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +46,15 @@ pub const ROLE_BASE_ARN: &str = "arn:aws:iam::123456789012:role/";
 /// The node's address: on its loopback, the Pods' gateway, and the agent's
 /// `--host`.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The node's IPv6 address (with [`SandboxOptions::ipv6`]): on its loopback,
+/// and the agent's `--host-ipv6`. From 2001:2::/48, the IPv6 benchmarking
+/// range.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+/// EC2's IPv6 metadata address, where the node's own metadata service also
+/// answers (with [`SandboxOptions::ipv6`]).
+pub const METADATA_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+/// The node end of every Pod link, the Pods' IPv6 gateway.
+const GATEWAY_IP6: &str = "fe80::1";
 /// The AWS region everything is configured with.
 pub const REGION: &str = "us-east-1";
 /// `spec.nodeName` of the sandbox's Pods.
@@ -172,6 +181,13 @@ pub struct SandboxOptions {
     pub kubelet: bool,
     /// Print a line to stderr when the kubelet stand-in adds or removes a Pod.
     pub announce: bool,
+    /// Namespace mode: the node also has IPv6 ([`NODE_IP6`]) and its own
+    /// metadata service at `[fd00:ec2::254]:80`, the agent runs with
+    /// `--host-ipv6`, and Pods can be given IPv6 addresses
+    /// ([`Sandbox::add_ipv6`]).
+    pub ipv6: bool,
+    /// Extra environment for `kiam agent` (e.g. a PATH with stand-in tools).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Default for SandboxOptions {
@@ -187,6 +203,8 @@ impl Default for SandboxOptions {
             agent_args: Vec::new(),
             kubelet: true,
             announce: false,
+            ipv6: false,
+            agent_env: Vec::new(),
         }
     }
 }
@@ -273,6 +291,8 @@ pub struct Sandbox {
     cluster: Arc<Cluster>,
     procs: ProcessSet,
     imds: ImdsEmulator,
+    /// The node's metadata service at `[fd00:ec2::254]:80` (`ipv6`).
+    imds_v6: Option<ImdsEmulator>,
     builtin_sts: Option<StsEmulator>,
     endpoints: Endpoints,
     kiam: PathBuf,
@@ -415,6 +435,28 @@ impl Sandbox {
             )
             .map_err(io("starting the IMDS emulator"))?
         };
+        // The same service at [fd00:ec2::254]:80, where an IPv6 Pod would
+        // reach the real one.
+        let imds_v6 = match (&node_ns, options.ipv6) {
+            (Some(ns), true) => {
+                for address in [format!("{NODE_IP6}/128"), format!("{METADATA_IP6}/128")] {
+                    run_quiet(&["ip", "-n", ns.name(), "addr", "add", &address, "dev", "lo"])?;
+                }
+                let listener = listen(&runtime, Some(ns), SocketAddr::from((METADATA_IP6, 80)))?;
+                let _entered = runtime.enter();
+                Some(
+                    ImdsEmulator::serve(
+                        listener,
+                        NodeIdentity {
+                            local_ipv4: NODE_IP.to_string(),
+                            ..NodeIdentity::default()
+                        },
+                    )
+                    .map_err(io("starting the IPv6 IMDS emulator"))?,
+                )
+            }
+            _ => None,
+        };
         let node_metadata = match node_ns {
             Some(_) => netns::METADATA_URL.to_string(),
             None => format!("http://{}", imds.addr()),
@@ -427,6 +469,7 @@ impl Sandbox {
             cluster,
             procs,
             imds,
+            imds_v6,
             builtin_sts: None,
             endpoints: Endpoints {
                 api: api.url(),
@@ -604,12 +647,16 @@ impl Sandbox {
                 agent
                     .args(["--iptables", "--host", &NODE_IP.to_string()])
                     .args(["--host-interface", &wildcard]);
+                if options.ipv6 {
+                    agent.args(["--host-ipv6", &NODE_IP6.to_string()]);
+                }
             }
             None => {
                 agent.args(["--allow-ip-query", "--host", "127.0.0.1"]);
             }
         }
         agent.args(&options.agent_args);
+        agent.envs(options.agent_env.iter().map(|(k, v)| (k, v)));
         self.procs.spawn("kiam-agent", agent)?;
         let agent_local = SocketAddr::from(([127, 0, 0, 1], agent_port));
         self.wait_until("kiam agent (/ping)", "kiam-agent", || {
@@ -900,6 +947,75 @@ impl Sandbox {
     /// The node's metadata service (its role must never reach a Pod).
     pub fn node_metadata(&self) -> &ImdsEmulator {
         &self.imds
+    }
+
+    /// The node's metadata service at `[fd00:ec2::254]` (with `ipv6`).
+    pub fn node_metadata_v6(&self) -> Option<&ImdsEmulator> {
+        self.imds_v6.as_ref()
+    }
+
+    /// Gives `pod` an IPv6 address too ([`pod_ipv6`] of its IPv4 one), on
+    /// its `eth0` with a default route via the node, and reports it to the
+    /// API server: `podIPs` lists both addresses, the IPv6 one first when
+    /// `primary` (then it is also `podIP`). With `ipv4_too` false the API
+    /// server knows only the IPv6 address (a single-stack IPv6 Pod, as far
+    /// as kiam can tell; its namespace keeps IPv4 to reach STS).
+    /// Needs [`SandboxOptions::ipv6`].
+    pub fn add_ipv6(
+        &self,
+        pod: &SandboxPod,
+        primary: bool,
+        ipv4_too: bool,
+    ) -> Result<Ipv6Addr, SandboxError> {
+        if self.imds_v6.is_none() {
+            return Err(SandboxError::Pod(
+                "add_ipv6 needs SandboxOptions::ipv6 in namespace mode".into(),
+            ));
+        }
+        let _paused = self.cluster.pause();
+        let ip6 = pod_ipv6(pod.ip);
+        let netns = pod.netns.clone().ok_or(SandboxError::NoNamespaces)?;
+        let (node_ns, host_if) = {
+            let node = self.cluster.node.lock().unwrap_or_else(|e| e.into_inner());
+            let node = node.as_ref().ok_or(SandboxError::NoNamespaces)?;
+            let host_if = node
+                .pods()
+                .iter()
+                .find(|p| p.ns == netns)
+                .map(|p| p.host_if.clone())
+                .ok_or_else(|| SandboxError::Pod(format!("no link for pod {}", pod.name)))?;
+            (
+                node.node_ns().expect("isolated").name().to_string(),
+                host_if,
+            )
+        };
+        let address = format!("{ip6}/128");
+        #[rustfmt::skip]
+        let steps: [&[&str]; 4] = [
+            &["ip", "-n", &netns, "-6", "addr", "add", &address, "dev", "eth0", "nodad"],
+            &["ip", "-n", &node_ns, "-6", "addr", "replace", "fe80::1/64", "dev", &host_if, "nodad"],
+            &["ip", "-n", &netns, "-6", "route", "replace", "default", "via", GATEWAY_IP6, "dev", "eth0"],
+            &["ip", "-n", &node_ns, "-6", "route", "replace", &address, "dev", &host_if],
+        ];
+        for step in steps {
+            run_quiet(step)?;
+        }
+        let (v4, v6) = (pod.ip.to_string(), ip6.to_string());
+        let ips: Vec<&str> = match (primary, ipv4_too) {
+            (_, false) => vec![&v6],
+            (true, true) => vec![&v6, &v4],
+            (false, true) => vec![&v4, &v6],
+        };
+        let pod_ips: Vec<Value> = ips.iter().map(|ip| json!({ "ip": ip })).collect();
+        self.cluster
+            .api
+            .patch_pod(
+                &pod.namespace,
+                &pod.name,
+                json!({"status": {"podIP": ips[0], "podIPs": pod_ips}}),
+            )
+            .map_err(|e| SandboxError::Pod(format!("pod {}: {e}", pod.name)))?;
+        Ok(ip6)
     }
 
     /// The built-in STS, when it is the one running.
@@ -1365,6 +1481,22 @@ fn sweep_state_dirs() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// The IPv6 address [`Sandbox::add_ipv6`] gives the Pod with IPv4 `ip`:
+/// 198.18.a.b becomes 2001:2::12:a:b (2001:2::/48, the benchmarking range).
+pub fn pod_ipv6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [_, second, third, fourth] = ip.octets();
+    Ipv6Addr::new(
+        0x2001,
+        2,
+        0,
+        0,
+        0,
+        u16::from(second),
+        u16::from(third),
+        u16::from(fourth),
+    )
 }
 
 #[cfg(test)]

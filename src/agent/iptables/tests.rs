@@ -37,7 +37,9 @@ fn wildcards_pass_through() {
 fn target_is_host_and_port() {
     let r = IptablesRule::new("192.168.1.2".parse().unwrap(), 8181, "eni+").unwrap();
     assert_eq!(r.target(), "192.168.1.2:8181".parse().unwrap());
-    assert!(r.to_string().starts_with("-t nat PREROUTING -p tcp"));
+    assert!(r
+        .to_string()
+        .starts_with("iptables -t nat PREROUTING -p tcp"));
     assert!(r.to_string().ends_with("--to-destination 192.168.1.2:8181"));
 }
 
@@ -161,4 +163,44 @@ fn failure_message_names_the_flag_and_includes_stderr() {
         "{msg}"
     );
     assert!(msg.ends_with("holding the xtables lock."), "{msg}");
+}
+
+fn rule_v6(iface: &str) -> IptablesRule {
+    IptablesRule::new_v6("2001:2::7".parse().unwrap(), 3100, iface).unwrap()
+}
+
+#[test]
+fn the_ipv6_rule_sends_the_ipv6_metadata_address_to_the_agent() {
+    let r = rule_v6("cali+");
+    assert_eq!(r.family(), Family::V6);
+    assert_eq!(
+        r.spec().join(" "),
+        "-p tcp -d fd00:ec2::254 --dport 80 -i cali+ -j DNAT --to-destination [2001:2::7]:3100"
+    );
+    assert_eq!(r.target(), "[2001:2::7]:3100".parse().unwrap());
+    assert!(r.to_string().starts_with("ip6tables -t nat PREROUTING "));
+    // The same checks as the IPv4 rule.
+    let err = IptablesRule::new_v6("10.0.0.7".parse().unwrap(), 3100, "eth0").unwrap_err();
+    assert!(err.to_string().contains("--host-ipv6"), "{err}");
+    assert!(IptablesRule::new_v6("2001:2::7".parse().unwrap(), 0, "eth0").is_err());
+    assert!(IptablesRule::new_v6("2001:2::7".parse().unwrap(), 3100, "! eth0").is_err());
+}
+
+#[test]
+fn the_ipv6_rule_is_found_as_ip6tables_prints_it() {
+    // `ip6tables -S PREROUTING`: /128, `-m tcp`, its own option order.
+    let listing = "-P PREROUTING ACCEPT\n\
+        -A PREROUTING -j KUBE-SERVICES\n\
+        -A PREROUTING -d fd00:ec2::254/128 ! -i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination [2001:2::7]:3100\n";
+    assert_eq!(
+        rule_v6("!eth0").position_in(listing),
+        Position {
+            first: false,
+            copies: 1
+        }
+    );
+    // The IPv4 rule is not the IPv6 one, and /32 is no IPv6 host suffix.
+    assert_eq!(rule("!eth0").unwrap().position_in(listing).copies, 0);
+    let v4_suffix = listing.replace("/128", "/32");
+    assert_eq!(rule_v6("!eth0").position_in(&v4_suffix).copies, 0);
 }

@@ -12,7 +12,11 @@ use crate::server::policy::{ArnResolver, NamespacePolicyConfig, Policy};
 
 const BASE: &str = "arn:aws:iam::123456789012:role/";
 
+/// `ip`: the pod's addresses, comma-separated, primary first (`podIP`).
 fn pod_json(name: &str, uid: &str, ip: Option<&str>, phase: &str, role: Option<&str>) -> Pod {
+    let all: Vec<&str> = ip.map(|ips| ips.split(',').collect()).unwrap_or_default();
+    let pod_ips: Vec<serde_json::Value> = all.iter().map(|ip| json!({ "ip": ip })).collect();
+    let ip = all.first();
     let mut annotations = serde_json::Map::new();
     if let Some(role) = role {
         annotations.insert(ROLE_ANNOTATION.into(), json!(role));
@@ -23,7 +27,7 @@ fn pod_json(name: &str, uid: &str, ip: Option<&str>, phase: &str, role: Option<&
             "annotations": annotations,
         },
         "spec": { "containers": [], "serviceAccountName": "app" },
-        "status": { "phase": phase, "podIP": ip },
+        "status": { "phase": phase, "podIP": ip, "podIPs": pod_ips },
     }))
     .unwrap()
 }
@@ -357,4 +361,116 @@ fn relist_drops_pods_deleted_while_the_watch_was_down() {
     assert!(!index.by_ip.contains_key(&ip("10.0.0.1")));
     assert_eq!(index.identities.values().sum::<usize>(), 1);
     assert!(index.tombstoned.contains("u1"));
+}
+
+#[test]
+fn a_dual_stack_pod_is_found_by_either_address() {
+    let mut index = PodIndex::default();
+    let now = Timestamp::now();
+    index.upsert(entry(&pod_json(
+        "dual",
+        "u1",
+        Some("198.18.0.1,2001:2::1"),
+        "Running",
+        Some("foo"),
+    )));
+    assert_eq!(names(&index.live_on(ip("198.18.0.1"), now)), ["dual"]);
+    assert_eq!(names(&index.live_on(ip("2001:2::1"), now)), ["dual"]);
+    // The v4-mapped spelling of the IPv4 address is the same address.
+    assert_eq!(
+        names(&index.live_on(ip("::ffff:198.18.0.1"), now)),
+        ["dual"]
+    );
+    assert!(index.live_on(ip("2001:2::2"), now).is_empty());
+
+    // A single-stack IPv6 pod.
+    index.upsert(entry(&pod_json(
+        "v6",
+        "u2",
+        Some("2001:2::2"),
+        "Running",
+        None,
+    )));
+    assert_eq!(names(&index.live_on(ip("2001:2::2"), now)), ["v6"]);
+
+    // Losing its IPv6 address unindexes only that address.
+    index.upsert(entry(&pod_json(
+        "dual",
+        "u1",
+        Some("198.18.0.1"),
+        "Running",
+        Some("foo"),
+    )));
+    assert!(index.live_on(ip("2001:2::1"), now).is_empty());
+    assert_eq!(names(&index.live_on(ip("198.18.0.1"), now)), ["dual"]);
+
+    index.delete(&("team-a".into(), "dual".into()), &"u1".into());
+    index.delete(&("team-a".into(), "v6".into()), &"u2".into());
+    assert!(index.by_ip.is_empty() && index.pods.is_empty());
+}
+
+#[test]
+fn an_ipv6_address_reused_by_another_pod_answers_the_new_pod_only() {
+    let mut index = PodIndex::default();
+    let now = Timestamp::now();
+    index.upsert(entry(&pod_json(
+        "old",
+        "u1",
+        Some("198.18.0.1,2001:2::1"),
+        "Running",
+        Some("old-role"),
+    )));
+    // The old pod completes; a new pod gets its IPv6 address as its
+    // primary, and another IPv4 address.
+    index.upsert(entry(&pod_json(
+        "old",
+        "u1",
+        Some("198.18.0.1,2001:2::1"),
+        "Failed",
+        Some("old-role"),
+    )));
+    index.upsert(entry(&pod_json(
+        "new",
+        "u2",
+        Some("2001:2::1,198.18.0.2"),
+        "Running",
+        Some("new-role"),
+    )));
+    assert_eq!(names(&index.live_on(ip("2001:2::1"), now)), ["new"]);
+    assert!(index.live_on(ip("198.18.0.1"), now).is_empty());
+    // Two live pods on one IPv6 address: both are reported (the caller
+    // refuses to guess).
+    index.upsert(entry(&pod_json(
+        "old",
+        "u1",
+        Some("198.18.0.1,2001:2::1"),
+        "Running",
+        Some("old-role"),
+    )));
+    assert_eq!(index.live_on(ip("2001:2::1"), now).len(), 2);
+}
+
+#[test]
+fn a_new_ipv6_address_is_prefetched_for_like_a_new_ipv4_one() {
+    let mut index = PodIndex::default();
+    assert!(index
+        .upsert(entry(&pod_json(
+            "p",
+            "u1",
+            Some("198.18.0.1"),
+            "Running",
+            Some("foo")
+        )))
+        .is_some());
+    // Same pod, now dual-stack: what it would be given is the same, but
+    // the address set changed, as when a pod moves IP.
+    assert!(index
+        .upsert(entry(&pod_json(
+            "p",
+            "u1",
+            Some("198.18.0.1,2001:2::1"),
+            "Running",
+            Some("foo")
+        )))
+        .is_some());
 }
