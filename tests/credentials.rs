@@ -348,7 +348,7 @@ fn pod(namespace: &str, name: &str, uid: &str) -> PodInfo {
         namespace: namespace.into(),
         name: name.into(),
         uid: uid.into(),
-        ip: Some("198.18.0.10".parse().unwrap()),
+        ips: Some("198.18.0.10".parse().unwrap()),
         phase: PodPhase::Running,
         host_network: false,
         deletion: None,

@@ -44,7 +44,7 @@ impl CachedPod {
     /// Worth prefetching for: has a role and an IP, and runs or is about to.
     pub(super) fn wants_prefetch(&self) -> bool {
         self.identity.is_some()
-            && self.info.ip.is_some()
+            && self.info.ips.is_some()
             && !self.info.host_network
             && self.info.deletion.is_none()
             && matches!(self.info.phase, PodPhase::Pending | PodPhase::Running)
@@ -87,7 +87,7 @@ impl PodIndex {
             !old.wants_prefetch()
                 || old.info.uid != entry.info.uid
                 || old.identity != entry.identity
-                || old.info.ip != entry.info.ip
+                || old.info.ips != entry.info.ips
         });
         let prefetch = match &entry.identity {
             Some(identity) if entry.wants_prefetch() && changed => Some(Prefetch {
@@ -97,7 +97,7 @@ impl PodIndex {
             _ => None,
         };
         // Every address: a dual-stack pod is found by either.
-        for ip in entry.info.ip.iter().flat_map(|ips| ips.iter()) {
+        for ip in entry.info.ips.iter().flat_map(|ips| ips.iter()) {
             self.by_ip.entry(ip).or_default().push(key.clone());
         }
         if entry.uses_identity() {
@@ -133,7 +133,7 @@ impl PodIndex {
 
     pub(super) fn remove(&mut self, key: &PodKey) -> Option<CachedPod> {
         let old = self.pods.remove(key)?;
-        for ip in old.info.ip.iter().flat_map(|ips| ips.iter()) {
+        for ip in old.info.ips.iter().flat_map(|ips| ips.iter()) {
             if let Some(keys) = self.by_ip.get_mut(&ip) {
                 keys.retain(|k| k != key);
                 if keys.is_empty() {

@@ -58,7 +58,7 @@ pub struct PodInfo {
     /// `None` before the pod has one. A dual-stack pod is identified by
     /// either of its addresses. (Still named `ip` from when kiam knew one
     /// address per pod; `"10.0.0.5".parse()` builds a one-address set.)
-    pub ip: Option<PodIps>,
+    pub ips: Option<PodIps>,
     pub phase: PodPhase,
     /// Host-network pods share the node's IP and are never matched.
     pub host_network: bool,
@@ -75,11 +75,16 @@ pub struct PodInfo {
 }
 
 impl PodInfo {
+    /// Is `ip` one of the pod's addresses (`status.podIPs`)?
+    pub fn has_ip(&self, ip: IpAddr) -> bool {
+        self.ips.as_ref().is_some_and(|ips| ips.contains(ip))
+    }
+
     /// May a request from this pod's IP be answered with this pod at `now`?
     /// Not when it has no IP, uses the host's network, has completed, or is
     /// past its deletion deadline. Pending pods with an IP do match.
     pub fn matches_ip_at(&self, now: Timestamp) -> bool {
-        self.ip.is_some()
+        self.ips.is_some()
             && !self.host_network
             && !self.phase.is_completed()
             && self.deletion.is_none_or(|deadline| deadline > now)

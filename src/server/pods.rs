@@ -489,8 +489,7 @@ impl PodCacheState {
                 }
                 // Still has *this* address: a dual-stack pod confirmed on
                 // one family says nothing about the other.
-                let still = entry.info.ip.as_ref().is_some_and(|ips| ips.contains(ip))
-                    && entry.info.matches_ip_at(Timestamp::now());
+                let still = entry.info.has_ip(ip) && entry.info.matches_ip_at(Timestamp::now());
                 // Newer than the cache (the watch lags): keep what the API said.
                 let prefetch = index.insert_fresh(entry);
                 drop(index);
@@ -597,9 +596,7 @@ impl PodCacheState {
             .items
             .iter()
             .map(|pod| self.entry(pod))
-            .filter(|e| {
-                e.info.ip.as_ref().is_some_and(|ips| ips.contains(ip)) && e.info.matches_ip_at(now)
-            })
+            .filter(|e| e.info.has_ip(ip) && e.info.matches_ip_at(now))
             .collect();
         match live.len() {
             0 => Err(FindError::NotFound),

@@ -37,7 +37,7 @@ impl PodInfo {
             namespace: meta.namespace.as_deref().unwrap_or_default().into(),
             name: meta.name.as_deref().unwrap_or_default().into(),
             uid: meta.uid.as_deref().unwrap_or_default().into(),
-            ip: status.and_then(StatusView::ips),
+            ips: status.and_then(StatusView::ips),
             phase: PodPhase::parse(status.and_then(|s| s.phase.as_deref())),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             deletion: meta
@@ -285,7 +285,7 @@ pub(crate) mod tests {
         assert_eq!(&*info.namespace, "ns");
         assert_eq!(&*info.name, "p");
         assert_eq!(&*info.uid, "u1");
-        assert_eq!(info.ip, Some(ips("fd00::5")));
+        assert_eq!(info.ips, Some(ips("fd00::5")));
         assert_eq!(info.phase, PodPhase::Running);
         assert!(info.host_network);
         assert_eq!(info.deletion, Some("2030-01-02T03:04:05Z".parse().unwrap()));
@@ -299,7 +299,7 @@ pub(crate) mod tests {
         }))
         .unwrap();
         let info = project(&bare);
-        assert_eq!(info.ip, None);
+        assert_eq!(info.ips, None);
         assert_eq!(info.phase, PodPhase::Unknown);
         assert_eq!(info.role, None);
     }
@@ -308,7 +308,7 @@ pub(crate) mod tests {
     fn every_pod_ip_is_kept_primary_first() {
         let status = |status: serde_json::Value| {
             let view: PodView = serde_json::from_value(json!({ "status": status })).unwrap();
-            PodInfo::from_view(&view).ip.map(|ips| ips.to_string())
+            PodInfo::from_view(&view).ips.map(|ips| ips.to_string())
         };
         // Dual-stack, either family first.
         assert_eq!(

@@ -15,7 +15,7 @@ fn pod(uid: &str) -> PodInfo {
         namespace: "team".into(),
         name: "web-1".into(),
         uid: uid.into(),
-        ip: Some("10.0.0.5".parse().unwrap()),
+        ips: Some("10.0.0.5".parse().unwrap()),
         phase: PodPhase::Running,
         host_network: false,
         deletion: None,

@@ -82,7 +82,7 @@ fn matching_rule() {
     }
     .matches_ip_at(now));
     assert!(!PodInfo {
-        ip: None,
+        ips: None,
         ..base.clone()
     }
     .matches_ip_at(now));

@@ -40,7 +40,7 @@ fn pod(role: Option<&str>) -> PodInfo {
         namespace: "team-a".into(),
         name: "web-1".into(),
         uid: "uid-1".into(),
-        ip: Some("10.0.0.5".parse().unwrap()),
+        ips: Some("10.0.0.5".parse().unwrap()),
         phase: PodPhase::Running,
         host_network: false,
         deletion: None,
