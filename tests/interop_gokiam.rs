@@ -15,7 +15,7 @@ mod gokiam;
 #[path = "support/procs.rs"]
 mod procs;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use gokiam::{go_agent_cmd, go_kiam_bin, go_server_cmd, StsProxy};
@@ -70,10 +70,10 @@ struct Servers {
     cluster: ProcCluster,
     go_port: u16,
     our_port: u16,
-    _go: ChildGuard,
-    _ours: ChildGuard,
-    _sts: StsProxy,
-    _moto: Moto,
+    go: Option<ChildGuard>,
+    ours: Option<ChildGuard>,
+    sts: StsProxy,
+    moto: Moto,
 }
 
 impl Servers {
@@ -88,49 +88,36 @@ impl Servers {
         cluster.pod("team-a", "web", PERMITTED_IP, "web-role");
         cluster.pod("team-b", "locked", FORBIDDEN_IP, "web-role");
 
-        let go_port = free_port();
-        let go = ChildGuard::spawn(
-            "Go kiam server",
-            go_server_cmd(
-                &go_bin,
-                &cluster.kubeconfig,
-                &cluster.pki.dir,
-                go_port,
-                &sts,
-                // Go kiam since v4.1 exits at start ("role can't be empty")
-                // without one.
-                &["--role-base-arn", BASE, "--assume-role-arn", "kiam-server"],
-            ),
-        )
-        .unwrap();
-        let our_port = free_port();
-        let ours = cluster.spawn_server(
-            &moto.url,
-            &[
-                "--role-base-arn",
-                BASE,
-                "--bind",
-                &format!("127.0.0.1:{our_port}"),
-            ],
-        );
-        assert!(
-            wait_for_port(go_port, Duration::from_secs(30)),
-            "the Go kiam server never listened"
-        );
-        assert!(
-            wait_for_port(our_port, Duration::from_secs(30)),
-            "our server never listened"
-        );
+        let (go_port, our_port) = (free_port(), free_port());
+        let go = spawn_go_server(&go_bin, &cluster, go_port, &sts);
+        let ours = spawn_our_server(&cluster, our_port, &moto);
         Some(Servers {
             go_bin,
             cluster,
             go_port,
             our_port,
-            _go: go,
-            _ours: ours,
-            _sts: sts,
-            _moto: moto,
+            go: Some(go),
+            ours: Some(ours),
+            sts,
+            moto,
         })
+    }
+
+    /// Stops (SIGKILL) the Go server, or starts it again on its port.
+    fn go_server(&mut self, running: bool) {
+        self.go = None;
+        if running {
+            let go = spawn_go_server(&self.go_bin, &self.cluster, self.go_port, &self.sts);
+            self.go = Some(go);
+        }
+    }
+
+    /// Stops (SIGKILL) our server, or starts it again on its port.
+    fn our_server(&mut self, running: bool) {
+        self.ours = None;
+        if running {
+            self.ours = Some(spawn_our_server(&self.cluster, self.our_port, &self.moto));
+        }
     }
 
     fn go_agent(&self, server_port: u16) -> (u16, ChildGuard) {
@@ -165,6 +152,44 @@ impl Servers {
         );
         (port, agent)
     }
+}
+
+/// Go kiam's server on 127.0.0.1:`port`, listening when this returns.
+fn spawn_go_server(bin: &Path, cluster: &ProcCluster, port: u16, sts: &StsProxy) -> ChildGuard {
+    let cmd = go_server_cmd(
+        bin,
+        &cluster.kubeconfig,
+        &cluster.pki.dir,
+        port,
+        sts,
+        // Go kiam since v4.1 exits at start ("role can't be empty") without
+        // one.
+        &["--role-base-arn", BASE, "--assume-role-arn", "kiam-server"],
+    );
+    let child = ChildGuard::spawn("Go kiam server", cmd).unwrap();
+    assert!(
+        wait_for_port(port, Duration::from_secs(30)),
+        "the Go kiam server never listened"
+    );
+    child
+}
+
+/// Our server on 127.0.0.1:`port`, listening when this returns.
+fn spawn_our_server(cluster: &ProcCluster, port: u16, moto: &Moto) -> ChildGuard {
+    let child = cluster.spawn_server(
+        &moto.url,
+        &[
+            "--role-base-arn",
+            BASE,
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    assert!(
+        wait_for_port(port, Duration::from_secs(30)),
+        "our server never listened"
+    );
+    child
 }
 
 /// What one agent answered for each case.
@@ -300,4 +325,47 @@ async fn our_agent_answers_the_same_with_a_go_server_as_with_ours() {
             ("no pod found (role list)", 404, 500),
         ],
     );
+}
+
+/// Credentials for a new pod at `ip` (so no agent cache can answer): 200
+/// within 30 s, once a server has seen the pod.
+async fn new_pod_credentials(s: &Servers, agent: u16, name: &str, ip: &str) {
+    s.cluster.pod("team-a", name, ip, "web-role");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match get(agent, &format!("{ROLES}web-role?ip={ip}")).await {
+            Ok((200, body)) if body.contains("ASIA") => return,
+            last if Instant::now() >= deadline => {
+                panic!("no credentials for new pod {name} ({ip}): {last:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// A rolling upgrade seen from our agent: its `--server-address` lists one
+/// Go and one Rust server, and it keeps serving new pods while either one
+/// is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_keeps_serving_while_either_a_go_or_a_rust_server_is_down() {
+    let Some(mut s) = Servers::start().await else {
+        return;
+    };
+    let port = free_port();
+    let cmd = s.cluster.agent_cmd(
+        port,
+        &format!("127.0.0.1:{},127.0.0.1:{}", s.go_port, s.our_port),
+        &format!("http://127.0.0.1:{}", free_port()),
+        &["--allow-ip-query"],
+    );
+    let _agent = ChildGuard::spawn("kiam agent -> Go + ours", cmd).unwrap();
+    assert!(wait_for_port(port, Duration::from_secs(30)));
+    new_pod_credentials(&s, port, "web", PERMITTED_IP).await;
+
+    s.our_server(false);
+    new_pod_credentials(&s, port, "only-go", "198.18.5.31").await;
+
+    s.our_server(true);
+    s.go_server(false);
+    new_pod_credentials(&s, port, "only-ours", "198.18.5.32").await;
 }
