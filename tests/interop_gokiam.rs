@@ -369,3 +369,84 @@ async fn our_agent_keeps_serving_while_either_a_go_or_a_rust_server_is_down() {
     s.go_server(false);
     new_pod_credentials(&s, port, "only-ours", "198.18.5.32").await;
 }
+
+/// Waits until something accepts connections on `addr`.
+fn wait_for_addr(addr: &str, timeout: Duration) -> bool {
+    kiam_sandbox::procs::wait_until(timeout, Duration::from_millis(20), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    })
+}
+
+/// The same rolling upgrade seen from a Go agent. A Go agent finds its
+/// servers by resolving one name (`kiam-server:<port>`, round robin over the
+/// addresses), so it runs in a mount namespace whose /etc/hosts gives that
+/// name two loopback addresses: the Go server on 127.0.0.1, ours on
+/// 127.0.0.2, the same port. Needs root (unshare, mount).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_agent_keeps_serving_while_either_a_go_or_a_rust_server_is_down() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "\n*** SKIPPED: not root; a Go agent's private /etc/hosts needs unshare -m ***\n"
+        );
+        return;
+    }
+    let Some(mut s) = Servers::start().await else {
+        return;
+    };
+    // Ours moves to 127.0.0.2 on the Go server's port.
+    s.our_server(false);
+    let rust_addr = format!("127.0.0.2:{}", s.go_port);
+    let spawn_rust = |s: &Servers| {
+        let child = s.cluster.spawn_server(
+            &s.moto.url,
+            &["--role-base-arn", BASE, "--bind", &rust_addr],
+        );
+        assert!(
+            wait_for_addr(&rust_addr, Duration::from_secs(30)),
+            "our server never listened on {rust_addr}"
+        );
+        child
+    };
+    let rust = spawn_rust(&s);
+
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.1 kiam-server\n127.0.0.2 kiam-server\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let agent = go_agent_cmd(
+        &s.go_bin,
+        &s.cluster.pki.dir,
+        port,
+        &format!("kiam-server:{}", s.go_port),
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "-m",
+        "sh",
+        "-c",
+        "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+    ])
+    .arg(&hosts)
+    .arg(agent.get_program())
+    .args(agent.get_args())
+    // Go's own resolver reads every address of a name in /etc/hosts.
+    .env("GODEBUG", "netdns=go");
+    let _agent = ChildGuard::spawn("Go kiam agent -> kiam-server", cmd).unwrap();
+    assert!(
+        wait_for_port(port, Duration::from_secs(30)),
+        "the Go kiam agent never listened"
+    );
+    new_pod_credentials(&s, port, "web", PERMITTED_IP).await;
+
+    drop(rust);
+    new_pod_credentials(&s, port, "only-go", "198.18.5.41").await;
+
+    let _rust = spawn_rust(&s);
+    s.go_server(false);
+    new_pod_credentials(&s, port, "only-ours", "198.18.5.42").await;
+}
