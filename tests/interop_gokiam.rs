@@ -1,14 +1,19 @@
 //! Our processes beside the real Go kiam (`KIAM_GO_BIN`, built by
 //! `scripts/peers.sh kiam-go`): a Go agent asking our server and our agent
 //! asking a Go server must answer pods exactly as the same agent does with a
-//! server of its own kind. All four pairs run against one in-memory API
-//! server and one moto, with certificates from `kiam::certs::generate` (what
-//! `kiam certs` writes), so Go kiam accepting them in both roles is proven
-//! by every pair that answers at all.
+//! server of its own kind; either agent keeps serving through a rolling
+//! upgrade (one Go and one Rust server, either stopped); each `kiam health`
+//! passes against the other's server; and every flag Go kiam lists passes
+//! our `--check-config`. All run against one in-memory API server and one
+//! moto, with certificates from `kiam::certs::generate` (what `kiam certs`
+//! writes), so Go kiam accepting them in both roles is proven by every pair
+//! that answers at all.
 //!
 //! The HTTP answers are compared, not the gRPC ones: a Go agent turns the
 //! status strings of a server (`no pod found`, `forbidden by policy`) into
-//! HTTP statuses, and that is what a pod sees.
+//! HTTP statuses, and that is what a pod sees. Differences that are ours to
+//! fix are pinned, with docs/MIGRATING.md ("Tested against Go kiam"), so a
+//! fix updates both.
 
 #[path = "support/gokiam.rs"]
 mod gokiam;
@@ -18,7 +23,7 @@ mod procs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use gokiam::{go_agent_cmd, go_kiam_bin, go_server_cmd, StsProxy};
+use gokiam::{go_agent_cmd, go_flags, go_kiam_bin, go_server_cmd, StsProxy};
 use procs::{free_port, start_moto, wait_for_port, ChildGuard, Moto, ProcCluster};
 
 const BASE: &str = "arn:aws:iam::123456789012:role/";
@@ -451,38 +456,6 @@ async fn go_agent_keeps_serving_while_either_a_go_or_a_rust_server_is_down() {
     new_pod_credentials(&s, port, "only-ours", "198.18.5.42").await;
 }
 
-/// Go kiam's flags for `role`, read from its `--help` (kingpin prints one
-/// per line, two spaces in): (name, value) where value is `None` for a
-/// boolean and otherwise its default, or the placeholder of a flag that has
-/// none (`--host=HOST`).
-fn go_flags(bin: &Path, role: &str) -> Vec<(String, Option<String>)> {
-    let out = std::process::Command::new(bin)
-        .args([role, "--help"])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let mut flags = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("  --") else {
-            continue;
-        };
-        let word = rest.split_whitespace().next().unwrap_or_default();
-        let (name, value) = match word.split_once('=') {
-            Some((n, v)) => (n, Some(v.trim_matches('"').to_string())),
-            None => (word, None),
-        };
-        if name != "help" {
-            flags.push((name.to_string(), value));
-        }
-    }
-    assert!(
-        flags.len() > 10,
-        "too few flags in Go kiam's {role} --help:\n{text}"
-    );
-    flags
-}
-
 /// Every flag Go kiam's server and agent accept, as a manifest would write
 /// it (its default or a real value; for a boolean both `--flag` and
 /// kingpin's `--no-flag`), passes our `--check-config`, but for the pinned
@@ -567,4 +540,45 @@ fn our_binaries_accept_every_flag_go_kiam_accepts() {
         rejected, known,
         "the flags our binaries reject changed; update docs/MIGRATING.md and this list"
     );
+}
+
+/// `kiam health` (what probes run) from each implementation against the
+/// other's server: exit 0 once the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_commands_pass_against_the_other_implementations_server() {
+    let Some(s) = Servers::start().await else {
+        return;
+    };
+    let health = |mut cmd: std::process::Command, port: u16| {
+        cmd.arg("health")
+            .args(["--server-address", &format!("127.0.0.1:{port}")])
+            .args(["--timeout", "2s"]);
+        kiam_sandbox::procs::tls_args(&mut cmd, &s.cluster.pki.dir, "agent");
+        cmd
+    };
+    for (what, make, port) in [
+        ("Go kiam health -> our server", true, s.our_port),
+        ("our kiam health -> Go server", false, s.go_port),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let bin = if make {
+                std::process::Command::new(&s.go_bin)
+            } else {
+                procs::kiam_bin()
+            };
+            let out = health(bin, port).output().unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?}\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }

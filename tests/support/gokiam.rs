@@ -64,6 +64,38 @@ pub fn go_agent_cmd(bin: &Path, certs: &Path, port: u16, server: &str) -> Comman
     cmd
 }
 
+/// Go kiam's flags for `role`, read from its `--help` (kingpin prints one
+/// per line, two spaces in): (name, value) where value is `None` for a
+/// boolean and otherwise its default, or the placeholder of a flag that has
+/// none (`--host=HOST`).
+pub fn go_flags(bin: &Path, role: &str) -> Vec<(String, Option<String>)> {
+    let out = std::process::Command::new(bin)
+        .args([role, "--help"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let mut flags = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("  --") else {
+            continue;
+        };
+        let word = rest.split_whitespace().next().unwrap_or_default();
+        let (name, value) = match word.split_once('=') {
+            Some((n, v)) => (n, Some(v.trim_matches('"').to_string())),
+            None => (word, None),
+        };
+        if name != "help" {
+            flags.push((name.to_string(), value));
+        }
+    }
+    assert!(
+        flags.len() > 10,
+        "too few flags in Go kiam's {role} --help:\n{text}"
+    );
+    flags
+}
+
 /// An HTTPS proxy on loopback that terminates every CONNECT with a
 /// certificate for `sts.amazonaws.com` and forwards the plain HTTP inside to
 /// moto. Stops with the runtime that started it.
