@@ -41,6 +41,14 @@ if [ -f tests/js/package.json ] && [ ! -d tests/js/node_modules ]; then
   (cd tests/js && npm install --no-audit --no-fund --silent)
 fi
 
+# Go kiam, the real peer for tests/interop_gokiam.rs (they say SKIPPED
+# without it); a binary given in KIAM_GO_BIN is used as it is.
+if [ -z "${KIAM_GO_BIN:-}" ]; then
+  step "Go kiam peer (scripts/peers.sh kiam-go)"
+  KIAM_GO_BIN=$(bash scripts/peers.sh kiam-go) || KIAM_GO_BIN=
+fi
+export KIAM_GO_BIN
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
