@@ -470,7 +470,7 @@ async fn prefetch_gets_pods_with_a_role_and_an_ip() {
         identity,
     } = f.prefetch.recv().await.unwrap();
     assert_eq!(&*prefetched.name, "starting");
-    assert_eq!(prefetched.ip, Some(ip("10.1.1.2").into()));
+    assert_eq!(prefetched.ips, Some(ip("10.1.1.2").into()));
     assert_eq!(prefetched.role.as_deref(), Some("reader"));
 
     assert_eq!(&*identity.role_arn, format!("{BASE}reader"));
