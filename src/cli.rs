@@ -41,6 +41,45 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses `args` as Go kiam's flag parser (kingpin) would: besides
+    /// `--flag` and `--flag=false`, every boolean flag also takes the
+    /// `--no-flag` form, which Go kiam manifests use (its Helm chart passes
+    /// `--no-iptables-remove`). Those are rewritten to `--flag=false` before
+    /// clap sees them; nothing else changes.
+    pub fn try_parse_kingpin<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString>,
+    {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let command = <Cli as clap::CommandFactory>::command();
+        let booleans: Vec<String> = args
+            .get(1)
+            .and_then(|role| role.to_str())
+            .and_then(|role| command.find_subcommand(role))
+            .map(|sub| {
+                sub.get_arguments()
+                    .filter(|a| {
+                        a.get_value_parser().type_id()
+                            == clap::builder::ValueParser::bool().type_id()
+                    })
+                    .filter_map(|a| a.get_long().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rewritten = args.into_iter().map(|arg| {
+            let negated = arg
+                .to_str()
+                .and_then(|a| a.strip_prefix("--no-"))
+                .filter(|name| booleans.iter().any(|b| b == name))
+                .map(|name| format!("--{name}=false"));
+            negated.map(Into::into).unwrap_or(arg)
+        });
+        <Cli as Parser>::try_parse_from(rewritten)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server: watch Pods and Namespaces, apply policy, fetch STS credentials.
@@ -358,6 +397,37 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn kingpin_negations_of_booleans() {
+        let cli = Cli::try_parse_kingpin([
+            "kiam",
+            "agent",
+            "--host",
+            "10.0.0.1",
+            "--cert",
+            "a",
+            "--key",
+            "b",
+            "--ca",
+            "c",
+            "--iptables",
+            "--no-iptables-remove",
+            "--no-json-log",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("not the agent")
+        };
+        assert!(a.iptables);
+        assert!(!a.iptables_remove);
+        assert!(!a.log.json_log);
+        // Only booleans have a negation; anything else is still refused.
+        let e = Cli::try_parse_kingpin(["kiam", "agent", "--no-port"]).unwrap_err();
+        assert!(e.to_string().contains("--no-port"), "{e}");
+        let e = Cli::try_parse_kingpin(["kiam", "server", "--no-iptables"]).unwrap_err();
+        assert!(e.to_string().contains("--no-iptables"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! Bad flags or unreadable files exit 64 with one line naming the flag,
 //! before any port is bound.
 
-use clap::Parser;
 use kiam::cli::{Cli, Command, LogArgs};
 use kiam::Fatal;
 
@@ -12,7 +11,7 @@ fn main() {
     if std::env::args_os().nth(1).is_some_and(|a| a == "agent") {
         kiam::cli::host_ip_fallback();
     }
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_kingpin(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;

@@ -9,6 +9,9 @@ use jiff::Timestamp;
 
 /// The status message for an IP with no live pod (Go kiam's `ErrPodNotFound`).
 pub const NO_POD_FOUND: &str = "no pod found";
+/// What a Go kiam server says instead of [`NO_POD_FOUND`] when GetPodRole
+/// finds no pod (its pod cache's error, passed through). Agents read both.
+pub const GO_POD_NOT_FOUND: &str = "pod not found";
 /// The status message for a policy refusal (Go kiam's `ErrPolicyForbidden`).
 pub const FORBIDDEN_BY_POLICY: &str = "forbidden by policy";
 

@@ -36,7 +36,7 @@ use crate::cli::ClientArgs;
 pub use crate::grpc_metrics::GrpcMetrics;
 use crate::proto;
 use crate::proto::kiam_service_client::KiamServiceClient;
-use crate::wire::{Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND};
+use crate::wire::{Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, GO_POD_NOT_FOUND, NO_POD_FOUND};
 
 /// Credentials as a server returned them. Times are kept as the server's
 /// strings; the router reformats them for the metadata API.
@@ -157,7 +157,7 @@ pub trait KiamClient: Send + Sync + 'static {
 /// code.
 fn classify(status: &Status) -> ClientError {
     let msg = status.message();
-    if msg.contains(NO_POD_FOUND) {
+    if msg.contains(NO_POD_FOUND) || msg.contains(GO_POD_NOT_FOUND) {
         return ClientError::NotFound;
     }
     if msg.contains(FORBIDDEN_BY_POLICY) {

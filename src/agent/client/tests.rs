@@ -17,6 +17,11 @@ fn statuses_are_classified_by_message() {
         classify(&Status::not_found("no pod found")),
         ClientError::NotFound
     );
+    // A Go kiam server's GetPodRole for an unknown IP.
+    assert_eq!(
+        classify(&Status::unknown("pod not found")),
+        ClientError::NotFound
+    );
     assert_eq!(
         classify(&Status::permission_denied("forbidden by policy")),
         ClientError::Forbidden(None)
