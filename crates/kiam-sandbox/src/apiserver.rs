@@ -41,6 +41,7 @@ mod discovery;
 mod http;
 mod jwt;
 mod ops;
+mod protobuf;
 mod resources;
 mod selector;
 mod status;

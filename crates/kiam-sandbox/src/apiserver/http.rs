@@ -217,7 +217,7 @@ where
             Err(ApiError::method_not_allowed(&parts.method))
         }
         Some(Route::TokenRequest { namespace, name }) if parts.method == Method::POST => {
-            match authentication_body(&parts.headers, body).await {
+            match authentication_body(&parts.headers, body, true).await {
                 Ok(obj) => super::tokens::token_request(
                     &shared.store,
                     &shared.tokens,
@@ -230,7 +230,7 @@ where
             }
         }
         Some(Route::TokenReview) if parts.method == Method::POST => {
-            match authentication_body(&parts.headers, body).await {
+            match authentication_body(&parts.headers, body, false).await {
                 Ok(obj) => super::tokens::token_review(&shared.store, &shared.tokens, obj)
                     .map(|reviewed| json_response(201, &reviewed)),
                 Err(e) => Err(e),
@@ -267,14 +267,24 @@ fn issuer_document(content_type: &'static str, value: &Value) -> Response<Body> 
     response
 }
 
-/// The JSON body of a TokenRequest or TokenReview (created, never stored).
-async fn authentication_body<B>(headers: &HeaderMap, body: B) -> Result<Value, ApiError>
+/// The body of a TokenRequest or TokenReview (created, never stored), as JSON. A
+/// TokenRequest may also come in protobuf, as `kubectl create token` sends it.
+async fn authentication_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    token_request: bool,
+) -> Result<Value, ApiError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     check_accept(headers)?;
-    decode(&content_type(headers), &read_body(body).await?)
+    let ct = content_type(headers);
+    let bytes = read_body(body).await?;
+    if token_request && ct == super::protobuf::CONTENT_TYPE {
+        return super::protobuf::decode_token_request(&bytes);
+    }
+    decode(&ct, &bytes)
 }
 
 async fn read_body<B>(body: B) -> Result<Bytes, ApiError>
