@@ -4,9 +4,22 @@
 //! back while LIST and GET already see them, cut every watch mid-stream, forget its
 //! history so old resourceVersions get 410 Gone, refuse connections, or answer 503 to
 //! everything. Otherwise it tries to be indistinguishable from the real thing for kube-rs and `kubectl`: core/v1
-//! pods, namespaces, nodes and events (plus events.k8s.io/v1 events), discovery, one global
-//! resourceVersion counter, optimistic concurrency, merge/strategic/JSON patches, label and
-//! field selectors, `limit`/`continue` paging, and chunked watches with bookmarks.
+//! pods, namespaces, nodes, service accounts and events (plus events.k8s.io/v1 events),
+//! discovery, one global resourceVersion counter, optimistic concurrency,
+//! merge/strategic/JSON patches, label and field selectors, `limit`/`continue` paging, and
+//! chunked watches with bookmarks.
+//!
+//! It is also a service-account token issuer, as pods' projected tokens need: TokenRequest
+//! (`POST .../serviceaccounts/{name}/token`, JSON or the protobuf `kubectl create token`
+//! sends) returns a signed JWT with the bound-token claims (`iss`, `sub`, `aud`, `exp`,
+//! `iat`, `nbf`, `jti`, and `kubernetes.io` with namespace, service account, pod and
+//! node); TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`) checks one
+//! with the real authenticator's rules (signature, one-minute leeway on times, audiences,
+//! the service account and bound pod still existing with the same uid); and
+//! `/.well-known/openid-configuration` and `/openid/v1/jwks` publish the verifying key.
+//! Tests mint tokens as the kubelet would with [`FakeApiServer::issue_token`] and forge bad
+//! ones with [`FakeApiServer::sign_token`], [`tampered_token`], [`unsigned_token`] and
+//! [`foreign_signed_token`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,7 +48,16 @@
 //! restricted, strategic merge patches replace lists instead of merging them, core/v1
 //! Events are only checked for the namespace rule (not the stricter rules for Events with an
 //! `eventTime`), server-side apply answers 415, and only JSON (and YAML request bodies) is
-//! spoken, never protobuf.
+//! spoken, never protobuf (except a TokenRequest body). For tokens: they are ES256 (a
+//! P-256 key made at start) where real servers most often sign RS256, though they take
+//! ECDSA keys too; the issuer defaults to [`DEFAULT_ISSUER`] while the discovery document
+//! and JWKS are served over plain HTTP at the fake's address (a real server requires https
+//! there); the default `default` ServiceAccount is created with its namespace rather than
+//! moments later by a controller; tokens bind only to pods (not Secrets or Nodes); a
+//! TokenRequest is never extended to a year for the kubelet
+//! (`--service-account-extend-token-expiration`) nor capped by
+//! `--service-account-max-token-expiration`; and no request is authenticated or authorized
+//! (anyone may ask for any token).
 
 mod discovery;
 mod http;

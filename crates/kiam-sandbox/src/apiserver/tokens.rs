@@ -340,13 +340,6 @@ pub(crate) fn token_request(
     }
     spec["audiences"] = json!(issued.audiences);
     spec["expirationSeconds"] = expiration.into();
-    if let Some(bound) = &bound {
-        let uid = store
-            .get(Resource::Pods, &key(namespace, &bound.name))
-            .map(|p| uid_of(&p).to_string())
-            .unwrap_or_default();
-        spec["boundObjectRef"]["uid"] = uid.into();
-    }
     let expires = jiff::Timestamp::from_second(issued.expires).unwrap_or(jiff::Timestamp::MAX);
     body["status"] = json!({
         "token": issued.token,
