@@ -15,7 +15,7 @@
 //! `iat`, `nbf`, `jti`, and `kubernetes.io` with namespace, service account, pod and
 //! node); TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`) checks one
 //! with the real authenticator's rules (signature, one-minute leeway on times, audiences,
-//! the service account and bound pod still existing with the same uid); and
+//! the service account and bound pod or node still existing with the same uid); and
 //! `/.well-known/openid-configuration` and `/openid/v1/jwks` publish the verifying key.
 //! Tests mint tokens as the kubelet would with [`FakeApiServer::issue_token`] and forge bad
 //! ones with [`FakeApiServer::sign_token`], [`tampered_token`], [`unsigned_token`] and
@@ -53,11 +53,13 @@
 //! ECDSA keys too; the issuer defaults to [`DEFAULT_ISSUER`] while the discovery document
 //! and JWKS are served over plain HTTP at the fake's address (a real server requires https
 //! there); the default `default` ServiceAccount is created with its namespace rather than
-//! moments later by a controller; tokens bind only to pods (not Secrets or Nodes); a
+//! moments later by a controller; tokens bind to pods and nodes but not Secrets; a
 //! TokenRequest is never extended to a year for the kubelet
 //! (`--service-account-extend-token-expiration`) nor capped by
 //! `--service-account-max-token-expiration`; and no request is authenticated or authorized
-//! (anyone may ask for any token).
+//! (anyone may ask for any token), and a review is never answered from the 10-second cache
+//! of successful reviews a real server keeps (so a deleted pod's token fails at once here,
+//! and up to ten seconds later there).
 
 mod discovery;
 mod http;
@@ -505,7 +507,7 @@ impl FakeApiServer {
         pod: Option<(&str, &str)>,
         ttl: Duration,
     ) -> Result<String, ApiError> {
-        let pod = pod.map(|(name, uid)| tokens::PodRef {
+        let pod = pod.map(|(name, uid)| tokens::Binding::Pod {
             name: name.to_string(),
             uid: uid.to_string(),
         });

@@ -1214,19 +1214,17 @@ async fn a_token_review_authenticates_a_bound_token_as_its_pod() {
         .is_none());
 }
 
-/// Refused with `status.error` containing `why`, or with no error at all for `None`
-/// (tokens the service-account authenticator does not recognise as its own).
-async fn assert_refused(client: &Client, token: &str, audiences: &[&str], why: Option<&str>) {
+/// What a review says of a token no authenticator recognises as its own: not a JWT,
+/// another issuer, or an algorithm the key does not use (`none`).
+const NOT_OURS: &str = "invalid bearer token";
+
+/// Refused (no `authenticated`, an empty user) with a `status.error` containing `why`.
+async fn assert_refused(client: &Client, token: &str, audiences: &[&str], why: &str) {
     let status = review(client, token, audiences).await;
     assert_eq!(status.get("authenticated"), None, "{status}");
     assert_eq!(status["user"], json!({}), "{status}");
-    match why {
-        Some(why) => {
-            let error = status["error"].as_str().unwrap_or("");
-            assert!(error.contains(why), "wanted {why:?}, got {status}");
-        }
-        None => assert_eq!(status.get("error"), None, "{status}"),
-    }
+    let error = status["error"].as_str().unwrap_or("");
+    assert!(error.contains(why), "wanted {why:?}, got {status}");
 }
 
 #[tokio::test]
@@ -1272,7 +1270,7 @@ async fn a_token_review_refuses_what_the_real_server_refuses() {
         &client,
         &expired,
         &["kiam"],
-        Some("service account token has expired"),
+        "service account token has expired",
     )
     .await;
     let early = resigned(&|c| c["nbf"] = (now + 600).into());
@@ -1280,16 +1278,22 @@ async fn a_token_review_refuses_what_the_real_server_refuses() {
         &client,
         &early,
         &["kiam"],
-        Some("service account token is not valid yet"),
+        "service account token is not valid yet",
     )
     .await;
-    assert_refused(&client, &token, &["sts.amazonaws.com"], Some("token audiences [\"kiam\"] is invalid for the target audiences [\"sts.amazonaws.com\"]")).await;
+    assert_refused(
+        &client,
+        &token,
+        &["sts.amazonaws.com"],
+        "token audiences [\"kiam\"] is invalid for the target audiences [\"sts.amazonaws.com\"]",
+    )
+    .await;
     let tampered = tampered_token(&token, |c| c["kubernetes.io"]["pod"]["name"] = "db".into());
     assert_refused(
         &client,
         &tampered,
         &["kiam"],
-        Some("error in cryptographic primitive"),
+        "error in cryptographic primitive",
     )
     .await;
     let foreign = foreign_signed_token(&claims);
@@ -1297,20 +1301,26 @@ async fn a_token_review_refuses_what_the_real_server_refuses() {
         &client,
         &foreign,
         &["kiam"],
-        Some("error in cryptographic primitive"),
+        "invalid signature, no keys found",
     )
     .await;
     // Unsigned tokens, other issuers and non-JWTs are not the service-account
-    // authenticator's: refused without an error, as on a real server.
-    assert_refused(&client, &unsigned_token(&token), &["kiam"], None).await;
+    // authenticator's: refused as unknown bearer tokens, as on a real server.
+    assert_refused(&client, &unsigned_token(&token), &["kiam"], NOT_OURS).await;
     let other_issuer = resigned(&|c| c["iss"] = "https://elsewhere.example".into());
-    assert_refused(&client, &other_issuer, &["kiam"], None).await;
-    assert_refused(&client, "not-a-jwt", &["kiam"], None).await;
+    assert_refused(&client, &other_issuer, &["kiam"], NOT_OURS).await;
+    assert_refused(&client, "not-a-jwt", &["kiam"], NOT_OURS).await;
 
     // The pod binding is checked on every review: recreated under the same name, the old
     // token is refused; deleted, too.
     fake.delete_pod("team-a", "web").unwrap();
-    assert_refused(&client, &token, &["kiam"], Some("pod \"web\" not found")).await;
+    assert_refused(
+        &client,
+        &token,
+        &["kiam"],
+        "service account token has been invalidated",
+    )
+    .await;
     let again = fake
         .apply_pod(scheduled_pod("team-a", "web", None))
         .unwrap();
@@ -1320,9 +1330,7 @@ async fn a_token_review_refuses_what_the_real_server_refuses() {
         &client,
         &token,
         &["kiam"],
-        Some(&format!(
-            "pod UID ({new_uid}) does not match claim ({web_uid})"
-        )),
+        &format!("pod UID ({new_uid}) does not match service account pod ref claim ({web_uid})"),
     )
     .await;
     let fresh = fake
@@ -1338,7 +1346,14 @@ async fn a_token_review_refuses_what_the_real_server_refuses() {
         review(&client, &fresh, &["kiam"]).await["authenticated"],
         true
     );
-    // A pod whose deletion started over a minute ago is gone for tokens too.
+    // A terminating pod is still itself within its grace period...
+    fake.mark_pod_terminating("team-a", "web", Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(
+        review(&client, &fresh, &["kiam"]).await["authenticated"],
+        true
+    );
+    // ...but one whose deletion is over a minute past is gone for tokens too.
     fake.patch_pod(
         "team-a",
         "web",
@@ -1349,7 +1364,7 @@ async fn a_token_review_refuses_what_the_real_server_refuses() {
         &client,
         &fresh,
         &["kiam"],
-        Some("pod team-a/web has been deleted"),
+        "service account token has been invalidated",
     )
     .await;
 
@@ -1367,18 +1382,18 @@ async fn a_token_review_refuses_what_the_real_server_refuses() {
         &client,
         &unbound,
         &["kiam"],
-        Some("serviceaccount \"default\" not found"),
+        "serviceaccount \"default\" not found",
     )
     .await;
     fake.apply_service_account("team-a", "default").unwrap();
-    assert_refused(&client, &unbound, &["kiam"], Some("service account UID")).await;
+    assert_refused(&client, &unbound, &["kiam"], "service account UID").await;
 
     // Changing the issuer disowns every earlier token.
     let reissued = fake
         .issue_token("team-a", "default", &["kiam"], None, hour)
         .unwrap();
     fake.set_issuer("https://issuer.example");
-    assert_refused(&client, &reissued, &["kiam"], None).await;
+    assert_refused(&client, &reissued, &["kiam"], NOT_OURS).await;
 
     // An empty token is a bad request, not a refusal.
     let body = r#"{"spec":{"token":""}}"#;
@@ -1623,4 +1638,78 @@ async fn kubectl_creates_tokens_and_token_reviews() {
         reviewed["status"]["user"]["username"],
         "system:serviceaccount:team-a:default"
     );
+}
+
+#[tokio::test]
+async fn tokens_bind_to_nodes_and_name_a_missing_node_without_its_uid() {
+    let (fake, _) = token_cluster().await;
+    let client = client(&fake);
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), "team-a");
+    let bound_to = |kind: &str, name: &str| -> TokenRequest {
+        serde_json::from_value(json!({
+            "spec": {"audiences": ["kiam"],
+                     "boundObjectRef": {"kind": kind, "apiVersion": "v1", "name": name}}
+        }))
+        .unwrap()
+    };
+    let node_token = sas
+        .create_token_request("default", &PostParams::default(), &bound_to("Node", "n1"))
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let node_uid = fake.node("n1").unwrap()["metadata"]["uid"].clone();
+    let claims = token_claims(&node_token).unwrap();
+    assert_eq!(
+        claims["kubernetes.io"]["node"],
+        json!({"name": "n1", "uid": node_uid})
+    );
+    assert!(claims["kubernetes.io"].get("pod").is_none());
+    let status = review(&client, &node_token, &["kiam"]).await;
+    assert_eq!(status["authenticated"], true, "{status}");
+    assert_eq!(
+        status["user"]["extra"]["authentication.kubernetes.io/node-uid"],
+        json!([node_uid])
+    );
+    fake.delete(Resource::Nodes, "", "n1").unwrap();
+    assert_refused(
+        &client,
+        &node_token,
+        &["kiam"],
+        "service account token has been invalidated",
+    )
+    .await;
+
+    // A pod-bound token names the pod's node even when the Node object is gone.
+    let pod_token = sas
+        .create_token_request("default", &PostParams::default(), &bound_to("Pod", "web"))
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let claims = token_claims(&pod_token).unwrap();
+    assert_eq!(claims["kubernetes.io"]["node"], json!({"name": "n1"}));
+    let status = review(&client, &pod_token, &["kiam"]).await;
+    assert_eq!(status["authenticated"], true, "{status}");
+    assert_eq!(
+        status["user"]["extra"]["authentication.kubernetes.io/node-name"],
+        json!(["n1"])
+    );
+    assert!(status["user"]["extra"]
+        .get("authentication.kubernetes.io/node-uid")
+        .is_none());
+
+    let err = sas
+        .create_token_request("default", &PostParams::default(), &bound_to("Secret", "s"))
+        .await
+        .unwrap_err();
+    match err {
+        kube::Error::Api(status) => assert_eq!(
+            (status.code, status.message.as_str()),
+            (400, "cannot bind token to object of type /v1, Kind=Secret")
+        ),
+        other => panic!("{other:?}"),
+    }
 }

@@ -6,8 +6,10 @@
 //! review refuses it once its service account or bound pod is deleted or recreated (a
 //! new uid), not only when it expires. Checks follow the real authenticator's order and
 //! words: a token that is not a JWT, names another issuer or uses another algorithm
-//! (`alg: none` included) is "not ours" and is refused with no `status.error`; from a
-//! valid signature on, every refusal says why. Times have the real one-minute leeway.
+//! (`alg: none` included) is "not ours", refused as just an "invalid bearer token"; from
+//! the key lookup on, every refusal says why. Times have the real one-minute leeway. A
+//! real server may wrap these messages (`[invalid bearer token, ...]`), so match them by
+//! substring.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -35,6 +37,10 @@ const MIN_EXPIRATION_SECS: i64 = 600;
 const MAX_EXPIRATION_SECS: i64 = 1 << 32;
 
 const AUTHENTICATION_V1: &str = "authentication.k8s.io/v1";
+
+/// What a review says of a token whose bound object is gone (deleted, or deletion
+/// started over a minute ago).
+const INVALIDATED: &str = "service account token has been invalidated";
 
 /// The `authentication.kubernetes.io/...` keys of `user.extra`, as the real server sets them.
 const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -104,10 +110,22 @@ impl Issuer {
     }
 }
 
-/// The pod a token is bound to.
-pub(crate) struct PodRef {
-    pub name: String,
-    pub uid: String,
+/// The object a token is bound to: `boundObjectRef`. An empty uid means "whichever
+/// object has that name now".
+pub(crate) enum Binding {
+    Pod { name: String, uid: String },
+    Node { name: String, uid: String },
+}
+
+fn uid_conflict(kind: &str, name: &str, uid: &str) -> ApiError {
+    ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {kind} {name:?}: the UID in the bound object reference ({uid}) \
+             does not match the UID in record. The object might have been deleted and then recreated"
+        ),
+    )
 }
 
 /// A token and what was settled in issuing it.
@@ -130,16 +148,17 @@ fn key(namespace: &str, name: &str) -> (String, String) {
     (namespace.to_string(), name.to_string())
 }
 
-/// Issues a token for a service account, bound to a pod if given: the registry's checks
-/// (the service account exists; the pod exists, runs as that service account and has that
-/// uid) and then the claims of a bound token. Expiry bounds are the caller's business.
+/// Issues a token for a service account, bound to a pod or node if given: the registry's
+/// checks (the service account exists; the bound object exists and has that uid; a pod runs
+/// as that service account) and then the claims of a bound token. Expiry bounds are the
+/// caller's business.
 pub(crate) fn issue(
     store: &Store,
     issuer: &Issuer,
     namespace: &str,
     service_account: &str,
     audiences: Vec<String>,
-    pod: Option<&PodRef>,
+    binding: Option<&Binding>,
     expiration_secs: i64,
 ) -> Result<Issued, ApiError> {
     let sa = store
@@ -154,10 +173,19 @@ pub(crate) fn issue(
         "namespace": namespace,
         "serviceaccount": {"name": service_account, "uid": uid_of(&sa)},
     });
-    if let Some(bound) = pod {
+    if let Some(Binding::Node { name, uid }) = binding {
+        let node = store
+            .get(Resource::Nodes, &key("", name))
+            .ok_or_else(|| ApiError::not_found(Resource::Nodes, name))?;
+        if !uid.is_empty() && uid != uid_of(&node) {
+            return Err(uid_conflict("Node", name, uid));
+        }
+        kubernetes["node"] = json!({"name": name, "uid": uid_of(&node)});
+    }
+    if let Some(Binding::Pod { name, uid }) = binding {
         let pod = store
-            .get(Resource::Pods, &key(namespace, &bound.name))
-            .ok_or_else(|| ApiError::not_found(Resource::Pods, &bound.name))?;
+            .get(Resource::Pods, &key(namespace, name))
+            .ok_or_else(|| ApiError::not_found(Resource::Pods, name))?;
         let runs_as = match text(&pod, "/spec/serviceAccountName") {
             // The ServiceAccount admission plugin fills this in on a real cluster.
             "" => "default",
@@ -168,25 +196,18 @@ pub(crate) fn issue(
                 "cannot bind token for serviceaccount {service_account:?} to pod running with different serviceaccount name."
             )));
         }
-        if !bound.uid.is_empty() && bound.uid != uid_of(&pod) {
-            return Err(ApiError::new(
-                409,
-                "Conflict",
-                format!(
-                    "Operation cannot be fulfilled on Pod {:?}: the UID in the bound object reference ({}) \
-                     does not match the UID in record. The object might have been deleted and then recreated",
-                    bound.name, bound.uid
-                ),
-            ));
+        if !uid.is_empty() && uid != uid_of(&pod) {
+            return Err(uid_conflict("Pod", name, uid));
         }
-        kubernetes["pod"] = json!({"name": bound.name, "uid": uid_of(&pod)});
-        // Node info (ServiceAccountTokenPodNodeInfo): only when the node is known.
+        kubernetes["pod"] = json!({"name": name, "uid": uid_of(&pod)});
+        // The pod's node (ServiceAccountTokenPodNodeInfo), by name alone when the Node
+        // object is missing.
         let node_name = text(&pod, "/spec/nodeName");
-        if let Some(node) = (!node_name.is_empty())
-            .then(|| store.get(Resource::Nodes, &key("", node_name)))
-            .flatten()
-        {
-            kubernetes["node"] = json!({"name": node_name, "uid": uid_of(&node)});
+        if !node_name.is_empty() {
+            kubernetes["node"] = match store.get(Resource::Nodes, &key("", node_name)) {
+                Some(node) => json!({"name": node_name, "uid": uid_of(&node)}),
+                None => json!({"name": node_name}),
+            };
         }
     }
     let now = jiff::Timestamp::now().as_second();
@@ -302,17 +323,24 @@ pub(crate) fn token_request(
         None | Some(Value::Null) => None,
         Some(reference) => {
             let (kind, api_version) = (text(reference, "/kind"), text(reference, "/apiVersion"));
-            if kind != "Pod" || api_version != "v1" {
-                // The real server also binds to Secrets and Nodes; this one serves no
-                // Secrets and binds only to pods.
-                return Err(ApiError::bad_request(format!(
-                    "cannot bind token to object of type {api_version}, Kind={kind}"
-                )));
+            let name = text(reference, "/name").to_string();
+            let uid = text(reference, "/uid").to_string();
+            match (api_version, kind) {
+                ("v1", "Pod") => Some(Binding::Pod { name, uid }),
+                ("v1", "Node") => Some(Binding::Node { name, uid }),
+                // The real server also binds to Secrets, which this one does not serve.
+                _ => {
+                    // Go's GroupVersionKind.String(): "group/version, Kind=kind".
+                    let group_version = if api_version.contains('/') {
+                        api_version.to_string()
+                    } else {
+                        format!("/{api_version}")
+                    };
+                    return Err(ApiError::bad_request(format!(
+                        "cannot bind token to object of type {group_version}, Kind={kind}"
+                    )));
+                }
             }
-            Some(PodRef {
-                name: text(reference, "/name").to_string(),
-                uid: text(reference, "/uid").to_string(),
-            })
         }
     };
     let audiences = strings(body.pointer("/spec/audiences"));
@@ -381,7 +409,8 @@ pub(crate) fn review(store: &Store, issuer: &Issuer, token: &str, audiences: &[S
             "user": user,
             "audiences": audiences,
         }),
-        Err(Refusal::NotOurs) => json!({"user": {}}),
+        // What the bearer-token authenticator says when no token authenticator knew it.
+        Err(Refusal::NotOurs) => json!({"user": {}, "error": "invalid bearer token"}),
         Err(Refusal::Invalid(error)) => json!({"user": {}, "error": error}),
     }
 }
@@ -409,6 +438,15 @@ fn authenticate(
     let (_, unverified) = jwt::decode_unverified(token).map_err(|_| Refusal::NotOurs)?;
     if text(&unverified, "/iss") != issuer.issuer() {
         return Err(Refusal::NotOurs);
+    }
+    // The key is looked up by the header's `kid` (all keys when there is none).
+    let (header, _) = jwt::decode_unverified(token).map_err(|_| Refusal::NotOurs)?;
+    if header
+        .get("kid")
+        .and_then(Value::as_str)
+        .is_some_and(|kid| !kid.is_empty() && kid != issuer.key.kid())
+    {
+        return Err(invalid("invalid signature, no keys found".into()));
     }
     let claims = match issuer.key.verify(token) {
         Ok(claims) => claims,
@@ -453,8 +491,10 @@ fn authenticate(
         return Err(invalid("service account token has expired".into()));
     }
     if time("iat").is_some_and(|iat| now + LEEWAY_SECS < iat) {
+        // go-jose's ErrIssuedInTheFuture, which the real validator does not name.
         return Err(invalid(
-            "service account token is issued in the future".into(),
+            "service account token claims could not be validated due to unexpected validation error"
+                .into(),
         ));
     }
 
@@ -492,17 +532,15 @@ fn authenticate(
         let (pod_name, pod_uid) = (text(pod_claim, "/name"), text(pod_claim, "/uid"));
         let pod = store
             .get(Resource::Pods, &key(namespace, pod_name))
-            .ok_or_else(|| invalid(format!("pod {pod_name:?} not found")))?;
-        if gone(&pod) {
-            return Err(invalid(format!(
-                "pod {namespace}/{pod_name} has been deleted"
-            )));
-        }
+            .ok_or_else(|| invalid(INVALIDATED.into()))?;
         if uid_of(&pod) != pod_uid {
             return Err(invalid(format!(
-                "pod UID ({}) does not match claim ({pod_uid})",
+                "pod UID ({}) does not match service account pod ref claim ({pod_uid})",
                 uid_of(&pod)
             )));
+        }
+        if gone(&pod) {
+            return Err(invalid(INVALIDATED.into()));
         }
         extra.insert(EXTRA_POD_NAME.into(), json!([pod_name]));
         extra.insert(EXTRA_POD_UID.into(), json!([pod_uid]));
@@ -514,15 +552,15 @@ fn authenticate(
         if !k8s.get("pod").is_some_and(Value::is_object) {
             let node = store
                 .get(Resource::Nodes, &key("", node_name))
-                .ok_or_else(|| invalid(format!("node {node_name:?} not found")))?;
-            if gone(&node) {
-                return Err(invalid(format!("node {node_name} has been deleted")));
-            }
+                .ok_or_else(|| invalid(INVALIDATED.into()))?;
             if uid_of(&node) != node_uid {
                 return Err(invalid(format!(
-                    "node UID ({}) does not match claim ({node_uid})",
+                    "node UID ({}) does not match service account node ref claim ({node_uid})",
                     uid_of(&node)
                 )));
+            }
+            if gone(&node) {
+                return Err(invalid(INVALIDATED.into()));
             }
         }
         extra.insert(EXTRA_NODE_NAME.into(), json!([node_name]));
