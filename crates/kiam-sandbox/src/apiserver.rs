@@ -88,11 +88,10 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
 
+pub use jwt::{foreign_signed_token, tampered_token, token_claims, unsigned_token};
 pub use resources::Resource;
 pub use status::ApiError;
-pub use tokens::{
-    foreign_signed_token, tampered_token, token_claims, unsigned_token, DEFAULT_ISSUER,
-};
+pub use tokens::DEFAULT_ISSUER;
 
 use resources::metadata_mut;
 use store::Store;
@@ -467,79 +466,6 @@ impl FakeApiServer {
             metadata_mut(node).insert("name".into(), name.into());
         })
         .map(|o| (*o).clone())
-    }
-
-    pub fn service_account(&self, namespace: &str, name: &str) -> Option<Value> {
-        self.get(Resource::ServiceAccounts, namespace, name)
-    }
-
-    /// Creates or replaces a ServiceAccount (`default` exists in every namespace already).
-    pub fn apply_service_account(&self, namespace: &str, name: &str) -> Result<Value, ApiError> {
-        self.apply(json!({
-            "apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": name, "namespace": namespace},
-        }))
-    }
-
-    /// The `iss` of the tokens this server issues and accepts (default
-    /// [`DEFAULT_ISSUER`]); also the audience of tokens requested without one.
-    pub fn issuer(&self) -> String {
-        self.shared.tokens.issuer()
-    }
-
-    /// Changes the issuer, like restarting a real server with another
-    /// `--service-account-issuer` (and `--api-audiences` left to default to it): tokens
-    /// of the old issuer stop being accepted.
-    pub fn set_issuer(&self, issuer: &str) {
-        self.shared.tokens.set_issuer(issuer);
-    }
-
-    /// What the kubelet writes into a projected service-account token volume: a token for
-    /// `service_account`, bound to `pod` (name, uid) if given, for `audiences` (the
-    /// server's own audience if empty), valid for `ttl`. The same checks as a
-    /// TokenRequest (the service account and pod exist, the pod runs as that service
-    /// account, the uid matches) except the ten-minute minimum, so tests can use any ttl.
-    pub fn issue_token(
-        &self,
-        namespace: &str,
-        service_account: &str,
-        audiences: &[&str],
-        pod: Option<(&str, &str)>,
-        ttl: Duration,
-    ) -> Result<String, ApiError> {
-        let pod = pod.map(|(name, uid)| tokens::Binding::Pod {
-            name: name.to_string(),
-            uid: uid.to_string(),
-        });
-        tokens::issue(
-            &self.shared.store,
-            &self.shared.tokens,
-            namespace,
-            service_account,
-            audiences.iter().map(|a| a.to_string()).collect(),
-            pod.as_ref(),
-            tokens::ttl_secs(ttl),
-        )
-        .map(|issued| issued.token)
-    }
-
-    /// The `kid` of the server's signing key, in token headers and the JWKS.
-    pub fn signing_key_id(&self) -> String {
-        self.shared.tokens.key_id().to_string()
-    }
-
-    /// Signs any claims with the server's key (valid signature, its `kid`), for tokens a
-    /// real server would never issue: expired, not yet valid, another issuer. Start from
-    /// [`token_claims`] of an [`FakeApiServer::issue_token`] token.
-    pub fn sign_token(&self, claims: &Value) -> String {
-        self.shared.tokens.sign(claims)
-    }
-
-    /// A TokenReview's `status` for `token` and `audiences`, without an HTTP request (and
-    /// so without a recorded one).
-    pub fn review_token(&self, token: &str, audiences: &[&str]) -> Value {
-        let audiences: Vec<String> = audiences.iter().map(|a| a.to_string()).collect();
-        tokens::review(&self.shared.store, &self.shared.tokens, token, &audiences)
     }
 
     /// Every stored object of a type, in key order; `namespace: None` means all.

@@ -1,5 +1,6 @@
-//! Compact JWS (RFC 7515) signing and verification with one ES256 key, and that key as a
-//! JWK (RFC 7517).
+//! Compact JWS (RFC 7515) signing and verification with one ES256 key, that key as a JWK
+//! (RFC 7517), and the forged tokens (unsigned, tampered, signed by a stranger) that tests
+//! hand to verifiers.
 //!
 //! The key is a P-256 key made when the server starts, so tokens are ES256 where a real
 //! API server most often signs RS256 with the RSA key of `--service-account-key-file`
@@ -155,6 +156,40 @@ fn key_id(uncompressed_point: &[u8]) -> String {
     let mut der = P256_SPKI_PREFIX.to_vec();
     der.extend_from_slice(uncompressed_point);
     encode_segment(ring::digest::digest(&ring::digest::SHA256, &der).as_ref())
+}
+
+// ---- Forgeries, for tests of what a verifier refuses ----
+
+/// The claims of a token, without checking its signature (what `jwt.io` shows).
+pub fn token_claims(token: &str) -> Option<Value> {
+    decode_unverified(token).ok().map(|(_, claims)| claims)
+}
+
+/// The same claims with `alg: none` and no signature: what a forger without the key
+/// hands in.
+pub fn unsigned_token(token: &str) -> String {
+    let claims = token_claims(token).unwrap_or_else(|| json!({}));
+    encode_unsigned(&json!({"alg": "none"}), &claims)
+}
+
+/// The token with its claims changed by `change` and its header and signature kept:
+/// a signature that no longer verifies.
+pub fn tampered_token(token: &str, change: impl FnOnce(&mut Value)) -> String {
+    let mut claims = token_claims(token).unwrap_or_else(|| json!({}));
+    change(&mut claims);
+    let mut parts = token.splitn(3, '.');
+    let header = parts.next().unwrap_or("");
+    let _ = parts.next();
+    let signature = parts.next().unwrap_or("");
+    format!(
+        "{header}.{}.{signature}",
+        encode_segment(claims.to_string().as_bytes())
+    )
+}
+
+/// `claims` signed ES256 by a key no API server knows, with that key's id.
+pub fn foreign_signed_token(claims: &Value) -> String {
+    SigningKey::generate().sign(claims)
 }
 
 #[cfg(test)]

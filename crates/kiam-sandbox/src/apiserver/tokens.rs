@@ -1,33 +1,29 @@
-//! Service-account tokens: TokenRequest (`serviceaccounts/{name}/token`) issues them,
-//! TokenReview checks them, and the issuer's OIDC discovery document and JWKS publish the
-//! key that verifies them.
+//! Service-account tokens: TokenRequest (`serviceaccounts/{name}/token`) issues them, the
+//! issuer's OIDC discovery document and JWKS publish the key that verifies them, and
+//! [`review`] checks them as TokenReview does.
 //!
-//! A token stays checkable against the store after it is issued, as on a real server: a
-//! review refuses it once its service account or bound pod is deleted or recreated (a
-//! new uid), not only when it expires. Checks follow the real authenticator's order and
-//! words: a token that is not a JWT, names another issuer or uses another algorithm
-//! (`alg: none` included) is "not ours", refused as just an "invalid bearer token"; from
-//! the key lookup on, every refusal says why. Times have the real one-minute leeway. A
-//! real server may wrap these messages (`[invalid bearer token, ...]`), so match them by
-//! substring.
+//! A token is signed with what the store holds when it is issued (the service account's
+//! uid, the bound pod's and its node's), and a review compares those with what the store
+//! holds then: that is what makes a bound token die with its pod.
+
+mod review;
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::jwt::{self, JwtError, SigningKey};
+use super::jwt::{self, SigningKey};
 use super::resources::{self, Resource};
 use super::status::ApiError;
 use super::store::Store;
+use super::FakeApiServer;
+
+pub(crate) use review::{review, token_review};
 
 /// A common `--service-account-issuer` (kubeadm's, kind's): the fake has no DNS name of
 /// its own that clients could reach over https.
 pub const DEFAULT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-
-/// `jwt.DefaultLeeway` in go-jose, which the real validator uses for exp, nbf and iat,
-/// and for "deleted before".
-const LEEWAY_SECS: i64 = 60;
 
 /// What a TokenRequest gets without `spec.expirationSeconds` (the v1 API default).
 const DEFAULT_EXPIRATION_SECS: i64 = 3600;
@@ -37,17 +33,6 @@ const MIN_EXPIRATION_SECS: i64 = 600;
 const MAX_EXPIRATION_SECS: i64 = 1 << 32;
 
 const AUTHENTICATION_V1: &str = "authentication.k8s.io/v1";
-
-/// What a review says of a token whose bound object is gone (deleted, or deletion
-/// started over a minute ago).
-const INVALIDATED: &str = "service account token has been invalidated";
-
-/// The `authentication.kubernetes.io/...` keys of `user.extra`, as the real server sets them.
-const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
-const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
-const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
-const EXTRA_NODE_UID: &str = "authentication.kubernetes.io/node-uid";
-const EXTRA_CREDENTIAL_ID: &str = "authentication.kubernetes.io/credential-id";
 
 /// The server's token issuer: its signing key, `iss`, and where the JWKS is served.
 pub(crate) struct Issuer {
@@ -376,250 +361,83 @@ pub(crate) fn token_request(
     Ok(body)
 }
 
-/// `POST /apis/authentication.k8s.io/v1/tokenreviews`: the TokenReview with `status`.
-pub(crate) fn token_review(
-    store: &Store,
-    issuer: &Issuer,
-    mut body: Value,
-) -> Result<Value, ApiError> {
-    check_type(&body, "TokenReview")?;
-    let token = text(&body, "/spec/token").to_string();
-    if token.is_empty() {
-        return Err(ApiError::bad_request(
-            "token is required for TokenReview in authentication",
-        ));
-    }
-    let audiences = strings(body.pointer("/spec/audiences"));
-    let map = body
-        .as_object_mut()
-        .expect("the handler decodes only objects");
-    map.insert("apiVersion".into(), AUTHENTICATION_V1.into());
-    map.insert("kind".into(), "TokenReview".into());
-    resources::metadata_mut(&mut body).insert("creationTimestamp".into(), Value::Null);
-    body["status"] = review(store, issuer, &token, &audiences);
-    Ok(body)
-}
-
-/// A TokenReview's `status` for `token`. `authenticated` is absent rather than false
-/// when refused, as the real server's `omitempty` field is.
-pub(crate) fn review(store: &Store, issuer: &Issuer, token: &str, audiences: &[String]) -> Value {
-    match authenticate(store, issuer, token, audiences) {
-        Ok((user, audiences)) => json!({
-            "authenticated": true,
-            "user": user,
-            "audiences": audiences,
-        }),
-        // What the bearer-token authenticator says when no token authenticator knew it.
-        Err(Refusal::NotOurs) => json!({"user": {}, "error": "invalid bearer token"}),
-        Err(Refusal::Invalid(error)) => json!({"user": {}, "error": error}),
-    }
-}
-
-enum Refusal {
-    /// Another authenticator's token, as far as the service-account one can tell.
-    NotOurs,
-    /// Ours, and refused for this reason.
-    Invalid(String),
-}
-
-/// Go's `%q` of a string slice: `["a" "b"]`.
-fn go_quoted(list: &[String]) -> String {
-    let items: Vec<String> = list.iter().map(|s| format!("{s:?}")).collect();
-    format!("[{}]", items.join(" "))
-}
-
-fn authenticate(
-    store: &Store,
-    issuer: &Issuer,
-    token: &str,
-    requested: &[String],
-) -> Result<(Value, Vec<String>), Refusal> {
-    let invalid = |why: String| Refusal::Invalid(why);
-    let (_, unverified) = jwt::decode_unverified(token).map_err(|_| Refusal::NotOurs)?;
-    if text(&unverified, "/iss") != issuer.issuer() {
-        return Err(Refusal::NotOurs);
-    }
-    // The key is looked up by the header's `kid` (all keys when there is none).
-    let (header, _) = jwt::decode_unverified(token).map_err(|_| Refusal::NotOurs)?;
-    if header
-        .get("kid")
-        .and_then(Value::as_str)
-        .is_some_and(|kid| !kid.is_empty() && kid != issuer.key.kid())
-    {
-        return Err(invalid("invalid signature, no keys found".into()));
-    }
-    let claims = match issuer.key.verify(token) {
-        Ok(claims) => claims,
-        Err(JwtError::Malformed | JwtError::Algorithm(_)) => return Err(Refusal::NotOurs),
-        Err(e @ JwtError::Signature) => return Err(invalid(e.to_string())),
-    };
-
-    let token_audiences = match claims.get("aud") {
-        Some(Value::String(aud)) => vec![aud.clone()],
-        other => strings(other),
-    };
-    let implicit = issuer.api_audiences();
-    let token_audiences = if token_audiences.is_empty() {
-        implicit.clone()
-    } else {
-        token_audiences
-    };
-    let requested = if requested.is_empty() {
-        implicit
-    } else {
-        requested.to_vec()
-    };
-    let audiences: Vec<String> = requested
-        .iter()
-        .filter(|a| token_audiences.contains(a))
-        .cloned()
-        .collect();
-    if audiences.is_empty() {
-        return Err(invalid(format!(
-            "token audiences {} is invalid for the target audiences {}",
-            go_quoted(&token_audiences),
-            go_quoted(&requested)
-        )));
-    }
-
-    let now = jiff::Timestamp::now().as_second();
-    let time = |claim: &str| claims.get(claim).and_then(Value::as_i64);
-    if time("nbf").is_some_and(|nbf| now + LEEWAY_SECS < nbf) {
-        return Err(invalid("service account token is not valid yet".into()));
-    }
-    if time("exp").is_some_and(|exp| now - LEEWAY_SECS > exp) {
-        return Err(invalid("service account token has expired".into()));
-    }
-    if time("iat").is_some_and(|iat| now + LEEWAY_SECS < iat) {
-        // go-jose's ErrIssuedInTheFuture, which the real validator does not name.
-        return Err(invalid(
-            "service account token claims could not be validated due to unexpected validation error"
-                .into(),
-        ));
-    }
-
-    let k8s = claims.get("kubernetes.io").cloned().unwrap_or(Value::Null);
-    let namespace = text(&k8s, "/namespace");
-    // Something deleted before this is gone; later deletions are within the leeway.
-    let deleted_before = now - LEEWAY_SECS;
-    let gone = |obj: &Value| {
-        let at = text(obj, "/metadata/deletionTimestamp");
-        !at.is_empty()
-            && at
-                .parse::<jiff::Timestamp>()
-                .is_ok_and(|t| t.as_second() < deleted_before)
-    };
-
-    let sa_name = text(&k8s, "/serviceaccount/name");
-    let sa_uid = text(&k8s, "/serviceaccount/uid");
-    let sa = store
-        .get(Resource::ServiceAccounts, &key(namespace, sa_name))
-        .ok_or_else(|| invalid(format!("serviceaccount {sa_name:?} not found")))?;
-    if gone(&sa) {
-        return Err(invalid(format!(
-            "service account {namespace}/{sa_name} has been deleted"
-        )));
-    }
-    if uid_of(&sa) != sa_uid {
-        return Err(invalid(format!(
-            "service account UID ({}) does not match claim ({sa_uid})",
-            uid_of(&sa)
-        )));
-    }
-
-    let mut extra = serde_json::Map::new();
-    if let Some(pod_claim) = k8s.get("pod").filter(|p| p.is_object()) {
-        let (pod_name, pod_uid) = (text(pod_claim, "/name"), text(pod_claim, "/uid"));
-        let pod = store
-            .get(Resource::Pods, &key(namespace, pod_name))
-            .ok_or_else(|| invalid(INVALIDATED.into()))?;
-        if uid_of(&pod) != pod_uid {
-            return Err(invalid(format!(
-                "pod UID ({}) does not match service account pod ref claim ({pod_uid})",
-                uid_of(&pod)
-            )));
-        }
-        if gone(&pod) {
-            return Err(invalid(INVALIDATED.into()));
-        }
-        extra.insert(EXTRA_POD_NAME.into(), json!([pod_name]));
-        extra.insert(EXTRA_POD_UID.into(), json!([pod_uid]));
-    }
-    if let Some(node_claim) = k8s.get("node").filter(|n| n.is_object()) {
-        let (node_name, node_uid) = (text(node_claim, "/name"), text(node_claim, "/uid"));
-        // A token bound to a node itself must still name that node; a pod's node is
-        // only information.
-        if !k8s.get("pod").is_some_and(Value::is_object) {
-            let node = store
-                .get(Resource::Nodes, &key("", node_name))
-                .ok_or_else(|| invalid(INVALIDATED.into()))?;
-            if uid_of(&node) != node_uid {
-                return Err(invalid(format!(
-                    "node UID ({}) does not match service account node ref claim ({node_uid})",
-                    uid_of(&node)
-                )));
-            }
-            if gone(&node) {
-                return Err(invalid(INVALIDATED.into()));
-            }
-        }
-        extra.insert(EXTRA_NODE_NAME.into(), json!([node_name]));
-        if !node_uid.is_empty() {
-            extra.insert(EXTRA_NODE_UID.into(), json!([node_uid]));
-        }
-    }
-    let jti = text(&claims, "/jti");
-    if !jti.is_empty() {
-        extra.insert(EXTRA_CREDENTIAL_ID.into(), json!([format!("JTI={jti}")]));
-    }
-    let mut user = json!({
-        "username": format!("system:serviceaccount:{namespace}:{sa_name}"),
-        "uid": sa_uid,
-        "groups": [
-            "system:serviceaccounts",
-            format!("system:serviceaccounts:{namespace}"),
-            "system:authenticated",
-        ],
-    });
-    if !extra.is_empty() {
-        user["extra"] = Value::Object(extra);
-    }
-    Ok((user, audiences))
-}
-
-/// The claims of a token, without checking its signature (what `jwt.io` shows).
-pub fn token_claims(token: &str) -> Option<Value> {
-    jwt::decode_unverified(token).ok().map(|(_, claims)| claims)
-}
-
-/// The same claims with `alg: none` and no signature: what a forger without the key
-/// hands in.
-pub fn unsigned_token(token: &str) -> String {
-    let claims = token_claims(token).unwrap_or_else(|| json!({}));
-    jwt::encode_unsigned(&json!({"alg": "none"}), &claims)
-}
-
-/// The token with its claims changed by `change` and its header and signature kept:
-/// a signature that no longer verifies.
-pub fn tampered_token(token: &str, change: impl FnOnce(&mut Value)) -> String {
-    let mut claims = token_claims(token).unwrap_or_else(|| json!({}));
-    change(&mut claims);
-    let mut parts = token.splitn(3, '.');
-    let header = parts.next().unwrap_or("");
-    let _ = parts.next();
-    let signature = parts.next().unwrap_or("");
-    format!(
-        "{header}.{}.{signature}",
-        jwt::encode_segment(claims.to_string().as_bytes())
-    )
-}
-
-/// `claims` signed ES256 by a key no API server knows, with that key's id.
-pub fn foreign_signed_token(claims: &Value) -> String {
-    SigningKey::generate().sign(claims)
-}
-
 /// Expiry for test controls: whole seconds, saturating.
 pub(crate) fn ttl_secs(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Test controls for tokens.
+impl FakeApiServer {
+    pub fn service_account(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.get(Resource::ServiceAccounts, namespace, name)
+    }
+
+    /// Creates or replaces a ServiceAccount (`default` exists in every namespace already).
+    pub fn apply_service_account(&self, namespace: &str, name: &str) -> Result<Value, ApiError> {
+        self.apply(json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": namespace},
+        }))
+    }
+
+    /// The `iss` of the tokens this server issues and accepts (default
+    /// [`DEFAULT_ISSUER`]); also the audience of tokens requested without one.
+    pub fn issuer(&self) -> String {
+        self.shared.tokens.issuer()
+    }
+
+    /// Changes the issuer, like restarting a real server with another
+    /// `--service-account-issuer` (and `--api-audiences` left to default to it): tokens
+    /// of the old issuer stop being accepted.
+    pub fn set_issuer(&self, issuer: &str) {
+        self.shared.tokens.set_issuer(issuer);
+    }
+
+    /// What the kubelet writes into a projected service-account token volume: a token for
+    /// `service_account`, bound to `pod` (name, uid) if given, for `audiences` (the
+    /// server's own audience if empty), valid for `ttl`. The same checks as a
+    /// TokenRequest (the service account and pod exist, the pod runs as that service
+    /// account, the uid matches) except the ten-minute minimum, so tests can use any ttl.
+    pub fn issue_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[&str],
+        pod: Option<(&str, &str)>,
+        ttl: Duration,
+    ) -> Result<String, ApiError> {
+        let pod = pod.map(|(name, uid)| Binding::Pod {
+            name: name.to_string(),
+            uid: uid.to_string(),
+        });
+        issue(
+            &self.shared.store,
+            &self.shared.tokens,
+            namespace,
+            service_account,
+            audiences.iter().map(|a| a.to_string()).collect(),
+            pod.as_ref(),
+            ttl_secs(ttl),
+        )
+        .map(|issued| issued.token)
+    }
+
+    /// The `kid` of the server's signing key, in token headers and the JWKS.
+    pub fn signing_key_id(&self) -> String {
+        self.shared.tokens.key_id().to_string()
+    }
+
+    /// Signs any claims with the server's key (valid signature, its `kid`), for tokens a
+    /// real server would never issue: expired, not yet valid, another issuer. Start from
+    /// [`token_claims`](super::token_claims) of an [`FakeApiServer::issue_token`] token.
+    pub fn sign_token(&self, claims: &Value) -> String {
+        self.shared.tokens.sign(claims)
+    }
+
+    /// A TokenReview's `status` for `token` and `audiences`, without an HTTP request (and
+    /// so without a recorded one).
+    pub fn review_token(&self, token: &str, audiences: &[&str]) -> Value {
+        let audiences: Vec<String> = audiences.iter().map(|a| a.to_string()).collect();
+        review(&self.shared.store, &self.shared.tokens, token, &audiences)
+    }
 }
