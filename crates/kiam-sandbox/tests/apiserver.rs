@@ -1574,6 +1574,11 @@ async fn kubectl_creates_tokens_and_token_reviews() {
     let path = kubeconfig.clone();
     let uid = web_uid.clone();
     let (sas, token) = tokio::task::spawn_blocking(move || {
+        let table = kubectl(&path, &["get", "sa", "-n", "team-a"]);
+        assert!(
+            table.starts_with("NAME") && table.contains("SECRETS") && table.contains("default"),
+            "{table}"
+        );
         let sas = kubectl(&path, &["get", "sa", "-n", "team-a", "-o", "name"]);
         let token = kubectl(
             &path,

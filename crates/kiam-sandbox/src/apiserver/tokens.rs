@@ -362,7 +362,7 @@ pub(crate) fn token_request(
 }
 
 /// Expiry for test controls: whole seconds, saturating.
-pub(crate) fn ttl_secs(ttl: Duration) -> i64 {
+fn ttl_secs(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)
 }
 
