@@ -57,9 +57,10 @@
 //! TokenRequest is never extended to a year for the kubelet
 //! (`--service-account-extend-token-expiration`) nor capped by
 //! `--service-account-max-token-expiration`; and no request is authenticated or authorized
-//! (anyone may ask for any token), and a review is never answered from the 10-second cache
-//! of successful reviews a real server keeps (so a deleted pod's token fails at once here,
-//! and up to ten seconds later there).
+//! (anyone may ask for any token), and reviews are not answered from the cache of
+//! successful reviews a real server keeps for ten seconds unless a test asks for it
+//! ([`FakeApiServer::set_token_review_cache`]): a deleted pod's token fails at once here,
+//! and up to ten seconds later there.
 
 mod discovery;
 mod http;

@@ -1718,3 +1718,46 @@ async fn tokens_bind_to_nodes_and_name_a_missing_node_without_its_uid() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_review_cache_keeps_a_deleted_pods_token_alive_like_the_real_servers() {
+    let (fake, web_uid) = token_cluster().await;
+    let client = client(&fake);
+    let token = fake
+        .issue_token(
+            "team-a",
+            "default",
+            &["kiam"],
+            Some(("web", &web_uid)),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    fake.set_token_review_cache(Duration::from_secs(600));
+    assert_eq!(
+        review(&client, &token, &["kiam"]).await["authenticated"],
+        true
+    );
+    fake.delete_pod("team-a", "web").unwrap();
+    // Cached: still the pod's for the cache's lifetime, for the same audiences only.
+    assert_eq!(
+        review(&client, &token, &["kiam"]).await["authenticated"],
+        true
+    );
+    assert_eq!(fake.review_token(&token, &["kiam"])["authenticated"], true);
+    assert_refused(
+        &client,
+        &token,
+        &["kiam", "other"],
+        "service account token has been invalidated",
+    )
+    .await;
+    // Off again (the default): refused at once.
+    fake.set_token_review_cache(Duration::ZERO);
+    assert_refused(
+        &client,
+        &token,
+        &["kiam"],
+        "service account token has been invalidated",
+    )
+    .await;
+}

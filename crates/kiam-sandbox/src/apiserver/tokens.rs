@@ -42,6 +42,7 @@ pub(crate) struct Issuer {
     /// Like the real server's default, the API server's own address (not the issuer's),
     /// since that is where `/openid/v1/jwks` is served.
     jwks_uri: String,
+    pub(crate) successes: review::SuccessCache,
 }
 
 impl Issuer {
@@ -50,6 +51,7 @@ impl Issuer {
             key: SigningKey::generate(),
             issuer: Mutex::new(DEFAULT_ISSUER.to_string()),
             jwks_uri: format!("{api_url}/openid/v1/jwks"),
+            successes: review::SuccessCache::default(),
         }
     }
 
@@ -432,6 +434,13 @@ impl FakeApiServer {
     /// [`token_claims`](super::token_claims) of an [`FakeApiServer::issue_token`] token.
     pub fn sign_token(&self, claims: &Value) -> String {
         self.shared.tokens.sign(claims)
+    }
+
+    /// Answers a TokenReview that succeeded within `ttl` from a cache, as a real server
+    /// does for ten seconds (`TokenSuccessCacheTTL`): a token then still passes for up to
+    /// `ttl` after its pod is deleted. Off (zero) by default; setting it empties the cache.
+    pub fn set_token_review_cache(&self, ttl: Duration) {
+        self.shared.tokens.successes.set_ttl(ttl);
     }
 
     /// A TokenReview's `status` for `token` and `audiences`, without an HTTP request (and

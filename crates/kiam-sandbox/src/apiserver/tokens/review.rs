@@ -6,6 +6,10 @@
 //! why. Times have the real one-minute leeway. A real server may wrap these messages
 //! (`[invalid bearer token, ...]`), so match them by substring.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use serde_json::{json, Value};
 
 use super::{check_type, key, strings, text, uid_of, Issuer, AUTHENTICATION_V1};
@@ -53,9 +57,64 @@ pub(crate) fn token_review(
     Ok(body)
 }
 
+/// How many successful reviews the cache keeps; a full cache is emptied.
+const SUCCESS_CACHE_LIMIT: usize = 4096;
+
+/// The real server's cache of successful token checks (`TokenSuccessCacheTTL`, ten
+/// seconds there), by token and requested audiences. Off unless a test turns it on, so
+/// that here a deleted pod's token is refused at once.
+#[derive(Default)]
+pub(crate) struct SuccessCache {
+    // std Mutex: looked up and filled once per review, never held across an `.await`.
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    ttl: Duration,
+    entries: HashMap<(String, Vec<String>), (Instant, Value)>,
+}
+
+impl SuccessCache {
+    pub(crate) fn set_ttl(&self, ttl: Duration) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.ttl = ttl;
+        state.entries.clear();
+    }
+
+    fn get(&self, key: &(String, Vec<String>)) -> Option<Value> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, status) = state.entries.get(key)?;
+        (at.elapsed() < state.ttl).then(|| status.clone())
+    }
+
+    fn put(&self, key: (String, Vec<String>), status: &Value) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.ttl.is_zero() {
+            return;
+        }
+        if state.entries.len() >= SUCCESS_CACHE_LIMIT {
+            state.entries.clear();
+        }
+        state.entries.insert(key, (Instant::now(), status.clone()));
+    }
+}
+
 /// A TokenReview's `status` for `token`. `authenticated` is absent rather than false
 /// when refused, as the real server's `omitempty` field is.
 pub(crate) fn review(store: &Store, issuer: &Issuer, token: &str, audiences: &[String]) -> Value {
+    let key = (token.to_string(), audiences.to_vec());
+    if let Some(cached) = issuer.successes.get(&key) {
+        return cached;
+    }
+    let status = check(store, issuer, token, audiences);
+    if status["authenticated"] == true {
+        issuer.successes.put(key, &status);
+    }
+    status
+}
+
+fn check(store: &Store, issuer: &Issuer, token: &str, audiences: &[String]) -> Value {
     match authenticate(store, issuer, token, audiences) {
         Ok((user, audiences)) => json!({
             "authenticated": true,
