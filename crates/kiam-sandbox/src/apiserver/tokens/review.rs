@@ -147,12 +147,11 @@ fn authenticate(
     requested: &[String],
 ) -> Result<(Value, Vec<String>), Refusal> {
     let invalid = |why: String| Refusal::Invalid(why);
-    let (_, unverified) = jwt::decode_unverified(token).map_err(|_| Refusal::NotOurs)?;
+    let (header, unverified) = jwt::decode_unverified(token).map_err(|_| Refusal::NotOurs)?;
     if text(&unverified, "/iss") != issuer.issuer() {
         return Err(Refusal::NotOurs);
     }
     // The key is looked up by the header's `kid` (all keys when there is none).
-    let (header, _) = jwt::decode_unverified(token).map_err(|_| Refusal::NotOurs)?;
     if header
         .get("kid")
         .and_then(Value::as_str)
@@ -181,9 +180,10 @@ fn authenticate(
     } else {
         requested.to_vec()
     };
-    let audiences: Vec<String> = requested
+    // In the token's order, as Go's `Audiences.Intersect` keeps them.
+    let audiences: Vec<String> = token_audiences
         .iter()
-        .filter(|a| token_audiences.contains(a))
+        .filter(|a| requested.contains(a))
         .cloned()
         .collect();
     if audiences.is_empty() {
@@ -195,7 +195,8 @@ fn authenticate(
     }
 
     let now = jiff::Timestamp::now().as_second();
-    let time = |claim: &str| claims.get(claim).and_then(Value::as_i64);
+    // NumericDate: seconds, which JSON may also write as a float.
+    let time = |claim: &str| claims.get(claim).and_then(Value::as_f64).map(|t| t as i64);
     if time("nbf").is_some_and(|nbf| now + LEEWAY_SECS < nbf) {
         return Err(invalid("service account token is not valid yet".into()));
     }
