@@ -217,24 +217,19 @@ where
             Err(ApiError::method_not_allowed(&parts.method))
         }
         Some(Route::TokenRequest { namespace, name }) if parts.method == Method::POST => {
-            match authentication_body(&parts.headers, body, true).await {
-                Ok(obj) => super::tokens::token_request(
-                    &shared.store,
-                    &shared.tokens,
-                    &namespace,
-                    &name,
-                    obj,
-                )
-                .map(|created| json_response(201, &created)),
-                Err(e) => Err(e),
-            }
+            authentication_body(&parts.headers, body, true)
+                .await
+                .and_then(|obj| {
+                    let tokens = &shared.tokens;
+                    super::tokens::token_request(&shared.store, tokens, &namespace, &name, obj)
+                })
+                .map(|created| json_response(201, &created))
         }
         Some(Route::TokenReview) if parts.method == Method::POST => {
-            match authentication_body(&parts.headers, body, false).await {
-                Ok(obj) => super::tokens::token_review(&shared.store, &shared.tokens, obj)
-                    .map(|reviewed| json_response(201, &reviewed)),
-                Err(e) => Err(e),
-            }
+            authentication_body(&parts.headers, body, false)
+                .await
+                .and_then(|obj| super::tokens::token_review(&shared.store, &shared.tokens, obj))
+                .map(|reviewed| json_response(201, &reviewed))
         }
         Some(Route::TokenRequest { .. } | Route::TokenReview) => {
             Err(ApiError::method_not_allowed(&parts.method))
@@ -725,6 +720,31 @@ mod tests {
             r("/apis/events.k8s.io/v1"),
             Some(Route::Document(_))
         ));
+        assert_eq!(
+            r("/api/v1/namespaces/a/serviceaccounts/default/token"),
+            Some(Route::TokenRequest {
+                namespace: "a".into(),
+                name: "default".into()
+            })
+        );
+        assert_eq!(
+            r("/api/v1/namespaces/a/serviceaccounts/default"),
+            t(Resource::ServiceAccounts, Some("a"), Some("default"), false)
+        );
+        assert_eq!(
+            r("/api/v1/namespaces/a/serviceaccounts/default/status"),
+            None
+        );
+        assert_eq!(
+            r("/apis/authentication.k8s.io/v1/tokenreviews"),
+            Some(Route::TokenReview)
+        );
+        assert_eq!(r("/apis/authentication.k8s.io/v1/tokenreviews/x"), None);
+        assert_eq!(
+            r("/.well-known/openid-configuration"),
+            Some(Route::OpenIdConfiguration)
+        );
+        assert_eq!(r("/openid/v1/jwks"), Some(Route::Jwks));
     }
 
     #[test]
