@@ -4,8 +4,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kiam_sandbox::apiserver::{FakeApiServer, Resource};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenReview};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kiam_sandbox::apiserver::{
+    foreign_signed_token, tampered_token, token_claims, unsigned_token, FakeApiServer, Resource,
+    DEFAULT_ISSUER,
+};
 use kube::api::{
     DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
@@ -929,12 +933,6 @@ async fn a_written_kubeconfig_works_for_kube_rs() {
 }
 
 // ---- Service-account tokens: TokenRequest, TokenReview, OIDC discovery ----
-
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenReview};
-use k8s_openapi::api::core::v1::ServiceAccount;
-use kiam_sandbox::apiserver::{
-    foreign_signed_token, tampered_token, token_claims, unsigned_token, DEFAULT_ISSUER,
-};
 
 /// A running pod on node `n1` (which exists), as the kubelet would report it.
 fn scheduled_pod(ns: &str, name: &str, service_account: Option<&str>) -> Value {
