@@ -48,16 +48,21 @@
 //! restricted, strategic merge patches replace lists instead of merging them, core/v1
 //! Events are only checked for the namespace rule (not the stricter rules for Events with an
 //! `eventTime`), server-side apply answers 415, and only JSON (and YAML request bodies) is
-//! spoken, never protobuf (except a TokenRequest body). For tokens: they are ES256 (a
-//! P-256 key made at start) where real servers most often sign RS256, though they take
-//! ECDSA keys too; the issuer defaults to [`DEFAULT_ISSUER`] while the discovery document
-//! and JWKS are served over plain HTTP at the fake's address (a real server requires https
-//! there); the default `default` ServiceAccount is created with its namespace rather than
-//! moments later by a controller; tokens bind to pods and nodes but not Secrets; a
-//! TokenRequest is never extended to a year for the kubelet
-//! (`--service-account-extend-token-expiration`) nor capped by
-//! `--service-account-max-token-expiration`; and no request is authenticated or authorized
-//! (anyone may ask for any token), and reviews are not answered from the cache of
+//! spoken, never protobuf (except a TokenRequest body, which `kubectl create token` sends
+//! in nothing else). The OpenAPI documents have no schemas, so `kubectl create -f` of a
+//! kind without PATCH (TokenReview) needs `--validate=false`.
+//!
+//! Token differences: tokens are ES256 (a P-256 key made at start) where real servers
+//! most often sign RS256, though they take ECDSA keys too. The issuer defaults to
+//! [`DEFAULT_ISSUER`] while the discovery document and JWKS are served over plain HTTP at
+//! the fake's address (a real server requires https there). The `default` ServiceAccount
+//! is created with its namespace rather than moments later by a controller. No
+//! ServiceAccount admission runs on pod create (no `serviceAccountName` default, token
+//! volume or check that the account exists; an empty `serviceAccountName` counts as
+//! `default`). Tokens bind to pods and nodes, not Secrets. A TokenRequest is never
+//! extended to a year for the kubelet (`--service-account-extend-token-expiration`) nor
+//! capped by `--service-account-max-token-expiration`. No request is authenticated or
+//! authorized: anyone may ask for any token. Reviews are not answered from the cache of
 //! successful reviews a real server keeps for ten seconds unless a test asks for it
 //! ([`FakeApiServer::set_token_review_cache`]): a deleted pod's token fails at once here,
 //! and up to ten seconds later there.
