@@ -4,9 +4,22 @@
 //! back while LIST and GET already see them, cut every watch mid-stream, forget its
 //! history so old resourceVersions get 410 Gone, refuse connections, or answer 503 to
 //! everything. Otherwise it tries to be indistinguishable from the real thing for kube-rs and `kubectl`: core/v1
-//! pods, namespaces, nodes and events (plus events.k8s.io/v1 events), discovery, one global
-//! resourceVersion counter, optimistic concurrency, merge/strategic/JSON patches, label and
-//! field selectors, `limit`/`continue` paging, and chunked watches with bookmarks.
+//! pods, namespaces, nodes, service accounts and events (plus events.k8s.io/v1 events),
+//! discovery, one global resourceVersion counter, optimistic concurrency,
+//! merge/strategic/JSON patches, label and field selectors, `limit`/`continue` paging, and
+//! chunked watches with bookmarks.
+//!
+//! It is also a service-account token issuer, as pods' projected tokens need: TokenRequest
+//! (`POST .../serviceaccounts/{name}/token`, JSON or the protobuf `kubectl create token`
+//! sends) returns a signed JWT with the bound-token claims (`iss`, `sub`, `aud`, `exp`,
+//! `iat`, `nbf`, `jti`, and `kubernetes.io` with namespace, service account, pod and
+//! node); TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`) checks one
+//! with the real authenticator's rules (signature, one-minute leeway on times, audiences,
+//! the service account and bound pod or node still existing with the same uid); and
+//! `/.well-known/openid-configuration` and `/openid/v1/jwks` publish the verifying key.
+//! Tests mint tokens as the kubelet would with [`FakeApiServer::issue_token`] and forge bad
+//! ones with [`FakeApiServer::sign_token`], [`tampered_token`], [`unsigned_token`] and
+//! [`foreign_signed_token`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,16 +48,36 @@
 //! restricted, strategic merge patches replace lists instead of merging them, core/v1
 //! Events are only checked for the namespace rule (not the stricter rules for Events with an
 //! `eventTime`), server-side apply answers 415, and only JSON (and YAML request bodies) is
-//! spoken, never protobuf.
+//! spoken, never protobuf (except a TokenRequest body, which `kubectl create token` sends
+//! in nothing else). The OpenAPI documents have no schemas, so `kubectl create -f` of a
+//! kind without PATCH (TokenReview) needs `--validate=false`.
+//!
+//! Token differences: tokens are ES256 (a P-256 key made at start) where real servers
+//! most often sign RS256, though they take ECDSA keys too. The issuer defaults to
+//! [`DEFAULT_ISSUER`] while the discovery document and JWKS are served over plain HTTP at
+//! the fake's address (a real server requires https there). The `default` ServiceAccount
+//! is created with its namespace rather than moments later by a controller. No
+//! ServiceAccount admission runs on pod create (no `serviceAccountName` default, token
+//! volume or check that the account exists; an empty `serviceAccountName` counts as
+//! `default`). Tokens bind to pods and nodes, not Secrets. A TokenRequest is never
+//! extended to a year for the kubelet (`--service-account-extend-token-expiration`) nor
+//! capped by `--service-account-max-token-expiration`. No request is authenticated or
+//! authorized: anyone may ask for any token. Reviews are not answered from the cache of
+//! successful reviews a real server keeps for ten seconds unless a test asks for it
+//! ([`FakeApiServer::set_token_review_cache`]): a deleted pod's token fails at once here,
+//! and up to ten seconds later there.
 
 mod discovery;
 mod http;
+mod jwt;
 mod ops;
+mod protobuf;
 mod resources;
 mod selector;
 mod status;
 mod store;
 mod table;
+mod tokens;
 mod watch;
 
 use std::collections::VecDeque;
@@ -61,8 +94,10 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
 
+pub use jwt::{foreign_signed_token, tampered_token, token_claims, unsigned_token};
 pub use resources::Resource;
 pub use status::ApiError;
+pub use tokens::DEFAULT_ISSUER;
 
 use resources::metadata_mut;
 use store::Store;
@@ -116,6 +151,8 @@ pub(crate) struct Shared {
     pub(crate) open_watches: signal::Sender<usize>,
     // std Mutex: read once per watch, never held across an `.await`.
     bookmark_interval: Mutex<Duration>,
+    /// Signs service-account tokens and checks them for TokenReview.
+    pub(crate) tokens: tokens::Issuer,
 }
 
 impl Shared {
@@ -221,6 +258,7 @@ impl FakeApiServer {
             cut: signal::Sender::new(0),
             open_watches: signal::Sender::new(0),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
+            tokens: tokens::Issuer::new(&format!("http://{addr}")),
         });
         let (stop, stopped) = signal::channel(());
         tokio::spawn(accept_loop(listener, shared.clone(), stopped));

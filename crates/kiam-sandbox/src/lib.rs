@@ -1,8 +1,10 @@
 //! Emulators and the local sandbox for kiam's tests; not part of the product binary.
 //!
 //! # Layout
-//! - [`apiserver`]: an in-memory Kubernetes API server (pods, namespaces, events) over
-//!   plain HTTP, with fault injection for tests; `kubectl` works against it.
+//! - [`apiserver`]: an in-memory Kubernetes API server (pods, namespaces, nodes, events,
+//!   service accounts) over plain HTTP, with fault injection for tests; it issues and
+//!   reviews bound service-account tokens (TokenRequest, TokenReview, OIDC discovery);
+//!   `kubectl` works against it.
 //! - [`imds`]: the node's own EC2 metadata service, with a node role that must never
 //!   reach a Pod.
 //! - [`netns`]: a node and Pods made of network namespaces and veth pairs (root).

@@ -4,8 +4,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kiam_sandbox::apiserver::{FakeApiServer, Resource};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenReview};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kiam_sandbox::apiserver::{
+    foreign_signed_token, tampered_token, token_claims, unsigned_token, FakeApiServer, Resource,
+    DEFAULT_ISSUER,
+};
 use kube::api::{
     DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
@@ -926,4 +930,832 @@ async fn a_written_kubeconfig_works_for_kube_rs() {
         .map(|n| n.name_any())
         .collect();
     assert_eq!(names, ["default"]);
+}
+
+// ---- Service-account tokens: TokenRequest, TokenReview, OIDC discovery ----
+
+/// A running pod on node `n1` (which exists), as the kubelet would report it.
+fn scheduled_pod(ns: &str, name: &str, service_account: Option<&str>) -> Value {
+    let mut pod = pod(ns, name, "198.18.0.20");
+    pod["spec"]["nodeName"] = "n1".into();
+    if let Some(sa) = service_account {
+        pod["spec"]["serviceAccountName"] = sa.into();
+    }
+    pod
+}
+
+/// A fake with namespace `team-a`, node `n1` and pod `web` on it; returns the pod's uid.
+async fn token_cluster() -> (FakeApiServer, String) {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.create_namespace("team-a").unwrap();
+    fake.apply_node(json!({"metadata": {"name": "n1"}}))
+        .unwrap();
+    let web = fake
+        .apply_pod(scheduled_pod("team-a", "web", None))
+        .unwrap();
+    let uid = web["metadata"]["uid"].as_str().unwrap().to_string();
+    (fake, uid)
+}
+
+fn token_request(audiences: &[&str], pod: Option<(&str, &str)>, seconds: i64) -> TokenRequest {
+    let mut body = json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": audiences, "expirationSeconds": seconds}
+    });
+    if let Some((name, uid)) = pod {
+        body["spec"]["boundObjectRef"] =
+            json!({"kind": "Pod", "apiVersion": "v1", "name": name, "uid": uid});
+    }
+    serde_json::from_value(body).unwrap()
+}
+
+async fn review(client: &Client, token: &str, audiences: &[&str]) -> Value {
+    let body: TokenReview = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+        "spec": {"token": token, "audiences": audiences}
+    }))
+    .unwrap();
+    let reviewed = Api::<TokenReview>::all(client.clone())
+        .create(&PostParams::default(), &body)
+        .await
+        .unwrap();
+    serde_json::to_value(reviewed.status.unwrap()).unwrap()
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn every_namespace_has_a_default_service_account() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let client = client(&fake);
+    let created = Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "team-b"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.name_any(), "team-b");
+    for ns in ["default", "team-b"] {
+        let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap();
+        let names: Vec<String> = sas.items.iter().map(|s| s.name_any()).collect();
+        assert_eq!(names, ["default"], "in {ns}");
+    }
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), "team-b");
+    let reader: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "reader"}})).unwrap();
+    let made = sas.create(&PostParams::default(), &reader).await.unwrap();
+    assert!(made.metadata.uid.is_some());
+    assert_eq!(
+        sas.get("reader").await.unwrap().metadata.uid,
+        made.metadata.uid
+    );
+    let (code, _) = api_error(
+        sas.create(&PostParams::default(), &reader)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 409);
+    // Deleting the namespace takes its service accounts with it.
+    fake.delete_namespace("team-b").unwrap();
+    assert!(fake.service_account("team-b", "default").is_none());
+}
+
+#[tokio::test]
+async fn a_token_request_returns_a_signed_token_bound_to_its_pod() {
+    let (fake, web_uid) = token_cluster().await;
+    let client = client(&fake);
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), "team-a");
+    let response = sas
+        .create_token_request(
+            "default",
+            &PostParams::default(),
+            &token_request(&["kiam"], Some(("web", &web_uid)), 3600),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.metadata.name.as_deref(), Some("default"));
+    assert_eq!(response.metadata.namespace.as_deref(), Some("team-a"));
+    let status = response.status.unwrap();
+    let token = status.token;
+    let claims = token_claims(&token).unwrap();
+
+    let sa_uid = fake.service_account("team-a", "default").unwrap()["metadata"]["uid"].clone();
+    let node_uid = fake.node("n1").unwrap()["metadata"]["uid"].clone();
+    assert_eq!(claims["iss"], DEFAULT_ISSUER);
+    assert_eq!(claims["iss"], fake.issuer());
+    assert_eq!(claims["sub"], "system:serviceaccount:team-a:default");
+    assert_eq!(claims["aud"], json!(["kiam"]));
+    let (iat, nbf, exp) = (
+        claims["iat"].as_i64().unwrap(),
+        claims["nbf"].as_i64().unwrap(),
+        claims["exp"].as_i64().unwrap(),
+    );
+    assert!((iat - now_secs()).abs() < 5, "{claims}");
+    assert_eq!((nbf, exp - iat), (iat, 3600));
+    assert_eq!(status.expiration_timestamp.0.as_second(), exp);
+    assert_eq!(claims["jti"].as_str().unwrap().len(), 36);
+    assert_eq!(
+        claims["kubernetes.io"],
+        json!({
+            "namespace": "team-a",
+            "serviceaccount": {"name": "default", "uid": sa_uid},
+            "pod": {"name": "web", "uid": web_uid},
+            "node": {"name": "n1", "uid": node_uid},
+        })
+    );
+    let header: Value = {
+        use base64::Engine as _;
+        let part = token.split('.').next().unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        header,
+        json!({"alg": "ES256", "kid": fake.signing_key_id()})
+    );
+
+    // No audiences means the API server's own; no binding means no pod claim.
+    let plain = sas
+        .create_token_request(
+            "default",
+            &PostParams::default(),
+            &token_request(&[], None, 600),
+        )
+        .await
+        .unwrap();
+    assert_eq!(plain.spec.audiences, [DEFAULT_ISSUER]);
+    let plain = token_claims(&plain.status.unwrap().token).unwrap();
+    assert_eq!(plain["aud"], json!([DEFAULT_ISSUER]));
+    assert!(plain["kubernetes.io"].get("pod").is_none());
+
+    let refused = |name: &'static str, body: TokenRequest| {
+        let sas = sas.clone();
+        async move {
+            api_error(
+                sas.create_token_request(name, &PostParams::default(), &body)
+                    .await
+                    .unwrap_err(),
+            )
+        }
+    };
+    let web = Some(("web", web_uid.as_str()));
+    assert_eq!(
+        refused("nobody", token_request(&["kiam"], web, 3600))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        refused(
+            "default",
+            token_request(&["kiam"], Some(("gone", "")), 3600)
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        refused(
+            "default",
+            token_request(&["kiam"], Some(("web", "0000")), 3600)
+        )
+        .await,
+        (409, "Conflict".into())
+    );
+    assert_eq!(
+        refused("default", token_request(&["kiam"], web, 599)).await,
+        (422, "Invalid".into())
+    );
+    fake.apply_service_account("team-a", "reader").unwrap();
+    assert_eq!(
+        refused("reader", token_request(&["kiam"], web, 3600)).await,
+        (400, "BadRequest".into())
+    );
+    let requests = fake.count_requests(|r| {
+        r.verb == "create" && r.path == "/api/v1/namespaces/team-a/serviceaccounts/default/token"
+    });
+    assert_eq!(requests, 5);
+}
+
+#[tokio::test]
+async fn a_token_review_authenticates_a_bound_token_as_its_pod() {
+    let (fake, web_uid) = token_cluster().await;
+    let client = client(&fake);
+    let token = fake
+        .issue_token(
+            "team-a",
+            "default",
+            &["kiam", "other"],
+            Some(("web", &web_uid)),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let claims = token_claims(&token).unwrap();
+    let status = review(&client, &token, &["kiam"]).await;
+    let sa_uid = fake.service_account("team-a", "default").unwrap()["metadata"]["uid"].clone();
+    let node_uid = fake.node("n1").unwrap()["metadata"]["uid"].clone();
+    assert_eq!(
+        status,
+        json!({
+            "authenticated": true,
+            "audiences": ["kiam"],
+            "user": {
+                "username": "system:serviceaccount:team-a:default",
+                "uid": sa_uid,
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:team-a", "system:authenticated"],
+                "extra": {
+                    "authentication.kubernetes.io/pod-name": ["web"],
+                    "authentication.kubernetes.io/pod-uid": [web_uid],
+                    "authentication.kubernetes.io/node-name": ["n1"],
+                    "authentication.kubernetes.io/node-uid": [node_uid],
+                    "authentication.kubernetes.io/credential-id": [format!("JTI={}", claims["jti"].as_str().unwrap())],
+                }
+            }
+        })
+    );
+    assert_eq!(
+        fake.count_requests(
+            |r| r.verb == "create" && r.path == "/apis/authentication.k8s.io/v1/tokenreviews"
+        ),
+        1
+    );
+    // Without audiences a review asks for the API server's own, which this token lacks.
+    let own = review(&client, &token, &[]).await;
+    assert_eq!(own["authenticated"], Value::Null, "{own}");
+    assert!(own["error"]
+        .as_str()
+        .unwrap()
+        .contains("is invalid for the target audiences"));
+    let default_aud = fake
+        .issue_token("team-a", "default", &[], None, Duration::from_secs(600))
+        .unwrap();
+    let own = review(&client, &default_aud, &[]).await;
+    assert_eq!(own["authenticated"], true, "{own}");
+    assert_eq!(own["audiences"], json!([DEFAULT_ISSUER]));
+    assert!(own["user"]
+        .get("extra")
+        .unwrap()
+        .get("authentication.kubernetes.io/pod-name")
+        .is_none());
+}
+
+/// What a review says of a token no authenticator recognises as its own: not a JWT,
+/// another issuer, or an algorithm the key does not use (`none`).
+const NOT_OURS: &str = "invalid bearer token";
+
+/// Refused (no `authenticated`, an empty user) with a `status.error` containing `why`.
+async fn assert_refused(client: &Client, token: &str, audiences: &[&str], why: &str) {
+    let status = review(client, token, audiences).await;
+    assert_eq!(status.get("authenticated"), None, "{status}");
+    assert_eq!(status["user"], json!({}), "{status}");
+    let error = status["error"].as_str().unwrap_or("");
+    assert!(error.contains(why), "wanted {why:?}, got {status}");
+}
+
+#[tokio::test]
+async fn a_token_review_refuses_what_the_real_server_refuses() {
+    let (fake, web_uid) = token_cluster().await;
+    let client = client(&fake);
+    let hour = Duration::from_secs(3600);
+    let token = fake
+        .issue_token(
+            "team-a",
+            "default",
+            &["kiam"],
+            Some(("web", &web_uid)),
+            hour,
+        )
+        .unwrap();
+    let claims = token_claims(&token).unwrap();
+    let resigned = |change: &dyn Fn(&mut Value)| {
+        let mut c = claims.clone();
+        change(&mut c);
+        fake.sign_token(&c)
+    };
+    let now = now_secs();
+
+    // The same claims re-signed by the server's key pass: the checks below are the ones failing.
+    assert_eq!(
+        review(&client, &resigned(&|_| {}), &["kiam"]).await["authenticated"],
+        true
+    );
+    // Within the one-minute leeway, an expired token still passes.
+    let just_expired = resigned(&|c| c["exp"] = (now - 30).into());
+    assert_eq!(
+        review(&client, &just_expired, &["kiam"]).await["authenticated"],
+        true
+    );
+
+    let expired = resigned(&|c| {
+        c["iat"] = (now - 4000).into();
+        c["nbf"] = (now - 4000).into();
+        c["exp"] = (now - 400).into();
+    });
+    assert_refused(
+        &client,
+        &expired,
+        &["kiam"],
+        "service account token has expired",
+    )
+    .await;
+    let early = resigned(&|c| c["nbf"] = (now + 600).into());
+    assert_refused(
+        &client,
+        &early,
+        &["kiam"],
+        "service account token is not valid yet",
+    )
+    .await;
+    assert_refused(
+        &client,
+        &token,
+        &["sts.amazonaws.com"],
+        "token audiences [\"kiam\"] is invalid for the target audiences [\"sts.amazonaws.com\"]",
+    )
+    .await;
+    let tampered = tampered_token(&token, |c| c["kubernetes.io"]["pod"]["name"] = "db".into());
+    assert_refused(
+        &client,
+        &tampered,
+        &["kiam"],
+        "error in cryptographic primitive",
+    )
+    .await;
+    let foreign = foreign_signed_token(&claims);
+    assert_refused(
+        &client,
+        &foreign,
+        &["kiam"],
+        "invalid signature, no keys found",
+    )
+    .await;
+    // Unsigned tokens, other issuers and non-JWTs are not the service-account
+    // authenticator's: refused as unknown bearer tokens, as on a real server.
+    assert_refused(&client, &unsigned_token(&token), &["kiam"], NOT_OURS).await;
+    let other_issuer = resigned(&|c| c["iss"] = "https://elsewhere.example".into());
+    assert_refused(&client, &other_issuer, &["kiam"], NOT_OURS).await;
+    assert_refused(&client, "not-a-jwt", &["kiam"], NOT_OURS).await;
+
+    // The pod binding is checked on every review: recreated under the same name, the old
+    // token is refused; deleted, too.
+    fake.delete_pod("team-a", "web").unwrap();
+    assert_refused(
+        &client,
+        &token,
+        &["kiam"],
+        "service account token has been invalidated",
+    )
+    .await;
+    let again = fake
+        .apply_pod(scheduled_pod("team-a", "web", None))
+        .unwrap();
+    let new_uid = again["metadata"]["uid"].as_str().unwrap().to_string();
+    assert_ne!(new_uid, web_uid);
+    assert_refused(
+        &client,
+        &token,
+        &["kiam"],
+        &format!("pod UID ({new_uid}) does not match service account pod ref claim ({web_uid})"),
+    )
+    .await;
+    let fresh = fake
+        .issue_token(
+            "team-a",
+            "default",
+            &["kiam"],
+            Some(("web", &new_uid)),
+            hour,
+        )
+        .unwrap();
+    assert_eq!(
+        review(&client, &fresh, &["kiam"]).await["authenticated"],
+        true
+    );
+    // A terminating pod is still itself within its grace period...
+    fake.mark_pod_terminating("team-a", "web", Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(
+        review(&client, &fresh, &["kiam"]).await["authenticated"],
+        true
+    );
+    // ...but one whose deletion is over a minute past is gone for tokens too.
+    fake.patch_pod(
+        "team-a",
+        "web",
+        json!({"metadata": {"deletionTimestamp": "2020-01-01T00:00:00Z"}}),
+    )
+    .unwrap();
+    assert_refused(
+        &client,
+        &fresh,
+        &["kiam"],
+        "service account token has been invalidated",
+    )
+    .await;
+
+    // So is its service account.
+    let unbound = fake
+        .issue_token("team-a", "default", &["kiam"], None, hour)
+        .unwrap();
+    assert_eq!(
+        review(&client, &unbound, &["kiam"]).await["authenticated"],
+        true
+    );
+    fake.delete(Resource::ServiceAccounts, "team-a", "default")
+        .unwrap();
+    assert_refused(
+        &client,
+        &unbound,
+        &["kiam"],
+        "serviceaccount \"default\" not found",
+    )
+    .await;
+    fake.apply_service_account("team-a", "default").unwrap();
+    assert_refused(&client, &unbound, &["kiam"], "service account UID").await;
+
+    // Changing the issuer disowns every earlier token.
+    let reissued = fake
+        .issue_token("team-a", "default", &["kiam"], None, hour)
+        .unwrap();
+    fake.set_issuer("https://issuer.example");
+    assert_refused(&client, &reissued, &["kiam"], NOT_OURS).await;
+
+    // An empty token is a bad request, not a refusal.
+    let body = r#"{"spec":{"token":""}}"#;
+    let empty = raw(
+        &fake,
+        &format!(
+            "POST /apis/authentication.k8s.io/v1/tokenreviews HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(empty.starts_with("HTTP/1.1 400"), "{empty}");
+    assert_eq!(
+        status_body(&empty)["message"],
+        "token is required for TokenReview in authentication"
+    );
+}
+
+#[tokio::test]
+async fn the_jwks_from_oidc_discovery_verifies_issued_tokens() {
+    let (fake, web_uid) = token_cluster().await;
+    let get = |path: &str| {
+        let fake = fake.clone();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        async move { raw(&fake, &request).await }
+    };
+    let response = get("/.well-known/openid-configuration").await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response
+        .to_ascii_lowercase()
+        .contains("content-type: application/json"));
+    let discovery = status_body(&response);
+    let jwks_uri = format!("{}/openid/v1/jwks", fake.url());
+    assert_eq!(
+        discovery,
+        json!({
+            "issuer": DEFAULT_ISSUER,
+            "jwks_uri": jwks_uri,
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        })
+    );
+    let path = jwks_uri.strip_prefix(&fake.url()).unwrap();
+    let response = get(path).await;
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("content-type: application/jwk-set+json"),
+        "{response}"
+    );
+    let jwks = status_body(&response);
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    let jwk = &keys[0];
+    assert_eq!(
+        (
+            &jwk["kty"],
+            &jwk["crv"],
+            &jwk["alg"],
+            &jwk["use"],
+            &jwk["kid"]
+        ),
+        (
+            &json!("EC"),
+            &json!("P-256"),
+            &json!("ES256"),
+            &json!("sig"),
+            &json!(fake.signing_key_id())
+        )
+    );
+
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let coordinate = |name: &str| URL_SAFE_NO_PAD.decode(jwk[name].as_str().unwrap()).unwrap();
+    let mut point = vec![4u8];
+    point.extend(coordinate("x"));
+    point.extend(coordinate("y"));
+    let public =
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point);
+    let verify = |token: &str| {
+        let (input, signature) = token.rsplit_once('.').unwrap();
+        let signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
+        public.verify(input.as_bytes(), &signature).is_ok()
+    };
+    let token = fake
+        .issue_token(
+            "team-a",
+            "default",
+            &["kiam"],
+            Some(("web", &web_uid)),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    assert!(verify(&token));
+    assert!(!verify(&tampered_token(&token, |c| c["sub"] =
+        "system:serviceaccount:team-a:admin".into())));
+    assert!(!verify(&foreign_signed_token(
+        &token_claims(&token).unwrap()
+    )));
+
+    // The issuer is configurable, and discovery follows it.
+    fake.set_issuer("https://issuer.example");
+    let discovery = status_body(&get("/.well-known/openid-configuration").await);
+    assert_eq!(discovery["issuer"], "https://issuer.example");
+    let token = fake
+        .issue_token("team-a", "default", &[], None, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(
+        token_claims(&token).unwrap()["aud"],
+        json!(["https://issuer.example"])
+    );
+}
+
+#[tokio::test]
+async fn discovery_lists_tokenreviews_and_the_token_subresource() {
+    let fake = FakeApiServer::start().await.unwrap();
+    let client = client(&fake);
+    let discovery = kube::Discovery::new(client)
+        .filter(&["authentication.k8s.io"])
+        .run()
+        .await
+        .unwrap();
+    let group = discovery.get("authentication.k8s.io").unwrap();
+    let resources = group.versioned_resources("v1");
+    let (reviews, caps) = resources
+        .iter()
+        .find(|(r, _)| r.plural == "tokenreviews")
+        .expect("tokenreviews is discovered");
+    assert_eq!(reviews.kind, "TokenReview");
+    assert_eq!(caps.operations, ["create"]);
+    assert_eq!(caps.scope, kube::discovery::Scope::Cluster);
+
+    let core = status_body(
+        &raw(
+            &fake,
+            "GET /api/v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await,
+    );
+    let entries = core["resources"].as_array().unwrap();
+    let token = entries
+        .iter()
+        .find(|r| r["name"] == "serviceaccounts/token")
+        .unwrap();
+    assert_eq!(
+        (&token["kind"], &token["group"], &token["verbs"]),
+        (
+            &json!("TokenRequest"),
+            &json!("authentication.k8s.io"),
+            &json!(["create"])
+        )
+    );
+    assert!(entries
+        .iter()
+        .any(|r| r["name"] == "serviceaccounts" && r["shortNames"] == json!(["sa"])));
+}
+
+#[tokio::test]
+async fn kubectl_creates_tokens_and_token_reviews() {
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "!!! SKIPPED kubectl_creates_tokens_and_token_reviews: kubectl is not on PATH !!!"
+        );
+        return;
+    }
+    let (fake, web_uid) = token_cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    fake.write_kubeconfig(&kubeconfig).unwrap();
+    let review_file = dir.path().join("review.yaml");
+    let path = kubeconfig.clone();
+    let uid = web_uid.clone();
+    let (sas, token) = tokio::task::spawn_blocking(move || {
+        let table = kubectl(&path, &["get", "sa", "-n", "team-a"]);
+        assert!(
+            table.starts_with("NAME") && table.contains("SECRETS") && table.contains("default"),
+            "{table}"
+        );
+        let sas = kubectl(&path, &["get", "sa", "-n", "team-a", "-o", "name"]);
+        let token = kubectl(
+            &path,
+            &[
+                "create",
+                "token",
+                "default",
+                "-n",
+                "team-a",
+                "--audience",
+                "kiam",
+                "--duration",
+                "1h",
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                "web",
+                "--bound-object-uid",
+                &uid,
+            ],
+        );
+        (sas, token.trim().to_string())
+    })
+    .await
+    .unwrap();
+    assert_eq!(sas.trim(), "serviceaccount/default");
+    let claims = token_claims(&token).unwrap();
+    assert_eq!(claims["kubernetes.io"]["pod"]["uid"], web_uid.as_str());
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        3600
+    );
+
+    std::fs::write(
+        &review_file,
+        format!(
+            "apiVersion: authentication.k8s.io/v1\nkind: TokenReview\n\
+             spec:\n  token: {token}\n  audiences: [kiam]\n"
+        ),
+    )
+    .unwrap();
+    let reviewed = tokio::task::spawn_blocking(move || {
+        kubectl(
+            &kubeconfig,
+            &[
+                "create",
+                "-f",
+                review_file.to_str().unwrap(),
+                "-o",
+                "json",
+                // The fake's OpenAPI has no schemas for kubectl to validate with, and
+                // TokenReview has no PATCH to show that the server validates instead.
+                "--validate=false",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let reviewed: Value = serde_json::from_str(&reviewed).unwrap();
+    assert_eq!(reviewed["status"]["authenticated"], true, "{reviewed}");
+    assert_eq!(
+        reviewed["status"]["user"]["username"],
+        "system:serviceaccount:team-a:default"
+    );
+}
+
+#[tokio::test]
+async fn tokens_bind_to_nodes_and_name_a_missing_node_without_its_uid() {
+    let (fake, _) = token_cluster().await;
+    let client = client(&fake);
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), "team-a");
+    let bound_to = |kind: &str, name: &str| -> TokenRequest {
+        serde_json::from_value(json!({
+            "spec": {"audiences": ["kiam"],
+                     "boundObjectRef": {"kind": kind, "apiVersion": "v1", "name": name}}
+        }))
+        .unwrap()
+    };
+    let node_token = sas
+        .create_token_request("default", &PostParams::default(), &bound_to("Node", "n1"))
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let node_uid = fake.node("n1").unwrap()["metadata"]["uid"].clone();
+    let claims = token_claims(&node_token).unwrap();
+    assert_eq!(
+        claims["kubernetes.io"]["node"],
+        json!({"name": "n1", "uid": node_uid})
+    );
+    assert!(claims["kubernetes.io"].get("pod").is_none());
+    let status = review(&client, &node_token, &["kiam"]).await;
+    assert_eq!(status["authenticated"], true, "{status}");
+    assert_eq!(
+        status["user"]["extra"]["authentication.kubernetes.io/node-uid"],
+        json!([node_uid])
+    );
+    fake.delete(Resource::Nodes, "", "n1").unwrap();
+    assert_refused(
+        &client,
+        &node_token,
+        &["kiam"],
+        "service account token has been invalidated",
+    )
+    .await;
+
+    // A pod-bound token names the pod's node even when the Node object is gone.
+    let pod_token = sas
+        .create_token_request("default", &PostParams::default(), &bound_to("Pod", "web"))
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let claims = token_claims(&pod_token).unwrap();
+    assert_eq!(claims["kubernetes.io"]["node"], json!({"name": "n1"}));
+    let status = review(&client, &pod_token, &["kiam"]).await;
+    assert_eq!(status["authenticated"], true, "{status}");
+    assert_eq!(
+        status["user"]["extra"]["authentication.kubernetes.io/node-name"],
+        json!(["n1"])
+    );
+    assert!(status["user"]["extra"]
+        .get("authentication.kubernetes.io/node-uid")
+        .is_none());
+
+    let err = sas
+        .create_token_request("default", &PostParams::default(), &bound_to("Secret", "s"))
+        .await
+        .unwrap_err();
+    match err {
+        kube::Error::Api(status) => assert_eq!(
+            (status.code, status.message.as_str()),
+            (400, "cannot bind token to object of type /v1, Kind=Secret")
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_review_cache_keeps_a_deleted_pods_token_alive_like_the_real_servers() {
+    let (fake, web_uid) = token_cluster().await;
+    let client = client(&fake);
+    let token = fake
+        .issue_token(
+            "team-a",
+            "default",
+            &["kiam"],
+            Some(("web", &web_uid)),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    fake.set_token_review_cache(Duration::from_secs(600));
+    assert_eq!(
+        review(&client, &token, &["kiam"]).await["authenticated"],
+        true
+    );
+    fake.delete_pod("team-a", "web").unwrap();
+    // Cached: still the pod's for the cache's lifetime, for the same audiences only.
+    assert_eq!(
+        review(&client, &token, &["kiam"]).await["authenticated"],
+        true
+    );
+    assert_eq!(fake.review_token(&token, &["kiam"])["authenticated"], true);
+    assert_refused(
+        &client,
+        &token,
+        &["kiam", "other"],
+        "service account token has been invalidated",
+    )
+    .await;
+    // Off again (the default): refused at once.
+    fake.set_token_review_cache(Duration::ZERO);
+    assert_refused(
+        &client,
+        &token,
+        &["kiam"],
+        "service account token has been invalidated",
+    )
+    .await;
 }

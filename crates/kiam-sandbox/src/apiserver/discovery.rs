@@ -40,21 +40,32 @@ fn group(name: &str) -> Value {
     })
 }
 
-/// `/apis`: the named groups (only events.k8s.io, for kube-runtime's event recorder).
+/// The group of TokenReview, which is created and answered but never stored, so it has
+/// no [`Resource`].
+const AUTHENTICATION: &str = "authentication.k8s.io";
+
+/// The named groups served: events.k8s.io for kube-runtime's event recorder and
+/// authentication.k8s.io for TokenReview.
+const GROUPS: [&str; 2] = ["events.k8s.io", AUTHENTICATION];
+
+/// `/apis`: the named groups.
 pub fn groups() -> Value {
-    let mut g = group("events.k8s.io");
-    let map = g.as_object_mut().expect("group is a map");
-    map.remove("kind");
-    map.remove("apiVersion");
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [g]})
+    let groups: Vec<Value> = GROUPS
+        .iter()
+        .map(|name| {
+            let mut g = group(name);
+            let map = g.as_object_mut().expect("group is a map");
+            map.remove("kind");
+            map.remove("apiVersion");
+            g
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 /// `/apis/{group}`, if the group is served.
 pub fn group_document(name: &str) -> Option<Value> {
-    Resource::ALL
-        .iter()
-        .any(|r| r.group() == name && !name.is_empty())
-        .then(|| group(name))
+    GROUPS.contains(&name).then(|| group(name))
 }
 
 /// `/api/v1` or `/apis/{group}/v1`: the resources of one group version and their verbs.
@@ -79,6 +90,17 @@ pub fn resource_list(group: &str) -> Value {
             entry["categories"] = json!(["all"]);
         }
         resources.push(entry);
+        if res == Resource::ServiceAccounts {
+            resources.push(json!({
+                "name": "serviceaccounts/token",
+                "singularName": "",
+                "namespaced": true,
+                "group": AUTHENTICATION,
+                "version": "v1",
+                "kind": "TokenRequest",
+                "verbs": ["create"],
+            }));
+        }
         if res.has_status() {
             resources.push(json!({
                 "name": format!("{}/status", res.plural()),
@@ -88,6 +110,15 @@ pub fn resource_list(group: &str) -> Value {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+    }
+    if group == AUTHENTICATION {
+        resources.push(json!({
+            "name": "tokenreviews",
+            "singularName": "tokenreview",
+            "namespaced": false,
+            "kind": "TokenReview",
+            "verbs": ["create"],
+        }));
     }
     let group_version = match group {
         "" => "v1".to_string(),
@@ -111,7 +142,7 @@ fn group_version_path(group: &str) -> String {
 /// `/openapi/v3`: where each group version's document is.
 pub fn openapi_root() -> Value {
     let mut paths = serde_json::Map::new();
-    for group in ["", "events.k8s.io"] {
+    for group in ["", "events.k8s.io", AUTHENTICATION] {
         let path = group_version_path(group);
         paths.insert(
             path.clone(),
@@ -133,7 +164,7 @@ pub fn openapi_group_version(path: &str) -> Option<Value> {
         .into_iter()
         .filter(|r| r.group() == group)
         .collect();
-    if resources.is_empty() {
+    if resources.is_empty() && group != AUTHENTICATION {
         return None;
     }
     let field_validation = json!({
@@ -162,6 +193,30 @@ pub fn openapi_group_version(path: &str) -> Option<Value> {
             format!("{collection}/{{name}}"),
             json!({"put": operation("put"), "patch": operation("patch")}),
         );
+    }
+    let create = |path: String, kind: &str| {
+        let operation = json!({
+            "operationId": format!("create{kind}"),
+            "parameters": [field_validation],
+            "responses": {"201": {"description": "Created"}},
+            "x-kubernetes-action": "post",
+            "x-kubernetes-group-version-kind": {"group": AUTHENTICATION, "version": "v1", "kind": kind},
+        });
+        (path, json!({"post": operation}))
+    };
+    let (path, item) = match group {
+        "" => create(
+            "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token".into(),
+            "TokenRequest",
+        ),
+        AUTHENTICATION => create(
+            format!("/apis/{AUTHENTICATION}/v1/tokenreviews"),
+            "TokenReview",
+        ),
+        _ => (String::new(), Value::Null),
+    };
+    if !item.is_null() {
+        paths.insert(path, item);
     }
     Some(json!({
         "openapi": "3.0.0",

@@ -40,6 +40,17 @@ enum Route {
     Document(Value),
     Text(&'static str),
     Resource(Target),
+    /// `POST .../serviceaccounts/{name}/token`.
+    TokenRequest {
+        namespace: String,
+        name: String,
+    },
+    /// `POST /apis/authentication.k8s.io/v1/tokenreviews`.
+    TokenReview,
+    /// `/.well-known/openid-configuration`.
+    OpenIdConfiguration,
+    /// `/openid/v1/jwks`.
+    Jwks,
 }
 
 fn route(path: &str, server_address: &str) -> Option<Route> {
@@ -48,6 +59,15 @@ fn route(path: &str, server_address: &str) -> Option<Route> {
     match segments.as_slice() {
         ["version"] => doc(super::discovery::version()),
         ["healthz" | "readyz" | "livez"] => Some(Route::Text("ok")),
+        [".well-known", "openid-configuration"] => Some(Route::OpenIdConfiguration),
+        ["openid", "v1", "jwks"] => Some(Route::Jwks),
+        ["api", "v1", "namespaces", ns, "serviceaccounts", name, "token"] => {
+            Some(Route::TokenRequest {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            })
+        }
+        ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => Some(Route::TokenReview),
         ["api"] => doc(super::discovery::core_versions(server_address)),
         ["api", "v1"] => doc(super::discovery::resource_list("")),
         ["api", "v1", rest @ ..] => target("", rest).map(Route::Resource),
@@ -185,6 +205,35 @@ where
         Some(Route::Text(text)) => Ok(Response::new(Body::from(text))),
         Some(Route::Document(doc)) if parts.method == Method::GET => Ok(json_response(200, &doc)),
         Some(Route::Document(_)) => Err(ApiError::method_not_allowed(&parts.method)),
+        Some(Route::OpenIdConfiguration) if parts.method == Method::GET => Ok(issuer_document(
+            "application/json",
+            &shared.tokens.discovery(),
+        )),
+        Some(Route::Jwks) if parts.method == Method::GET => Ok(issuer_document(
+            "application/jwk-set+json",
+            &shared.tokens.jwks(),
+        )),
+        Some(Route::OpenIdConfiguration | Route::Jwks) => {
+            Err(ApiError::method_not_allowed(&parts.method))
+        }
+        Some(Route::TokenRequest { namespace, name }) if parts.method == Method::POST => {
+            authentication_body(&parts.headers, body, true)
+                .await
+                .and_then(|obj| {
+                    let tokens = &shared.tokens;
+                    super::tokens::token_request(&shared.store, tokens, &namespace, &name, obj)
+                })
+                .map(|created| json_response(201, &created))
+        }
+        Some(Route::TokenReview) if parts.method == Method::POST => {
+            authentication_body(&parts.headers, body, false)
+                .await
+                .and_then(|obj| super::tokens::token_review(&shared.store, &shared.tokens, obj))
+                .map(|reviewed| json_response(201, &reviewed))
+        }
+        Some(Route::TokenRequest { .. } | Route::TokenReview) => {
+            Err(ApiError::method_not_allowed(&parts.method))
+        }
         Some(Route::Resource(target)) => {
             serve_resource(
                 &shared,
@@ -198,6 +247,39 @@ where
         }
     };
     result.unwrap_or_else(|err| error_response(&err))
+}
+
+/// The issuer's public documents, which (unlike API responses) caches may keep for an
+/// hour, as the real server says.
+fn issuer_document(content_type: &'static str, value: &Value) -> Response<Body> {
+    let mut response = json_response(200, value);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type.parse().expect("static"));
+    headers.insert(
+        header::CACHE_CONTROL,
+        "public, max-age=3600".parse().expect("static"),
+    );
+    response
+}
+
+/// The body of a TokenRequest or TokenReview (created, never stored), as JSON. A
+/// TokenRequest may also come in protobuf, as `kubectl create token` sends it.
+async fn authentication_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    token_request: bool,
+) -> Result<Value, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    check_accept(headers)?;
+    let ct = content_type(headers);
+    let bytes = read_body(body).await?;
+    if token_request && ct == super::protobuf::CONTENT_TYPE {
+        return super::protobuf::decode_token_request(&bytes);
+    }
+    decode(&ct, &bytes)
 }
 
 async fn read_body<B>(body: B) -> Result<Bytes, ApiError>
@@ -638,6 +720,31 @@ mod tests {
             r("/apis/events.k8s.io/v1"),
             Some(Route::Document(_))
         ));
+        assert_eq!(
+            r("/api/v1/namespaces/a/serviceaccounts/default/token"),
+            Some(Route::TokenRequest {
+                namespace: "a".into(),
+                name: "default".into()
+            })
+        );
+        assert_eq!(
+            r("/api/v1/namespaces/a/serviceaccounts/default"),
+            t(Resource::ServiceAccounts, Some("a"), Some("default"), false)
+        );
+        assert_eq!(
+            r("/api/v1/namespaces/a/serviceaccounts/default/status"),
+            None
+        );
+        assert_eq!(
+            r("/apis/authentication.k8s.io/v1/tokenreviews"),
+            Some(Route::TokenReview)
+        );
+        assert_eq!(r("/apis/authentication.k8s.io/v1/tokenreviews/x"), None);
+        assert_eq!(
+            r("/.well-known/openid-configuration"),
+            Some(Route::OpenIdConfiguration)
+        );
+        assert_eq!(r("/openid/v1/jwks"), Some(Route::Jwks));
     }
 
     #[test]

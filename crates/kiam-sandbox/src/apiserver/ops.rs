@@ -125,8 +125,25 @@ pub fn create(
         if dry_run {
             return Ok(Arc::new(obj));
         }
-        Ok(w.put(res, key, obj))
+        let stored = w.put(res, key, obj);
+        if res == Resource::Namespaces {
+            ensure_default_service_account(w, name_of(&stored));
+        }
+        Ok(stored)
     })
+}
+
+/// What the real controller manager's serviceaccounts controller does moments after a
+/// namespace appears (here in the same write, so tests need not wait): the namespace
+/// gets a `default` ServiceAccount, which pods without `serviceAccountName` run as.
+fn ensure_default_service_account(w: &mut Writer<'_>, namespace: &str) {
+    let key = (namespace.to_string(), "default".to_string());
+    if w.get(Resource::ServiceAccounts, &key).is_some() {
+        return;
+    }
+    let mut sa = serde_json::json!({"metadata": {"name": "default", "namespace": namespace}});
+    resources::prepare_create(Resource::ServiceAccounts, &mut sa, Origin::Api);
+    w.put(Resource::ServiceAccounts, key, sa);
 }
 
 fn check_preconditions(
@@ -401,7 +418,7 @@ pub fn apply(store: &Store, mut obj: Value) -> Result<Arc<Value>, ApiError> {
     let (api_version, kind) = (field("apiVersion"), field("kind"));
     let res = Resource::from_type(&api_version, &kind).ok_or_else(|| {
         ApiError::bad_request(format!(
-            "the fake API server does not serve {api_version:?} {kind:?}; it serves v1 Pod, Namespace, Node, Event and events.k8s.io/v1 Event"
+            "the fake API server does not serve {api_version:?} {kind:?}; it serves v1 Pod, Namespace, Node, ServiceAccount, Event and events.k8s.io/v1 Event"
         ))
     })?;
     let namespace = if res.namespaced() {
@@ -433,7 +450,11 @@ pub fn apply(store: &Store, mut obj: Value) -> Result<Arc<Value>, ApiError> {
             ),
             None => {
                 resources::prepare_create(res, &mut obj, Origin::Control);
-                Ok(w.put(res, key, obj))
+                let stored = w.put(res, key, obj);
+                if res == Resource::Namespaces {
+                    ensure_default_service_account(w, &name);
+                }
+                Ok(stored)
             }
         }
     })

@@ -26,15 +26,19 @@ pub enum Resource {
     EventsV1,
     /// core/v1 nodes (cluster-scoped), whose taints the agent's start-up gate removes.
     Nodes,
+    /// core/v1 serviceaccounts (namespaced): the subjects of the tokens the server issues
+    /// through their `token` subresource.
+    ServiceAccounts,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 5] = [
+    pub const ALL: [Resource; 6] = [
         Resource::Pods,
         Resource::Namespaces,
         Resource::Events,
         Resource::EventsV1,
         Resource::Nodes,
+        Resource::ServiceAccounts,
     ];
 
     pub(crate) fn index(self) -> usize {
@@ -61,6 +65,7 @@ impl Resource {
             Resource::Namespaces => "namespaces",
             Resource::Events | Resource::EventsV1 => "events",
             Resource::Nodes => "nodes",
+            Resource::ServiceAccounts => "serviceaccounts",
         }
     }
 
@@ -70,6 +75,7 @@ impl Resource {
             Resource::Namespaces => "namespace",
             Resource::Events | Resource::EventsV1 => "event",
             Resource::Nodes => "node",
+            Resource::ServiceAccounts => "serviceaccount",
         }
     }
 
@@ -79,6 +85,7 @@ impl Resource {
             Resource::Namespaces => "Namespace",
             Resource::Events | Resource::EventsV1 => "Event",
             Resource::Nodes => "Node",
+            Resource::ServiceAccounts => "ServiceAccount",
         }
     }
 
@@ -88,6 +95,7 @@ impl Resource {
             Resource::Namespaces => "NamespaceList",
             Resource::Events | Resource::EventsV1 => "EventList",
             Resource::Nodes => "NodeList",
+            Resource::ServiceAccounts => "ServiceAccountList",
         }
     }
 
@@ -101,6 +109,7 @@ impl Resource {
             Resource::Namespaces => &["ns"],
             Resource::Events | Resource::EventsV1 => &["ev"],
             Resource::Nodes => &["no"],
+            Resource::ServiceAccounts => &["sa"],
         }
     }
 
@@ -135,6 +144,7 @@ impl Resource {
             ],
             Resource::Namespaces => &["metadata.name", "status.phase"],
             Resource::Nodes => &["metadata.name", "spec.unschedulable"],
+            Resource::ServiceAccounts => &["metadata.name", "metadata.namespace"],
             Resource::Events => &[
                 "metadata.name",
                 "metadata.namespace",
@@ -485,7 +495,7 @@ pub fn prepare_create(res: Resource, obj: &mut Value, origin: Origin) {
             }
         }
         // The kubelet registers its node with a status, and the registry keeps it.
-        Resource::Events | Resource::EventsV1 | Resource::Nodes => {}
+        Resource::Events | Resource::EventsV1 | Resource::Nodes | Resource::ServiceAccounts => {}
     }
 }
 

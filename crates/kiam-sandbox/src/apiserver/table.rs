@@ -168,6 +168,11 @@ fn columns(res: Resource) -> Vec<Value> {
             column("Status", "string", 0),
             column("Age", "string", 0),
         ],
+        Resource::ServiceAccounts => vec![
+            column("Name", "string", 0),
+            column("Secrets", "integer", 0),
+            column("Age", "string", 0),
+        ],
         Resource::Events | Resource::EventsV1 => vec![
             column("Last Seen", "string", 0),
             column("Type", "string", 0),
@@ -195,6 +200,17 @@ fn cells(res: Resource, obj: &Value) -> Vec<Value> {
             .into(),
         ],
         Resource::Events | Resource::EventsV1 => event_cells(obj),
+        Resource::ServiceAccounts => vec![
+            text(obj, "/metadata/name").into(),
+            obj.get("secrets")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len)
+                .into(),
+            age(obj
+                .pointer("/metadata/creationTimestamp")
+                .and_then(Value::as_str))
+            .into(),
+        ],
         Resource::Nodes => vec![
             text(obj, "/metadata/name").into(),
             node_status(obj).into(),
