@@ -16,21 +16,15 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
 use kube::runtime::watcher;
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::model::PERMITTED_ANNOTATION;
 use super::policy::{NamespacePolicy, Policy};
-use super::watch::{drive, Synced};
+use super::watch::{Synced, Watched};
 
 /// A cheaply cloneable handle on the Namespace cache.
 #[derive(Clone)]
 pub struct NamespaceCache {
-    handle: Arc<Handle>,
-}
-
-struct Handle {
-    state: Arc<NamespaceCacheState>,
-    _stop: DropGuard,
+    handle: Arc<Watched<NamespaceCacheState>>,
 }
 
 struct NamespaceCacheState {
@@ -59,21 +53,15 @@ impl NamespaceCache {
             api: Api::all(client),
             synced: Synced::default(),
         });
-        let stop = CancellationToken::new();
-        let task_state = state.clone();
-        tokio::spawn(drive(
-            state.api.clone(),
+        let api = state.api.clone();
+        let handle = Watched::spawn(
+            state,
+            api,
             resync,
-            stop.clone(),
             "namespace",
-            move |event| task_state.on_event(event),
-        ));
-        NamespaceCache {
-            handle: Arc::new(Handle {
-                state,
-                _stop: stop.drop_guard(),
-            }),
-        }
+            NamespaceCacheState::on_event,
+        );
+        NamespaceCache { handle }
     }
 
     /// The cached policy of namespace `name`, or `None` if the cache has not

@@ -49,15 +49,17 @@ use jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::watcher;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::index::{CachedPod, PodIndex};
 use super::model::{Identity, PodInfo, Prefetch};
 use super::podview::PodView;
 use super::policy::Policy;
-use super::watch::{drive, Synced};
+use super::watch::{Synced, Watched};
 
+mod budget;
 mod metrics;
+
+use budget::Budget;
 pub use metrics::PodCacheMetrics;
 
 /// At most this many direct pod lookups run at once, however many IPs miss:
@@ -121,47 +123,11 @@ pub struct PodCacheConfig {
     pub confirmations_per_second: u32,
 }
 
-/// A token bucket: at most `rate` takes per second, `rate` at once.
-#[derive(Debug)]
-struct Budget {
-    rate: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Budget {
-    fn new(rate: u32) -> Self {
-        Budget {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            at: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// A cheaply cloneable handle on the Pod cache. The watch stops when the
 /// last handle is dropped.
 #[derive(Clone)]
 pub struct PodCache {
-    handle: Arc<Handle>,
-}
-
-struct Handle {
-    state: Arc<PodCacheState>,
-    _stop: DropGuard,
+    handle: Arc<Watched<PodCacheState>>,
 }
 
 type Lookup = Shared<BoxFuture<'static, Result<Arc<PodInfo>, FindError>>>;
@@ -231,21 +197,9 @@ impl PodCache {
             confirm_budget: Mutex::new(Budget::new(config.confirmations_per_second)),
             confirmations: Mutex::new(HashMap::new()),
         });
-        let stop = CancellationToken::new();
-        let task_state = state.clone();
-        tokio::spawn(drive(
-            state.api.clone(),
-            config.resync,
-            stop.clone(),
-            "pod",
-            move |event| task_state.on_event(event),
-        ));
-        let cache = PodCache {
-            handle: Arc::new(Handle {
-                state,
-                _stop: stop.drop_guard(),
-            }),
-        };
+        let api = state.api.clone();
+        let handle = Watched::spawn(state, api, config.resync, "pod", PodCacheState::on_event);
+        let cache = PodCache { handle };
         (cache, receiver)
     }
 

@@ -5,6 +5,7 @@
 //! when the API server says the resourceVersion is too old; this driver only
 //! logs, so a cache is at worst stale, never stopped.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -12,7 +13,40 @@ use kube::api::Api;
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// A watch-fed cache: its state, and the watch task feeding it, which stops
+/// when the last clone of the `Arc<Watched>` is dropped (mini-redis'
+/// `DbDropGuard`).
+pub struct Watched<S> {
+    pub state: Arc<S>,
+    _stop: DropGuard,
+}
+
+impl<S: Send + Sync + 'static> Watched<S> {
+    /// Starts watching `api` (see [`drive`]) and hands every event to
+    /// `on_event` with `state`. Must be called inside a tokio runtime.
+    pub fn spawn<K>(
+        state: Arc<S>,
+        api: Api<K>,
+        resync: Duration,
+        what: &'static str,
+        on_event: impl Fn(&S, watcher::Event<K>) + Send + 'static,
+    ) -> Arc<Self>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let task_state = state.clone();
+        tokio::spawn(drive(api, resync, stop.clone(), what, move |event| {
+            on_event(&task_state, event)
+        }));
+        Arc::new(Watched {
+            state,
+            _stop: stop.drop_guard(),
+        })
+    }
+}
 
 /// "The first full list has been applied", shared by the Pod and Namespace
 /// caches.
