@@ -32,11 +32,11 @@ pub mod path;
 pub mod proxy;
 mod retry;
 pub mod server_address;
+mod sources;
 pub mod taint;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::connect_info::ConnectInfo;
@@ -44,7 +44,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use regex::Regex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +59,7 @@ use metadata::{Config, RouterContext};
 use metrics::Metrics;
 use proxy::Upstream;
 use server_address::SystemResolver;
+use sources::{refuse, PerSource};
 
 /// Largest request head accepted (hyper's minimum buffer); bigger heads get 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -72,9 +72,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 4096;
 /// Bound on one exchange with `--metadata-endpoint`.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a connection refused by the per-source limit gets to receive
-/// its 429 before it is closed.
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the agent could not start. `Usage` variants are bad flags or files
 /// (exit 64).
@@ -520,66 +517,6 @@ pub async fn run_on(
 async fn accept_any(listeners: &[TcpListener]) -> std::io::Result<(TcpStream, SocketAddr)> {
     let accepts = listeners.iter().map(|l| Box::pin(l.accept()));
     futures::future::select_all(accepts).await.0
-}
-
-/// Open connections per source address.
-#[derive(Default)]
-struct PerSource {
-    // std Mutex: a counter update, no `.await` under the lock.
-    open: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One open connection from `ip`; gives its place back when dropped.
-struct SourceSlot {
-    counts: Arc<PerSource>,
-    ip: IpAddr,
-}
-
-impl PerSource {
-    fn take(counts: &Arc<PerSource>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
-        let mut open = counts.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(ip).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            counts: counts.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut open = self.counts.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// Answers 429 on a connection over the per-source limit, then closes it.
-/// What the client sent is read and dropped for a moment so closing does
-/// not reset the connection before the answer is read.
-async fn refuse(mut stream: TcpStream, source: IpAddr, limit: usize) {
-    let body = format!("too many open connections from {source} (limit {limit})\n");
-    let answer = format!(
-        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
-        stream.write_all(answer.as_bytes()).await?;
-        stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        while stream.read(&mut sink).await? > 0 {}
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
 }
 
 #[cfg(test)]
