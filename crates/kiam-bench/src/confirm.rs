@@ -254,13 +254,17 @@ pub fn confirmation_cost(report: &mut Report, quick: bool) -> Result<()> {
              pods / {RATE:.0} s. Pod GETs are the GETs of a single pod the API server recorded in that window; \
              the results are the differences of the server's `kiam_k8s_pod_confirmations_total` over it. \
              API server CPU is the in-memory API server's runtime (1 worker), a stand-in: a real API server's GET \
-             costs more (authentication, authorization, admission of the read, and a quorum read from etcd)."
+             costs more (authentication, authorization, admission of the read, and a quorum read from etcd). \
+             The budget is a token bucket holding one second's worth, so a window of T seconds can see \
+             (T + 1) x budget GETs."
         ),
         tables: vec![t],
         notes: vec![
             "A pod that asks more often than once a second costs at most one GET a second (100 pods at 10 \
              requests/s each: ~100 GETs per 1000 requests); a pod that asks less often costs a GET on most \
-             requests, so without a bound the GETs grow with the pods that ask up to one per request. The \
+             requests (one asking exactly once a second finds the last confirmation still valid every other \
+             time, as `CONFIRM_TTL` runs from when the GET answered), so without a bound the GETs grow with the \
+             pods that ask, up to one per request. The \
              default budget caps the whole server at 100 GETs/s (an etcd quorum read each) whatever the pod \
              count; requests over it are answered from the watch cache (`skipped`), as with \
              `--pod-confirmations-per-second=0`, which costs no GETs at all. Each kiam server has its own \
