@@ -110,6 +110,8 @@ pub struct Cluster {
     pub addr: SocketAddr,
     pub pki: kiam::certs::Pki,
     pub shutdown: CancellationToken,
+    /// The server's metrics, read by figures that count what it did.
+    registry: Registry,
     _dir: tempfile::TempDir,
 }
 
@@ -127,6 +129,19 @@ impl Cluster {
             &format!("127.0.0.1:{}", self.addr.port()),
             &ChannelOpts::default(),
         )?)
+    }
+
+    /// The value of one counter sample as `/metrics` would show it, e.g.
+    /// `kiam_k8s_pod_confirmations_total{result="skipped"}`; 0 when the
+    /// sample has not been created yet (nothing counted).
+    pub fn counter(&self, sample: &str) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("encoding metrics into a String");
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// Waits until GetHealth answers `ok` (the caches have synced).
@@ -187,6 +202,7 @@ impl Cluster {
             addr,
             pki,
             shutdown,
+            registry,
             _dir: dir,
         };
         Ok((cluster, listener, deps))

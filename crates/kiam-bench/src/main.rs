@@ -7,7 +7,7 @@
 //! absolute numbers are what *this* machine does with both ends of every
 //! connection on it; the ratios to the floors are the portable part.
 //!
-//! Run: `cargo run --release -p kiam-bench` (full, about 7 minutes) or
+//! Run: `cargo run --release -p kiam-bench` (full, about 9 minutes) or
 //! `cargo run --release -p kiam-bench -- --quick` (small sizes, under a
 //! minute). Only a full run rewrites BENCHMARKS.md; `--quick` and `--only`
 //! print, and write only to `--out`.
@@ -16,7 +16,8 @@
 //! - [`floor`]: the minimal servers kiam is compared with.
 //! - [`cluster`]: an in-process kiam server on the in-memory API server.
 //! - [`pods`]: realistic 4-8 KB pod objects.
-//! - [`agent`], [`server`], [`sync`], [`prefetch`]: the figures.
+//! - [`agent`], [`server`], [`sync`], [`prefetch`], [`confirm`], [`tags`]:
+//!   the figures.
 //! - [`alloc`]: a counting allocator for heap per pod (child process only).
 //! - [`procs`]: real `kiam` processes and their RSS.
 //! - [`report`]: the tables and BENCHMARKS.md.
@@ -24,6 +25,7 @@
 mod agent;
 mod alloc;
 mod cluster;
+mod confirm;
 mod floor;
 mod load;
 mod machine;
@@ -34,6 +36,7 @@ mod replay;
 mod report;
 mod server;
 mod sync;
+mod tags;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,7 +53,8 @@ struct Args {
     /// Small sizes and short windows (under a minute); writes nothing unless --out is given.
     #[arg(long)]
     quick: bool,
-    /// Only these figures (comma-separated): agent, server, sync, prefetch, sts, agent-rss;
+    /// Only these figures (comma-separated): agent, server, sync, prefetch, sts, agent-rss,
+    /// confirm, tags;
     /// writes nothing unless --out is given.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -65,7 +69,16 @@ struct Args {
     heap_child: Option<String>,
 }
 
-const ALL: &[&str] = &["agent", "server", "sync", "prefetch", "sts", "agent-rss"];
+const ALL: &[&str] = &[
+    "agent",
+    "server",
+    "sync",
+    "prefetch",
+    "sts",
+    "agent-rss",
+    "confirm",
+    "tags",
+];
 
 /// A multi-threaded tokio runtime like `kiam`'s own (one per role, so each
 /// role's tasks run on its own workers as in separate processes).
@@ -125,6 +138,8 @@ fn main() -> Result<()> {
             "prefetch" => prefetch::prefetch(&mut report, args.quick),
             "sts" => prefetch::single_flight(&mut report, args.quick),
             "agent-rss" => agent::agent_rss(&mut report, window),
+            "confirm" => confirm::confirmation_cost(&mut report, args.quick),
+            "tags" => tags::per_pod_tags(&mut report, args.quick),
             _ => unreachable!(),
         };
         if let Err(e) = r {
