@@ -11,38 +11,9 @@ use std::time::{Duration, Instant};
 
 use procs::{free_port, kiam_bin, start_moto, wait_for_port, ChildGuard, ProcCluster};
 
-/// One HTTP/1.1 GET on a fresh connection, as SDKs do: (status, body).
+/// SDKs give up after about a second.
 async fn get(port: u16, path: &str) -> Result<(u16, String), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let call = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("bad response: {out:?}"))?;
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
-    };
-    // SDKs give up after about a second.
-    tokio::time::timeout(Duration::from_secs(1), call)
-        .await
-        .map_err(|_| "no answer within 1s".to_string())?
+    procs::http_get(port, path, Duration::from_secs(1)).await
 }
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/web-role?ip=198.18.3.10";

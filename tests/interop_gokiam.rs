@@ -35,38 +35,9 @@ const FORBIDDEN_IP: &str = "198.18.5.20";
 const UNKNOWN_IP: &str = "198.18.5.99";
 const ROLES: &str = "/latest/meta-data/iam/security-credentials/";
 
-/// One HTTP/1.1 GET on a fresh connection: (status, body). Go agents retry
-/// a missing pod for 5 s before answering, hence the long bound.
+/// Go agents retry a missing pod for 5 s before answering, hence the long bound.
 async fn get(port: u16, path: &str) -> Result<(u16, String), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let call = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("bad response: {out:?}"))?;
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(15), call)
-        .await
-        .map_err(|_| format!("no answer to {path} within 15s"))?
+    procs::http_get(port, path, Duration::from_secs(15)).await
 }
 
 /// Both servers, Go's and ours, over one cluster, one moto, one PKI.

@@ -94,3 +94,42 @@ impl ProcCluster {
         cmd
     }
 }
+
+/// One HTTP/1.1 GET to 127.0.0.1:`port` on a fresh connection, as SDKs
+/// make them (Host 169.254.169.254): (status, body), or why not within
+/// `within`.
+pub async fn http_get(
+    port: u16,
+    path: &str,
+    within: std::time::Duration,
+) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let call = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("bad response: {out:?}"))?;
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    };
+    tokio::time::timeout(within, call)
+        .await
+        .map_err(|_| format!("no answer to {path} within {within:?}"))?
+}
