@@ -19,6 +19,7 @@ pub mod config;
 pub mod credentials;
 mod error;
 pub mod events;
+mod explain;
 mod grpc;
 mod index;
 pub mod model;
