@@ -294,6 +294,62 @@ async fn two_pods_on_one_ip() {
 }
 
 #[tokio::test]
+async fn host_network_pod() {
+    let c = Cluster::start(&[]).await;
+    c.namespace("team", Some(ARN_WEB));
+    let mut pod = pod_json("team", "node-agent", "10.0.0.1", Some("web"), "Running");
+    pod["spec"]["hostNetwork"] = true.into();
+    c.api.apply_pod(pod).unwrap();
+    let e = explain(&c, "team", "node-agent").await;
+    let s = failed(&e);
+    assert_eq!(s.name, "path");
+    assert!(s.summary.contains("uses the host's network"), "{s:#?}");
+    assert_eq!(detail(s, "host network"), "yes");
+}
+
+#[tokio::test]
+async fn a_terminating_pod_is_served_until_its_deadline_and_says_so() {
+    let c = Cluster::start(&[]).await;
+    c.namespace("team", Some(ARN_WEB));
+    c.pod("team", "web", "198.18.1.8", Some("web"));
+    c.ready().await;
+    c.api
+        .mark_pod_terminating("team", "web", std::time::Duration::from_secs(600))
+        .unwrap();
+    let mut e = explain(&c, "team", "web").await;
+    for _ in 0..200 {
+        if detail(step(&e, "pod"), "deletion") != "(none)" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        e = explain(&c, "team", "web").await;
+    }
+    assert!(e.served, "{e:#?}");
+    let path = step(&e, "path");
+    assert_eq!(path.outcome, Outcome::Pass as i32);
+    assert!(detail(path, "terminating").starts_with("served until "));
+}
+
+#[tokio::test]
+async fn says_when_the_api_server_disagrees_with_the_cache() {
+    let c = Cluster::start(&[]).await;
+    c.namespace("team", Some(ARN_WEB));
+    c.pod("team", "web", "198.18.1.9", Some("web"));
+    c.ready().await;
+    // The watch lags: the API server has deleted the pod, the cache has not seen it.
+    c.api.hold_watch_events(true);
+    c.api.delete_pod("team", "web").unwrap();
+    let e = explain(&c, "team", "web").await;
+    let pod = step(&e, "pod");
+    assert_eq!(pod.outcome, Outcome::Warn as i32, "{e:#?}");
+    assert!(
+        detail(pod, "API server agrees").starts_with("no: the pod is gone"),
+        "{pod:#?}"
+    );
+    c.api.hold_watch_events(false);
+}
+
+#[tokio::test]
 async fn before_the_first_sync_says_what_it_waits_for() {
     let api = kiam_sandbox::apiserver::FakeApiServer::start()
         .await
