@@ -348,7 +348,7 @@ pub struct ExplainArgs {
     #[arg(value_name = "POD")]
     pub pod: Option<String>,
     /// The pod's IP address, instead of POD: the pod the metadata path would find.
-    #[arg(long, env = "KIAM_EXPLAIN_IP")]
+    #[arg(long, env = "KIAM_IP")]
     pub ip: Option<String>,
     /// text (for people) or json (for scripts).
     #[arg(long, env = "KIAM_OUTPUT", default_value = "text", value_parser = ["text", "json"])]

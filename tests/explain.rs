@@ -87,7 +87,9 @@ fn json_of(e: &Explanation) -> Value {
 async fn a_served_pod_passes_every_step_and_shows_no_secret() {
     let c = Cluster::start(&[]).await;
     c.namespace("team", Some(ARN_WEB));
-    c.pod("team", "web", "198.18.1.1", Some("web"));
+    let mut pod = pod_json("team", "web", "198.18.1.1", Some("web"), "Running");
+    pod["spec"]["nodeName"] = "node-1".into();
+    c.api.apply_pod(pod).unwrap();
     let mut client = c.ready().await;
     let creds = client
         .get_pod_credentials(GetPodCredentialsRequest {
@@ -108,6 +110,7 @@ async fn a_served_pod_passes_every_step_and_shows_no_secret() {
     );
     assert_eq!(detail(step(&e, "pod"), "API server agrees"), "yes");
     assert_eq!(detail(step(&e, "pod"), "IPs"), "198.18.1.1");
+    assert_eq!(detail(step(&e, "pod"), "node"), "node-1");
     assert_eq!(detail(step(&e, "role"), "role ARN"), ARN_WEB);
     assert_eq!(detail(step(&e, "role"), "session name"), "kiam-kiam");
     let ns = step(&e, "namespace");

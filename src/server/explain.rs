@@ -567,6 +567,7 @@ fn pod_facts(step: Step, pod: &PodInfo) -> Step {
         .detail("host network", yes_no(pod.host_network))
         .detail("deletion", or_none(pod.deletion))
         .detail("service account", or_none(pod.service_account.as_deref()))
+        .detail("node", or_none(pod.node.as_deref()))
 }
 
 fn ambiguous(ip: IpAddr, pods: impl Iterator<Item = String>) -> Step {

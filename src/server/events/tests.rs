@@ -23,6 +23,7 @@ fn pod(uid: &str) -> PodInfo {
         session_name: None,
         external_id: None,
         service_account: Some("default".into()),
+        node: None,
     }
 }
 
