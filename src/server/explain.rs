@@ -170,109 +170,69 @@ impl Sources<'_> {
 
     /// Step 1: the pod as the cache has it, and as the API server has it now.
     async fn pod_step(&self, target: &Target, steps: &mut Vec<Step>) -> Option<Arc<PodInfo>> {
-        let (cached, shown) = match target {
+        let (cached, namespace, name) = match target {
             Target::Name { namespace, name } => (
                 self.pods.get(namespace, name),
-                format!("{namespace}/{name}"),
+                namespace.clone(),
+                name.clone(),
             ),
-            Target::Ip(ip) => match self.pods.live_on(*ip).as_slice() {
-                [only] => (Some(only.clone()), format!("ip {ip}")),
-                [] => match self.pods.find_by_ip(*ip).await {
-                    Ok(pod) => (Some(pod), format!("ip {ip}")),
-                    Err(e) => {
-                        steps.push(find_failed(*ip, &e));
+            Target::Ip(ip) => {
+                let pod = match self.pods.live_on(*ip).as_slice() {
+                    [only] => only.clone(),
+                    [] => match self.pods.find_by_ip(*ip).await {
+                        Ok(pod) => pod,
+                        Err(e) => {
+                            steps.push(find_failed(*ip, &e));
+                            return None;
+                        }
+                    },
+                    several => {
+                        steps.push(ambiguous(*ip, several.iter().map(|p| pod_name(p))));
                         return None;
                     }
-                },
-                several => {
-                    steps.push(ambiguous(*ip, several.iter().map(|p| pod_name(p))));
-                    return None;
-                }
-            },
-        };
-        let (namespace, name) = match (&cached, target) {
-            (Some(p), _) => (p.namespace.to_string(), p.name.to_string()),
-            (None, Target::Name { namespace, name }) => (namespace.clone(), name.clone()),
-            (None, Target::Ip(_)) => unreachable!("an IP target without a pod returned above"),
+                };
+                let (namespace, name) = (pod.namespace.to_string(), pod.name.to_string());
+                (Some(pod), namespace, name)
+            }
         };
         let live = self.pods.get_from_api(&namespace, &name).await;
-        let step = match (&cached, &live) {
-            (None, Ok(None)) => {
-                steps.push(
-                    Step::new("pod", Outcome::Fail, format!("no pod {shown}"))
-                        .detail("in this server's cache", "no")
-                        .detail("in the API server", "no")
-                        .fix(format!(
-                            "check the namespace and name (kubectl get pod -n {namespace} {name})"
-                        )),
-                );
-                return None;
-            }
-            (None, Ok(Some(p))) => {
-                let step = pod_facts(
-                    Step::new(
-                        "pod",
-                        Outcome::Warn,
-                        format!("{namespace}/{name} is not in this server's cache yet (its watch lags); shown as the API server has it"),
-                    ),
-                    p,
-                );
-                steps.push(step);
-                return Some(Arc::new(p.clone()));
-            }
-            (None, Err(e)) => {
-                steps.push(
-                    Step::new(
-                        "pod",
-                        Outcome::Fail,
-                        format!("{namespace}/{name} is not in this server's cache"),
-                    )
-                    .detail("API server", format!("could not ask: {e}"))
-                    .fix("check the server's access to the Kubernetes API (its log says more)"),
-                );
-                return None;
-            }
-            (Some(p), live) => {
-                let step = pod_facts(
-                    Step::new("pod", Outcome::Pass, format!("{namespace}/{name}")),
-                    p,
-                );
-                match live {
-                    Ok(Some(now)) if now == &**p => step.detail("API server agrees", "yes"),
-                    Ok(Some(now)) if now.uid != p.uid => step
-                        .detail(
-                            "API server agrees",
-                            format!(
-                                "no: it has a newer pod of that name (uid {}); the cache catches up with its watch",
-                                now.uid
-                            ),
-                        )
-                    .warn(),
-                    Ok(Some(now)) => step
-                        .detail(
-                            "API server agrees",
-                            format!(
-                                "not yet: it has phase {:?}, IPs {}, deletion {}; the cache catches up with its watch",
-                                now.phase,
-                                or_none(now.ips.as_ref()),
-                                or_none(now.deletion)
-                            ),
-                        )
-                    .warn(),
-                    Ok(None) => step
-                        .detail(
-                            "API server agrees",
-                            "no: the pod is gone; the cache has not seen its deletion yet",
-                        )
-                    .warn(),
-                    Err(e) => step
-                        .detail("API server agrees", format!("could not ask: {e}"))
-                    .warn(),
+        let Some(pod) = cached else {
+            let step = match live {
+                Ok(None) => Step::new("pod", Outcome::Fail, format!("no pod {namespace}/{name}"))
+                    .detail("in this server's cache", "no")
+                    .detail("in the API server", "no")
+                    .fix(format!(
+                        "check the namespace and name (kubectl get pod -n {namespace} {name})"
+                    )),
+                Err(e) => Step::new(
+                    "pod",
+                    Outcome::Fail,
+                    format!("{namespace}/{name} is not in this server's cache"),
+                )
+                .detail("API server", format!("could not ask: {e}"))
+                .fix("check the server's access to the Kubernetes API (its log says more)"),
+                Ok(Some(now)) => {
+                    let summary = format!(
+                        "{namespace}/{name} is not in this server's cache yet (its watch lags); \
+                         shown as the API server has it"
+                    );
+                    steps.push(pod_facts(Step::new("pod", Outcome::Warn, summary), &now));
+                    return Some(Arc::new(now));
                 }
-            }
+            };
+            steps.push(step);
+            return None;
+        };
+        let step = pod_facts(
+            Step::new("pod", Outcome::Pass, format!("{namespace}/{name}")),
+            &pod,
+        );
+        let step = match agreement(&pod, &live) {
+            None => step.detail("API server agrees", "yes"),
+            Some(why) => step.detail("API server agrees", why).warn(),
         };
         steps.push(step);
-        cached
+        Some(pod)
     }
 
     /// Step 2: the role annotation and the identity it resolves to.
@@ -568,6 +528,26 @@ fn pod_facts(step: Step, pod: &PodInfo) -> Step {
         .detail("deletion", or_none(pod.deletion))
         .detail("service account", or_none(pod.service_account.as_deref()))
         .detail("node", or_none(pod.node.as_deref()))
+}
+
+/// `None` when the API server has the pod as cached; else how it differs.
+fn agreement(cached: &PodInfo, live: &Result<Option<PodInfo>, kube::Error>) -> Option<String> {
+    let lags = "the cache catches up with its watch";
+    match live {
+        Ok(Some(now)) if now == cached => None,
+        Ok(Some(now)) if now.uid != cached.uid => Some(format!(
+            "no: it has a newer pod of that name (uid {}); {lags}",
+            now.uid
+        )),
+        Ok(Some(now)) => Some(format!(
+            "not yet: it has phase {:?}, IPs {}, deletion {}; {lags}",
+            now.phase,
+            or_none(now.ips.as_ref()),
+            or_none(now.deletion)
+        )),
+        Ok(None) => Some("no: the pod is gone; the cache has not seen its deletion yet".into()),
+        Err(e) => Some(format!("could not ask: {e}")),
+    }
 }
 
 fn ambiguous(ip: IpAddr, pods: impl Iterator<Item = String>) -> Step {
