@@ -190,6 +190,35 @@ async fn no_role_annotation() {
 }
 
 #[tokio::test]
+async fn an_invalid_role_annotation_says_why() {
+    let c = Cluster::start(&[]).await;
+    c.namespace("team", Some(".*"));
+    c.pod("team", "web", "198.18.1.10", Some("arn:aws:s3:::bucket"));
+    let e = explain(&c, "team", "web").await;
+    let s = failed(&e);
+    assert_eq!(s.name, "role");
+    assert!(s.summary.contains("is not an IAM role ARN"), "{s:#?}");
+    assert_eq!(detail(s, "iam.amazonaws.com/role"), "arn:aws:s3:::bucket");
+}
+
+#[tokio::test]
+async fn an_invalid_namespace_regex_permits_nothing() {
+    let c = Cluster::start(&[]).await;
+    c.namespace("team", Some("arn:(unclosed"));
+    c.pod("team", "web", "198.18.1.11", Some("web"));
+    let e = explain(&c, "team", "web").await;
+    let s = failed(&e);
+    assert_eq!(s.name, "namespace");
+    assert!(
+        s.summary
+            .contains("has an invalid iam.amazonaws.com/permitted regex"),
+        "{s:#?}"
+    );
+    assert_eq!(detail(s, "iam.amazonaws.com/permitted"), "arn:(unclosed");
+    assert!(s.fix.contains(&regex::escape(ARN_WEB)), "{}", s.fix);
+}
+
+#[tokio::test]
 async fn regex_mismatch_shows_the_anchored_regex_and_one_that_matches() {
     let c = Cluster::start(&[]).await;
     // Unanchored this would match `.../web`; the server anchors it.
