@@ -88,6 +88,8 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// Ask a server for its health (for liveness/readiness probes).
     Health(HealthArgs),
+    /// Ask a server why a pod gets, or does not get, its role (exit 1: it does not).
+    Explain(ExplainArgs),
     /// Create the CA, server and agent certificates for mutual TLS.
     Certs(CertsArgs),
 }
@@ -331,6 +333,28 @@ pub struct HealthArgs {
     pub client: ClientArgs,
     /// Timeout for the health check.
     #[arg(long, env = "KIAM_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The pod, as namespace/name (or give --ip).
+    #[arg(value_name = "POD")]
+    pub pod: Option<String>,
+    /// The pod's IP address, instead of POD: the pod the metadata path would find.
+    #[arg(long, env = "KIAM_IP")]
+    pub ip: Option<String>,
+    /// text (for people) or json (for scripts).
+    #[arg(long, env = "KIAM_OUTPUT", default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+    /// Timeout for the explain call.
+    #[arg(long, env = "KIAM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
 }
 

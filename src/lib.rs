@@ -16,6 +16,7 @@
 //! - [`server`]: `kiam server` — caches, policy, credentials, gRPC service.
 //! - [`agent`]: `kiam agent` — metadata API, IMDSv2, proxy, server pool, iptables.
 //! - [`health`]: `kiam health` — one GetHealth call for probes.
+//! - [`explain`]: `kiam explain` — asks a server why a pod gets (or not) its role; prints it.
 //! - [`certs`]: `kiam certs` — a CA plus server and agent certificates.
 //! - [`proto`]: code generated from `proto/kiam.proto`.
 //!
@@ -50,6 +51,7 @@ pub mod agent;
 pub mod arn;
 pub mod certs;
 pub mod cli;
+pub mod explain;
 pub mod grpc_metrics;
 pub mod health;
 pub mod server;

@@ -78,6 +78,14 @@ fn run(command: Command) -> Result<(), Fatal> {
             println!("{message}");
             Ok(())
         }
+        Command::Explain(args) => {
+            init_logging(&args.log);
+            let served = runtime()?.block_on(kiam::explain::main(args))?;
+            if !served {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Certs(args) => kiam::certs::run(&args).map_err(|e| Fatal::Usage(e.to_string())),
     }
 }

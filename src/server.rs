@@ -13,12 +13,14 @@
 //! each new pod with a role, with its identity, to the prefetcher;
 //! [`namespaces`] keeps each namespace's compiled `permitted` regex;
 //! `grpc` answers agents: pod by IP -> [`policy`] decision -> [`credentials`]
-//! -> [`sts`], recording [`events`] on the Pod.
+//! -> [`sts`], recording [`events`] on the Pod. `explain` answers `kiam
+//! explain` from the same caches and policy, reading only.
 
 pub mod config;
 pub mod credentials;
 mod error;
 pub mod events;
+mod explain;
 mod grpc;
 mod index;
 pub mod model;

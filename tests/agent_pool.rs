@@ -132,6 +132,12 @@ impl KiamService for Srv {
             message: "ok".into(),
         }))
     }
+    async fn explain(
+        &self,
+        _: tonic::Request<kiam::proto::ExplainRequest>,
+    ) -> Result<Response<kiam::proto::Explanation>, Status> {
+        Err(Status::unimplemented("explain"))
+    }
 }
 
 /// A policy refusal naming the check that refused, in the response

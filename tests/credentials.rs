@@ -356,6 +356,7 @@ fn pod(namespace: &str, name: &str, uid: &str) -> PodInfo {
         session_name: None,
         external_id: None,
         service_account: Some("default".into()),
+        node: None,
     }
 }
 

@@ -538,3 +538,44 @@ async fn health_commands_pass_against_the_other_implementations_server() {
         }
     }
 }
+
+/// `kiam explain` (a new RPC beside the old ones) against a Go kiam server,
+/// which answers it UNIMPLEMENTED: says so and exits 1. Against our server
+/// beside it, the same pod is explained and served (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_says_a_go_server_does_not_support_it() {
+    let Some(s) = Servers::start().await else {
+        return;
+    };
+    let explain = |port: u16| {
+        let mut cmd = procs::kiam_bin();
+        cmd.arg("explain")
+            .args(["--server-address", &format!("127.0.0.1:{port}")])
+            .args(["--timeout", "2s"]);
+        kiam_sandbox::procs::tls_args(&mut cmd, &s.cluster.pki.dir, "agent");
+        cmd.arg("team-a/web").output().unwrap()
+    };
+    for (what, port, code, says) in [
+        ("Go server", s.go_port, 1, "does not support explain"),
+        ("our server", s.our_port, 0, "team-a/web: would be served"),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = explain(port);
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if out.status.code() == Some(code) && text.contains(says) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?}\n{text}",
+                out.status
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

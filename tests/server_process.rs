@@ -234,3 +234,63 @@ async fn base_arn_autodetected_from_the_instance_profile() {
         .expect("credentials for the autodetected role ARN");
     assert!(creds.access_key_id.starts_with("ASIA"));
 }
+
+fn run_explain(c: &ProcCluster, port: u16, args: &[&str]) -> std::process::Output {
+    let mut cmd = kiam_bin();
+    cmd.args(["explain", "--server-address", &format!("localhost:{port}")]);
+    c.tls_args(&mut cmd, "agent");
+    cmd.args(args).output().unwrap()
+}
+
+/// `kiam explain` against the real server process: exit 0 for a pod that
+/// is served, 1 for one its namespace forbids, JSON that parses, and never
+/// the secret key or session token moto issued to the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_against_the_server_process() {
+    let Some(moto) = start_moto() else {
+        return;
+    };
+    let c = ProcCluster::start().await;
+    c.namespace("team-a", ".*");
+    c.namespace("team-b", "^only-this$");
+    c.pod("team-a", "web", "198.18.2.20", "web-role");
+    c.pod("team-b", "locked", "198.18.2.21", "web-role");
+    let port = free_port();
+    let _server = c.spawn_server(
+        &moto.url,
+        &[
+            "--role-base-arn",
+            BASE,
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let creds = credentials(&c, port, "198.18.2.20", "web-role")
+        .await
+        .unwrap();
+
+    let out = run_explain(&c, port, &["team-a/web"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("team-a/web: would be served"), "{stdout}");
+    assert!(stdout.contains(&creds.access_key_id), "{stdout}");
+
+    let out = run_explain(&c, port, &["--output", "json", "--ip", "198.18.2.20"]);
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["served"], true);
+
+    let out = run_explain(&c, port, &["team-b/locked"]);
+    let locked = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{locked}");
+    assert!(
+        locked.contains("[FAIL] namespace: namespace team-b does not permit"),
+        "{locked}"
+    );
+    assert!(locked.contains("as applied: ^(?:^only-this$)$"), "{locked}");
+
+    for out in [&stdout, &locked, &String::from_utf8_lossy(&out.stderr)] {
+        assert!(!out.contains(&creds.secret_access_key), "{out}");
+        assert!(!out.contains(&creds.token), "{out}");
+    }
+}

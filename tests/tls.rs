@@ -60,6 +60,12 @@ impl KiamService for Echo {
             ),
         }))
     }
+    async fn explain(
+        &self,
+        _: Request<kiam::proto::ExplainRequest>,
+    ) -> Result<Response<kiam::proto::Explanation>, Status> {
+        Err(Status::unimplemented("explain"))
+    }
 }
 
 struct TestServer {

@@ -289,6 +289,78 @@ impl CredentialCache {
         // The returned future is only for joiners; the spawned task runs anyway.
         drop(inner.start_fetch(entry, identity, false));
     }
+
+    /// What the cache holds for `identity` right now, for `kiam explain`.
+    /// Reads only: never starts a fetch, never marks the identity used.
+    pub fn state(&self, identity: &Identity) -> CredentialState {
+        let inner = &self.inner;
+        let entries = inner.lock();
+        let Some(entry) = entries.get(identity) else {
+            return CredentialState::default();
+        };
+        let now = Instant::now();
+        CredentialState {
+            cached: entry.cached.as_ref().map(|c| CachedState {
+                access_key_id: c.credentials.access_key_id.clone(),
+                expiration: c.credentials.expiration,
+                refresh_at: wall_time(c.refresh_at, now),
+                fresh: c.expires_at > now + inner.config.session_refresh,
+            }),
+            in_flight: entry.fetch.is_some(),
+            last_failure: entry.failure.as_ref().map(|f| FailureState {
+                code: f.error.code.clone(),
+                message: f.error.message.clone(),
+                retryable: f.error.retryable,
+                consecutive: f.consecutive,
+                retry_at: wall_time(f.retry_at, now),
+            }),
+        }
+    }
+}
+
+/// A snapshot of one identity's credentials, without the secrets: the
+/// access key id at most.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CredentialState {
+    /// `None`: nothing cached (never fetched, failed, or dropped as unused).
+    pub cached: Option<CachedState>,
+    /// An STS call for this identity is running; requests join it.
+    pub in_flight: bool,
+    /// The last fetch failed; cleared by the next success.
+    pub last_failure: Option<FailureState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedState {
+    pub access_key_id: String,
+    pub expiration: Timestamp,
+    /// When the background refresh is due.
+    pub refresh_at: Timestamp,
+    /// More than `--session-refresh` of life left, so requests are served
+    /// from the cache.
+    pub fresh: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureState {
+    /// The AWS error code (`AccessDenied`, `Throttling`, ...).
+    pub code: Option<String>,
+    pub message: String,
+    pub retryable: bool,
+    pub consecutive: u32,
+    /// When the background path tries again.
+    pub retry_at: Timestamp,
+}
+
+/// The wall-clock time of a monotonic instant (for display only).
+fn wall_time(at: Instant, now: Instant) -> Timestamp {
+    let wall = Timestamp::now();
+    let shifted = if at >= now {
+        jiff::SignedDuration::try_from(at - now).map(|d| wall.checked_add(d))
+    } else {
+        jiff::SignedDuration::try_from(now - at).map(|d| wall.checked_sub(d))
+    };
+    shifted.ok().and_then(Result::ok).unwrap_or(wall)
 }
 
 impl Inner {

@@ -382,6 +382,30 @@ impl EventRecorder {
         }
     }
 
+    /// The last `n` Events recorded for the pod with this uid (newest
+    /// first), as this server counted them, for `kiam explain`.
+    pub fn recent(&self, uid: &str, n: usize) -> Vec<Recorded> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
+        let book = lock(&shared.book);
+        let mut found: Vec<Recorded> = book
+            .tallies
+            .iter()
+            .filter(|(key, _)| &*key.uid == uid)
+            .map(|(key, t)| Recorded {
+                reason: key.reason,
+                message: key.message.clone(),
+                count: t.count,
+                first: t.first,
+                last: t.last,
+            })
+            .collect();
+        found.sort_by_key(|e| std::cmp::Reverse(e.last));
+        found.truncate(n);
+        found
+    }
+
     /// Writes every count not yet written without waiting for the flush
     /// interval, and returns once that is done (or the writer is gone).
     pub async fn flush(&self) {
@@ -391,6 +415,16 @@ impl EventRecorder {
             let _ = wait.await;
         }
     }
+}
+
+/// One Event as [`EventRecorder::recent`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub reason: Reason,
+    pub message: String,
+    pub count: i32,
+    pub first: Timestamp,
+    pub last: Timestamp,
 }
 
 /// Cuts `message` to [`MAX_MESSAGE`] bytes by dropping its middle (marked

@@ -12,6 +12,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::credentials::CredentialCache;
 use super::events::{EventRecorder, Reason};
+use super::explain::Sources;
 use super::namespaces::NamespaceCache;
 use super::pods::{FindError, PodCache};
 use super::policy::{Decision, Policy};
@@ -19,8 +20,8 @@ use super::sts::{Credentials, StsError};
 use crate::grpc_metrics::GrpcMetrics;
 use crate::proto::kiam_service_server::KiamService;
 use crate::proto::{
-    Credentials as PbCredentials, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest,
-    HealthStatus, Role,
+    Credentials as PbCredentials, ExplainRequest, Explanation, GetHealthRequest,
+    GetPodCredentialsRequest, GetPodRoleRequest, HealthStatus, Role,
 };
 use crate::wire::{ec2_time, Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND};
 
@@ -120,6 +121,19 @@ impl Service {
                 "kiam server is starting: Pod and Namespace caches not yet synced",
             ))
         }
+    }
+
+    /// `kiam explain`: answers before the first sync too, saying so.
+    async fn explain(&self, req: ExplainRequest) -> Result<Explanation, Status> {
+        let sources = Sources {
+            pods: &self.pods,
+            namespaces: &self.namespaces,
+            policy: &self.policy,
+            credentials: &self.credentials,
+            events: &self.events,
+            ready: self.ready.load(Ordering::Acquire),
+        };
+        sources.explain(req).await
     }
 
     async fn pod_role(&self, req: GetPodRoleRequest) -> Result<Role, Status> {
@@ -232,6 +246,14 @@ impl KiamService for KiamGrpc {
             })
         };
         self.instrumented("GetHealth", call).await
+    }
+
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<Explanation>, Status> {
+        self.instrumented("Explain", self.0.explain(request.into_inner()))
+            .await
     }
 }
 

@@ -72,6 +72,9 @@ pub struct PodInfo {
     /// `iam.amazonaws.com/external-id`.
     pub external_id: Option<Arc<str>>,
     pub service_account: Option<Arc<str>>,
+    /// `spec.nodeName`: which node's agent answers the pod (`None` before it
+    /// is scheduled). Only `kiam explain` shows it; nothing decides on it.
+    pub node: Option<Arc<str>>,
 }
 
 impl PodInfo {

@@ -250,6 +250,26 @@ impl PodCache {
             .map(|e| e.info.clone())
     }
 
+    /// The live pods the cache has on `ip` (no API call): more than one
+    /// means requests from that IP are refused.
+    pub fn live_on(&self, ip: IpAddr) -> Vec<Arc<PodInfo>> {
+        let index = self.handle.state.index.lock().unwrap();
+        index.live_on(ip.to_canonical(), Timestamp::now())
+    }
+
+    /// The pod as the API server has it now: one GET, bypassing the cache
+    /// (and not updating it). `Ok(None)`: it does not exist.
+    pub async fn get_from_api(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<PodInfo>, kube::Error> {
+        let client = self.handle.state.api.clone().into_client();
+        let api: Api<PodView> = Api::namespaced(client, namespace);
+        let view = api.get_opt(name).await?;
+        Ok(view.as_ref().map(PodInfo::from_view))
+    }
+
     /// How many pods are cached (live or not).
     pub fn len(&self) -> usize {
         self.handle.state.index.lock().unwrap().pods.len()

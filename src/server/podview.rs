@@ -51,6 +51,10 @@ impl PodInfo {
                 .and_then(|s| s.service_account_name.as_deref())
                 .filter(|s| !s.is_empty())
                 .map(Into::into),
+            node: spec
+                .and_then(|s| s.node_name.as_deref())
+                .filter(|s| !s.is_empty())
+                .map(Into::into),
         }
     }
 }
@@ -76,6 +80,7 @@ pub(crate) struct PodView {
 pub(crate) struct SpecView {
     pub host_network: Option<bool>,
     pub service_account_name: Option<String>,
+    pub node_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, serde::Deserialize)]
@@ -247,6 +252,7 @@ pub(crate) mod tests {
             spec: pod.spec.as_ref().map(|s| SpecView {
                 host_network: s.host_network,
                 service_account_name: s.service_account_name.clone(),
+                node_name: s.node_name.clone(),
             }),
             status: pod.status.as_ref().map(|s| StatusView {
                 phase: s.phase.clone(),

@@ -269,6 +269,17 @@ impl PermittedRegex {
     pub fn is_match(&self, role_arn: &str) -> bool {
         self.regex.is_match(role_arn)
     }
+
+    /// The pattern as matched: `^(?:expression)$` unless
+    /// `--disable-strict-namespace-regexp`.
+    pub fn anchored(&self) -> &str {
+        self.regex.as_str()
+    }
+
+    /// From `--default-permitted-regexp`, not the namespace's annotation.
+    pub fn from_default(&self) -> bool {
+        self.from_default
+    }
 }
 
 /// What a namespace permits, compiled once when the namespace is seen.

@@ -55,17 +55,32 @@ fn subcommand(out: &mut String, sub: &Command) {
     out.push_str("|------|---------|-----|-------------|\n");
     let mut args: Vec<&Arg> = sub
         .get_arguments()
-        .filter(|a| a.get_long().is_some_and(|l| l != "help" && l != "version"))
+        .filter(|a| {
+            a.is_positional() || a.get_long().is_some_and(|l| l != "help" && l != "version")
+        })
         .collect();
+    // Positionals (no long name) first, then flags by name.
     args.sort_by_key(|a| a.get_long());
     for arg in args {
         row(out, sub.get_name(), arg);
     }
 }
 
+/// `POD`: the value name of a positional argument.
+fn positional_name(arg: &Arg) -> String {
+    arg.get_value_names().and_then(|n| n.first()).map_or_else(
+        || arg.get_id().to_string().to_uppercase(),
+        |n| n.to_string(),
+    )
+}
+
 fn row(out: &mut String, sub: &str, arg: &Arg) {
     let long = arg.get_long().unwrap_or_default();
-    let flag = format!("`--{long}{}`", value_syntax(arg));
+    let flag = if arg.is_positional() {
+        format!("`{}` (argument)", positional_name(arg))
+    } else {
+        format!("`--{long}{}`", value_syntax(arg))
+    };
 
     let defaults: Vec<String> = arg
         .get_default_values()
@@ -183,6 +198,11 @@ mod tests {
         for sub in Cli::command().get_subcommands() {
             assert!(doc.contains(&format!("## kiam {}", sub.get_name())));
             for arg in sub.get_arguments() {
+                if arg.is_positional() {
+                    let name = positional_name(arg);
+                    assert!(doc.contains(&format!("`{name}` (argument)")), "{name}");
+                    continue;
+                }
                 let long = arg.get_long().unwrap();
                 assert!(
                     doc.contains(&format!("`--{long}")),

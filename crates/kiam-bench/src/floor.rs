@@ -93,6 +93,12 @@ impl KiamService for Fixed {
             message: "ok".into(),
         }))
     }
+    async fn explain(
+        &self,
+        _: Request<kiam::proto::ExplainRequest>,
+    ) -> Result<Response<kiam::proto::Explanation>, Status> {
+        Err(Status::unimplemented("explain"))
+    }
 }
 
 /// Serves `creds` to every GetPodCredentials over mutual TLS (`tls`, the

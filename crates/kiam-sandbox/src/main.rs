@@ -381,6 +381,20 @@ fn describe(sandbox: &Sandbox) -> String {
             "  kubectl --kubeconfig {kubeconfig} -n {} get events",
             pod.namespace
         );
+        let certs = sandbox.certs().display();
+        // The server listens on the node, in its namespace when there is one.
+        let on_node = match &node_ns {
+            Some(ns) => format!("{sudo}ip netns exec {ns} "),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  # why, step by step, asked of the server:\n  {on_node}{} explain --cert {certs}/agent.pem --key {certs}/agent-key.pem --ca {certs}/ca.pem --server-address {} {}/{}",
+            sandbox.kiam().display(),
+            e.server_address,
+            pod.namespace,
+            pod.name
+        );
     }
     let _ = writeln!(
         out,

@@ -1065,6 +1065,11 @@ impl Sandbox {
         Ok(self.procs.check()?)
     }
 
+    /// The directory `kiam certs` wrote the CA, server and agent files to.
+    pub fn certs(&self) -> &Path {
+        &self.certs
+    }
+
     /// The `kiam` binary in use.
     pub fn kiam(&self) -> &Path {
         &self.kiam

@@ -323,3 +323,41 @@ async fn sweeper_stops_on_shutdown() {
     tokio::time::sleep(2 * HOUR).await;
     assert_eq!(sts.calls(&id), 1, "no refresh after shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn state_reports_what_is_cached_in_flight_and_failed_without_fetching() {
+    let sts = Arc::new(FakeSts::new());
+    sts.set_delay(Duration::from_millis(100));
+    let (cache, _registry) = cache_with(&sts, config(), always_used());
+    let id = identity("explained");
+
+    // Asking is free: nothing cached, nothing started.
+    assert_eq!(cache.state(&id), CredentialState::default());
+    settle().await;
+    assert_eq!(sts.calls(&id), 0);
+
+    let waiting = tokio::spawn({
+        let (cache, id) = (cache.clone(), id.clone());
+        async move { cache.get(&id).await }
+    });
+    settle().await;
+    assert!(cache.state(&id).in_flight);
+    let creds = waiting.await.unwrap().unwrap();
+    let state = cache.state(&id);
+    assert!(!state.in_flight && state.last_failure.is_none());
+    let cached = state.cached.expect("cached");
+    assert!(cached.fresh);
+    assert_eq!(cached.access_key_id, creds.access_key_id);
+    assert_eq!(cached.expiration, creds.expiration);
+    // Refreshed before the refresh threshold, never after.
+    let threshold = creds.expiration - jiff::SignedDuration::try_from(REFRESH).unwrap();
+    assert!(cached.refresh_at <= threshold, "{cached:?}");
+
+    sts.fail_always(Some(FakeFailure::AccessDenied));
+    let other = identity("denied");
+    cache.get(&other).await.unwrap_err();
+    let failure = cache.state(&other).last_failure.expect("failure kept");
+    assert_eq!(failure.code.as_deref(), Some("AccessDenied"));
+    assert!(!failure.retryable);
+    assert_eq!(failure.consecutive, 1);
+}

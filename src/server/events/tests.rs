@@ -23,6 +23,7 @@ fn pod(uid: &str) -> PodInfo {
         session_name: None,
         external_id: None,
         service_account: Some("default".into()),
+        node: None,
     }
 }
 
@@ -502,4 +503,30 @@ async fn disabled_records_nothing_and_does_not_panic() {
     let recorder = EventRecorder::disabled();
     recorder.record(&pod("u"), Reason::RoleForbidden, "x".into());
     recorder.flush().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn recent_lists_a_pods_events_newest_first() {
+    let (client, _api) = fake_api();
+    let recorder = EventRecorder::new(client);
+    let p = pod("uid-1");
+    for _ in 0..3 {
+        recorder.record(&p, Reason::RoleForbidden, DENIAL.into());
+    }
+    // Wall-clock order decides "newest"; make it unambiguous.
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    recorder.record(&p, Reason::CredentialError, "AccessDenied".into());
+    recorder.record(&pod("uid-2"), Reason::RoleForbidden, DENIAL.into());
+
+    let recent = recorder.recent("uid-1", 5);
+    let seen: Vec<(Reason, i32)> = recent.iter().map(|e| (e.reason, e.count)).collect();
+    assert_eq!(
+        seen,
+        [(Reason::CredentialError, 1), (Reason::RoleForbidden, 3)]
+    );
+    assert_eq!(recent[1].message, DENIAL);
+    assert!(recent[1].first <= recent[1].last);
+    assert_eq!(recorder.recent("uid-1", 1).len(), 1);
+    assert_eq!(recorder.recent("uid-3", 5), []);
+    assert_eq!(EventRecorder::disabled().recent("uid-1", 5), []);
 }

@@ -48,6 +48,7 @@ fn pod(role: Option<&str>) -> PodInfo {
         session_name: None,
         external_id: None,
         service_account: Some("default".into()),
+        node: None,
     }
 }
 
