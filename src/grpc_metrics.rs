@@ -36,6 +36,13 @@ pub struct GrpcMetrics {
     started: Family<MethodLabels, Counter>,
     handled: Family<HandledLabels, Counter>,
     handling: Family<MethodLabels, Histogram>,
+    /// `grpc_{side}_msg_received_total` and `_msg_sent_total`, as
+    /// go-grpc-prometheus counts them for unary calls: the request message
+    /// when the call starts, the answer only when it succeeds. Which is which
+    /// depends on the side: the server receives the request, the client
+    /// sends it.
+    request_msgs: Family<MethodLabels, Counter>,
+    answer_msgs: Family<MethodLabels, Counter>,
 }
 
 impl GrpcMetrics {
@@ -61,7 +68,24 @@ impl GrpcMetrics {
             handling: Family::new_with_constructor(|| {
                 Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])
             }),
+            request_msgs: Family::default(),
+            answer_msgs: Family::default(),
         };
+        let (requests, answers) = if side == "client" {
+            ("sent", "received")
+        } else {
+            ("received", "sent")
+        };
+        registry.register(
+            format!("grpc_{side}_msg_{requests}"),
+            format!("Total number of RPC request messages {requests} on the {side}."),
+            m.request_msgs.clone(),
+        );
+        registry.register(
+            format!("grpc_{side}_msg_{answers}"),
+            format!("Total number of RPC answer messages {answers} on the {side}."),
+            m.answer_msgs.clone(),
+        );
         registry.register(
             format!("grpc_{side}_started"),
             format!("Total number of RPCs started on the {side}."),
@@ -93,11 +117,15 @@ impl GrpcMetrics {
     /// Counts a started RPC; pass the returned instant to [`Self::handled`].
     pub fn started(&self, method: &'static str) -> Instant {
         self.started.get_or_create(&Self::labels(method)).inc();
+        self.request_msgs.get_or_create(&Self::labels(method)).inc();
         Instant::now()
     }
 
     /// Counts a finished RPC with its code and latency.
     pub fn handled(&self, method: &'static str, started: Instant, code: Code) {
+        if code == Code::Ok {
+            self.answer_msgs.get_or_create(&Self::labels(method)).inc();
+        }
         self.handling
             .get_or_create(&Self::labels(method))
             .observe(started.elapsed().as_secs_f64());

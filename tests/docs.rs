@@ -377,7 +377,7 @@ async fn dashboard_and_metrics_doc_match_the_binaries() {
     }
     let series = e.series_names();
     let label_names = e.label_names();
-    let token = regex::Regex::new(r"\b(?:kiam|grpc)_[a-z0-9_]+").unwrap();
+    let token = regex::Regex::new(r"\b(?:kiam|grpc)_[a-zA-Z0-9_]+").unwrap();
     for line in doc.lines().filter(|l| !l.contains("not exported")) {
         for m in token.find_iter(line) {
             let n = m.as_str();

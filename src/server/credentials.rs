@@ -32,6 +32,7 @@ use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
 use jiff::Timestamp;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
@@ -149,6 +150,7 @@ struct Inner {
     sts_metrics: StsMetrics,
     hits: Counter,
     misses: Counter,
+    size: Gauge,
     /// Child of the shutdown token; cancelled on drop to stop the sweeper.
     stop: CancellationToken,
 }
@@ -181,6 +183,9 @@ pub struct CredentialMetrics {
     hits: Counter,
     misses: Counter,
     sts: StsMetrics,
+    /// `kiam_sts_cacheSize` (Go kiam's name): identities the cache holds,
+    /// updated by the sweeper every second.
+    size: Gauge,
 }
 
 impl CredentialMetrics {
@@ -200,10 +205,17 @@ impl CredentialMetrics {
             "Number of cache misses to the metadata cache",
             misses.clone(),
         );
+        let size = Gauge::default();
+        registry.register(
+            "kiam_sts_cacheSize",
+            "Current size of the metadata cache",
+            size.clone(),
+        );
         CredentialMetrics {
             hits,
             misses,
             sts: StsMetrics::register(registry),
+            size,
         }
     }
 }
@@ -222,6 +234,7 @@ impl CredentialCache {
             hits,
             misses,
             sts: sts_metrics,
+            size,
         } = metrics;
         let inner = Arc::new(Inner {
             sts,
@@ -233,6 +246,7 @@ impl CredentialCache {
             sts_metrics,
             hits,
             misses,
+            size,
             stop: shutdown.child_token(),
         });
         tokio::spawn(sweep_loop(Arc::downgrade(&inner), inner.stop.clone()));
@@ -571,6 +585,8 @@ impl Inner {
                 drop(self.start_fetch(entry, &identity, false));
             }
         }
+        self.size
+            .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
     }
 }
 
