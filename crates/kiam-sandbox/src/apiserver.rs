@@ -70,6 +70,7 @@
 mod discovery;
 mod http;
 mod jwt;
+mod kinds;
 mod ops;
 mod protobuf;
 mod resources;

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::resources::Resource;
+use super::kinds::Resource;
 
 /// One failed request, rendered as a `metav1.Status` by [`ApiError::to_status`].
 #[derive(Clone, Debug, PartialEq, Eq)]
