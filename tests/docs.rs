@@ -201,15 +201,20 @@ async fn scrape_server_and_agent() -> Option<Exposition> {
             &format!("--prometheus-listen-addr=127.0.0.1:{agent_metrics}"),
         ],
     );
-    let _agent = procs::ChildGuard::spawn("kiam agent", cmd).unwrap();
+    let mut agent = procs::ChildGuard::spawn("kiam agent", cmd).unwrap();
 
     // Credentials once the server has synced.
     let creds = "/latest/meta-data/iam/security-credentials/web-role?ip=198.18.4.10";
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (code, body) = get(agent_port, creds).await;
         if code == 200 {
             break;
+        }
+        // A port taken between free_port and the agent's bind ends the
+        // agent at once: say so rather than wait (KIAM_TEST_LOGS shows why).
+        if let Ok(Some(status)) = agent.child.try_wait() {
+            panic!("kiam agent exited ({status}) before serving; rerun with KIAM_TEST_LOGS=1");
         }
         assert!(
             Instant::now() < deadline,
