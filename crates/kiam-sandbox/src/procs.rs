@@ -382,9 +382,33 @@ pub fn find_kiam() -> Result<PathBuf, FindKiamError> {
     }
 }
 
-/// A free TCP port on 127.0.0.1 of this thread's namespace (bound and
+/// A free TCP port in this thread's network namespace (checked bindable and
 /// released: a race with another process is possible but unlikely).
 pub fn free_port() -> std::io::Result<u16> {
+    // Not the kernel's pick: an ephemeral port handed back here can be taken
+    // by any outgoing connection (this process's HTTP clients included)
+    // before the child binds it. Ports are handed out in turn from below
+    // Linux's ephemeral range (32768-60999), starting at a per-process
+    // offset, each once per process, and only if it can be bound now on
+    // every address a kiam process listens on.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        let free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok();
+        if free {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
