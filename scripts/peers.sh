@@ -4,7 +4,9 @@
 # a second run reuses them. Nothing of a peer is kept in this repository: the
 # wrapper module that requires it is written into the cache.
 #
-#   scripts/peers.sh kiam-go    prints the path of Go kiam's `kiam` binary
+#   scripts/peers.sh kiam-go         prints the path of Go kiam's `kiam` binary
+#   scripts/peers.sh kube-apiserver  prints the path of a real kube-apiserver
+#   scripts/peers.sh etcd            prints the path of a real etcd
 #
 # Exits non-zero, saying why on stderr, when a peer cannot be built (no Go,
 # or the module proxy does not serve a module); the tests that need it then
@@ -75,10 +77,110 @@ EOF
   echo "$bin"
 }
 
+# A real Kubernetes API server and its etcd, for the tests that run kiam
+# against the real thing (tests/real_apiserver.rs). Built stripped
+# (-trimpath, -s -w) to keep the cache small.
+KUBE_VERSION=v1.36.3
+# k8s.io/kubernetes's staging modules are published as k8s.io/<name> at
+# v0.<minor>.<patch>; its own go.mod points them at ./staging, which a module
+# that requires it cannot use, so the wrapper replaces each by that version.
+KUBE_STAGING_VERSION=v0.36.3
+KUBE_RECIPE=r1
+ETCD_VERSION=v3.6.16
+ETCD_RECIPE=r1
+
+# go_peer NAME VERSION RECIPE MODULE PACKAGE BINARY [EXTRA_GO_MOD_FILE]
+# Builds PACKAGE (of MODULE at VERSION) through a wrapper module in the
+# cache; prints the binary's path.
+go_peer() {
+  local name=$1 version=$2 recipe=$3 module=$4 package=$5 binary=$6 extra=${7:-}
+  local dir="$cache_root/$name-$version-$recipe"
+  local bin="$dir/bin/$binary"
+  if [ -x "$bin" ]; then
+    echo "$bin"
+    return 0
+  fi
+  if ! command -v go >/dev/null 2>&1; then
+    echo "peers.sh: no 'go' on PATH; cannot build $name" >&2
+    return 1
+  fi
+  local work="$dir/module"
+  rm -rf "$work"
+  mkdir -p "$work" "$dir/bin"
+  cat >"$work/go.mod" <<EOF
+module $name-peer
+
+go 1.26
+
+require $module $version
+EOF
+  if [ -n "$extra" ]; then
+    cat "$extra" >>"$work/go.mod"
+  fi
+  cat >"$work/peer.go" <<EOF
+//go:build peer
+
+// Only makes 'go mod tidy' keep the peer's main package in the graph.
+package peer
+
+import _ "$package"
+EOF
+  local log="$dir/build.log"
+  local started=$SECONDS
+  echo "peers.sh: building $name $version into $dir (log: $log)" >&2
+  if ! (
+    cd "$work" &&
+      export GOFLAGS="-mod=mod -trimpath" GOWORK=off &&
+      go mod tidy -e &&
+      go build -ldflags="-s -w" -o "$bin.tmp" "$package" &&
+      mv "$bin.tmp" "$bin"
+  ) >"$log" 2>&1; then
+    echo "peers.sh: $name did not build; the end of $log:" >&2
+    tail -n 15 "$log" >&2
+    return 1
+  fi
+  echo "peers.sh: $name built in $((SECONDS - started)) s" >&2
+  echo "$bin"
+}
+
+kube_apiserver() {
+  if ! command -v go >/dev/null 2>&1; then
+    echo "peers.sh: no 'go' on PATH; cannot build kube-apiserver" >&2
+    return 1
+  fi
+  local gomod
+  # The staging modules are read from k8s.io/kubernetes's own go.mod.
+  if ! gomod=$(GOFLAGS= GOWORK=off go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" |
+    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p') || [ ! -f "$gomod" ]; then
+    echo "peers.sh: the module proxy does not serve k8s.io/kubernetes@$KUBE_VERSION" >&2
+    return 1
+  fi
+  local replaces
+  replaces=$(mktemp)
+  {
+    echo "replace ("
+    sed -n 's|^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => \./staging/.*$|\1|p' "$gomod" |
+      while read -r m; do echo "	$m => $m $KUBE_STAGING_VERSION"; done
+    echo ")"
+  } >"$replaces"
+  local rc=0
+  go_peer kube-apiserver "$KUBE_VERSION" "$KUBE_RECIPE" k8s.io/kubernetes \
+    k8s.io/kubernetes/cmd/kube-apiserver kube-apiserver "$replaces" || rc=$?
+  rm -f "$replaces"
+  return $rc
+}
+
+etcd() {
+  go_peer etcd "$ETCD_VERSION" "$ETCD_RECIPE" go.etcd.io/etcd/server/v3 \
+    go.etcd.io/etcd/server/v3 etcd
+}
+
 case "${1:-}" in
   kiam-go) kiam_go ;;
+  kube-apiserver) kube_apiserver ;;
+  etcd) etcd ;;
   *)
-    echo "usage: $0 kiam-go" >&2
+    echo "usage: $0 kiam-go|kube-apiserver|etcd" >&2
     exit 64
     ;;
 esac
