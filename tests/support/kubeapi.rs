@@ -46,8 +46,8 @@ pub struct KubeApi {
     /// The CA (bundle) that verifies the API server's serving certificate.
     pub ca: PathBuf,
     // Dropped in this order: the API server before its etcd.
-    _apiserver: ChildGuard,
-    _etcd: ChildGuard,
+    apiserver: ChildGuard,
+    etcd: ChildGuard,
     pub dir: tempfile::TempDir,
 }
 
@@ -100,6 +100,8 @@ impl KubeApi {
         let sa_key = d.join("sa.key");
         let key = rcgen::KeyPair::generate().unwrap();
         std::fs::write(&sa_key, key.serialize_pem()).unwrap();
+        let sa_pub = d.join("sa.pub");
+        std::fs::write(&sa_pub, key.public_key_pem()).unwrap();
         let tokens = d.join("tokens.csv");
         std::fs::write(
             &tokens,
@@ -118,7 +120,7 @@ impl KubeApi {
             .arg("--authorization-mode=RBAC")
             .arg(format!("--token-auth-file={}", tokens.display()))
             .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg(format!("--service-account-key-file={}", sa_key.display()))
+            .arg(format!("--service-account-key-file={}", sa_pub.display()))
             .arg(format!(
                 "--service-account-signing-key-file={}",
                 sa_key.display()
@@ -144,19 +146,21 @@ impl KubeApi {
             url: url.clone(),
             kubeconfig: d.join("kubeconfig"),
             ca: ca.clone(),
-            _apiserver: apiserver,
-            _etcd: etcd,
+            apiserver,
+            etcd,
             dir,
         };
         let ready = wait_until(Duration::from_secs(120), Duration::from_millis(250), || {
-            ca.is_file()
-                && api
-                    .curl("GET", "/readyz", None, None)
-                    .map(|(code, _)| code == 200)
-                    .unwrap_or(false)
+            // Stop waiting when it exited (a flag it refuses, ...).
+            matches!(api.apiserver.child.try_wait(), Ok(Some(_)))
+                || ca.is_file()
+                    && api
+                        .curl("GET", "/readyz", None, None)
+                        .map(|(code, _)| code == 200)
+                        .unwrap_or(false)
         });
         assert!(
-            ready,
+            ready && matches!(api.apiserver.child.try_wait(), Ok(None)),
             "kube-apiserver was not ready within 120 s:\n{}",
             log_tail(api.dir.path(), "kube-apiserver")
         );
