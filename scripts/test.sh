@@ -49,6 +49,20 @@ if [ -z "${KIAM_GO_BIN:-}" ]; then
 fi
 export KIAM_GO_BIN
 
+# A real kube-apiserver and etcd for tests/real_apiserver.rs (it says
+# SKIPPED without them); binaries given in the variables are used as they
+# are. docs/MIGRATING.md ("Tested against a real kube-apiserver") has the
+# versions and the build times.
+if [ -z "${KIAM_ETCD_BIN:-}" ]; then
+  step "etcd peer (scripts/peers.sh etcd)"
+  KIAM_ETCD_BIN=$(bash scripts/peers.sh etcd) || KIAM_ETCD_BIN=
+fi
+if [ -z "${KIAM_KUBE_APISERVER_BIN:-}" ]; then
+  step "kube-apiserver peer (scripts/peers.sh kube-apiserver)"
+  KIAM_KUBE_APISERVER_BIN=$(bash scripts/peers.sh kube-apiserver) || KIAM_KUBE_APISERVER_BIN=
+fi
+export KIAM_ETCD_BIN KIAM_KUBE_APISERVER_BIN
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
