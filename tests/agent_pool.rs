@@ -85,7 +85,10 @@ impl KiamService for Srv {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.behaviour.pause().await;
         if r.into_inner().ip == POD {
-            Ok(Response::new(Role { name: ROLE.into() }))
+            Ok(Response::new(Role {
+                name: ROLE.into(),
+                ..Default::default()
+            }))
         } else {
             Err(Status::unknown("no pod found"))
         }
@@ -137,6 +140,12 @@ impl KiamService for Srv {
         _: tonic::Request<kiam::proto::ExplainRequest>,
     ) -> Result<Response<kiam::proto::Explanation>, Status> {
         Err(Status::unimplemented("explain"))
+    }
+    async fn get_token_credentials(
+        &self,
+        _: tonic::Request<kiam::proto::GetTokenCredentialsRequest>,
+    ) -> Result<tonic::Response<kiam::proto::TokenCredentials>, tonic::Status> {
+        Err(tonic::Status::unimplemented("token credentials"))
     }
 }
 

@@ -528,6 +528,12 @@ impl kiam::proto::kiam_service_server::KiamService for Old {
             "unknown method Explain for service kiam.KiamService",
         ))
     }
+    async fn get_token_credentials(
+        &self,
+        _: tonic::Request<kiam::proto::GetTokenCredentialsRequest>,
+    ) -> Result<tonic::Response<kiam::proto::TokenCredentials>, tonic::Status> {
+        Err(tonic::Status::unimplemented("token credentials"))
+    }
 }
 
 #[tokio::test]

@@ -37,6 +37,7 @@ impl KiamService for Echo {
     async fn get_pod_role(&self, r: Request<GetPodRoleRequest>) -> Result<Response<Role>, Status> {
         Ok(Response::new(Role {
             name: format!("role-for-{}", r.into_inner().ip),
+            ..Default::default()
         }))
     }
 
@@ -65,6 +66,12 @@ impl KiamService for Echo {
         _: Request<kiam::proto::ExplainRequest>,
     ) -> Result<Response<kiam::proto::Explanation>, Status> {
         Err(Status::unimplemented("explain"))
+    }
+    async fn get_token_credentials(
+        &self,
+        _: tonic::Request<kiam::proto::GetTokenCredentialsRequest>,
+    ) -> Result<tonic::Response<kiam::proto::TokenCredentials>, tonic::Status> {
+        Err(tonic::Status::unimplemented("token credentials"))
     }
 }
 

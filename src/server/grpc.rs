@@ -146,7 +146,10 @@ impl Service {
             .map_err(|e| find_error(ip, e))?;
         let name = pod.role.as_deref().unwrap_or_default().to_string();
         tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip, pod.iam.role = %name, "found role");
-        Ok(Role { name })
+        Ok(Role {
+            name,
+            arn: String::new(),
+        })
     }
 
     async fn pod_credentials(
@@ -254,6 +257,14 @@ impl KiamService for KiamGrpc {
     ) -> Result<Response<Explanation>, Status> {
         self.instrumented("Explain", self.0.explain(request.into_inner()))
             .await
+    }
+
+    async fn get_token_credentials(
+        &self,
+        _request: Request<crate::proto::GetTokenCredentialsRequest>,
+    ) -> Result<Response<crate::proto::TokenCredentials>, Status> {
+        let call = async { Err(Status::unimplemented("token credentials: not built yet")) };
+        self.instrumented("GetTokenCredentials", call).await
     }
 }
 

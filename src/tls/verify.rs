@@ -234,7 +234,10 @@ impl ClientVerifier {
     pub(super) fn new(anchors: Vec<TrustAnchor<'static>>, algs: WebPkiSupportedAlgorithms) -> Self {
         let hints = anchors
             .iter()
-            .map(|a| DistinguishedName::from(a.subject.as_ref().to_vec()))
+            // webpki keeps a subject as the Name's contents; the
+            // CertificateRequest carries whole DER Names (RFC 8446 4.2.4),
+            // which OpenSSL clients parse and reject otherwise.
+            .map(|a| DistinguishedName::in_sequence(a.subject.as_ref()))
             .collect();
         ClientVerifier {
             anchors,

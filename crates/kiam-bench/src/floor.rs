@@ -75,6 +75,7 @@ impl KiamService for Fixed {
     async fn get_pod_role(&self, _: Request<GetPodRoleRequest>) -> Result<Response<Role>, Status> {
         Ok(Response::new(Role {
             name: "role".into(),
+            ..Default::default()
         }))
     }
 
@@ -98,6 +99,12 @@ impl KiamService for Fixed {
         _: Request<kiam::proto::ExplainRequest>,
     ) -> Result<Response<kiam::proto::Explanation>, Status> {
         Err(Status::unimplemented("explain"))
+    }
+    async fn get_token_credentials(
+        &self,
+        _: tonic::Request<kiam::proto::GetTokenCredentialsRequest>,
+    ) -> Result<tonic::Response<kiam::proto::TokenCredentials>, tonic::Status> {
+        Err(tonic::Status::unimplemented("token credentials"))
     }
 }
 
