@@ -200,6 +200,11 @@ pub struct ServerArgs {
     #[arg(long, env = "KIAM_SESSION_TAGS", default_value_t = false, num_args = 0..=1,
           default_missing_value = "true", action = ArgAction::Set)]
     pub session_tags: bool,
+    /// The audience a projected service-account token must be issued for
+    /// to identify a pod on the container credentials path
+    /// (docs/TOKEN-IDENTITY.md); the pods' projected volumes request it.
+    #[arg(long, env = "KIAM_TOKEN_AUDIENCE", default_value = "kiam")]
+    pub token_audience: String,
 
     /// gRPC keepalive: HTTP/2 PING interval (0s: no pings).
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIME_DURATION", default_value = "10s", value_parser = parse_duration)]

@@ -13,7 +13,8 @@
 //! each new pod with a role, with its identity, to the prefetcher;
 //! [`namespaces`] keeps each namespace's compiled `permitted` regex;
 //! `grpc` answers agents: pod by IP -> [`policy`] decision -> [`credentials`]
-//! -> [`sts`], recording [`events`] on the Pod. `explain` answers `kiam
+//! -> [`sts`], recording [`events`] on the Pod; on the container
+//! credentials path the pod is the one a verified [`token`] names instead. `explain` answers `kiam
 //! explain` from the same caches and policy, reading only.
 
 pub mod config;
@@ -29,6 +30,7 @@ pub mod pods;
 mod podview;
 pub mod policy;
 pub mod sts;
+pub mod token;
 mod watch;
 
 pub use error::ServerError;
@@ -123,6 +125,7 @@ pub async fn run(
         },
         metrics.pods,
     );
+    let tokens = token::TokenVerifier::new(kube.clone(), &config.token_audience);
     let namespaces = NamespaceCache::spawn(kube, policy.clone(), config.sync);
     let in_use_pods = pods.clone();
     let credentials = CredentialCache::new(
@@ -138,6 +141,7 @@ pub async fn run(
         policy,
         credentials,
         events,
+        tokens,
         ready: Arc::new(AtomicBool::new(false)),
         metrics: metrics.grpc,
     });

@@ -15,6 +15,11 @@ pub const GO_POD_NOT_FOUND: &str = "pod not found";
 /// The status message for a policy refusal (Go kiam's `ErrPolicyForbidden`).
 pub const FORBIDDEN_BY_POLICY: &str = "forbidden by policy";
 
+/// The start of every GetTokenCredentials refusal of the token itself
+/// (status UNAUTHENTICATED); the rest of the message says why, in words fit
+/// for the pod. Agents answer such refusals 401.
+pub const TOKEN_REFUSED: &str = "token refused";
+
 /// Response metadata key naming which [`Check`] refused a credentials
 /// request, so an agent can answer 404 (not the pod's role) or 403 (the
 /// pod's role, but its namespace does not permit it) without asking again.

@@ -150,6 +150,34 @@ pub trait KiamClient: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Credentials, ClientError>>;
     /// A server's health message (`ok` when healthy).
     fn health(&self, deadline: TokioInstant) -> BoxFuture<'_, Result<String, ClientError>>;
+    /// Credentials for the pod a projected service-account token is bound
+    /// to (the container credentials path); `ip` is for the server's logs.
+    /// Clients that cannot ask say so as every Go kiam server would.
+    fn get_token_credentials<'a>(
+        &'a self,
+        token: &'a str,
+        ip: IpAddr,
+        deadline: TokioInstant,
+    ) -> BoxFuture<'a, Result<TokenCredentials, ClientError>> {
+        let _ = (token, ip, deadline);
+        Box::pin(async { Err(ClientError::Unavailable(TOKEN_UNSUPPORTED.into())) })
+    }
+}
+
+/// What a pool's error says when every server it asked answered
+/// GetTokenCredentials with UNIMPLEMENTED (Go kiam servers).
+pub const TOKEN_UNSUPPORTED: &str =
+    "the kiam server does not implement GetTokenCredentials (Go kiam?)";
+
+/// A GetTokenCredentials answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenCredentials {
+    pub credentials: Credentials,
+    /// The role's resolved ARN.
+    pub role_arn: String,
+    /// The pod the token named, for the logs.
+    pub namespace: String,
+    pub name: String,
 }
 
 /// Maps a gRPC status to the agent's error: by message first (Go servers
@@ -180,7 +208,10 @@ fn classify(status: &Status) -> ClientError {
     match status.code() {
         // A server cut its own work short: it had the request.
         Code::DeadlineExceeded | Code::Cancelled => ClientError::Timeout(detail),
-        Code::FailedPrecondition | Code::PermissionDenied => ClientError::Final(detail),
+        // UNAUTHENTICATED: a token the server refused (the token path).
+        Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated => {
+            ClientError::Final(detail)
+        }
         _ => ClientError::Server(detail),
     }
 }
@@ -554,6 +585,52 @@ impl KiamClient for Pool {
                 )
                 .await?;
             Ok(creds.into())
+        })
+    }
+
+    fn get_token_credentials<'a>(
+        &'a self,
+        token: &'a str,
+        ip: IpAddr,
+        deadline: TokioInstant,
+    ) -> BoxFuture<'a, Result<TokenCredentials, ClientError>> {
+        Box::pin(async move {
+            let ip = ip.to_string();
+            let answer = self
+                .balancer
+                .call(
+                    "GetTokenCredentials",
+                    self.balancer.cfg.credentials_attempt_timeout,
+                    deadline,
+                    |mut c| {
+                        let req = proto::GetTokenCredentialsRequest {
+                            token: token.to_string(),
+                            ip: ip.clone(),
+                        };
+                        async move {
+                            // A Go kiam server does not know the RPC: ask
+                            // the next server (a rollout mixes them), and
+                            // say why if none knows it.
+                            c.get_token_credentials(req).await.map_err(|s| {
+                                if s.code() == Code::Unimplemented {
+                                    Status::unavailable(TOKEN_UNSUPPORTED)
+                                } else {
+                                    s
+                                }
+                            })
+                        }
+                    },
+                )
+                .await?;
+            let credentials = answer.credentials.ok_or_else(|| {
+                ClientError::Server("GetTokenCredentials answered without credentials".into())
+            })?;
+            Ok(TokenCredentials {
+                credentials: credentials.into(),
+                role_arn: answer.role_arn,
+                namespace: answer.namespace,
+                name: answer.name,
+            })
         })
     }
 

@@ -39,6 +39,7 @@ use super::proxy::{response_headers, Upstream, UpstreamError};
 use super::retry::{retry, RetryFailure};
 use crate::wire::{Check, FORBIDDEN_BY_POLICY};
 
+mod container;
 mod health;
 
 /// Router settings (from the agent flags).
@@ -220,6 +221,7 @@ mod handler {
     pub const IAM_INFO: &str = "iamInfo";
     pub const IAM: &str = "iam";
     pub const TOKEN: &str = "token";
+    pub const CONTAINER_CREDENTIALS: &str = "containerCredentials";
 }
 
 async fn dispatch(State(ctx): State<Arc<RouterContext>>, req: Request) -> Response {
@@ -248,6 +250,12 @@ async fn dispatch(State(ctx): State<Arc<RouterContext>>, req: Request) -> Respon
         Ok(ip) => ip,
         Err(r) => return r.into_response(),
     };
+
+    // The container credentials path: the token in `Authorization`, not
+    // the address or an IMDSv2 token, says who the pod is.
+    if let ["v1", "credentials"] = segs.as_slice() {
+        return container::serve(&ctx, caller, &parts.method, &parts.headers).await;
+    }
 
     if let [_, "api", "token"] = segs.as_slice() {
         if parts.method == Method::PUT {

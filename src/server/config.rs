@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     pub max_connection_age: Duration,
     pub max_connection_age_grace: Duration,
+    /// `--token-audience`.
+    pub token_audience: String,
 }
 
 /// Default `--session-refresh`: half the duration, at most 30 minutes, so a
@@ -96,6 +98,10 @@ impl ServerConfig {
         }
         if args.session.trim().is_empty() {
             return Err(ServerError::EmptySession);
+        }
+        let token_audience = args.token_audience.trim().to_string();
+        if token_audience.is_empty() {
+            return Err(ServerError::EmptyTokenAudience);
         }
         let namespaces = NamespacePolicyConfig::new(
             !args.disable_strict_namespace_regexp,
@@ -145,6 +151,7 @@ impl ServerConfig {
             keepalive_timeout: args.grpc_keepalive_timeout_duration,
             max_connection_age: args.grpc_max_connection_age_duration,
             max_connection_age_grace: args.grpc_max_connection_age_grace_duration,
+            token_audience,
         })
     }
 

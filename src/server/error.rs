@@ -25,6 +25,8 @@ pub enum ServerError {
     RefreshZero,
     #[error("--session must not be empty")]
     EmptySession,
+    #[error("--token-audience must not be empty (default: kiam)")]
+    EmptyTokenAudience,
     #[error(
         "--assume-role-arn {arn:?} is not a role ARN \
          (expected arn:aws:iam::<account>:role/<name>): {reason}"
@@ -69,6 +71,7 @@ impl ServerError {
                 | ServerError::RefreshNotShorter { .. }
                 | ServerError::RefreshZero
                 | ServerError::EmptySession
+                | ServerError::EmptyTokenAudience
                 | ServerError::AssumeRoleArn { .. }
                 | ServerError::Region(_)
                 | ServerError::Kubeconfig { .. }

@@ -17,13 +17,17 @@ use super::namespaces::NamespaceCache;
 use super::pods::{FindError, PodCache};
 use super::policy::{Decision, Policy};
 use super::sts::{Credentials, StsError};
+use super::token::{self, TokenError, TokenVerifier};
 use crate::grpc_metrics::GrpcMetrics;
 use crate::proto::kiam_service_server::KiamService;
 use crate::proto::{
     Credentials as PbCredentials, ExplainRequest, Explanation, GetHealthRequest,
-    GetPodCredentialsRequest, GetPodRoleRequest, HealthStatus, Role,
+    GetPodCredentialsRequest, GetPodRoleRequest, GetTokenCredentialsRequest, HealthStatus, Role,
+    TokenCredentials,
 };
-use crate::wire::{ec2_time, Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND};
+use crate::wire::{
+    ec2_time, Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND, TOKEN_REFUSED,
+};
 
 /// Everything the service answers from.
 pub(super) struct Service {
@@ -32,6 +36,8 @@ pub(super) struct Service {
     pub policy: Arc<Policy>,
     pub credentials: CredentialCache,
     pub events: EventRecorder,
+    /// Verifies the tokens of the container credentials path.
+    pub tokens: TokenVerifier,
     /// Set once both caches completed their first full list; until then
     /// every call is UNAVAILABLE so agents try another server.
     pub ready: Arc<AtomicBool>,
@@ -98,6 +104,19 @@ fn forbidden(check: Check) -> Status {
         .metadata_mut()
         .insert(DENIED_CHECK_KEY, MetadataValue::from_static(check.as_str()));
     status
+}
+
+/// Maps a token that identifies no pod to the status agents see: a refusal
+/// of the token itself is UNAUTHENTICATED (the agent answers 401), its pod
+/// gone is `no pod found` as on the metadata path, and a token that could
+/// not be checked now is INTERNAL: answered, worth retrying. Messages are
+/// the error's own words, which name nothing but the token's faults.
+fn token_error(e: &TokenError) -> Status {
+    match e {
+        TokenError::PodGone => Status::not_found(NO_POD_FOUND),
+        TokenError::Unverifiable(_) => Status::internal(e.to_string()),
+        _ => Status::unauthenticated(format!("{TOKEN_REFUSED}: {e}")),
+    }
 }
 
 fn to_proto(c: &Credentials) -> PbCredentials {
@@ -203,6 +222,91 @@ impl Service {
     }
 }
 
+impl Service {
+    /// The container credentials path: the pod is the one the token is
+    /// bound to, whatever address the request came from; then the same
+    /// policy, identity and credential cache as [`Service::pod_credentials`]
+    /// with the pod's own annotated role as the requested one.
+    async fn token_credentials(
+        &self,
+        req: GetTokenCredentialsRequest,
+    ) -> Result<TokenCredentials, Status> {
+        self.ensure_ready()?;
+        let from = req.ip.trim();
+        let bound = self.tokens.verify(req.token.trim()).await.map_err(|e| {
+            // Never the token: only why, and where it came from.
+            match &e {
+                TokenError::Rejected { reason } => {
+                    tracing::warn!(request.ip = %from, error = %e, review = %reason, "token refused")
+                }
+                TokenError::Unverifiable(_) => {
+                    tracing::warn!(request.ip = %from, error = %e, "token not verified")
+                }
+                _ => tracing::info!(request.ip = %from, error = %e, "token refused"),
+            }
+            token_error(&e)
+        })?;
+        let pod = token::live_pod(&self.pods, &bound).await.map_err(|e| {
+            if e == TokenError::PodGone {
+                self.tokens.revoke(req.token.trim(), &bound);
+            }
+            tracing::info!(
+                pod.namespace = %bound.namespace, pod.name = %bound.name, request.ip = %from,
+                error = %e, "token's pod is not served"
+            );
+            token_error(&e)
+        })?;
+        let Some(role) = pod.role.clone() else {
+            // As GetPodRole's empty name: nothing to record on the pod.
+            tracing::info!(pod.namespace = %pod.namespace, pod.name = %pod.name, "pod has no role");
+            return Err(forbidden(Check::AnnotatedRole));
+        };
+        let ns = self.namespaces.find(&pod.namespace).await.map_err(|e| {
+            tracing::warn!(pod.namespace = %pod.namespace, error = %e, "reading namespace failed");
+            Status::internal("error reading the pod's namespace from the Kubernetes API")
+        })?;
+        let identity = match self.policy.decide(&pod, &role, ns.as_deref()) {
+            Decision::Allowed(identity) => identity,
+            Decision::Forbidden { check, explanation } => {
+                tracing::warn!(
+                    pod.namespace = %pod.namespace, pod.name = %pod.name, request.ip = %from,
+                    pod.iam.requested_role = %role, policy.explanation = %explanation,
+                    "pod denied by policy (token)"
+                );
+                self.events.record(
+                    &pod,
+                    Reason::RoleForbidden,
+                    format!("failed assuming role {role:?}: {explanation}"),
+                );
+                return Err(forbidden(check));
+            }
+        };
+        match self.credentials.get(&identity).await {
+            Ok(creds) => {
+                tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, request.ip = %from, pod.iam.role = %identity.role_arn, "token credentials");
+                Ok(TokenCredentials {
+                    credentials: Some(to_proto(&creds)),
+                    role_arn: identity.role_arn.to_string(),
+                    namespace: pod.namespace.to_string(),
+                    name: pod.name.to_string(),
+                })
+            }
+            Err(e) => {
+                tracing::error!(
+                    pod.namespace = %pod.namespace, pod.name = %pod.name, request.ip = %from,
+                    pod.iam.role = %identity.role_arn, error = %e, "error retrieving credentials"
+                );
+                self.events.record(
+                    &pod,
+                    Reason::CredentialError,
+                    format!("failed retrieving credentials: {e}"),
+                );
+                Err(credentials_error(&e))
+            }
+        }
+    }
+}
+
 /// The tonic-facing handle.
 #[derive(Clone)]
 pub(super) struct KiamGrpc(pub Arc<Service>);
@@ -261,9 +365,9 @@ impl KiamService for KiamGrpc {
 
     async fn get_token_credentials(
         &self,
-        _request: Request<crate::proto::GetTokenCredentialsRequest>,
-    ) -> Result<Response<crate::proto::TokenCredentials>, Status> {
-        let call = async { Err(Status::unimplemented("token credentials: not built yet")) };
+        request: Request<GetTokenCredentialsRequest>,
+    ) -> Result<Response<TokenCredentials>, Status> {
+        let call = self.0.token_credentials(request.into_inner());
         self.instrumented("GetTokenCredentials", call).await
     }
 }
