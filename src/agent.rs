@@ -144,6 +144,9 @@ pub struct Validated {
     /// The ip6tables rule for `[fd00:ec2::254]`, when `--iptables` is asked
     /// for and `--host-ipv6` names an IPv6 address.
     pub rule_v6: Option<iptables::IptablesRule>,
+    /// The rules for the container credentials address (IPv4, and IPv6
+    /// with `--host-ipv6`), with `--iptables-container-credentials`.
+    pub container_rules: Vec<iptables::IptablesRule>,
     pub pool: PoolConfig,
     /// The node start-up gate, when `--node-startup-taint` is set.
     pub startup_taint: Option<taint::StartupTaint>,
@@ -195,6 +198,29 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
         ),
         _ => None,
     };
+    if args.iptables_container_credentials && !args.iptables {
+        return Err(AgentError::IptablesRule(
+            "--iptables-container-credentials needs --iptables".into(),
+        ));
+    }
+    let mut container_rules = Vec::new();
+    if args.iptables_container_credentials {
+        let rule = |r: Result<_, iptables::IptablesError>| {
+            r.map_err(|e| AgentError::IptablesRule(e.to_string()))
+        };
+        container_rules.push(rule(iptables::IptablesRule::container_credentials(
+            host,
+            args.port,
+            &args.host_interface,
+        ))?);
+        if let Some(ip) = host_ipv6 {
+            container_rules.push(rule(iptables::IptablesRule::container_credentials_v6(
+                ip,
+                args.port,
+                &args.host_interface,
+            ))?);
+        }
+    }
     let node_name = match args.node_name.trim() {
         "" => std::env::var("NODE_NAME").unwrap_or_default(),
         name => name.to_string(),
@@ -205,6 +231,7 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
         config,
         rule,
         rule_v6,
+        container_rules,
         pool,
         startup_taint,
     })
@@ -283,6 +310,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         config,
         rule,
         rule_v6,
+        container_rules,
         pool: pool_cfg,
         startup_taint,
     } = validate(&args)?;
@@ -380,6 +408,21 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
             shutdown.child_token(),
         ))
     });
+    // The container credentials rules are best effort like the IPv6 one:
+    // the metadata path does not depend on them.
+    let container_tasks: Vec<_> = container_rules
+        .into_iter()
+        .map(|rule| {
+            tokio::spawn(iptables::maintain_if_available(
+                rule,
+                iptables::DEFAULT_CHECK_INTERVAL,
+                args.iptables_remove,
+                iptables_metrics.clone(),
+                None,
+                shutdown.child_token(),
+            ))
+        })
+        .collect();
     let iptables_task = rule.map(|rule| {
         tokio::spawn(iptables::maintain(
             rule,
@@ -410,6 +453,13 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         }
         None => Ok(()),
     };
+    for task in container_tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the container credentials rule"),
+            Err(e) => tracing::error!(error = %e, "the container credentials rule task failed"),
+        }
+    }
     if let Some(task) = iptables_v6_task {
         match task.await {
             Ok(Ok(())) => {}

@@ -47,6 +47,13 @@ pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 pub const METADATA_ADDRESS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 /// The metadata service's port.
 pub const METADATA_PORT: u16 = 80;
+/// The container credentials address the AWS SDKs accept in
+/// `AWS_CONTAINER_CREDENTIALS_FULL_URI` (EKS Pod Identity's), intercepted
+/// with `--iptables-container-credentials` (port 80 too).
+pub const CONTAINER_CREDENTIALS_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
+/// Its IPv6 twin, `fd00:ec2::23`.
+pub const CONTAINER_CREDENTIALS_ADDRESS_V6: Ipv6Addr =
+    Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
 /// How often [`maintain`] re-checks that the rule is still there.
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -97,6 +104,14 @@ impl Family {
         match self {
             Family::V4 => METADATA_ADDRESS.into(),
             Family::V6 => METADATA_ADDRESS_V6.into(),
+        }
+    }
+
+    /// The container credentials address this family intercepts.
+    pub fn container_credentials_address(self) -> IpAddr {
+        match self {
+            Family::V4 => CONTAINER_CREDENTIALS_ADDRESS.into(),
+            Family::V6 => CONTAINER_CREDENTIALS_ADDRESS_V6.into(),
         }
     }
 
@@ -181,6 +196,9 @@ impl IptablesMetrics {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IptablesRule {
     family: Family,
+    /// The address intercepted: the metadata address, or the container
+    /// credentials one.
+    destination: IpAddr,
     /// The rule's match and target, everything after the chain name.
     spec: Vec<String>,
     target: SocketAddr,
@@ -194,7 +212,40 @@ impl IptablesRule {
         if host_ip.is_ipv6() {
             return Err(IptablesError::Ipv6Host(host_ip));
         }
-        Self::build(Family::V4, host_ip, port, host_interface)
+        Self::build(
+            Family::V4,
+            METADATA_ADDRESS.into(),
+            host_ip,
+            port,
+            host_interface,
+        )
+    }
+
+    /// The same rule for the container credentials address,
+    /// `169.254.170.23:80` (`--iptables-container-credentials`).
+    pub fn container_credentials(
+        host_ip: IpAddr,
+        port: u16,
+        host_interface: &str,
+    ) -> Result<Self, IptablesError> {
+        if host_ip.is_ipv6() {
+            return Err(IptablesError::Ipv6Host(host_ip));
+        }
+        let to = CONTAINER_CREDENTIALS_ADDRESS.into();
+        Self::build(Family::V4, to, host_ip, port, host_interface)
+    }
+
+    /// The ip6tables rule for `[fd00:ec2::23]:80`.
+    pub fn container_credentials_v6(
+        host_ip: IpAddr,
+        port: u16,
+        host_interface: &str,
+    ) -> Result<Self, IptablesError> {
+        if !host_ip.is_ipv6() {
+            return Err(IptablesError::Ipv4HostForIpv6(host_ip));
+        }
+        let to = CONTAINER_CREDENTIALS_ADDRESS_V6.into();
+        Self::build(Family::V6, to, host_ip, port, host_interface)
     }
 
     /// The ip6tables rule sending `[fd00:ec2::254]:80` arriving on
@@ -203,11 +254,18 @@ impl IptablesRule {
         if !host_ip.is_ipv6() {
             return Err(IptablesError::Ipv4HostForIpv6(host_ip));
         }
-        Self::build(Family::V6, host_ip, port, host_interface)
+        Self::build(
+            Family::V6,
+            METADATA_ADDRESS_V6.into(),
+            host_ip,
+            port,
+            host_interface,
+        )
     }
 
     fn build(
         family: Family,
+        destination: IpAddr,
         host_ip: IpAddr,
         port: u16,
         host_interface: &str,
@@ -222,7 +280,7 @@ impl IptablesRule {
             "-p",
             "tcp",
             "-d",
-            &family.metadata_address().to_string(),
+            &destination.to_string(),
             "--dport",
             &METADATA_PORT.to_string(),
         ]
@@ -241,9 +299,15 @@ impl IptablesRule {
         ]);
         Ok(Self {
             family,
+            destination,
             spec,
             target,
         })
+    }
+
+    /// The address the rule intercepts.
+    pub fn destination(&self) -> IpAddr {
+        self.destination
     }
 
     /// Whether this is the `iptables` or the `ip6tables` rule.
@@ -285,7 +349,7 @@ impl IptablesRule {
             return Ok(false);
         }
         self.insert_at_top().await?;
-        flush_conntrack(self.family).await;
+        flush_conntrack(self.family, self.destination).await;
         Ok(true)
     }
 
@@ -338,7 +402,7 @@ impl IptablesRule {
                 Placement::MovedToTop
             }
         };
-        flush_conntrack(self.family).await;
+        flush_conntrack(self.family, self.destination).await;
         Ok(placement)
     }
 
@@ -560,7 +624,7 @@ fn parse_interface(value: &str) -> Result<(bool, &str), IptablesError> {
 /// Drops conntrack entries for TCP to the family's metadata address, port
 /// 80. Best effort: the rule itself is what matters, so a missing or failing
 /// `conntrack` is only logged.
-async fn flush_conntrack(family: Family) {
+async fn flush_conntrack(family: Family, destination: IpAddr) {
     let args: Vec<String> = [
         "-D",
         "-f",
@@ -571,7 +635,7 @@ async fn flush_conntrack(family: Family) {
         "-p",
         "tcp",
         "--orig-dst",
-        &family.metadata_address().to_string(),
+        &destination.to_string(),
         "--dport",
         &METADATA_PORT.to_string(),
     ]

@@ -62,11 +62,10 @@ pub async fn maintain_if_available(
                 missing = true;
                 tracing::warn!(
                     error = %e,
-                    "this node cannot have the {} rule for the IPv6 metadata address \
-                     [{}]:{}: not intercepting IPv6 metadata requests, serving IPv4 only \
-                     (trying again every {interval:?} without saying so)",
+                    "this node cannot have the {} rule for [{}]:{}: not intercepting \
+                     it (trying again every {interval:?} without saying so)",
                     rule.family.program(),
-                    rule.family.metadata_address(),
+                    rule.destination,
                     METADATA_PORT,
                 );
                 if let Some(tell) = in_place.take() {
