@@ -675,3 +675,29 @@ async fn final_answers_are_final_and_internal_errors_never_open_the_fallback() {
     assert_ne!(status, StatusCode::OK, "{body}");
     assert!(kiam::telemetry::encode(&agent.registry).contains("kiam_agent_fallback_pods 0"));
 }
+
+/// A server that does not know GetTokenCredentials (as every Go kiam
+/// server) answers UNIMPLEMENTED: the pod's SDK hears why, as JSON, 501.
+#[tokio::test]
+async fn a_server_without_the_token_rpc_gives_pods_a_clear_501() {
+    let (_s, _srv, a) = one_server().await;
+    let mut req = Request::get("/v1/credentials")
+        .header("authorization", "a.b.c")
+        .body(Body::empty())
+        .unwrap();
+    req.extensions_mut().insert(ConnectInfo(
+        format!("{POD}:40000").parse::<SocketAddr>().unwrap(),
+    ));
+    let resp = router(a.state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["Code"], "NotImplemented", "{doc}");
+    assert!(
+        doc["Message"]
+            .as_str()
+            .unwrap()
+            .contains("GetTokenCredentials"),
+        "{doc}"
+    );
+}
