@@ -213,11 +213,18 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
             args.port,
             &args.host_interface,
         ))?);
+        // Host-network Pods' connections never cross a Pod interface.
+        container_rules.push(rule(iptables::IptablesRule::container_credentials_local(
+            host, args.port,
+        ))?);
         if let Some(ip) = host_ipv6 {
             container_rules.push(rule(iptables::IptablesRule::container_credentials_v6(
                 ip,
                 args.port,
                 &args.host_interface,
+            ))?);
+            container_rules.push(rule(iptables::IptablesRule::container_credentials_local(
+                ip, args.port,
             ))?);
         }
     }

@@ -282,7 +282,8 @@ pub struct AgentArgs {
     pub iptables: bool,
     /// With --iptables, also send the container credentials address
     /// 169.254.170.23:80 (and [fd00:ec2::23]:80 with --host-ipv6) to the
-    /// agent, for pods using the token path (docs/TOKEN-IDENTITY.md). Off by
+    /// agent, from the pods' interfaces and from the node itself (host-network
+    /// pods), for pods using the token path (docs/TOKEN-IDENTITY.md). Off by
     /// default: on EKS the Pod Identity Agent answers that address.
     #[arg(long, env = "KIAM_IPTABLES_CONTAINER_CREDENTIALS", default_value_t = false, num_args = 0..=1,
           default_missing_value = "true", action = ArgAction::Set)]

@@ -446,8 +446,7 @@ fn real_sdk_clients_get_their_pods_role_by_token() {
     );
 
     // A host-network Pod shares the node's network namespace and address:
-    // by address it can never have a role; by token it gets its own. Its
-    // SDK reaches the agent on the node's loopback (an allowed host).
+    // by address it can never have a role; by token it gets its own.
     case(
         "host-network Pod with boto3",
         (|| {
@@ -479,7 +478,6 @@ fn real_sdk_clients_get_their_pods_role_by_token() {
                 .find_map(|w| w.strip_prefix(&format!("{NODE_IP}:")))
                 .ok_or_else(|| format!("no DNAT rule to the agent: {rules}"))?
                 .to_string();
-            let uri = format!("http://127.0.0.1:{port}/v1/credentials");
             let argv = [
                 python.display().to_string(),
                 "-c".into(),
@@ -487,8 +485,50 @@ fn real_sdk_clients_get_their_pods_role_by_token() {
                 sts.clone(),
                 REGION.into(),
             ];
-            let answer = run_json(env.command(Some(node.name()), &uri, &t, &argv))?;
-            expect_role(answer["arn"].as_str().unwrap_or_default(), "tok-hostnet")
+            // The sandbox's node has no default route (every real node
+            // has one): without a route to 169.254.170.23 the connection
+            // fails before nat OUTPUT sees it. Gone with the node's netns.
+            let added = node
+                .exec(&[
+                    "ip",
+                    "route",
+                    "replace",
+                    "169.254.170.23/32",
+                    "dev",
+                    "lo",
+                    "src",
+                    &NODE_IP.to_string(),
+                ])
+                .map_err(|e| e.to_string())?;
+            if !added.status.success() {
+                return Err(format!(
+                    "ip route: {}",
+                    String::from_utf8_lossy(&added.stderr)
+                ));
+            }
+            // The same URI as every Pod (the agent's nat OUTPUT rule sends
+            // the node's own connections to it), and the agent's port on
+            // the node's loopback (for nodes without that rule).
+            for uri in [
+                FULL_URI.to_string(),
+                format!("http://127.0.0.1:{port}/v1/credentials"),
+            ] {
+                let answer =
+                    run_json(env.command(Some(node.name()), &uri, &t, &argv)).map_err(|e| {
+                        let show = |cmd: &[&str]| {
+                            node.exec(cmd)
+                                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                                .unwrap_or_default()
+                        };
+                        format!(
+                            "{uri}: {e}\nnat OUTPUT:\n{}route: {}",
+                            show(&["iptables", "-w", "5", "-t", "nat", "-S", "OUTPUT"]),
+                            show(&["ip", "route", "get", "169.254.170.23"]),
+                        )
+                    })?;
+                expect_role(answer["arn"].as_str().unwrap_or_default(), "tok-hostnet")?;
+            }
+            Ok(())
         })(),
     );
 

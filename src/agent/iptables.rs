@@ -24,6 +24,11 @@
 //! picks the binary and addresses). A node without IPv6 (no `ip6tables`, no
 //! ip6 nat table) says so in one log line and the agent serves IPv4 only.
 //!
+//! Container credentials (`--iptables-container-credentials`): the same
+//! rule for `169.254.170.23:80` (`[fd00:ec2::23]:80`), and one in `nat
+//! OUTPUT` without an interface, for host-network Pods, kept first in that
+//! chain by the same code.
+//!
 //! Everything runs the `iptables` and `conntrack` binaries (no shell) with
 //! `-w` so that kube-proxy and CNI plugins holding the xtables lock are waited
 //! for instead of clobbered. `iptables-restore` is run as the same binary as
@@ -199,6 +204,9 @@ pub struct IptablesRule {
     /// The address intercepted: the metadata address, or the container
     /// credentials one.
     destination: IpAddr,
+    /// `PREROUTING` (from Pods' interfaces) or, for the host's own
+    /// processes (host-network Pods), `OUTPUT`.
+    chain: &'static str,
     /// The rule's match and target, everything after the chain name.
     spec: Vec<String>,
     target: SocketAddr,
@@ -233,6 +241,45 @@ impl IptablesRule {
         }
         let to = CONTAINER_CREDENTIALS_ADDRESS.into();
         Self::build(Family::V4, to, host_ip, port, host_interface)
+    }
+
+    /// The rule in `nat OUTPUT` sending the node's own connections to
+    /// `169.254.170.23:80` (host-network Pods') to the agent; `host_ip` picks
+    /// the family. The token, not the address, identifies whoever asks, so
+    /// serving host processes gives nothing away.
+    pub fn container_credentials_local(host_ip: IpAddr, port: u16) -> Result<Self, IptablesError> {
+        if port == 0 {
+            return Err(IptablesError::ZeroPort);
+        }
+        let family = if host_ip.is_ipv6() {
+            Family::V6
+        } else {
+            Family::V4
+        };
+        let destination = family.container_credentials_address();
+        let target = SocketAddr::new(host_ip, port);
+        let spec = [
+            "-p",
+            "tcp",
+            "-d",
+            &destination.to_string(),
+            "--dport",
+            &METADATA_PORT.to_string(),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &target.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Ok(Self {
+            family,
+            destination,
+            chain: "OUTPUT",
+            spec,
+            target,
+        })
     }
 
     /// The ip6tables rule for `[fd00:ec2::23]:80`.
@@ -300,6 +347,7 @@ impl IptablesRule {
         Ok(Self {
             family,
             destination,
+            chain: "PREROUTING",
             spec,
             target,
         })
@@ -329,7 +377,7 @@ impl IptablesRule {
 
     /// Whether the rule is in `nat PREROUTING` (at any position).
     pub async fn exists(&self) -> Result<bool, IptablesError> {
-        let args = self.args(&["-C", "PREROUTING"]);
+        let args = self.args(&["-C", self.chain]);
         let out = run(self.family.program(), &args).await?;
         match out.status.code() {
             Some(0) => Ok(true),
@@ -356,7 +404,7 @@ impl IptablesRule {
     /// Where kiam's rule stands in `nat PREROUTING`: whether it is the
     /// chain's first rule, and how many copies the chain holds.
     pub async fn position(&self) -> Result<Position, IptablesError> {
-        let args: Vec<String> = ["-w", LOCK_WAIT_SECONDS, "-t", "nat", "-S", "PREROUTING"]
+        let args: Vec<String> = ["-w", LOCK_WAIT_SECONDS, "-t", "nat", "-S", self.chain]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -370,9 +418,10 @@ impl IptablesRule {
     /// [`IptablesRule::position`] from `iptables -S PREROUTING` output.
     fn position_in(&self, listing: &str) -> Position {
         let mine = normalise(&self.spec, self.family);
+        let prefix = format!("-A {} ", self.chain);
         let rules: Vec<&str> = listing
             .lines()
-            .filter_map(|l| l.strip_prefix("-A PREROUTING "))
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
             .collect();
         let is_mine = |rule: &str| {
             let words: Vec<String> = rule.split_whitespace().map(str::to_string).collect();
@@ -408,7 +457,7 @@ impl IptablesRule {
 
     /// `iptables -I PREROUTING 1 <rule>`.
     async fn insert_at_top(&self) -> Result<(), IptablesError> {
-        let args = self.args(&["-I", "PREROUTING", "1"]);
+        let args = self.args(&["-I", self.chain, "1"]);
         let out = run(self.family.program(), &args).await?;
         if !out.status.success() {
             return Err(failed(self.family.program(), &args, &out));
@@ -427,9 +476,9 @@ impl IptablesRule {
         let rule = self.spec.join(" ");
         let mut script = String::from("*nat\n");
         for _ in 0..copies {
-            script.push_str(&format!("-D PREROUTING {rule}\n"));
+            script.push_str(&format!("-D {} {rule}\n", self.chain));
         }
-        script.push_str(&format!("-I PREROUTING 1 {rule}\nCOMMIT\n"));
+        script.push_str(&format!("-I {} 1 {rule}\nCOMMIT\n", self.chain));
         match restore(self.family, &script).await {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -475,7 +524,7 @@ impl IptablesRule {
         if !self.exists().await? {
             return Ok(false);
         }
-        let args = self.args(&["-D", "PREROUTING"]);
+        let args = self.args(&["-D", self.chain]);
         let out = run(self.family.program(), &args).await?;
         match out.status.code() {
             Some(0) => Ok(true),
@@ -581,7 +630,7 @@ async fn restore(family: Family, script: &str) -> Result<(), IptablesError> {
 impl std::fmt::Display for IptablesRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let program = self.family.program();
-        write!(f, "{program} -t nat PREROUTING {}", self.spec.join(" "))
+        write!(f, "{program} -t nat {} {}", self.chain, self.spec.join(" "))
     }
 }
 

@@ -204,3 +204,37 @@ fn the_ipv6_rule_is_found_as_ip6tables_prints_it() {
     let v4_suffix = listing.replace("/128", "/32");
     assert_eq!(rule_v6("!eth0").position_in(&v4_suffix).copies, 0);
 }
+
+#[test]
+fn container_credentials_rules() {
+    let host: IpAddr = "10.0.0.7".parse().unwrap();
+    let r = IptablesRule::container_credentials(host, 8181, "eni+").unwrap();
+    assert_eq!(
+        r.spec().join(" "),
+        "-p tcp -d 169.254.170.23 --dport 80 -i eni+ -j DNAT --to-destination 10.0.0.7:8181"
+    );
+    assert_eq!(r.destination(), IpAddr::from(CONTAINER_CREDENTIALS_ADDRESS));
+    let local = IptablesRule::container_credentials_local(host, 8181).unwrap();
+    assert_eq!(
+        local.to_string(),
+        "iptables -t nat OUTPUT -p tcp -d 169.254.170.23 --dport 80 -j DNAT --to-destination 10.0.0.7:8181"
+    );
+    // Its placement is read from its own chain.
+    let listing = "-P OUTPUT ACCEPT\n\
+        -A OUTPUT -d 169.254.170.23/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n";
+    assert_eq!(
+        local.position_in(listing),
+        Position {
+            first: true,
+            copies: 1
+        }
+    );
+    let v6: IpAddr = "2001:2::7".parse().unwrap();
+    let r6 = IptablesRule::container_credentials_v6(v6, 8181, "eni+").unwrap();
+    assert_eq!(r6.family(), Family::V6);
+    assert!(r6.spec().join(" ").contains("-d fd00:ec2::23 "));
+    let l6 = IptablesRule::container_credentials_local(v6, 8181).unwrap();
+    assert_eq!(l6.family(), Family::V6);
+    assert!(IptablesRule::container_credentials(v6, 8181, "eni+").is_err());
+    assert!(IptablesRule::container_credentials_local(host, 0).is_err());
+}
