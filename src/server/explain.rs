@@ -394,6 +394,10 @@ impl Sources<'_> {
         let base = |outcome, summary: String| {
             Step::new(name, outcome, summary)
                 .detail("metadata path", format!("by source IP {ips}"))
+                .detail(
+                    "token path",
+                    "by a projected service-account token naming this pod, whatever its IP (docs/TOKEN-IDENTITY.md)",
+                )
                 .detail("phase", format!("{:?}", pod.phase))
                 .detail("host network", yes_no(pod.host_network))
         };
@@ -402,7 +406,11 @@ impl Sources<'_> {
                 Outcome::Fail,
                 "the pod uses the host's network, so its requests come from the node's IP and are never matched to it".into(),
             )
-            .fix("run the pod without hostNetwork: true (host-network pods get the node's role)");
+            .fix(
+                "use the token path (AWS_CONTAINER_CREDENTIALS_FULL_URI and a projected token, \
+                 docs/TOKEN-IDENTITY.md), which serves host-network pods their own role; \
+                 or run the pod without hostNetwork: true (by address, host-network pods get the node's role)",
+            );
         }
         if pod.phase.is_completed() {
             return base(
