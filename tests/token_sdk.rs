@@ -535,3 +535,58 @@ fn real_sdk_clients_get_their_pods_role_by_token() {
     drop(sandbox);
     assert!(failures.is_empty(), "failed: {failures:#?}");
 }
+
+/// IPv6: the ip6tables rule sends `[fd00:ec2::23]:80` to the agent, and
+/// boto3 in an IPv6-only Pod gets its role there.
+#[test]
+fn ipv6_pods_use_fd00_ec2_23() {
+    if !kiam_sandbox::netns::is_root() {
+        say("SKIPPED: ipv6_pods_use_fd00_ec2_23: network namespaces and iptables require root");
+        return;
+    }
+    if let Err(e) = kiam_sandbox::netns::check_prerequisites() {
+        panic!("{e} (scripts/test.sh installs it)");
+    }
+    let Some(python) = [repo().join(".venv/bin/python"), PathBuf::from("python3")]
+        .into_iter()
+        .find(|p| works(p, &["-c", "import boto3"]))
+    else {
+        let m = missing("python with boto3");
+        assert!(m.starts_with("SKIPPED"), "{m}");
+        say(&format!("ipv6_pods_use_fd00_ec2_23: {m}"));
+        return;
+    };
+    let sandbox = Sandbox::start(SandboxOptions {
+        seed_yaml: SEED.into(),
+        seed_name: "tests/token_sdk.rs".into(),
+        kiam: Some(PathBuf::from(env!("CARGO_BIN_EXE_kiam"))),
+        sts: StsChoice::Auto,
+        network: NetworkChoice::Namespaces,
+        kubelet: false,
+        ipv6: true,
+        agent_args: vec!["--iptables-container-credentials".into()],
+        ..SandboxOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let env = Env {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    std::fs::write(env.dir.path().join("config"), "").unwrap();
+    std::fs::write(env.dir.path().join("credentials"), "").unwrap();
+    let pod = sandbox.add_pod("tok", "boto6", Some("tok-boto6")).unwrap();
+    sandbox.add_ipv6(&pod, true, false).unwrap();
+    let t = token(&sandbox, "tok", "boto6", "kiam");
+    let argv = [
+        python.display().to_string(),
+        "-c".into(),
+        BOTO_SCRIPT.into(),
+        sandbox.endpoints().sts_for_pods.clone(),
+        REGION.into(),
+    ];
+    let uri = "http://[fd00:ec2::23]/v1/credentials";
+    let answer = run_json(env.command(pod.netns.as_deref(), uri, &t, &argv));
+    drop(sandbox);
+    let answer = answer.unwrap();
+    assert_eq!(answer["method"], "container-role", "{answer}");
+    expect_role(answer["arn"].as_str().unwrap_or_default(), "tok-boto6").unwrap();
+}
