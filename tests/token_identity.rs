@@ -101,6 +101,15 @@ async fn a_token_gets_its_pods_role_and_steady_state_costs_no_api_call() {
         .map(|r| format!("{} {}", r.verb, r.path))
         .collect();
     assert!(calls.is_empty(), "API calls in steady state: {calls:?}");
+
+    // A rotated token: many requests at once share one TokenReview.
+    let rotated = token_for(&c.api, "team-a", "web", "198.18.0.10");
+    assert_ne!(rotated, token);
+    let asks = (0..16).map(|_| ask(&c, &rotated, "198.18.0.10"));
+    for answer in futures::future::join_all(asks).await {
+        assert_eq!(answer.unwrap().name, "web");
+    }
+    assert_eq!(reviews(&c.api), 1);
 }
 
 #[tokio::test]

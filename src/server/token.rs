@@ -17,7 +17,8 @@
 //! audience (`--token-audience`), bound to a pod. Garbage, expired tokens and
 //! tokens for another audience thus never reach the API server; what is
 //! left is verified by the API server's TokenReview (signature, issuer,
-//! expiry, audience, and that the bound pod exists with that uid), at most
+//! expiry, audience, and that the bound pod exists with that uid): one
+//! review per token at a time, shared by concurrent requests, at most
 //! [`MAX_CONCURRENT_REVIEWS`] at once, and a refused token is remembered
 //! for [`REFUSED_TTL`].
 //!
@@ -31,6 +32,8 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use futures::future::{BoxFuture, Shared};
+use futures::FutureExt;
 use jiff::Timestamp;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
@@ -136,13 +139,18 @@ fn digest(token: &str) -> Digest {
     out
 }
 
+type Review = Shared<BoxFuture<'static, Result<(), TokenError>>>;
+
 /// Verifies tokens against the API server and remembers the answers.
 pub struct TokenVerifier {
     reviews: Api<TokenReview>,
     audience: Arc<str>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     // std Mutex: looked up or filled without any `.await` while held.
     remembered: Mutex<HashMap<Digest, Remembered>>,
+    /// One TokenReview per token at a time, shared by concurrent requests.
+    // std Mutex: held only to find or insert a review, never across `.await`.
+    in_flight: Mutex<HashMap<Digest, Review>>,
 }
 
 impl TokenVerifier {
@@ -150,8 +158,9 @@ impl TokenVerifier {
         TokenVerifier {
             reviews: Api::all(client),
             audience: audience.into(),
-            permits: Semaphore::new(MAX_CONCURRENT_REVIEWS),
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_REVIEWS)),
             remembered: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -178,7 +187,27 @@ impl TokenVerifier {
             Some(Remembered::Refused(until, e)) if until > now => return Err(e),
             _ => {}
         }
-        match self.review(token, &claims).await {
+        let flight = self
+            .in_flight
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_insert_with(|| {
+                review(
+                    self.reviews.clone(),
+                    self.permits.clone(),
+                    self.audience.clone(),
+                    token.to_string(),
+                    claims.clone(),
+                )
+                .boxed()
+                .shared()
+            })
+            .clone();
+        let result = flight.await;
+        // Remembered before the flight is forgotten, so a request arriving
+        // in between finds one or the other.
+        let result = match result {
             Ok(()) => {
                 self.remember(key, Remembered::Verified(claims.clone()));
                 Ok(claims)
@@ -192,7 +221,9 @@ impl TokenVerifier {
                 self.remember(key, Remembered::Refused(until, e.clone()));
                 Err(e)
             }
-        }
+        };
+        self.in_flight.lock().unwrap().remove(&key);
+        result
     }
 
     /// Refuses `token` from now until it expires: the pod it is bound to is
@@ -218,25 +249,31 @@ impl TokenVerifier {
         }
         map.insert(key, entry);
     }
+}
 
-    /// One TokenReview for kiam's audience; `Ok` when the API server
-    /// authenticated the token as the service account and pod its claims
-    /// name.
-    async fn review(&self, token: &str, pod: &BoundPod) -> Result<(), TokenError> {
-        let _permit = tokio::time::timeout(REVIEW_TIMEOUT, self.permits.acquire())
-            .await
-            .map_err(|_| TokenError::Unverifiable("too many token reviews in flight".into()))?
-            .expect("the semaphore is never closed");
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_string()),
-                audiences: Some(vec![self.audience.to_string()]),
-            },
-            ..Default::default()
-        };
-        let answer = tokio::time::timeout(
+/// One TokenReview for kiam's audience; `Ok` when the API server
+/// authenticated the token as the service account and pod its claims name.
+async fn review(
+    reviews: Api<TokenReview>,
+    permits: Arc<Semaphore>,
+    audience: Arc<str>,
+    token: String,
+    pod: BoundPod,
+) -> Result<(), TokenError> {
+    let _permit = tokio::time::timeout(REVIEW_TIMEOUT, permits.acquire())
+        .await
+        .map_err(|_| TokenError::Unverifiable("too many token reviews in flight".into()))?
+        .expect("the semaphore is never closed");
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token),
+            audiences: Some(vec![audience.to_string()]),
+        },
+        ..Default::default()
+    };
+    let answer = tokio::time::timeout(
             REVIEW_TIMEOUT,
-            self.reviews.create(&PostParams::default(), &review),
+            reviews.create(&PostParams::default(), &review),
         )
         .await
         .map_err(|_| TokenError::Unverifiable("the TokenReview timed out".into()))?
@@ -244,42 +281,41 @@ impl TokenVerifier {
             tracing::warn!(error = %e, "TokenReview failed (does kiam server's ClusterRole allow creating tokenreviews?)");
             TokenError::Unverifiable("the Kubernetes API did not answer the TokenReview".into())
         })?;
-        let status = answer.status.unwrap_or_default();
-        let rejected = |reason: String| TokenError::Rejected { reason };
-        if status.authenticated != Some(true) {
-            return Err(rejected(
-                status.error.unwrap_or_else(|| "not authenticated".into()),
-            ));
-        }
-        // An audience-unaware authenticator answers without audiences: its
-        // "yes" would be for the API server's audience, not kiam's.
-        let audiences = status.audiences.unwrap_or_default();
-        if !audiences.iter().any(|a| **a == *self.audience) {
-            return Err(TokenError::Audience(self.audience.to_string()));
-        }
-        let user = status.user.unwrap_or_default();
-        let expected = format!(
-            "{SERVICE_ACCOUNT_PREFIX}{}:{}",
-            pod.namespace, pod.service_account
-        );
-        if user.username.as_deref() != Some(expected.as_str()) {
-            return Err(rejected(format!(
-                "TokenReview authenticated {:?}, not the token's service account",
-                user.username
-            )));
-        }
-        let extra = user.extra.unwrap_or_default();
-        for (key, want) in [(EXTRA_POD_NAME, &pod.name), (EXTRA_POD_UID, &pod.uid)] {
-            if let Some(values) = extra.get(key) {
-                if values.first() != Some(want) {
-                    return Err(rejected(format!(
-                        "TokenReview's {key} differs from the token's claim"
-                    )));
-                }
+    let status = answer.status.unwrap_or_default();
+    let rejected = |reason: String| TokenError::Rejected { reason };
+    if status.authenticated != Some(true) {
+        return Err(rejected(
+            status.error.unwrap_or_else(|| "not authenticated".into()),
+        ));
+    }
+    // An audience-unaware authenticator answers without audiences: its
+    // "yes" would be for the API server's audience, not kiam's.
+    let audiences = status.audiences.unwrap_or_default();
+    if !audiences.iter().any(|a| **a == *audience) {
+        return Err(TokenError::Audience(audience.to_string()));
+    }
+    let user = status.user.unwrap_or_default();
+    let expected = format!(
+        "{SERVICE_ACCOUNT_PREFIX}{}:{}",
+        pod.namespace, pod.service_account
+    );
+    if user.username.as_deref() != Some(expected.as_str()) {
+        return Err(rejected(format!(
+            "TokenReview authenticated {:?}, not the token's service account",
+            user.username
+        )));
+    }
+    let extra = user.extra.unwrap_or_default();
+    for (key, want) in [(EXTRA_POD_NAME, &pod.name), (EXTRA_POD_UID, &pod.uid)] {
+        if let Some(values) = extra.get(key) {
+            if values.first() != Some(want) {
+                return Err(rejected(format!(
+                    "TokenReview's {key} differs from the token's claim"
+                )));
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// The token's claims, read without checking the signature, and every
