@@ -427,8 +427,21 @@ impl IptablesRule {
             let words: Vec<String> = rule.split_whitespace().map(str::to_string).collect();
             normalise(&words, self.family) == mine
         };
+        // Rules that send their traffic to the agent too (kiam's other
+        // rules: metadata and container credentials share a chain) may stand
+        // above this one without taking anything from it; two rules that
+        // each insisted on the very top would trade places at every check.
+        let target = self.target.to_string();
+        let to_agent = |rule: &str| {
+            let mut words = rule.split_whitespace();
+            words.any(|w| w == "--to-destination") && words.next() == Some(target.as_str())
+        };
+        let first = match rules.iter().position(|r| is_mine(r)) {
+            Some(i) => rules[..i].iter().all(|r| to_agent(r)),
+            None => false,
+        };
         Position {
-            first: rules.first().is_some_and(|r| is_mine(r)),
+            first,
             copies: rules.iter().filter(|r| is_mine(r)).count(),
         }
     }
@@ -548,7 +561,8 @@ impl IptablesRule {
 /// Where kiam's rule stands in `nat PREROUTING`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
-    /// Whether the chain's first rule is kiam's.
+    /// Whether the chain's first rule is kiam's (only rules that also send
+    /// to the agent, kiam's other rules, above it).
     pub first: bool,
     /// How many copies of kiam's rule the chain holds.
     pub copies: usize,

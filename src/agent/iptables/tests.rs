@@ -238,3 +238,21 @@ fn container_credentials_rules() {
     assert!(IptablesRule::container_credentials(v6, 8181, "eni+").is_err());
     assert!(IptablesRule::container_credentials_local(host, 0).is_err());
 }
+
+#[test]
+fn kiams_rules_share_the_top_without_trading_places() {
+    let host: IpAddr = "10.0.0.7".parse().unwrap();
+    let metadata = IptablesRule::new(host, 8181, "eni+").unwrap();
+    let container = IptablesRule::container_credentials(host, 8181, "eni+").unwrap();
+    let listing = "-P PREROUTING ACCEPT\n\
+        -A PREROUTING -d 169.254.170.23/32 -i eni+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n\
+        -A PREROUTING -d 169.254.169.254/32 -i eni+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n\
+        -A PREROUTING -j KUBE-SERVICES\n";
+    assert!(metadata.position_in(listing).first);
+    assert!(container.position_in(listing).first);
+    // Another program's DNAT of the metadata address (to anywhere else) is
+    // above kiam's rule: not first.
+    let displaced = "-A PREROUTING -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.9:8181\n\
+        -A PREROUTING -d 169.254.169.254/32 -i eni+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n";
+    assert!(!metadata.position_in(displaced).first);
+}
