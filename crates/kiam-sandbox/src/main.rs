@@ -115,6 +115,8 @@ fn parse_args() -> Result<Args, String> {
     }
     options.kiam = cli.kiam;
     options.state_dir = cli.state_dir;
+    // Show the token path next to the metadata path.
+    options.container_credentials = true;
     Ok(Args {
         check: cli.check || cli.command.is_some(),
         options,
@@ -358,6 +360,38 @@ fn describe(sandbox: &Sandbox) -> String {
             );
         }
     }
+    if let Some((pod, file)) = permitted.and_then(|p| Some((p, token_file(sandbox, p)?))) {
+        let file = file.display();
+        let full_uri = match pod.netns {
+            Some(_) => "http://169.254.170.23/v1/credentials".to_string(),
+            None => format!("{}/v1/credentials", e.agent),
+        };
+        let _ = writeln!(
+            out,
+            "  # the token path (docs/TOKEN-IDENTITY.md): {}/{} by its service-account token in {file}, not its address",
+            pod.namespace, pod.name
+        );
+        let _ = writeln!(
+            out,
+            "  {}",
+            in_pod(
+                pod,
+                &format!("curl -s -H \"Authorization: $({sudo}cat {file})\" {full_uri}; echo")
+            )
+        );
+        let _ = writeln!(
+            out,
+            "  {}",
+            in_pod(
+                pod,
+                &format!(
+                    "env AWS_CONTAINER_CREDENTIALS_FULL_URI={full_uri} AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={file} \
+                     aws sts get-caller-identity --region {REGION} --endpoint-url {}",
+                    e.sts_for_pods
+                )
+            )
+        );
+    }
     if let Some(pod) = forbidden {
         let role = role_of(sandbox, pod).unwrap_or_default();
         let _ = writeln!(
@@ -428,6 +462,38 @@ fn describe(sandbox: &Sandbox) -> String {
     out
 }
 
+/// What a kubelet would project for `pod` (audience `kiam`, one hour),
+/// for the token path.
+fn pod_token(sandbox: &Sandbox, pod: &SandboxPod) -> Option<String> {
+    let object = sandbox.api().pod(&pod.namespace, &pod.name)?;
+    let uid = object["metadata"]["uid"].as_str()?.to_string();
+    let account = match object["spec"]["serviceAccountName"].as_str() {
+        Some(name) if !name.is_empty() => name.to_string(),
+        _ => "default".to_string(),
+    };
+    sandbox
+        .api()
+        .issue_token(
+            &pod.namespace,
+            &account,
+            &["kiam"],
+            Some((&pod.name, &uid)),
+            Duration::from_secs(3600),
+        )
+        .ok()
+}
+
+/// [`pod_token`] written into the state directory, as the projected
+/// volume's file would be.
+fn token_file(sandbox: &Sandbox, pod: &SandboxPod) -> Option<std::path::PathBuf> {
+    let token = pod_token(sandbox, pod)?;
+    let file = sandbox
+        .state_dir()
+        .join(format!("token-{}-{}", pod.namespace, pod.name));
+    std::fs::write(&file, token).ok()?;
+    Some(file)
+}
+
 /// One permitted Pod gets credentials that are not the node's; one
 /// forbidden Pod gets none. Prints a line per check.
 fn smoke(sandbox: &Sandbox) -> bool {
@@ -490,6 +556,19 @@ fn smoke(sandbox: &Sandbox) -> bool {
             format!("{who} gets no credentials (HTTP {status})"),
         ),
         Err(e) => report(false, format!("{who}: {e}")),
+    }
+    let who = format!("{}/{}", permitted.namespace, permitted.name);
+    match pod_token(sandbox, permitted).map(|t| sandbox.container_credentials_get(permitted, &t)) {
+        Some(Ok((200, body))) => {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let key = json["AccessKeyId"].as_str().unwrap_or_default();
+            report(
+                !key.is_empty() && !leaks(&body),
+                format!("{who} gets its role's credentials by token too (AccessKeyId {key})"),
+            );
+        }
+        Some(other) => report(false, format!("{who} by token: {other:?}")),
+        None => report(false, format!("{who}: no token could be issued")),
     }
     report(
         sandbox.node_metadata().node_credentials_served() == 0,

@@ -188,6 +188,10 @@ pub struct SandboxOptions {
     pub ipv6: bool,
     /// Extra environment for `kiam agent` (e.g. a PATH with stand-in tools).
     pub agent_env: Vec<(String, String)>,
+    /// Namespace mode: the agent also takes `169.254.170.23:80`, the
+    /// container credentials address of the token path
+    /// (`--iptables-container-credentials`).
+    pub container_credentials: bool,
 }
 
 impl Default for SandboxOptions {
@@ -205,6 +209,7 @@ impl Default for SandboxOptions {
             announce: false,
             ipv6: false,
             agent_env: Vec::new(),
+            container_credentials: false,
         }
     }
 }
@@ -650,6 +655,9 @@ impl Sandbox {
                 if options.ipv6 {
                     agent.args(["--host-ipv6", &NODE_IP6.to_string()]);
                 }
+                if options.container_credentials {
+                    agent.arg("--iptables-container-credentials");
+                }
             }
             None => {
                 agent.args(["--allow-ip-query", "--host", "127.0.0.1"]);
@@ -918,6 +926,55 @@ impl Sandbox {
                 )
             }
         }
+    }
+
+    /// The token path as the Pod's SDK takes it: `GET /v1/credentials` with
+    /// `token` in `Authorization`, through `169.254.170.23` inside the Pod
+    /// (needs [`SandboxOptions::container_credentials`]), or to the agent
+    /// from here in loopback mode. Returns status and body.
+    pub fn container_credentials_get(
+        &self,
+        pod: &SandboxPod,
+        token: &str,
+    ) -> Result<(u16, String), String> {
+        let auth = format!("Authorization: {token}");
+        let (mut cmd, url) = match &pod.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, "curl"]);
+                (cmd, "http://169.254.170.23/v1/credentials".to_string())
+            }
+            None => (
+                Command::new("curl"),
+                format!("{}/v1/credentials", self.endpoints.agent),
+            ),
+        };
+        let out = cmd
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                &auth,
+                &url,
+            ])
+            .output()
+            .map_err(|e| format!("cannot run curl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "curl {url}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let code = code
+            .trim()
+            .parse()
+            .map_err(|_| format!("curl said {text:?}"))?;
+        Ok((code, body.to_string()))
     }
 
     pub fn mode(&self) -> Mode {
