@@ -34,6 +34,11 @@ type HistogramFamily = Family<HandlerLabel, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     latency: HistogramFamily,
     credential_fetch_errors: Family<HandlerLabel, Counter>,
+    /// Go kiam's `kiam_metadata_credential_encode_errors_total`: a
+    /// credentials document that could not be rendered. Ours renders plain
+    /// strings and cannot fail, so it stays 0; it is exported so alerts and
+    /// dashboards written for Go kiam find the series.
+    credential_encode_errors: Family<HandlerLabel, Counter>,
     find_role_errors: Family<HandlerLabel, Counter>,
     empty_role: Family<HandlerLabel, Counter>,
     success: Family<HandlerLabel, Counter>,
@@ -56,6 +61,7 @@ impl Metrics {
         let m = Metrics {
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             credential_fetch_errors: Family::default(),
+            credential_encode_errors: Family::default(),
             find_role_errors: Family::default(),
             empty_role: Family::default(),
             success: Family::default(),
@@ -75,6 +81,11 @@ impl Metrics {
             "kiam_metadata_credential_fetch_errors",
             "Number of errors fetching the credentials for a pod",
             m.credential_fetch_errors.clone(),
+        );
+        registry.register(
+            "kiam_metadata_credential_encode_errors",
+            "Number of errors encoding the credentials for a pod (always 0: kept for Go kiam's alerts)",
+            m.credential_encode_errors.clone(),
         );
         registry.register(
             "kiam_metadata_find_role_errors",
@@ -116,6 +127,10 @@ impl Metrics {
             "Pod IPs whose last good server answer is kept for a server outage",
             m.fallback_pods.clone(),
         );
+        // Shown at 0 from the start, so `increase()` over it is never empty.
+        let _ = m.credential_encode_errors.get_or_create(&HandlerLabel {
+            handler: "credentials",
+        });
         m
     }
 
