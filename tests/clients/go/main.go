@@ -21,6 +21,7 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+	"github.com/aws/aws-sdk-go-v2/service/sts"
 )
 
 type result struct {
@@ -30,9 +31,10 @@ type result struct {
 	Role               string `json:"role"`
 	InstanceProfileArn string `json:"instance_profile_arn"`
 	InfoError          string `json:"info_error,omitempty"`
+	Arn                string `json:"arn,omitempty"`
 }
 
-func run(ctx context.Context) (*result, error) {
+func run(ctx context.Context, stsEndpoint string) (*result, error) {
 	cfg, err := config.LoadDefaultConfig(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("loading the default config: %w", err)
@@ -67,13 +69,27 @@ func run(ctx context.Context) (*result, error) {
 	} else {
 		out.InstanceProfileArn = info.InstanceProfileArn
 	}
+	if stsEndpoint != "" {
+		client := sts.NewFromConfig(cfg, func(o *sts.Options) { o.BaseEndpoint = &stsEndpoint })
+		id, err := client.GetCallerIdentity(ctx, &sts.GetCallerIdentityInput{})
+		if err != nil {
+			return nil, fmt.Errorf("STS GetCallerIdentity: %w", err)
+		}
+		if id.Arn != nil {
+			out.Arn = *id.Arn
+		}
+	}
 	return out, nil
 }
 
 func main() {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	out, err := run(ctx)
+	stsEndpoint := ""
+	if len(os.Args) > 1 {
+		stsEndpoint = os.Args[1]
+	}
+	out, err := run(ctx, stsEndpoint)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)
