@@ -19,9 +19,12 @@
 //! Java SDK 2.57.8's instance-profile provider reads only
 //! `security-credentials/` (not `security-credentials-extended/`), so its
 //! `accountId()` stays empty over IMDS; the extended document is checked
-//! with curl from the Pod instead. The container credentials path
-//! (`SdkClient container`) is not tested here yet: it needs the agent's
-//! `169.254.170.23/v1/credentials` endpoint and a projected token.
+//! with curl from the Pod instead. Java's container provider (`SdkClient
+//! container`) asks `http://169.254.170.23/v1/credentials` with a projected
+//! service-account token (BEHAVIOUR.md 9); the Pod's own nat `OUTPUT` chain
+//! sends that address where the node's rule sends 169.254.169.254, and the
+//! case says SKIPPED loudly while the agent answers that path 404 (an agent
+//! without the container credentials endpoint).
 
 use std::io::Write as _;
 use std::panic::AssertUnwindSafe;
@@ -112,6 +115,9 @@ impl Suite {
                 "e2e-sdk: {name} ... ok ({:.1}s)",
                 started.elapsed().as_secs_f64()
             )),
+            Err(e) if e.starts_with("SKIPPED") => {
+                say(&format!("\n*** e2e-sdk: {name} ... {e} ***\n"))
+            }
             Err(e) => {
                 say(&format!("e2e-sdk: {name} ... FAILED: {e}"));
                 self.failures.push(format!("{name}: {e}"));
@@ -294,6 +300,54 @@ fn pod_rule(
     Ok(())
 }
 
+/// The container credentials endpoint's address (EKS Pod Identity's).
+const CONTAINER_HOST: &str = "169.254.170.23";
+
+/// Sends the Pod's `169.254.170.23:80` where the node's rule sends
+/// 169.254.169.254 (the agent), in the Pod's own nat `OUTPUT` chain, and
+/// returns a projected token for the Pod (audience `kiam`, bound to it), as
+/// the kubelet would write it.
+fn container_route(sandbox: &Sandbox, pod: &SandboxPod) -> Result<String, String> {
+    let node = sandbox.node_ns().expect("namespace mode");
+    let out = node
+        .exec(&["iptables", "-w", "5", "-t", "nat", "-S", "PREROUTING"])
+        .map_err(|e| e.to_string())?;
+    let rules = String::from_utf8_lossy(&out.stdout).into_owned();
+    let agent = rules
+        .lines()
+        .filter(|l| l.contains("169.254.169.254"))
+        .find_map(|l| l.split("--to-destination ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .ok_or_else(|| format!("no agent rule in the node's PREROUTING:\n{rules}"))?
+        .to_string();
+    let ns = kiam_sandbox::netns::NetNs::named(pod.netns.clone().unwrap());
+    #[rustfmt::skip]
+    let rule = [
+        "iptables", "-w", "5", "-t", "nat", "-I", "OUTPUT", "-p", "tcp",
+        "-d", CONTAINER_HOST, "--dport", "80", "-j", "DNAT", "--to-destination", &agent,
+    ];
+    let out = ns.exec(&rule).map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "iptables {rule:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let api = sandbox.api();
+    let uid = api
+        .pod(&pod.namespace, &pod.name)
+        .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_string))
+        .ok_or_else(|| format!("no uid for {}/{}", pod.namespace, pod.name))?;
+    api.issue_token(
+        &pod.namespace,
+        "default",
+        &["kiam"],
+        Some((&pod.name, &uid)),
+        Duration::from_secs(3600),
+    )
+    .map_err(|e| format!("issuing a token for {}: {e}", pod.name))
+}
+
 fn profile_of(role: &str) -> String {
     format!("arn:aws:iam::{ACCOUNT}:instance-profile/{role}")
 }
@@ -459,6 +513,59 @@ fn go_and_java_sdks_get_their_pods_credentials() {
                 let key = pod_key(&sandbox, &pod, &role)?;
                 pod_rule(&pod, REFUSE_TOKEN, true, false)?;
                 java_case(jar, &home, &pod, &key, &[], out)
+            },
+        );
+    }
+
+    if let Some(jar) = &java {
+        let (pod, role) = add("java-container");
+        suite.case(
+            "Java SDK v2 ContainerCredentialsProvider (169.254.170.23/v1/credentials, projected token)",
+            |out| {
+                let key = pod_key(&sandbox, &pod, &role)?;
+                let token = container_route(&sandbox, &pod)?;
+                let token_file = home.0.path().join("java-container-token");
+                std::fs::write(&token_file, &token).map_err(|e| e.to_string())?;
+                let status = curl(
+                    &pod,
+                    &[
+                        "-H",
+                        &format!("Authorization: {token}"),
+                        &format!("http://{CONTAINER_HOST}/v1/credentials"),
+                    ],
+                )?;
+                if status == 404 {
+                    return Err("SKIPPED: the agent answers /v1/credentials with 404 \
+                                (no container credentials endpoint yet)"
+                        .into());
+                }
+                let env = [
+                    (
+                        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                        format!("http://{CONTAINER_HOST}/v1/credentials"),
+                    ),
+                    (
+                        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                        token_file.display().to_string(),
+                    ),
+                ];
+                let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let argv = [
+                    "java".to_string(),
+                    "-jar".into(),
+                    jar.display().to_string(),
+                    "container".into(),
+                ];
+                let answer = run_json(home.in_pod(&pod, &argv, &env), out)?;
+                if answer["provider"] != "ContainerCredentialsProvider"
+                    || answer["access_key_id"] != key.as_str()
+                    || answer["account_id"] != ACCOUNT
+                {
+                    return Err(format!(
+                        "expected the Pod's credentials ({key}) and AccountId {ACCOUNT}, got {answer}"
+                    ));
+                }
+                Ok(())
             },
         );
     }
