@@ -63,6 +63,19 @@ if [ -z "${KIAM_KUBE_APISERVER_BIN:-}" ]; then
 fi
 export KIAM_ETCD_BIN KIAM_KUBE_APISERVER_BIN
 
+# The AWS SDK for Go v2 and Java v2 clients of tests/e2e_sdk_go_java.rs
+# (it says SKIPPED without them); built from tests/clients/ into the peer
+# cache, keyed by SDK version and a digest of their sources.
+if [ -z "${KIAM_SDK_GO_BIN:-}" ]; then
+  step "Go SDK v2 client (scripts/peers.sh sdk-go)"
+  KIAM_SDK_GO_BIN=$(bash scripts/peers.sh sdk-go) || KIAM_SDK_GO_BIN=
+fi
+if [ -z "${KIAM_SDK_JAVA_JAR:-}" ]; then
+  step "Java SDK v2 client (scripts/peers.sh sdk-java)"
+  KIAM_SDK_JAVA_JAR=$(bash scripts/peers.sh sdk-java) || KIAM_SDK_JAVA_JAR=
+fi
+export KIAM_SDK_GO_BIN KIAM_SDK_JAVA_JAR
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
