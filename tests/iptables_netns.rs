@@ -867,3 +867,81 @@ async fn kube2iam_chart_switch_over_as_documented_never_reaches_the_node_role() 
     )
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// docs/CNI.md: the component for Amazon VPC CNI with Security Groups for
+// Pods, whose branch-ENI Pods have `vlan…` host veths beside `eni…` ones.
+
+/// The `KIAM_HOST_INTERFACE` value a host-interface component sets.
+fn component_interface(component: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/components/host-interface")
+        .join(component)
+        .join("kustomization.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.contains("KIAM_HOST_INTERFACE"));
+    lines.next();
+    let value = lines
+        .next()
+        .and_then(|l| l.trim().strip_prefix("value: "))
+        .unwrap();
+    value.trim_matches('"').to_string()
+}
+
+/// Renames a Pod's node-side veth (it must be down to be renamed; the /30's
+/// route comes back with the address when it is up again).
+fn rename_host_if(node: &Node, from: &str, to: &str) {
+    for cmd in [
+        vec!["ip", "link", "set", from, "down"],
+        vec!["ip", "link", "set", from, "name", to],
+        vec!["ip", "link", "set", to, "up"],
+    ] {
+        let out = node.exec_node(&cmd);
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_security_groups_for_pods_component_catches_vlan_and_eni_veths() {
+    let test = "the_security_groups_for_pods_component_catches_vlan_and_eni_veths";
+    let Some(node) = Node::isolated(test, 2) else {
+        return;
+    };
+    let suffix = &node.id()[node.id().len() - 8..];
+    let (vlan, eni) = (format!("vlan{suffix}"), format!("eni{suffix}"));
+    rename_host_if(&node, &node.pod(0).host_if, &vlan);
+    rename_host_if(&node, &node.pod(1).host_if, &eni);
+    let (vlan_pod, eni_pod) = (node.pod(0), node.pod(1));
+    let inside = node.enter();
+    let agent = stand_in_agent(node.host_ip()).await;
+
+    // The plain VPC CNI component misses the branch-ENI Pod: its request
+    // goes past the agent (to the node's metadata service on a real node;
+    // here, with no uplink, nowhere).
+    let plain = component_interface("amazon-vpc-cni");
+    assert_eq!(plain, "eni+");
+    let rule = rule_to(agent, &plain);
+    assert!(rule.add().await.unwrap());
+    assert_reaches_agent(eni_pod).await;
+    let missed = vlan_pod
+        .http_get(&format!("{METADATA_URL}{CREDENTIALS_PATH}"))
+        .await;
+    assert!(missed.is_err(), "eni+ must not catch {vlan}: {missed:?}");
+    assert!(rule.remove().await.unwrap());
+
+    // The component docs/CNI.md gives for Security Groups for Pods.
+    let every = component_interface("all-interfaces");
+    assert_eq!(every, "+");
+    let rule = rule_to(agent, &every);
+    assert!(rule.add().await.unwrap());
+    assert_reaches_agent(vlan_pod).await;
+    assert_reaches_agent(eni_pod).await;
+    assert!(rule.remove().await.unwrap());
+    drop(inside);
+    // The names the node removes its veths by.
+    rename_host_if(&node, &vlan, &node.pod(0).host_if);
+    rename_host_if(&node, &eni, &node.pod(1).host_if);
+    drop(node);
+}
