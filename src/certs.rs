@@ -420,8 +420,7 @@ fn write_new(
         if present == all.len() {
             // The set a previous run wrote: kept if it names every --host.
             let path = out_dir.join(SERVER_CERT);
-            let names = server_names(&path)
-                .map_err(|reason| CertsError::Unreadable {
+            let names = server_names(&path).map_err(|reason| CertsError::Unreadable {
                 path: path.clone(),
                 reason,
             })?;
@@ -475,9 +474,15 @@ pub fn server_names(path: &Path) -> Result<Vec<String>, String> {
         rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
             .map_err(|_| "not a PEM certificate".to_string())?;
     let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
-    let san = parsed.subject_alternative_name().map_err(|e| e.to_string())?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?;
     let mut names = Vec::new();
-    for name in san.map(|s| s.value.general_names.iter()).into_iter().flatten() {
+    for name in san
+        .map(|s| s.value.general_names.iter())
+        .into_iter()
+        .flatten()
+    {
         match name {
             x509_parser::extensions::GeneralName::DNSName(n) => names.push(n.to_string()),
             x509_parser::extensions::GeneralName::IPAddress(bytes) => {
@@ -493,7 +498,6 @@ pub fn server_names(path: &Path) -> Result<Vec<String>, String> {
     }
     Ok(names)
 }
-
 
 /// Issues new server and agent certificates (new keys) from the
 /// `ca.pem`/`ca-key.pem` already in `out_dir`, replacing the leaf files.

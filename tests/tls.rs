@@ -428,19 +428,31 @@ fn kiam_certs_refuses_to_overwrite_and_reissues_leaves_from_the_ca() {
     // --reissue without --host keeps the names given earlier.
     certs::run(&args(&["--reissue"])).unwrap();
     let kept = certs::server_names(&dir.path().join("server.pem")).unwrap();
-    for name in ["kiam-server", "localhost", "127.0.0.1", "extra.example", "10.9.9.9"] {
+    for name in [
+        "kiam-server",
+        "localhost",
+        "127.0.0.1",
+        "extra.example",
+        "10.9.9.9",
+    ] {
         assert!(kept.iter().any(|n| n == name), "{name} kept: {kept:?}");
     }
     // And refuses when it cannot read them, rather than dropping them.
     std::fs::write(dir.path().join("server.pem"), "garbage").unwrap();
     let err = certs::run(&args(&["--reissue"])).unwrap_err().to_string();
-    assert!(err.contains("server.pem") && err.contains("--host"), "{err}");
+    assert!(
+        err.contains("server.pem") && err.contains("--host"),
+        "{err}"
+    );
     certs::run(&args(&["--reissue", "--host", "extra.example"])).unwrap();
 
     // An incomplete set is refused with nothing written.
     std::fs::remove_file(dir.path().join("agent.pem")).unwrap();
     let err = certs::run(&args(&[])).unwrap_err().to_string();
-    assert!(err.contains("already exists") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
     assert!(!dir.path().join("agent.pem").exists());
 
     certs::run(&args(&["--force"])).unwrap();
