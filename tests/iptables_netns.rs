@@ -685,13 +685,11 @@ fn assert_not_node_role(answer: &Result<String, String>, step: &str) {
     }
 }
 
-async fn kube2iam_switch_over(test: &str, chart_prestop: bool) {
-    let Some(mut node) = Node::isolated(test, 1) else {
-        return;
-    };
-    // The node's real metadata service, reached by forwarding.
+/// Puts the node's real metadata service behind the node: a Pod-like
+/// namespace holding 169.254.169.254 that answers [`NODE_ROLE`], routed to
+/// from the node, so what no rule redirects is forwarded there as on EC2.
+async fn real_metadata_service(node: &mut Node) {
     let imds = node.add_pod(None, Some("imds")).unwrap().clone();
-    let pod = node.pod(0).clone();
     imds.exec(&["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]);
     let out = node.exec_node(&[
         "ip",
@@ -712,7 +710,15 @@ async fn kube2iam_switch_over(test: &str, chart_prestop: bool) {
             80,
         )))
         .unwrap();
-    let _real_imds = serve_text(TcpListener::from_std(listener).unwrap(), NODE_ROLE).await;
+    serve_text(TcpListener::from_std(listener).unwrap(), NODE_ROLE).await;
+}
+
+async fn kube2iam_switch_over(test: &str, chart_prestop: bool) {
+    let Some(mut node) = Node::isolated(test, 1) else {
+        return;
+    };
+    let pod = node.pod(0).clone();
+    real_metadata_service(&mut node).await;
 
     let inside = node.enter();
     let url = format!("{METADATA_URL}{CREDENTIALS_PATH}");
@@ -943,5 +949,40 @@ async fn the_security_groups_for_pods_component_catches_vlan_and_eni_veths() {
     // The names the node removes its veths by.
     rename_host_if(&node, &vlan, &node.pod(0).host_if);
     rename_host_if(&node, &eni, &node.pod(1).host_if);
+    drop(node);
+}
+
+/// docs/CNI.md: no `--host-interface`, not even `+`, catches what the node
+/// itself sends (a `hostNetwork` Pod): it goes through `nat OUTPUT`, never
+/// `PREROUTING`, and reaches the node's metadata service.
+#[tokio::test]
+async fn the_nodes_own_traffic_never_passes_the_prerouting_rule() {
+    let test = "the_nodes_own_traffic_never_passes_the_prerouting_rule";
+    let Some(mut node) = Node::isolated(test, 1) else {
+        return;
+    };
+    let pod = node.pod(0).clone();
+    real_metadata_service(&mut node).await;
+    let inside = node.enter();
+    let agent = stand_in_agent(node.host_ip()).await;
+    let rule = rule_to(agent, "+");
+    assert!(rule.add().await.unwrap());
+    assert_reaches_agent(&pod).await;
+    // A process on the node (what a hostNetwork Pod is), blocking call: the
+    // node's metadata service answers from another namespace.
+    let url = format!("{METADATA_URL}{CREDENTIALS_PATH}");
+    let out = tokio::task::spawn_blocking({
+        let ns = node.node_ns().unwrap().clone();
+        move || ns.exec(&["curl", "-sS", "--max-time", "10", &url]).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        NODE_ROLE,
+        "the node's own request is not redirected: {out:?}"
+    );
+    assert!(rule.remove().await.unwrap());
+    drop(inside);
     drop(node);
 }
