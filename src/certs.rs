@@ -5,7 +5,8 @@
 //! job: rotation) but never the CA, and the CA outlives the leaves (10 years,
 //! or `--days` if longer) so leaves can be reissued many times from it. It
 //! keeps every name the current `server.pem` has and adds `--host`'s; it
-//! refuses when it cannot read them and no `--host` is given. Without
+//! refuses when `server.pem` exists but cannot be read and no `--host` is
+//! given (a missing one has no names to keep). Without
 //! `--reissue`, no existing file is overwritten unless `--force` is given:
 //! a complete set that already names every `--host` is kept as it is (so
 //! rerunning a documented command, `--print-secrets` included, succeeds and
@@ -58,7 +59,7 @@ pub enum CertsError {
     MissingHosts { path: PathBuf, hosts: Vec<String> },
     #[error("{}: exists but is not a readable certificate ({reason}); pass --force to write a new set", path.display())]
     Unreadable { path: PathBuf, reason: String },
-    #[error("--reissue keeps the names of the current server certificate, but {}: {reason}; give every name the server needs with --host", path.display())]
+    #[error("--reissue keeps the names of the current server certificate, but {}: {reason}; give every name the server needs with --host (--host kiam-server if it needs none beyond the defaults)", path.display())]
     UnknownNames { path: PathBuf, reason: String },
     #[error("--host {host:?}: not a DNS name or IP address")]
     BadHost { host: String },
@@ -523,6 +524,9 @@ pub fn reissue(out_dir: &Path, hosts: &[String], days: u32) -> Result<Pki, Certs
     let current = out_dir.join(SERVER_CERT);
     let mut names: Vec<String> = match server_names(&current) {
         Ok(names) => names,
+        // No server certificate yet (leaves for a CA made elsewhere): no
+        // names given earlier to keep.
+        Err(_) if current.symlink_metadata().is_err() => Vec::new(),
         Err(reason) if hosts.is_empty() => {
             return Err(CertsError::UnknownNames {
                 path: current,
