@@ -772,6 +772,31 @@ fn flags_and_defaults_named_in_the_docs_are_the_binarys() {
                 }
             }
         }
+        // Tables of defaults (a heading with "default" in it): a row whose
+        // first cell is a kiam flag and whose last cell is one `value`
+        // states that flag's default.
+        let mut in_defaults = false;
+        let row = regex::Regex::new(r"^\| `--([a-z][a-z0-9-]*)` \|.*\| `([^`]+)` \|$").unwrap();
+        for (n, line) in prose.lines().enumerate() {
+            if line.starts_with('#') {
+                in_defaults = line.to_lowercase().contains("default");
+                continue;
+            }
+            let Some(cap) = row.captures(line).filter(|_| in_defaults) else {
+                continue;
+            };
+            let (name, said) = (&cap[1], &cap[2]);
+            let defaults: Vec<&Option<String>> =
+                flags.values().filter_map(|f| f.get(name)).collect();
+            if !defaults.is_empty() && !defaults.iter().any(|d| d.as_deref() == Some(said)) {
+                problems.push(format!(
+                    "{}:{}: the table gives `--{name}` the default `{said}`, --help says {:?}",
+                    shown(&file),
+                    n + 1,
+                    defaults
+                ));
+            }
+        }
         // `kiam <role> ...` command lines in shell blocks.
         for b in blocks(&text).iter().filter(|b| is_shell(&b.lang)) {
             let joined = b.lines.join("\n").replace("\\\n", " ");
