@@ -719,6 +719,7 @@ fn flags_and_defaults_named_in_the_docs_are_the_binarys() {
     let stated_default =
         regex::Regex::new(r"`--([a-z][a-z0-9-]*)`[^.`|]{0,30}?\(?default(?:s to)?:? `([^`]+)`")
             .unwrap();
+    let row = regex::Regex::new(r"^\| `--([a-z][a-z0-9-]*)` \|.*\| `([^`]+)` \|$").unwrap();
     let mut problems = Vec::new();
     for file in documents() {
         if file.ends_with("FLAGS.md") {
@@ -776,7 +777,6 @@ fn flags_and_defaults_named_in_the_docs_are_the_binarys() {
         // first cell is a kiam flag and whose last cell is one `value`
         // states that flag's default.
         let mut in_defaults = false;
-        let row = regex::Regex::new(r"^\| `--([a-z][a-z0-9-]*)` \|.*\| `([^`]+)` \|$").unwrap();
         for (n, line) in prose.lines().enumerate() {
             if line.starts_with('#') {
                 in_defaults = line.to_lowercase().contains("default");
