@@ -293,7 +293,9 @@ pub struct AgentArgs {
     /// status.hostIPs can be passed as is (empty or no IPv6: not intercepted).
     #[arg(long, env = "KIAM_HOST_IPV6", default_value = "")]
     pub host_ipv6: String,
-    /// Network interface of the pods, for the iptables rule (`!eth0` inverts).
+    /// Network interface of the pods, for the iptables rule: a trailing `+`
+    /// matches a prefix (`cali+`), `+` alone every interface, a leading `!`
+    /// inverts (`!eth0`); docs/CNI.md has the value for each CNI.
     #[arg(long, env = "KIAM_HOST_INTERFACE", default_value = "docker0")]
     pub host_interface: String,
     /// The node's real metadata service, for proxied paths.
