@@ -909,6 +909,41 @@ fn relative_links_resolve() {
             }
         }
     }
+    // Section references by name (`docs/IAM.md, "The server's identity"`)
+    // in the documents and the manifests' comments.
+    let by_name = regex::Regex::new(r#"(?:docs/)?([A-Z][A-Z-]+\.md)[,:]? \(?"([^"]+)""#).unwrap();
+    let mut sources = documents();
+    let mut stack = vec![repo("deploy")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                sources.push(path);
+            }
+        }
+    }
+    for file in sources {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for cap in by_name.captures_iter(&text) {
+            let (doc, section) = (&cap[1], &cap[2]);
+            let path = [repo("docs").join(doc), repo(doc)]
+                .into_iter()
+                .find(|p| p.exists());
+            let Some(path) = path else {
+                broken.push(format!("{}: {doc} does not exist", shown(&file)));
+                continue;
+            };
+            let there = std::fs::read_to_string(&path).unwrap();
+            if !anchors(&there).contains(&slug(section)) {
+                broken.push(format!(
+                    "{}: {doc} has no section {section:?}",
+                    shown(&file)
+                ));
+            }
+        }
+    }
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 
