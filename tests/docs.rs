@@ -562,7 +562,7 @@ fn doc_shell(dir: &std::path::Path) -> std::process::Command {
         std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
     )
     .unwrap();
-    let mut cmd = std::process::Command::new("sh");
+    let mut cmd = std::process::Command::new("bash");
     cmd.current_dir(dir)
         .env("PATH", path)
         .env_remove("KIAM_HOST")
@@ -572,7 +572,8 @@ fn doc_shell(dir: &std::path::Path) -> std::process::Command {
 
 /// The blocks marked `run-by: tests/docs.rs`, run in document order in one
 /// temporary directory per document (so a block can use what an earlier
-/// one wrote), each with `sh -e`: every one must succeed.
+/// one wrote), each with `bash -e -o pipefail` (a failing command before a
+/// pipe fails the block): every one must succeed.
 #[test]
 fn shell_blocks_marked_for_this_test_run_as_written() {
     let mut ran = 0;
@@ -593,7 +594,7 @@ fn shell_blocks_marked_for_this_test_run_as_written() {
         for b in &mine {
             let script = b.lines.join("\n");
             let out = doc_shell(dir.path())
-                .args(["-e", "-c", &script])
+                .args(["-e", "-o", "pipefail", "-c", &script])
                 .output()
                 .unwrap();
             assert!(
