@@ -36,6 +36,12 @@ impl Exposition {
                 let (Some(name), Some(kind)) = (it.next(), it.next()) else {
                     continue;
                 };
+                // The text format 0.0.4 names a counter family with its
+                // `_total`; OpenMetrics without.
+                let name = match kind {
+                    "counter" => name.strip_suffix("_total").unwrap_or(name),
+                    _ => name,
+                };
                 into.families.insert(name.to_string(), kind.to_string());
                 continue;
             }
