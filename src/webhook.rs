@@ -1,0 +1,259 @@
+//! `kiam webhook`: a mutating admission webhook that gives pods with
+//! `iam.amazonaws.com/role` the token path — the two container
+//! credential-provider variables and a projected service-account token with
+//! kiam's audience (see docs/WEBHOOK.md).
+//!
+//! The surprise: it never decides *whether* a namespace opted in. The
+//! MutatingWebhookConfiguration's namespaceSelector does, in the API server,
+//! so the webhook holds no Kubernetes credentials at all and answers every
+//! review from the review alone. Injecting is also never a grant: the kiam
+//! server still applies the same policy to the token's pod as to an IP.
+//!
+//! - `patch`: the pure rules, pod in, JSON patch out.
+//! - `review`: AdmissionReview v1 in and out.
+//! - this file: flags, HTTPS (certificates reloaded when they change), the
+//!   routes `POST /mutate`, `GET /healthz`, and metrics.
+
+pub mod patch;
+pub mod review;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::WebhookArgs;
+use crate::tls::{HttpsTls, TlsFiles, HANDSHAKE_TIMEOUT};
+use crate::Fatal;
+use patch::Injection;
+
+/// The API server sends whole pods; its own request limit is 3 MiB.
+const BODY_LIMIT: usize = 6 * 1024 * 1024;
+
+/// The shortest token lifetime the API server accepts for a projected
+/// volume (`expirationSeconds` >= 600).
+const MIN_EXPIRATION: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// The webhook's metric families.
+#[derive(Clone, Default)]
+struct Metrics {
+    /// `kiam_webhook_reviews_total{result}`: one per AdmissionReview.
+    reviews: Family<ResultLabel, Counter>,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        registry.register(
+            "kiam_webhook_reviews",
+            "AdmissionReviews answered, by result (injected, no_role, already_set, ignored, malformed, bad_request)",
+            m.reviews.clone(),
+        );
+        m
+    }
+
+    fn count(&self, result: &'static str) {
+        self.reviews.get_or_create(&ResultLabel { result }).inc();
+    }
+}
+
+/// What the request handlers share.
+struct Shared {
+    injection: Injection,
+    metrics: Metrics,
+}
+
+/// The injection the flags ask for; errors name the flag.
+pub fn injection(args: &WebhookArgs) -> Result<Injection, Fatal> {
+    if args.token_audience.trim().is_empty() {
+        return Err(Fatal::Usage("--token-audience must not be empty".into()));
+    }
+    if args.token_expiration < MIN_EXPIRATION {
+        return Err(Fatal::Usage(format!(
+            "--token-expiration {}: must be at least 10m (the API server refuses shorter projected tokens)",
+            humantime::format_duration(args.token_expiration)
+        )));
+    }
+    Ok(Injection {
+        audience: args.token_audience.clone(),
+        expiration_seconds: i64::try_from(args.token_expiration.as_secs()).unwrap_or(i64::MAX),
+    })
+}
+
+/// Parses the flags, reads the certificates, binds and serves until SIGTERM.
+pub async fn main(args: WebhookArgs) -> Result<(), Fatal> {
+    let injection = injection(&args)?;
+    let mut registry = Registry::default();
+    let tls = HttpsTls::load(TlsFiles::from(&args.tls), &mut registry)
+        .map_err(|e| Fatal::Usage(e.to_string()))?;
+    let bind = crate::telemetry::normalise_listen_addr(&args.bind);
+    if args.check_config {
+        println!("configuration ok");
+        return Ok(());
+    }
+    let listener = TcpListener::bind(bind.as_str())
+        .await
+        .map_err(|e| Fatal::Usage(format!("--bind {}: {e}", args.bind)))?;
+    let metrics_listener = crate::telemetry::bind_metrics(&args.telemetry.prometheus_listen_addr)
+        .await
+        .map_err(|e| {
+            Fatal::Usage(format!(
+                "--prometheus-listen-addr {}: {e}",
+                args.telemetry.prometheus_listen_addr
+            ))
+        })?;
+    let shutdown = crate::shutdown::on_signal();
+    let metrics = Metrics::register(&mut registry);
+    if let Some(l) = metrics_listener {
+        tokio::spawn(crate::telemetry::serve_metrics(
+            l,
+            Arc::new(registry),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(
+        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        audience = %injection.audience,
+        "kiam webhook serving AdmissionReviews on POST /mutate"
+    );
+    run(listener, tls, injection, metrics, shutdown).await;
+    Ok(())
+}
+
+/// Serves HTTPS on `listener` until `shutdown` (tests use [`serve`]).
+async fn run(
+    listener: TcpListener,
+    tls: HttpsTls,
+    injection: Injection,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let app = router(Arc::new(Shared { injection, metrics }));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a webhook connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "webhook TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            serve_connection(conn, peer, app, shutdown).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    conn: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: SocketAddr,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let service = TowerToHyperService::new(app);
+    let serving = builder.serve_connection(TokioIo::new(conn), service);
+    tokio::pin!(serving);
+    tokio::select! {
+        r = serving.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(peer = %peer, error = %e, "webhook connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            // Finish what is in flight, take nothing new.
+            serving.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+        }
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(shared)
+}
+
+async fn mutate(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match review::answer(&body, &shared.injection) {
+        Ok((out, result)) => {
+            shared.metrics.count(result.as_str());
+            tracing::debug!(result = result.as_str(), uid = %out["response"]["uid"], "admission review answered");
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                out.to_string(),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            shared.metrics.count("bad_request");
+            tracing::warn!(error = %e, "refused an unreadable AdmissionReview");
+            (StatusCode::BAD_REQUEST, e.to_string()).into_response()
+        }
+    }
+}
+
+/// A webhook served in the background, for tests and the sandbox: it stops
+/// when this is dropped.
+pub struct Serving {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Serves on `listener` with `tls` (from [`HttpsTls::load`], whose metrics
+/// went into `registry`), registering the webhook's metrics there too.
+pub fn serve(
+    listener: TcpListener,
+    tls: HttpsTls,
+    injection: Injection,
+    registry: &mut Registry,
+) -> std::io::Result<Serving> {
+    let addr = listener.local_addr()?;
+    let metrics = Metrics::register(registry);
+    let stop = CancellationToken::new();
+    tokio::spawn(run(listener, tls, injection, metrics, stop.clone()));
+    Ok(Serving { addr, stop })
+}
