@@ -48,6 +48,16 @@ const BODY_LIMIT: usize = 6 * 1024 * 1024;
 /// volume (`expirationSeconds` >= 600).
 const MIN_EXPIRATION: Duration = Duration::from_secs(600);
 
+/// Every value of the `result` label.
+const RESULTS: [&str; 6] = [
+    "injected",
+    "no_role",
+    "already_set",
+    "ignored",
+    "malformed",
+    "bad_request",
+];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
@@ -65,10 +75,19 @@ impl Metrics {
         let m = Metrics::default();
         registry.register(
             "kiam_webhook_reviews",
-            "AdmissionReviews answered, by result (injected, no_role, already_set, ignored, malformed, bad_request)",
+            "AdmissionReviews answered, by result",
             m.reviews.clone(),
         );
+        // Every result from the start, so rate() and alerts see zeros
+        // rather than absent series.
+        for result in RESULTS {
+            m.count_zero(result);
+        }
         m
+    }
+
+    fn count_zero(&self, result: &'static str) {
+        let _ = self.reviews.get_or_create(&ResultLabel { result });
     }
 
     fn count(&self, result: &'static str) {

@@ -67,6 +67,7 @@
 //! ([`FakeApiServer::set_token_review_cache`]): a deleted pod's token fails at once here,
 //! and up to ten seconds later there.
 
+mod admission;
 mod discovery;
 mod http;
 mod jwt;
@@ -154,6 +155,8 @@ pub(crate) struct Shared {
     bookmark_interval: Mutex<Duration>,
     /// Signs service-account tokens and checks them for TokenReview.
     pub(crate) tokens: tokens::Issuer,
+    /// Mutating admission webhooks called on create.
+    pub(crate) admission: admission::Registry,
 }
 
 impl Shared {
@@ -260,6 +263,7 @@ impl FakeApiServer {
             open_watches: signal::Sender::new(0),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
             tokens: tokens::Issuer::new(&format!("http://{addr}")),
+            admission: admission::Registry::default(),
         });
         let (stop, stopped) = signal::channel(());
         tokio::spawn(accept_loop(listener, shared.clone(), stopped));

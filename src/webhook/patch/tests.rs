@@ -138,16 +138,8 @@ fn variables_a_container_sets_are_never_overwritten() {
         Some(CREDENTIALS_URI)
     );
     for c in cs {
-        assert_eq!(
-            c["env"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|e| e["name"] == ENV_FULL_URI)
-                .count()
-                <= 1,
-            true
-        );
+        let uris = c["env"].as_array().unwrap().iter();
+        assert!(uris.filter(|e| e["name"] == ENV_FULL_URI).count() <= 1);
     }
 }
 

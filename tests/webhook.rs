@@ -1,0 +1,342 @@
+//! The real `kiam webhook` process behind the in-memory API server's
+//! admission chain: pods created through the API (kube-rs, as a controller
+//! would) are sent to it over HTTPS as AdmissionReviews, with the
+//! MutatingWebhookConfiguration from deploy/components/webhook (only its
+//! clientConfig pointed at the process), and the stored pod is checked.
+
+#[path = "support/procs.rs"]
+mod procs;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use procs::{free_port, kiam_bin, wait_for_port, ChildGuard, ProcCluster};
+use serde_json::{json, Value};
+
+const OPT_IN: &str = "iam.amazonaws.com/token-identity";
+const TOKEN_FILE: &str = "/var/run/secrets/kiam/serviceaccount/token";
+
+fn webhook_cmd(c: &ProcCluster, port: u16, metrics: u16) -> std::process::Command {
+    let mut cmd = kiam_bin();
+    cmd.args(["webhook", "--bind", &format!("127.0.0.1:{port}")])
+        .args(["--prometheus-listen-addr", &format!("127.0.0.1:{metrics}")])
+        .args(["--token-audience", "kiam-test"]);
+    c.tls_args(&mut cmd, "server");
+    cmd
+}
+
+/// deploy/components/webhook's configuration, calling `url` and trusting `ca_pem`.
+fn configuration(url: &str, ca_pem: &[u8]) -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/components/webhook/webhook-configuration.yaml"
+    );
+    let mut config: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for w in config["webhooks"].as_array_mut().unwrap() {
+        w["clientConfig"] = json!({
+            "url": url,
+            "caBundle": base64::engine::general_purpose::STANDARD.encode(ca_pem),
+        });
+    }
+    config
+}
+
+fn pod(name: &str, role: Option<&str>, spec: Value) -> Pod {
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name}, "spec": spec});
+    if let Some(role) = role {
+        p["metadata"]["annotations"] = json!({"iam.amazonaws.com/role": role});
+    }
+    serde_json::from_value(p).unwrap()
+}
+
+fn env_of(c: &Value, name: &str) -> Option<String> {
+    c["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Every container and init container has the token path.
+fn assert_injected(pod: &Value) {
+    let spec = &pod["spec"];
+    let all: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|f| spec[*f].as_array().into_iter().flatten())
+        .collect();
+    assert!(!all.is_empty());
+    for c in all {
+        assert_eq!(
+            env_of(c, "AWS_CONTAINER_CREDENTIALS_FULL_URI").as_deref(),
+            Some("http://169.254.170.23/v1/credentials"),
+            "{c}"
+        );
+        assert_eq!(
+            env_of(c, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").as_deref(),
+            Some(TOKEN_FILE),
+            "{c}"
+        );
+        let mount = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "kiam-token")
+            .expect("the token mount");
+        assert_eq!(mount["readOnly"], true);
+    }
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "kiam-token")
+        .expect("the token volume");
+    let sat = &volume["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(sat["audience"], "kiam-test");
+    assert_eq!(sat["expirationSeconds"], 3600);
+    assert_eq!(sat["path"], "token");
+}
+
+fn untouched(pod: &Value) -> bool {
+    !pod.to_string().contains("kiam-token") && !pod.to_string().contains("169.254.170.23")
+}
+
+/// A raw HTTPS POST to the webhook, trusting `ca_pem`: (status, body).
+async fn https_post(port: u16, ca_pem: &[u8], path: &str, body: Vec<u8>) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(path)
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_created_through_the_api_get_the_token_path() {
+    kiam::ensure_crypto_provider();
+    let c = ProcCluster::start().await;
+    let ca = std::fs::read(c.pki.path("ca.pem")).unwrap();
+    let (port, metrics) = (free_port(), free_port());
+    let webhook = ChildGuard::spawn("kiam webhook", webhook_cmd(&c, port, metrics)).unwrap();
+    assert!(
+        wait_for_port(port, Duration::from_secs(20)),
+        "kiam webhook did not listen"
+    );
+    c.api
+        .register_mutating_webhook_configuration(configuration(
+            &format!("https://127.0.0.1:{port}/mutate"),
+            &ca,
+        ))
+        .unwrap();
+    c.api
+        .create_namespace(json!({"metadata": {"name": "team-a", "labels": {OPT_IN: "enabled"}}}))
+        .unwrap();
+    c.api
+        .create_namespace(json!({"metadata": {"name": "team-b"}}))
+        .unwrap();
+    let client = kube::Client::try_from(kube::Config::new(c.api.url().parse().unwrap())).unwrap();
+    let team_a: Api<Pod> = Api::namespaced(client.clone(), "team-a");
+    let team_b: Api<Pod> = Api::namespaced(client.clone(), "team-b");
+    let pp = PostParams::default();
+
+    // A role, an init container, and a container with its own endpoint.
+    let spec = json!({
+        "initContainers": [{"name": "init", "image": "busybox"}],
+        "containers": [
+            {"name": "app", "image": "app"},
+            {"name": "own", "image": "own", "env": [
+                {"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://127.0.0.1:9911/x"}]}
+        ]
+    });
+    team_a
+        .create(&pp, &pod("web", Some("reader"), spec.clone()))
+        .await
+        .unwrap();
+    let stored = c.api.pod("team-a", "web").unwrap();
+    let own = &stored["spec"]["containers"][1];
+    assert_eq!(
+        env_of(own, "AWS_CONTAINER_CREDENTIALS_FULL_URI").as_deref(),
+        Some("http://127.0.0.1:9911/x"),
+        "a container's own variable is kept"
+    );
+    assert_eq!(env_of(own, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"), None);
+    let mut check = stored.clone();
+    check["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .remove(1);
+    assert_injected(&check);
+
+    // generateName: the review carries no name yet; still patched.
+    let mut generated = pod(
+        "",
+        Some("reader"),
+        json!({"containers": [{"name": "a", "image": "a"}]}),
+    );
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("worker-".into());
+    let created = team_a.create(&pp, &generated).await.unwrap();
+    let name = created.metadata.name.unwrap();
+    assert!(name.starts_with("worker-"));
+    assert_injected(&c.api.pod("team-a", &name).unwrap());
+
+    // No role, or a namespace that did not opt in: nothing added.
+    let plain = json!({"containers": [{"name": "a", "image": "a"}]});
+    team_a
+        .create(&pp, &pod("no-role", None, plain.clone()))
+        .await
+        .unwrap();
+    assert!(untouched(&c.api.pod("team-a", "no-role").unwrap()));
+    team_b
+        .create(&pp, &pod("web", Some("reader"), plain.clone()))
+        .await
+        .unwrap();
+    assert!(untouched(&c.api.pod("team-b", "web").unwrap()));
+
+    // A dry run shows the patched pod and stores nothing.
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let shown = team_a
+        .create(&dry, &pod("dry", Some("reader"), plain.clone()))
+        .await
+        .unwrap();
+    assert_injected(&serde_json::to_value(&shown).unwrap());
+    assert!(c.api.pod("team-a", "dry").is_none());
+
+    // Bad input to the webhook itself: 400, and it keeps serving.
+    let (status, _) = https_post(port, &ca, "/mutate", b"{not json".to_vec()).await;
+    assert_eq!(status, 400);
+    let (status, body) = https_post(port, &ca, "/healthz", Vec::new()).await;
+    assert_eq!((status, body.as_str()), (405, ""), "healthz is GET only");
+
+    let (status, text) = procs::http_get(metrics, "/metrics", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    // The configuration's matchConditions keep pods without a role from
+    // being sent at all.
+    assert!(!text.contains("result=\"no_role\""), "{text}");
+    for line in [
+        "kiam_webhook_reviews_total{result=\"injected\"} 3",
+        "kiam_webhook_reviews_total{result=\"bad_request\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
+
+    // failurePolicy: Fail — with the webhook gone, a pod with a role in an
+    // opted-in namespace is refused rather than started without its token;
+    // namespaces that did not opt in are not affected.
+    drop(webhook);
+    let err = team_a
+        .create(&pp, &pod("while-down", Some("reader"), plain.clone()))
+        .await
+        .unwrap_err();
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 500, "{s:?}");
+            assert!(s.message.contains("failed calling webhook"), "{s:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.api.pod("team-a", "while-down").is_none());
+    team_b
+        .create(&pp, &pod("while-down", Some("reader"), plain))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_certificate_not_from_the_ca_bundle_is_refused() {
+    kiam::ensure_crypto_provider();
+    let c = ProcCluster::start().await;
+    let (port, metrics) = (free_port(), free_port());
+    let _webhook = ChildGuard::spawn("kiam webhook", webhook_cmd(&c, port, metrics)).unwrap();
+    assert!(wait_for_port(port, Duration::from_secs(20)));
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = kiam::certs::generate(other.path(), &[], 1).unwrap();
+    let wrong_ca = std::fs::read(other_pki.path("ca.pem")).unwrap();
+    c.api
+        .register_mutating_webhook_configuration(configuration(
+            &format!("https://127.0.0.1:{port}/mutate"),
+            &wrong_ca,
+        ))
+        .unwrap();
+    c.api
+        .create_namespace(json!({"metadata": {"name": "team-a", "labels": {OPT_IN: "enabled"}}}))
+        .unwrap();
+    let client = kube::Client::try_from(kube::Config::new(c.api.url().parse().unwrap())).unwrap();
+    let team_a: Api<Pod> = Api::namespaced(client, "team-a");
+    let err = team_a
+        .create(
+            &PostParams::default(),
+            &pod(
+                "web",
+                Some("reader"),
+                json!({"containers": [{"name": "a", "image": "a"}]}),
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("failed calling webhook"), "{err}");
+}
+
+#[test]
+fn check_config_names_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = kiam::certs::generate(dir.path(), &[], 1).unwrap();
+    let run = |extra: &[&str]| {
+        let mut cmd = kiam_bin();
+        cmd.args(["webhook", "--check-config"]);
+        cmd.arg("--cert").arg(pki.path("server.pem"));
+        cmd.arg("--key").arg(pki.path("server-key.pem"));
+        cmd.arg("--ca").arg(pki.path("ca.pem"));
+        cmd.args(extra);
+        cmd.output().unwrap()
+    };
+    let ok = run(&[]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (extra, flag) in [
+        (&["--token-expiration", "5m"][..], "--token-expiration"),
+        (&["--token-audience", ""][..], "--token-audience"),
+        (&["--key", "/nonexistent/key.pem"][..], "--key"),
+    ] {
+        let out = run(extra);
+        assert_eq!(out.status.code(), Some(64), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{extra:?}: {err}");
+    }
+}
