@@ -49,10 +49,11 @@ const BODY_LIMIT: usize = 6 * 1024 * 1024;
 const MIN_EXPIRATION: Duration = Duration::from_secs(600);
 
 /// Every value of the `result` label.
-const RESULTS: [&str; 6] = [
+const RESULTS: [&str; 7] = [
     "injected",
     "no_role",
     "already_set",
+    "no_service_account",
     "ignored",
     "malformed",
     "bad_request",

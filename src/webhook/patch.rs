@@ -58,6 +58,8 @@ pub enum Outcome {
     /// Every container already had what would be added (a re-invocation,
     /// or a pod that configured itself).
     AlreadySet,
+    /// No `serviceAccountName`: a projected token would make the pod invalid.
+    NoServiceAccount,
 }
 
 impl Outcome {
@@ -66,6 +68,7 @@ impl Outcome {
             Outcome::Injected => "injected",
             Outcome::NoRole => "no_role",
             Outcome::AlreadySet => "already_set",
+            Outcome::NoServiceAccount => "no_service_account",
         }
     }
 }
@@ -95,6 +98,14 @@ pub fn operations(pod: &Value, inj: &Injection) -> Result<(Vec<Value>, Outcome),
         Some(Value::Object(s)) => s,
         _ => return Err(Malformed("the pod has no spec".into())),
     };
+    // The API server refuses a projected token without a service account.
+    // Its ServiceAccount admission plugin fills in `default` before webhooks
+    // run, so an empty one means that plugin is off: patching would make the
+    // pod invalid, so leave it as it is.
+    let account = |k: &str| spec.get(k).and_then(Value::as_str).unwrap_or("");
+    if account("serviceAccountName").is_empty() && account("serviceAccount").is_empty() {
+        return Ok((Vec::new(), Outcome::NoServiceAccount));
+    }
     let mut ops = Vec::new();
     let mut mounts_added = false;
     for field in ["initContainers", "containers"] {

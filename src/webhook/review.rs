@@ -64,6 +64,11 @@ pub fn answer(body: &[u8], inj: &Injection) -> std::result::Result<(Value, Resul
                     response["patch"] =
                         json!(base64::engine::general_purpose::STANDARD.encode(patch));
                 }
+                if outcome == Outcome::NoServiceAccount {
+                    response["warnings"] = json!([
+                        "kiam webhook: the pod has no serviceAccountName (is the ServiceAccount admission plugin off?), so it was not given the token path"
+                    ]);
+                }
                 Result::Pod(outcome)
             }
             Err(e) => {
@@ -102,7 +107,23 @@ mod tests {
 
     fn role_pod() -> Value {
         json!({"metadata": {"annotations": {"iam.amazonaws.com/role": "r"}},
-               "spec": {"containers": [{"name": "a"}]}})
+               "spec": {"serviceAccountName": "default", "containers": [{"name": "a"}]}})
+    }
+
+    #[test]
+    fn no_service_account_no_patch_but_a_warning() {
+        let mut pod = role_pod();
+        pod["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("serviceAccountName");
+        let (out, result) = answer(&review(pod_create(pod)), &Injection::default()).unwrap();
+        assert_eq!(result, Result::Pod(Outcome::NoServiceAccount));
+        assert!(out["response"].get("patch").is_none());
+        assert!(out["response"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("serviceAccountName"));
     }
 
     #[test]
@@ -162,7 +183,7 @@ mod tests {
     #[test]
     fn a_broken_pod_is_allowed_with_a_warning() {
         let pod = json!({"metadata": {"annotations": {"iam.amazonaws.com/role": "r"}},
-                         "spec": {"containers": "nope"}});
+                         "spec": {"serviceAccountName": "default", "containers": "nope"}});
         let (out, result) = answer(&review(pod_create(pod)), &Injection::default()).unwrap();
         assert_eq!(result, Result::Malformed);
         assert_eq!(out["response"]["allowed"], true);

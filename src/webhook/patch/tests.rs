@@ -6,7 +6,12 @@ fn pod(annotations: Value, spec: Value) -> Value {
            "spec": spec})
 }
 
-fn with_role(spec: Value) -> Value {
+/// A pod with a role, and the service account the ServiceAccount
+/// admission plugin sets before webhooks run.
+fn with_role(mut spec: Value) -> Value {
+    if let Some(s) = spec.as_object_mut() {
+        s.entry("serviceAccountName").or_insert("default".into());
+    }
     pod(json!({ROLE_ANNOTATION: "reader"}), spec)
 }
 
@@ -204,6 +209,28 @@ fn a_container_added_after_the_first_call_is_patched_on_reinvocation() {
         Some(CREDENTIALS_URI)
     );
     assert_eq!(mounts(sidecar).len(), 1);
+}
+
+#[test]
+fn no_service_account_no_patch() {
+    // The ServiceAccount admission plugin is off: a projected token would
+    // make the API server refuse the pod.
+    let p = pod(
+        json!({ROLE_ANNOTATION: "reader"}),
+        json!({"containers": [{"name": "a"}]}),
+    );
+    let (ops, outcome) = operations(&p, &Injection::default()).unwrap();
+    assert!(ops.is_empty());
+    assert_eq!(outcome, Outcome::NoServiceAccount);
+    // The deprecated field counts too.
+    let p = pod(
+        json!({ROLE_ANNOTATION: "reader"}),
+        json!({"serviceAccount": "app", "containers": [{"name": "a"}]}),
+    );
+    assert_eq!(
+        operations(&p, &Injection::default()).unwrap().1,
+        Outcome::Injected
+    );
 }
 
 #[test]
