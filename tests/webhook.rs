@@ -61,8 +61,13 @@ fn env_of(c: &Value, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Every container and init container has the token path.
+/// Every container and init container has the token path (the audience
+/// these tests' webhook is given).
 fn assert_injected(pod: &Value) {
+    assert_injected_for(pod, "kiam-test")
+}
+
+fn assert_injected_for(pod: &Value, audience: &str) {
     let spec = &pod["spec"];
     let all: Vec<&Value> = ["initContainers", "containers"]
         .iter()
@@ -95,7 +100,7 @@ fn assert_injected(pod: &Value) {
         .find(|v| v["name"] == "kiam-token")
         .expect("the token volume");
     let sat = &volume["projected"]["sources"][0]["serviceAccountToken"];
-    assert_eq!(sat["audience"], "kiam-test");
+    assert_eq!(sat["audience"], audience);
     assert_eq!(sat["expirationSeconds"], 3600);
     assert_eq!(sat["path"], "token");
 }
@@ -341,4 +346,47 @@ fn check_config_names_the_flag() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag), "{extra:?}: {err}");
     }
+}
+
+/// `cargo run -p kiam-sandbox` starts the webhook and registers it: a pod
+/// applied through the API (as `kubectl apply` would) in an opted-in
+/// namespace comes back with the token path.
+#[test]
+fn the_sandbox_runs_the_webhook() {
+    use kiam_sandbox::sandbox::{NetworkChoice, Sandbox, SandboxOptions, StsChoice};
+    let sandbox = Sandbox::start(SandboxOptions {
+        seed_yaml: String::new(),
+        seed_name: "tests/webhook.rs".into(),
+        kiam: Some(std::path::PathBuf::from(env!("CARGO_BIN_EXE_kiam"))),
+        sts: StsChoice::BuiltIn,
+        network: NetworkChoice::Loopback,
+        kubelet: false,
+        ..SandboxOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("sandbox: {e}"));
+    assert!(
+        sandbox.children().iter().any(|(n, _)| n == "kiam-webhook"),
+        "{:?}",
+        sandbox.children()
+    );
+    sandbox
+        .api()
+        .create_namespace(json!({"metadata": {"name": "team-a", "labels": {OPT_IN: "enabled"}}}))
+        .unwrap();
+    let url = sandbox.api().url();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = rt.block_on(async {
+        kiam::ensure_crypto_provider();
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let api: Api<Pod> = Api::namespaced(client, "team-a");
+        let spec = json!({"containers": [{"name": "a", "image": "a"}]});
+        api.create(&PostParams::default(), &pod("web", Some("reader"), spec))
+            .await
+            .unwrap()
+    });
+    // The sandbox's webhook runs with the default --token-audience.
+    assert_injected_for(&serde_json::to_value(&created).unwrap(), "kiam");
 }

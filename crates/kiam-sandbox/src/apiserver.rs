@@ -38,6 +38,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Creates through the API go through registered mutating admission webhooks
+//! ([`FakeApiServer::register_mutating_webhook_configuration`]), called over HTTPS with
+//! real AdmissionReview v1 JSON as the real dispatcher calls them (the `admission`
+//! module says what differs). Test controls bypass admission, as a kubelet's writes would.
+//!
 //! Objects written through the API follow the real registry's rules (a created pod's
 //! status is reset to Pending; PUT/PATCH of a pod ignore `.status`, the `/status`
 //! subresource changes only status). The test controls on [`FakeApiServer`] write
