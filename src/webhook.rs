@@ -44,6 +44,10 @@ use patch::Injection;
 /// The API server sends whole pods; its own request limit is 3 MiB.
 const BODY_LIMIT: usize = 6 * 1024 * 1024;
 
+/// How long the webhook keeps serving after SIGTERM (well inside the
+/// Deployment's 30 s termination grace period).
+const DRAIN: Duration = Duration::from_secs(5);
+
 /// The shortest token lifetime the API server accepts for a projected
 /// volume (`expirationSeconds` >= 600).
 const MIN_EXPIRATION: Duration = Duration::from_secs(600);
@@ -142,6 +146,22 @@ pub async fn main(args: WebhookArgs) -> Result<(), Fatal> {
             ))
         })?;
     let shutdown = crate::shutdown::on_signal();
+    // The API server keeps calling this pod until its endpoint is gone,
+    // moments after SIGTERM: keep answering a little longer, since with
+    // failurePolicy Fail a refused connection is a refused pod.
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (shutdown, stop) = (shutdown.clone(), stop.clone());
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!(
+                "still answering for {}s while the API server stops calling this pod",
+                DRAIN.as_secs()
+            );
+            tokio::time::sleep(DRAIN).await;
+            stop.cancel();
+        }
+    });
     let metrics = Metrics::register(&mut registry);
     if let Some(l) = metrics_listener {
         tokio::spawn(crate::telemetry::serve_metrics(
@@ -155,7 +175,7 @@ pub async fn main(args: WebhookArgs) -> Result<(), Fatal> {
         audience = %injection.audience,
         "kiam webhook serving AdmissionReviews on POST /mutate"
     );
-    run(listener, tls, injection, metrics, shutdown).await;
+    run(listener, tls, injection, metrics, stop).await;
     Ok(())
 }
 
@@ -168,9 +188,10 @@ async fn run(
     shutdown: CancellationToken,
 ) {
     let app = router(Arc::new(Shared { injection, metrics }));
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
         let (tcp, peer) = match accepted {
@@ -185,7 +206,7 @@ async fn run(
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
         let app = app.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
@@ -196,6 +217,16 @@ async fn run(
             };
             serve_connection(conn, peer, app, shutdown).await;
         });
+    }
+    // Reviews in flight are answered (each connection finishes its request
+    // and closes); the API server would otherwise see a failed call.
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(Duration::from_secs(10), connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("gave up waiting for webhook connections to finish");
     }
 }
 

@@ -390,3 +390,29 @@ fn the_sandbox_runs_the_webhook() {
     // The sandbox's webhook runs with the default --token-audience.
     assert_injected_for(&serde_json::to_value(&created).unwrap(), "kiam");
 }
+
+/// SIGTERM: the webhook keeps answering for a moment (the API server still
+/// calls it until its endpoint is removed), then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_0() {
+    kiam::ensure_crypto_provider();
+    let c = ProcCluster::start().await;
+    let ca = std::fs::read(c.pki.path("ca.pem")).unwrap();
+    let (port, metrics) = (free_port(), free_port());
+    let mut webhook = ChildGuard::spawn("kiam webhook", webhook_cmd(&c, port, metrics)).unwrap();
+    assert!(wait_for_port(port, Duration::from_secs(20)));
+    let pid = i32::try_from(webhook.pid()).unwrap();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    // Still answering reviews after the signal.
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u1", "operation": "DELETE",
+                    "resource": {"group": "", "version": "v1", "resource": "pods"}}});
+    let (status, body) =
+        https_post(port, &ca, "/mutate", serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    let status = tokio::task::spawn_blocking(move || webhook.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
