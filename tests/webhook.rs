@@ -111,6 +111,16 @@ fn untouched(pod: &Value) -> bool {
 
 /// A raw HTTPS POST to the webhook, trusting `ca_pem`: (status, body).
 async fn https_post(port: u16, ca_pem: &[u8], path: &str, body: Vec<u8>) -> (u16, String) {
+    https(http::Method::POST, port, ca_pem, path, body).await
+}
+
+async fn https(
+    method: http::Method,
+    port: u16,
+    ca_pem: &[u8],
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, String) {
     use http_body_util::{BodyExt, Full};
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -135,7 +145,9 @@ async fn https_post(port: u16, ca_pem: &[u8], path: &str, body: Vec<u8>) -> (u16
         .await
         .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::post(path)
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "127.0.0.1")
         .header("content-type", "application/json")
         .body(Full::new(bytes::Bytes::from(body)))
@@ -245,6 +257,9 @@ async fn pods_created_through_the_api_get_the_token_path() {
     assert_eq!(status, 400);
     let (status, body) = https_post(port, &ca, "/healthz", Vec::new()).await;
     assert_eq!((status, body.as_str()), (405, ""), "healthz is GET only");
+    // The manifests' probes: GET /healthz over HTTPS.
+    let (status, body) = https(http::Method::GET, port, &ca, "/healthz", Vec::new()).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
 
     let (status, text) = procs::http_get(metrics, "/metrics", Duration::from_secs(5))
         .await
