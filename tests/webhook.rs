@@ -431,3 +431,78 @@ async fn sigterm_drains_and_exits_0() {
         .unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// The first certificate the webhook presents on a new connection, trusting
+/// any of `cas`.
+async fn served_cert(port: u16, cas: &[Vec<u8>]) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .ok()?;
+    Some(tls.get_ref().1.peer_certificates()?[0].to_vec())
+}
+
+/// cert-manager renews the Secret in place: new connections get the new
+/// certificate without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_are_served_without_a_restart() {
+    kiam::ensure_crypto_provider();
+    let first = tempfile::tempdir().unwrap();
+    let second = tempfile::tempdir().unwrap();
+    let live = tempfile::tempdir().unwrap();
+    let old = kiam::certs::generate(first.path(), &[], 1).unwrap();
+    let new = kiam::certs::generate(second.path(), &[], 1).unwrap();
+    for f in ["server.pem", "server-key.pem", "ca.pem"] {
+        std::fs::copy(old.path(f), live.path().join(f)).unwrap();
+    }
+    let port = free_port();
+    let mut cmd = kiam_bin();
+    cmd.args(["webhook", "--bind", &format!("127.0.0.1:{port}")]);
+    kiam_sandbox::procs::tls_args(&mut cmd, live.path(), "server");
+    let _webhook = ChildGuard::spawn("kiam webhook", cmd).unwrap();
+    assert!(wait_for_port(port, Duration::from_secs(20)));
+    let cas = [
+        std::fs::read(old.path("ca.pem")).unwrap(),
+        std::fs::read(new.path("ca.pem")).unwrap(),
+    ];
+    let der = |pki: &kiam::certs::Pki| {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_file(pki.path("server.pem"))
+            .unwrap()
+            .to_vec()
+    };
+    assert_eq!(served_cert(port, &cas).await, Some(der(&old)));
+    // Written aside and renamed, as the kubelet swaps a Secret volume.
+    for f in ["server.pem", "server-key.pem", "ca.pem"] {
+        let tmp = live.path().join(format!(".{f}.tmp"));
+        std::fs::copy(new.path(f), &tmp).unwrap();
+        std::fs::rename(&tmp, live.path().join(f)).unwrap();
+    }
+    let want = Some(der(&new));
+    let mut served = None;
+    for _ in 0..200 {
+        served = served_cert(port, &cas).await;
+        if served == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served == want, "the renewed certificate was never served");
+}
