@@ -280,31 +280,3 @@ async fn mutate(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         }
     }
 }
-
-/// A webhook served in the background, for tests and the sandbox: it stops
-/// when this is dropped.
-pub struct Serving {
-    pub addr: SocketAddr,
-    stop: CancellationToken,
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// Serves on `listener` with `tls` (from [`HttpsTls::load`], whose metrics
-/// went into `registry`), registering the webhook's metrics there too.
-pub fn serve(
-    listener: TcpListener,
-    tls: HttpsTls,
-    injection: Injection,
-    registry: &mut Registry,
-) -> std::io::Result<Serving> {
-    let addr = listener.local_addr()?;
-    let metrics = Metrics::register(registry);
-    let stop = CancellationToken::new();
-    tokio::spawn(run(listener, tls, injection, metrics, stop.clone()));
-    Ok(Serving { addr, stop })
-}

@@ -10,7 +10,7 @@ use super::patch::{operations, Injection, Outcome};
 
 /// How one review ended, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Result {
+pub enum ReviewResult {
     Pod(Outcome),
     /// Not a pod CREATE (an UPDATE, another resource, a subresource).
     Ignored,
@@ -18,12 +18,12 @@ pub enum Result {
     Malformed,
 }
 
-impl Result {
+impl ReviewResult {
     pub fn as_str(self) -> &'static str {
         match self {
-            Result::Pod(o) => o.as_str(),
-            Result::Ignored => "ignored",
-            Result::Malformed => "malformed",
+            ReviewResult::Pod(o) => o.as_str(),
+            ReviewResult::Ignored => "ignored",
+            ReviewResult::Malformed => "malformed",
         }
     }
 }
@@ -34,7 +34,7 @@ impl Result {
 pub struct BadReview(pub String);
 
 /// Answers one AdmissionReview body.
-pub fn answer(body: &[u8], inj: &Injection) -> std::result::Result<(Value, Result), BadReview> {
+pub fn answer(body: &[u8], inj: &Injection) -> Result<(Value, ReviewResult), BadReview> {
     let review: Value = serde_json::from_slice(body)
         .map_err(|e| BadReview(format!("the body is not JSON: {e}")))?;
     if review["apiVersion"] != "admission.k8s.io/v1" || review["kind"] != "AdmissionReview" {
@@ -53,7 +53,7 @@ pub fn answer(body: &[u8], inj: &Injection) -> std::result::Result<(Value, Resul
         && request["resource"]["resource"] == "pods"
         && request["subResource"].as_str().unwrap_or("").is_empty();
     let outcome = if !is_pod_create {
-        Result::Ignored
+        ReviewResult::Ignored
     } else {
         match operations(&request["object"], inj) {
             Ok((ops, outcome)) => {
@@ -69,13 +69,13 @@ pub fn answer(body: &[u8], inj: &Injection) -> std::result::Result<(Value, Resul
                         "kiam webhook: the pod has no serviceAccountName (is the ServiceAccount admission plugin off?), so it was not given the token path"
                     ]);
                 }
-                Result::Pod(outcome)
+                ReviewResult::Pod(outcome)
             }
             Err(e) => {
                 response["warnings"] = json!([format!(
                     "kiam webhook: pod not given the token path ({e}); it may still use the metadata path"
                 )]);
-                Result::Malformed
+                ReviewResult::Malformed
             }
         }
     };
@@ -118,7 +118,7 @@ mod tests {
             .unwrap()
             .remove("serviceAccountName");
         let (out, result) = answer(&review(pod_create(pod)), &Injection::default()).unwrap();
-        assert_eq!(result, Result::Pod(Outcome::NoServiceAccount));
+        assert_eq!(result, ReviewResult::Pod(Outcome::NoServiceAccount));
         assert!(out["response"].get("patch").is_none());
         assert!(out["response"]["warnings"][0]
             .as_str()
@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn a_pod_with_a_role_gets_a_base64_json_patch() {
         let (out, result) = answer(&review(pod_create(role_pod())), &Injection::default()).unwrap();
-        assert_eq!(result, Result::Pod(Outcome::Injected));
+        assert_eq!(result, ReviewResult::Pod(Outcome::Injected));
         let r = &out["response"];
         assert_eq!(r["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
         assert_eq!(r["allowed"], true);
@@ -165,7 +165,7 @@ mod tests {
             let mut req = pod_create(role_pod());
             req[k] = v;
             let (out, result) = answer(&review(req), &Injection::default()).unwrap();
-            assert_eq!(result, Result::Ignored);
+            assert_eq!(result, ReviewResult::Ignored);
             assert_eq!(out["response"]["allowed"], true);
             assert!(out["response"].get("patch").is_none());
         }
@@ -175,7 +175,7 @@ mod tests {
     fn no_role_no_patch_field() {
         let pod = json!({"metadata": {}, "spec": {"containers": [{"name": "a"}]}});
         let (out, result) = answer(&review(pod_create(pod)), &Injection::default()).unwrap();
-        assert_eq!(result, Result::Pod(Outcome::NoRole));
+        assert_eq!(result, ReviewResult::Pod(Outcome::NoRole));
         assert!(out["response"].get("patch").is_none());
         assert!(out["response"].get("patchType").is_none());
     }
@@ -185,7 +185,7 @@ mod tests {
         let pod = json!({"metadata": {"annotations": {"iam.amazonaws.com/role": "r"}},
                          "spec": {"serviceAccountName": "default", "containers": "nope"}});
         let (out, result) = answer(&review(pod_create(pod)), &Injection::default()).unwrap();
-        assert_eq!(result, Result::Malformed);
+        assert_eq!(result, ReviewResult::Malformed);
         assert_eq!(out["response"]["allowed"], true);
         assert!(out["response"]["warnings"][0]
             .as_str()
