@@ -506,3 +506,133 @@ async fn renewed_certificates_are_served_without_a_restart() {
     }
     assert!(served == want, "the renewed certificate was never served");
 }
+
+/// An HTTPS admission webhook answering every review with `answer(review)`,
+/// for the API server's own rules (denials, bad answers).
+async fn scripted_webhook(
+    pki: &kiam::certs::Pki,
+    answer: fn(&Value) -> Value,
+) -> (u16, tokio::task::JoinHandle<()>) {
+    use axum::routing::post;
+    let tls = kiam::tls::HttpsTls::load(
+        pki.server_files(),
+        &mut prometheus_client::registry::Registry::default(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/mutate",
+        post(move |body: axum::body::Bytes| async move {
+            let review: Value = serde_json::from_slice(&body).unwrap();
+            axum::Json(answer(&review))
+        }),
+    );
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let app = app.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(conn),
+                    hyper_util::service::TowerToHyperService::new(app),
+                )
+                .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+fn review_answer(review: &Value, response: Value) -> Value {
+    let mut response = response;
+    if response.get("uid").is_none() {
+        response["uid"] = review["request"]["uid"].clone();
+    }
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+}
+
+/// The in-memory API server applies the real dispatcher's rules to what a
+/// webhook answers: a denial carries its message, an answer for another uid
+/// is a failed call, and failurePolicy Ignore lets a pod through a webhook
+/// that cannot be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_judges_webhook_answers_as_kubernetes_does() {
+    kiam::ensure_crypto_provider();
+    let c = ProcCluster::start().await;
+    let ca = std::fs::read(c.pki.path("ca.pem")).unwrap();
+    c.api
+        .create_namespace(json!({"metadata": {"name": "team-a", "labels": {OPT_IN: "enabled"}}}))
+        .unwrap();
+    let client = kube::Client::try_from(kube::Config::new(c.api.url().parse().unwrap())).unwrap();
+    let team_a: Api<Pod> = Api::namespaced(client, "team-a");
+    let spec = json!({"containers": [{"name": "a", "image": "a"}]});
+    let register = |port: u16, policy: &str| {
+        let mut config = configuration(&format!("https://127.0.0.1:{port}/mutate"), &ca);
+        config["webhooks"][0]["failurePolicy"] = json!(policy);
+        c.api
+            .register_mutating_webhook_configuration(config)
+            .unwrap();
+    };
+    let refused = |e: kube::Error| match e {
+        kube::Error::Api(s) => (s.code, s.message),
+        other => panic!("{other:?}"),
+    };
+
+    let (port, deny) = scripted_webhook(&c.pki, |r| {
+        review_answer(
+            r,
+            json!({"allowed": false, "status": {"code": 403, "message": "no roles today"}}),
+        )
+    })
+    .await;
+    register(port, "Fail");
+    let (code, message) = refused(
+        team_a
+            .create(
+                &PostParams::default(),
+                &pod("denied", Some("r"), spec.clone()),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 403);
+    assert_eq!(
+        message,
+        "admission webhook \"token-identity.kiam.amazonaws.com\" denied the request: no roles today"
+    );
+    deny.abort();
+
+    let (port, wrong_uid) = scripted_webhook(&c.pki, |r| {
+        review_answer(r, json!({"uid": "someone-else", "allowed": true}))
+    })
+    .await;
+    register(port, "Fail");
+    let (code, message) = refused(
+        team_a
+            .create(
+                &PostParams::default(),
+                &pod("wrong-uid", Some("r"), spec.clone()),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 500);
+    assert!(message.contains("expected response.uid="), "{message}");
+    wrong_uid.abort();
+
+    // Ignore: nothing listens there, and the pod is created unchanged.
+    register(free_port(), "Ignore");
+    team_a
+        .create(&PostParams::default(), &pod("ignored", Some("r"), spec))
+        .await
+        .unwrap();
+    assert!(untouched(&c.api.pod("team-a", "ignored").unwrap()));
+}
