@@ -51,6 +51,8 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// The shortest token lifetime the API server accepts for a projected
 /// volume (`expirationSeconds` >= 600).
 const MIN_EXPIRATION: Duration = Duration::from_secs(600);
+/// The longest (`expirationSeconds` <= 2^32).
+const MAX_EXPIRATION: Duration = Duration::from_secs(1 << 32);
 
 /// Every value of the `result` label.
 const RESULTS: [&str; 7] = [
@@ -111,9 +113,9 @@ pub fn injection(args: &WebhookArgs) -> Result<Injection, Fatal> {
     if args.token_audience.trim().is_empty() {
         return Err(Fatal::Usage("--token-audience must not be empty".into()));
     }
-    if args.token_expiration < MIN_EXPIRATION {
+    if args.token_expiration < MIN_EXPIRATION || args.token_expiration > MAX_EXPIRATION {
         return Err(Fatal::Usage(format!(
-            "--token-expiration {}: must be at least 10m (the API server refuses shorter projected tokens)",
+            "--token-expiration {}: must be between 10m and 2^32 seconds (the API server refuses other projected tokens)",
             humantime::format_duration(args.token_expiration)
         )));
     }

@@ -353,6 +353,10 @@ fn check_config_names_the_flag() {
     );
     for (extra, flag) in [
         (&["--token-expiration", "5m"][..], "--token-expiration"),
+        (
+            &["--token-expiration", "200years"][..],
+            "--token-expiration",
+        ),
         (&["--token-audience", ""][..], "--token-audience"),
         (&["--key", "/nonexistent/key.pem"][..], "--key"),
     ] {
