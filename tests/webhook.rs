@@ -222,6 +222,9 @@ async fn pods_created_through_the_api_get_the_token_path() {
     );
     generated.metadata.name = None;
     generated.metadata.generate_name = Some("worker-".into());
+    // No service account: the API server's ServiceAccount admission (before
+    // webhooks) makes it `default`.
+    generated.spec.as_mut().unwrap().service_account_name = None;
     let created = team_a.create(&pp, &generated).await.unwrap();
     let name = created.metadata.name.unwrap();
     assert!(name.starts_with("worker-"));

@@ -61,9 +61,10 @@
 //! most often sign RS256, though they take ECDSA keys too. The issuer defaults to
 //! [`DEFAULT_ISSUER`] while the discovery document and JWKS are served over plain HTTP at
 //! the fake's address (a real server requires https there). The `default` ServiceAccount
-//! is created with its namespace rather than moments later by a controller. No
-//! ServiceAccount admission runs on pod create (no `serviceAccountName` default, token
-//! volume or check that the account exists; an empty `serviceAccountName` counts as
+//! is created with its namespace rather than moments later by a controller. Of
+//! ServiceAccount admission, pods created through the API only get the `serviceAccountName`
+//! default (`default`), not its token volume or the check that the account exists; pods
+//! written by test controls get nothing (an empty `serviceAccountName` counts as
 //! `default`). Tokens bind to pods and nodes, not Secrets. A TokenRequest is never
 //! extended to a year for the kubelet (`--service-account-extend-token-expiration`) nor
 //! capped by `--service-account-max-token-expiration`. No request is authenticated or

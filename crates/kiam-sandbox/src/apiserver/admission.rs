@@ -454,6 +454,9 @@ pub(crate) async fn mutate(
     mut obj: Value,
     dry_run: bool,
 ) -> Result<(Value, Vec<String>), ApiError> {
+    if res == Resource::Pods {
+        default_service_account(&mut obj);
+    }
     let webhooks = shared.admission.webhooks();
     let mut warnings = Vec::new();
     if webhooks.is_empty() {
@@ -535,6 +538,30 @@ pub(crate) async fn mutate(
         }
     }
     Ok((obj, warnings))
+}
+
+/// The one thing of the ServiceAccount admission plugin (which runs before
+/// webhooks) done here: a pod without `serviceAccountName` runs as
+/// `default`. Webhooks see that, and the API refuses a projected token
+/// without it. (Its token volume and the check that the account exists are
+/// not done.)
+fn default_service_account(pod: &mut Value) {
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let empty = spec
+        .get("serviceAccountName")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty);
+    if empty {
+        let name = spec
+            .get("serviceAccount")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default")
+            .to_string();
+        spec.insert("serviceAccountName".into(), name.into());
+    }
 }
 
 /// Webhook warnings as `Warning: 299 - "..."` headers, which kubectl and
