@@ -85,6 +85,63 @@ fn untouched(pod: &Value) -> bool {
     !pod.to_string().contains("kiam-token") && !pod.to_string().contains("169.254.170.23")
 }
 
+/// Another mutating webhook, as service meshes run: adds a `sidecar`
+/// container to every pod it sees (once).
+async fn sidecar_injector(pki: &kiam::certs::Pki) -> u16 {
+    use axum::routing::post;
+    kiam::ensure_crypto_provider();
+    let tls = kiam::tls::HttpsTls::load(
+        pki.server_files(),
+        &mut prometheus_client::registry::Registry::default(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/mutate",
+        post(|body: axum::body::Bytes| async move {
+            let review: Value = serde_json::from_slice(&body).unwrap();
+            let request = &review["request"];
+            let has = request["object"]["spec"]["containers"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["name"] == "sidecar"));
+            let mut response = json!({"uid": request["uid"], "allowed": true});
+            if !has {
+                let patch = json!([{"op": "add", "path": "/spec/containers/-",
+                    "value": {"name": "sidecar", "image": "sidecar"}}]);
+                response["patchType"] = json!("JSONPatch");
+                response["patch"] =
+                    json!(base64::engine::general_purpose::STANDARD.encode(patch.to_string()));
+            }
+            axum::Json(json!({"apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview", "response": response}))
+        }),
+    );
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let app = app.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(conn),
+                    hyper_util::service::TowerToHyperService::new(app),
+                )
+                .await;
+            });
+        }
+    });
+    port
+}
+
 #[test]
 fn real_apiserver_calls_kiam_webhook() {
     let Some((etcd, apiserver)) = kubeapi::binaries() else {
@@ -197,6 +254,69 @@ fn real_apiserver_calls_kiam_webhook() {
         Some("http://127.0.0.1:9911/x")
     );
     assert_eq!(env_of(c, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"), None);
+
+    // reinvocationPolicy: IfNeeded. A sidecar injector ordered after ours
+    // ("z-..." > "kiam-webhook") adds a container; the real API server calls
+    // kiam's webhook again and the sidecar gets the token path too, with
+    // nothing added twice.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sidecar_port = rt.block_on(sidecar_injector(&pki));
+    let mut sidecar = config.clone();
+    sidecar["metadata"] = json!({"name": "z-sidecar-injector"});
+    let w = &mut sidecar["webhooks"][0];
+    w["name"] = json!("sidecar.injector.example.com");
+    w["reinvocationPolicy"] = json!("Never");
+    w["clientConfig"]["url"] = json!(format!("https://127.0.0.1:{sidecar_port}/mutate"));
+    api.must(
+        "POST",
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+        "application/json",
+        &sidecar,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, shown) = create(
+            &api,
+            "team-a",
+            &pod("probe2", Some("r"), spec.clone()),
+            true,
+        );
+        let containers = shown["spec"]["containers"].as_array().map_or(0, Vec::len);
+        if code == 201 && containers == 3 {
+            assert!(
+                injected(&shown),
+                "the sidecar was not given the token path: {shown}"
+            );
+            let volumes = shown["spec"]["volumes"].as_array().unwrap();
+            assert_eq!(
+                volumes.iter().filter(|v| v["name"] == "kiam-token").count(),
+                1,
+                "{shown}"
+            );
+            for c in shown["spec"]["containers"].as_array().unwrap() {
+                let n = c["env"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|e| e["name"] == "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+                    .count();
+                assert_eq!(n, 1, "{c}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar injector was never called: {code} {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    api.must(
+        "DELETE",
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/z-sidecar-injector",
+        "application/json",
+        &json!({}),
+    );
+    drop(rt);
 
     // failurePolicy: Fail. With the webhook gone, role pods in opted-in
     // namespaces are refused; pods without a role are not held up.
