@@ -92,6 +92,8 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Create the CA, server and agent certificates for mutual TLS.
     Certs(CertsArgs),
+    /// Run the mutating admission webhook that gives pods with a role the token path.
+    Webhook(Box<WebhookArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -323,6 +325,36 @@ pub struct AgentArgs {
     /// environment variable, which the manifests set from spec.nodeName).
     #[arg(long, env = "KIAM_NODE_NAME", default_value = "")]
     pub node_name: String,
+
+    /// Parse flags and read files, then exit without binding any port.
+    #[arg(long, env = "KIAM_CHECK_CONFIG", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// The webhook's HTTPS certificate (--cert, --key; no client
+    /// certificate is asked for) and the CA in the webhook configuration's
+    /// caBundle (--ca; a certificate not chaining to it is warned about).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// HTTPS bind address (POST /mutate, GET /healthz).
+    #[arg(long, env = "KIAM_BIND", default_value = "0.0.0.0:8443")]
+    pub bind: String,
+    /// Audience of the injected projected service-account token: the one
+    /// the kiam server requires (its --token-audience).
+    #[arg(long, env = "KIAM_TOKEN_AUDIENCE", default_value = "kiam")]
+    pub token_audience: String,
+    /// Lifetime of the injected token (at least 10m); the kubelet renews it
+    /// at 80% of that.
+    #[arg(long, env = "KIAM_TOKEN_EXPIRATION", default_value = "1h", value_parser = parse_duration)]
+    pub token_expiration: Duration,
 
     /// Parse flags and read files, then exit without binding any port.
     #[arg(long, env = "KIAM_CHECK_CONFIG", default_value_t = false, num_args = 0..=1,

@@ -230,6 +230,21 @@ pub async fn scrape_server_and_agent() -> Option<Exposition> {
     };
     Exposition::parse(&scrape(server_metrics).await, &mut all);
 
+    // kiam webhook: its families exist (at zero) from the start.
+    let (webhook_port, webhook_metrics) = (procs::free_port(), procs::free_port());
+    let mut cmd = procs::kiam_bin();
+    cmd.args(["webhook", &format!("--bind=127.0.0.1:{webhook_port}")])
+        .arg(format!(
+            "--prometheus-listen-addr=127.0.0.1:{webhook_metrics}"
+        ));
+    c.tls_args(&mut cmd, "server");
+    let _webhook = procs::ChildGuard::spawn("kiam webhook", cmd).unwrap();
+    assert!(
+        procs::wait_for_port(webhook_metrics, Duration::from_secs(20)),
+        "kiam webhook never served metrics"
+    );
+    Exposition::parse(&scrape(webhook_metrics).await, &mut all);
+
     // With the server gone, the agent answers from its last good credentials.
     drop(server);
     let (code, body) = get(agent_port, creds).await;
