@@ -7,6 +7,9 @@
 #   scripts/peers.sh kiam-go         prints the path of Go kiam's `kiam` binary
 #   scripts/peers.sh kube-apiserver  prints the path of a real kube-apiserver
 #   scripts/peers.sh etcd            prints the path of a real etcd
+#   scripts/peers.sh helm            prints the path of helm (v3)
+#   scripts/peers.sh cfssl           prints the path of cfssl
+#   scripts/peers.sh cfssljson       prints the path of cfssljson
 #
 # Exits non-zero, saying why on stderr, when a peer cannot be built (no Go,
 # or the module proxy does not serve a module); the tests that need it then
@@ -175,12 +178,41 @@ etcd() {
     go.etcd.io/etcd/server/v3 etcd
 }
 
+# Helm, for tests/helm.rs (helm lint / helm template of deploy/helm/kiam).
+# No Debian package provides it; built from its Go module like the peers.
+HELM_VERSION=v3.22.0
+HELM_RECIPE=r1
+
+helm_bin() {
+  go_peer helm "$HELM_VERSION" "$HELM_RECIPE" helm.sh/helm/v3 \
+    helm.sh/helm/v3/cmd/helm helm
+}
+
+# cfssl and cfssljson, for tests/seed_pki.rs (the seed document's
+# certificate steps, followed as written). One module, two binaries, each
+# cached under its own name.
+CFSSL_VERSION=v1.6.5
+CFSSL_RECIPE=r1
+
+cfssl_bin() {
+  go_peer cfssl "$CFSSL_VERSION" "$CFSSL_RECIPE" github.com/cloudflare/cfssl \
+    github.com/cloudflare/cfssl/cmd/cfssl cfssl
+}
+
+cfssljson_bin() {
+  go_peer cfssljson "$CFSSL_VERSION" "$CFSSL_RECIPE" github.com/cloudflare/cfssl \
+    github.com/cloudflare/cfssl/cmd/cfssljson cfssljson
+}
+
 case "${1:-}" in
   kiam-go) kiam_go ;;
   kube-apiserver) kube_apiserver ;;
   etcd) etcd ;;
+  helm) helm_bin ;;
+  cfssl) cfssl_bin ;;
+  cfssljson) cfssljson_bin ;;
   *)
-    echo "usage: $0 kiam-go|kube-apiserver|etcd" >&2
+    echo "usage: $0 kiam-go|kube-apiserver|etcd|helm|cfssl|cfssljson" >&2
     exit 64
     ;;
 esac
