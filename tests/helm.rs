@@ -4,12 +4,16 @@
 //! of its keys (ci/operator-values.yaml); the rendered objects are validated
 //! against Kubernetes 1.30's schemas, every kiam command line in them passes
 //! `--check-config`, the default rendering is compared with deploy/base,
-//! and a server and an agent run on the certificates the chart generates.
+//! a server and an agent run on the certificates the chart generates, and
+//! the rendered objects are created on a real kube-apiserver (with
+//! `KIAM_ETCD_BIN` and `KIAM_KUBE_APISERVER_BIN`).
 //!
 //! Needs helm (`KIAM_HELM_BIN`, which scripts/test.sh sets from
 //! `scripts/peers.sh helm`), PyPI's kubernetes-validate and kubectl (for
 //! deploy/base); without them the tests say SKIPPED loudly.
 
+#[path = "support/kubeapi.rs"]
+mod kubeapi;
 #[path = "support/procs.rs"]
 mod procs;
 
@@ -868,4 +872,59 @@ async fn chart_generated_certificates_give_working_mtls() {
         status, 200,
         "the agent's deep health check (a server over mTLS with the chart's certificates)"
     );
+}
+
+/// The rendered objects are accepted by a real kube-apiserver (strict field
+/// validation, its defaulting and admission): the default values into
+/// kube-system as release "kiam", the operator's values into another
+/// namespace as release "kiam-ops". ServiceMonitors need the Prometheus
+/// operator's CRD, which this API server does not have: skipped.
+#[test]
+fn rendered_objects_are_accepted_by_a_real_apiserver() {
+    let Some(helm) = helm() else { return };
+    let Some((etcd, apiserver)) = kubeapi::binaries() else {
+        return;
+    };
+    let api = kubeapi::KubeApi::start(&etcd, &apiserver);
+    let mut created = 0;
+    for (case, release, ns) in [(0, "kiam", NAMESPACE), (2, "kiam-ops", "kiam-ops")] {
+        let case = cases().into_iter().nth(case).unwrap();
+        if ns != NAMESPACE {
+            api.namespace(ns, "");
+        }
+        let mut cmd = Command::new(&helm);
+        cmd.args(["template", release])
+            .arg(chart())
+            .args(["--namespace", ns]);
+        for v in &case.values {
+            cmd.arg("-f").arg(v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "helm template {release}");
+        for doc in parse_yaml(&String::from_utf8(out.stdout).unwrap()) {
+            if !has_schema(&doc) {
+                continue;
+            }
+            let (code, text) = api.create(&doc, ns);
+            assert!(
+                (200..300).contains(&code),
+                "{} ({}): the API server refused {}: {code} {text}",
+                case.name,
+                release,
+                kind_name(&doc)
+            );
+            created += 1;
+        }
+    }
+    // The check can fail: a misspelled field is refused.
+    let mut docs = parse_yaml(&helm_template(&helm, &[], &[]).unwrap());
+    let ds = docs.iter_mut().find(|d| d["kind"] == "DaemonSet").unwrap();
+    ds["metadata"]["name"] = "kiam-misspelled".into();
+    ds["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always".into();
+    let (code, text) = api.create(ds, NAMESPACE);
+    assert!(
+        !(200..300).contains(&code) && text.contains("imagePullPolicyy"),
+        "a misspelled field was accepted: {code} {text}"
+    );
+    println!("{created} rendered objects created on a real kube-apiserver");
 }

@@ -298,8 +298,10 @@ fn collection_path(doc: &serde_json::Value, namespace: &str) -> String {
 }
 
 impl KubeApi {
-    /// Creates `doc` as the admin (in `namespace` when it is namespaced);
-    /// returns (HTTP status, body) so callers can tell a refusal apart.
+    /// Creates `doc` as the admin (in `namespace` when it is namespaced),
+    /// with strict field validation (an unknown or duplicated field is an
+    /// error, as `kubectl apply` makes it); returns (HTTP status, body) so
+    /// callers can tell a refusal apart.
     pub fn create(&self, doc: &serde_json::Value, namespace: &str) -> (u16, String) {
         let mut doc = doc.clone();
         if let Some(meta) = doc["metadata"].as_object_mut() {
@@ -307,7 +309,10 @@ impl KubeApi {
         }
         self.curl(
             "POST",
-            &collection_path(&doc, namespace),
+            &format!(
+                "{}?fieldValidation=Strict",
+                collection_path(&doc, namespace)
+            ),
             Some("application/json"),
             Some(&doc),
         )
