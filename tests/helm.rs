@@ -616,7 +616,6 @@ fn comparable_args(args: &[String]) -> Vec<String> {
     const GO_CHART_EXTRAS: &[&str] = &[
         "--prometheus-sync-interval=5s",
         "--gateway-timeout-creation=1s",
-        "--session-duration=15m",
     ];
     args.iter()
         .filter(|a| !GO_CHART_EXTRAS.contains(&a.as_str()))
