@@ -927,3 +927,64 @@ fn rendered_objects_are_accepted_by_a_real_apiserver() {
     );
     println!("{created} rendered objects created on a real kube-apiserver");
 }
+
+/// `helm install` and `helm upgrade` against a real kube-apiserver: the
+/// release installs, and an upgrade keeps the CA and certificates the
+/// chart generated at install (read back with `lookup`), so agents and
+/// servers keep trusting each other across upgrades.
+#[test]
+fn helm_upgrade_on_a_real_apiserver_keeps_generated_certificates() {
+    let Some(helm) = helm() else { return };
+    let Some((etcd, apiserver)) = kubeapi::binaries() else {
+        return;
+    };
+    let api = kubeapi::KubeApi::start(&etcd, &apiserver);
+    let cache = api.dir.path().join("helm-cache");
+    let run = |verb: &str| {
+        let out = Command::new(&helm)
+            .args([verb, "kiam"])
+            .arg(chart())
+            .args(["--namespace", NAMESPACE])
+            .arg("--kubeconfig")
+            .arg(&api.kubeconfig)
+            // Helm's own state, kept out of the user's home.
+            .env("HELM_CACHE_HOME", cache.join("cache"))
+            .env("HELM_CONFIG_HOME", cache.join("config"))
+            .env("HELM_DATA_HOME", cache.join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "helm {verb}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let secrets = || {
+        ["kiam-agent", "kiam-server"].map(|name| {
+            api.get_json(&format!("/api/v1/namespaces/{NAMESPACE}/secrets/{name}"))["data"].clone()
+        })
+    };
+    run("install");
+    let installed = secrets();
+    for s in &installed {
+        for key in ["ca", "cert", "key"] {
+            assert!(s[key].is_string(), "generated Secret lacks {key}: {s}");
+        }
+    }
+    assert_eq!(installed[0]["ca"], installed[1]["ca"], "one CA for both");
+    run("upgrade");
+    assert_eq!(
+        secrets(),
+        installed,
+        "helm upgrade replaced the certificates"
+    );
+    // The workloads exist as rendered.
+    for path in [
+        "/apis/apps/v1/namespaces/kube-system/deployments/kiam-server",
+        "/apis/apps/v1/namespaces/kube-system/daemonsets/kiam-agent",
+    ] {
+        let v = api.get_json(path);
+        assert_eq!(v["metadata"]["labels"]["release"], "kiam", "{path}");
+    }
+}
