@@ -3,7 +3,8 @@
 //! (built from their Go module by `scripts/peers.sh cfssl` / `cfssljson`,
 //! given in `KIAM_CFSSL_BIN` / `KIAM_CFSSLJSON_BIN`), its Secrets made with
 //! its `kubectl create secret generic` lines, and our server and agent (and
-//! Go kiam's, with `KIAM_GO_BIN`) run on the result over mutual TLS.
+//! Go kiam's, with `KIAM_GO_BIN`) run on the result over mutual TLS; the
+//! same with Vault's PKI secrets engine when `KIAM_VAULT_BIN` is set.
 //! SKIPPED loudly without the binaries.
 
 #[path = "support/gokiam.rs"]
@@ -21,16 +22,17 @@ use procs::{free_port, kiam_bin, start_moto, wait_for_port, ChildGuard, ProcClus
 const BASE: &str = "arn:aws:iam::123456789012:role/";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/web-role?ip=198.18.5.10";
 
+const CFSSL_UNTESTED: &str = "the seed document's cfssl steps were not run";
+
 fn skipped(why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {why} ***\n");
 }
 
-fn bin(var: &str) -> Option<PathBuf> {
+fn bin(var: &str, untested: &str) -> Option<PathBuf> {
     let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) else {
         skipped(&format!(
-            "{var} is not set (scripts/test.sh sets it from scripts/peers.sh); \
-             the seed document's cfssl steps were not run"
+            "{var} is not set (scripts/test.sh sets it from scripts/peers.sh); {untested}"
         ));
         return None;
     };
@@ -205,7 +207,10 @@ struct SeedPki {
 }
 
 fn seed_pki() -> Option<SeedPki> {
-    let (Some(cfssl), Some(cfssljson)) = (bin("KIAM_CFSSL_BIN"), bin("KIAM_CFSSLJSON_BIN")) else {
+    let (Some(cfssl), Some(cfssljson)) = (
+        bin("KIAM_CFSSL_BIN", CFSSL_UNTESTED),
+        bin("KIAM_CFSSLJSON_BIN", CFSSL_UNTESTED),
+    ) else {
         return None;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -331,4 +336,147 @@ async fn go_kiam_runs_on_the_seed_cfssl_pki_with_ours() {
         "kiam health against Go kiam's server on the seed's PKI: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// One Vault API call with curl as the dev root token: the parsed answer.
+fn vault_call(addr: &str, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "-X", method])
+        .args(["-H", "X-Vault-Token: root"])
+        .args(["-H", "Content-Type: application/json"])
+        .args(["--data-binary", &body.to_string()])
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!("{addr}/v1/{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    assert!(
+        code.trim().starts_with('2'),
+        "vault {method} {path}: {code} {body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// The guide's "any other way like Vault": Vault's PKI secrets engine on a
+/// dev server (`KIAM_VAULT_BIN`, `scripts/peers.sh vault`) issues the CA,
+/// the server's certificate (for kiam-server, localhost and 127.0.0.1) and
+/// the agent's, and our server and agent run on them over mutual TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_server_and_agent_run_on_vault_pki() {
+    let Some(vault) = bin("KIAM_VAULT_BIN", "Vault's PKI secrets engine was not tried") else {
+        return;
+    };
+    let Some(moto) = start_moto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let vport = free_port();
+    let mut cmd = Command::new(&vault);
+    cmd.args(["server", "-dev", "-dev-root-token-id=root"])
+        .arg(format!("-dev-listen-address=127.0.0.1:{vport}"))
+        .env("HOME", dir.path())
+        .env("VAULT_DISABLE_MLOCK", "true")
+        .stdout(std::process::Stdio::null());
+    let _vault = ChildGuard::spawn("vault", cmd).unwrap();
+    assert!(wait_for_port(vport, Duration::from_secs(60)));
+    let addr = format!("http://127.0.0.1:{vport}");
+    // Ready once unsealed (a dev server unseals itself).
+    for _ in 0..100 {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("{addr}/v1/sys/health"))
+            .output()
+            .unwrap();
+        if out.stdout == b"200" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    vault_call(
+        &addr,
+        "POST",
+        "sys/mounts/pki",
+        serde_json::json!({"type": "pki"}),
+    );
+    vault_call(
+        &addr,
+        "POST",
+        "sys/mounts/pki/tune",
+        serde_json::json!({"max_lease_ttl": "87600h"}),
+    );
+    let root = vault_call(
+        &addr,
+        "POST",
+        "pki/root/generate/internal",
+        serde_json::json!({"common_name": "kiam vault CA", "ttl": "87600h"}),
+    );
+    let ca = root["data"]["certificate"].as_str().unwrap().to_string();
+    vault_call(
+        &addr,
+        "POST",
+        "pki/roles/kiam",
+        serde_json::json!({"allowed_domains": ["kiam-server", "localhost", "kiam-agent"],
+            "allow_bare_domains": true, "allow_ip_sans": true,
+            "server_flag": true, "client_flag": true, "max_ttl": "72h"}),
+    );
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(certs.join("ca.pem"), format!("{ca}\n")).unwrap();
+    for (role, body) in [
+        (
+            "server",
+            serde_json::json!({"common_name": "kiam-server", "alt_names": "localhost",
+                "ip_sans": "127.0.0.1", "ttl": "24h"}),
+        ),
+        (
+            "agent",
+            serde_json::json!({"common_name": "kiam-agent", "ttl": "24h"}),
+        ),
+    ] {
+        let issued = vault_call(&addr, "POST", "pki/issue/kiam", body);
+        let d = &issued["data"];
+        std::fs::write(
+            certs.join(format!("{role}.pem")),
+            format!("{}\n", d["certificate"].as_str().unwrap()),
+        )
+        .unwrap();
+        std::fs::write(
+            certs.join(format!("{role}-key.pem")),
+            format!("{}\n", d["private_key"].as_str().unwrap()),
+        )
+        .unwrap();
+    }
+
+    let mut c = ProcCluster::start().await;
+    c.pki = kiam::certs::Pki { dir: certs.clone() };
+    c.namespace("team-a", ".*");
+    c.pod("team-a", "web", "198.18.5.10", "web-role");
+    let port = free_port();
+    let _server = c.spawn_server(
+        &moto.url,
+        &[
+            "--role-base-arn",
+            BASE,
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let out = eventually_healthy(&certs, port).await;
+    assert!(
+        out.status.success(),
+        "kiam health with Vault's agent certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent_port = free_port();
+    let cmd = c.agent_cmd(
+        agent_port,
+        &format!("localhost:{port}"),
+        &format!("http://127.0.0.1:{}", free_port()),
+        &["--allow-ip-query"],
+    );
+    let _agent = ChildGuard::spawn("kiam agent", cmd).unwrap();
+    assert!(wait_for_port(agent_port, Duration::from_secs(20)));
+    let key = credentials_through(agent_port).await;
+    assert!(key.starts_with("ASIA"), "{key}");
 }
