@@ -298,6 +298,36 @@ async fn kiam_server_on_the_manifests_rbac_and_a_service_account_token() {
     assert!(!creds.access_key_id.is_empty());
     assert!(!creds.token.is_empty());
 
+    // And through a real agent, as a pod's SDK asks (by `?ip=` here: the
+    // pod's address exists only in the API server).
+    let agent_port = free_port();
+    let mut cmd = kiam_bin();
+    kiam_sandbox::procs::agent_args(
+        &mut cmd,
+        agent_port,
+        &format!("localhost:{port}"),
+        &format!("http://127.0.0.1:{}", free_port()),
+        &pki.dir,
+    )
+    .args(["--host", "127.0.0.1", "--allow-ip-query"]);
+    let _agent = ChildGuard::spawn("kiam agent", cmd).unwrap();
+    let path = "/latest/meta-data/iam/security-credentials/web-role?ip=198.18.2.10";
+    let mut got = procs::http_get(agent_port, path, Duration::from_secs(2)).await;
+    for _ in 0..100 {
+        if matches!(&got, Ok((200, _))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        got = procs::http_get(agent_port, path, Duration::from_secs(2)).await;
+    }
+    let (code, body) = got.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["AccessKeyId"].as_str().unwrap().starts_with("ASIA"),
+        "{body}"
+    );
+
     // A role the namespace does not permit is refused, and the server
     // records why on the pod (events create/patch in the ClusterRole).
     let refused = grpc::credentials(&client, "198.18.2.11", "admin").await;
