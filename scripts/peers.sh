@@ -10,7 +10,6 @@
 #   scripts/peers.sh helm            prints the path of helm (v3)
 #   scripts/peers.sh cfssl           prints the path of cfssl
 #   scripts/peers.sh cfssljson       prints the path of cfssljson
-#   scripts/peers.sh vault           prints the path of vault
 #
 # Exits non-zero, saying why on stderr, when a peer cannot be built (no Go,
 # or the module proxy does not serve a module); the tests that need it then
@@ -205,28 +204,6 @@ cfssljson_bin() {
     github.com/cloudflare/cfssl/cmd/cfssljson cfssljson
 }
 
-# Vault (dev server, PKI secrets engine) for the seed document's "any other
-# way like Vault". Its go.mod points api/ and sdk/ at its own tree, which a
-# requiring module cannot use: the versions it requires of them are taken
-# as published; its two replaces to forks are repeated here.
-VAULT_VERSION=v1.21.4
-VAULT_RECIPE=r1
-
-vault_bin() {
-  local replaces
-  replaces=$(mktemp)
-  cat >"$replaces" <<'EOR'
-replace github.com/99designs/keyring => github.com/Jeffail/keyring v1.2.3
-
-replace github.com/ma314smith/signedxml v1.1.1 => github.com/moov-io/signedxml v1.1.1
-EOR
-  local rc=0
-  go_peer vault "$VAULT_VERSION" "$VAULT_RECIPE" github.com/hashicorp/vault \
-    github.com/hashicorp/vault vault "$replaces" || rc=$?
-  rm -f "$replaces"
-  return $rc
-}
-
 case "${1:-}" in
   kiam-go) kiam_go ;;
   kube-apiserver) kube_apiserver ;;
@@ -234,9 +211,8 @@ case "${1:-}" in
   helm) helm_bin ;;
   cfssl) cfssl_bin ;;
   cfssljson) cfssljson_bin ;;
-  vault) vault_bin ;;
   *)
-    echo "usage: $0 kiam-go|kube-apiserver|etcd|helm|cfssl|cfssljson|vault" >&2
+    echo "usage: $0 kiam-go|kube-apiserver|etcd|helm|cfssl|cfssljson" >&2
     exit 64
     ;;
 esac

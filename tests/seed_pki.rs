@@ -363,6 +363,8 @@ fn vault_call(addr: &str, method: &str, path: &str, body: serde_json::Value) -> 
 /// dev server (`KIAM_VAULT_BIN`, `scripts/peers.sh vault`) issues the CA,
 /// the server's certificate (for kiam-server, localhost and 127.0.0.1) and
 /// the agent's, and our server and agent run on them over mutual TLS.
+/// Vault cannot be built from the module proxy today (docs/MIGRATING.md,
+/// "The seed document's PKI"), so this has not run yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_server_and_agent_run_on_vault_pki() {
     let Some(vault) = bin("KIAM_VAULT_BIN", "Vault's PKI secrets engine was not tried") else {
