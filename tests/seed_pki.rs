@@ -22,7 +22,8 @@ use procs::{free_port, kiam_bin, start_moto, wait_for_port, ChildGuard, ProcClus
 const BASE: &str = "arn:aws:iam::123456789012:role/";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/web-role?ip=198.18.5.10";
 
-const CFSSL_UNTESTED: &str = "the seed document's cfssl steps were not run";
+const CFSSL_UNTESTED: &str = "(scripts/test.sh sets it from scripts/peers.sh); \
+     the seed document's cfssl steps were not run";
 
 fn skipped(why: &str) {
     use std::io::Write;
@@ -31,9 +32,7 @@ fn skipped(why: &str) {
 
 fn bin(var: &str, untested: &str) -> Option<PathBuf> {
     let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) else {
-        skipped(&format!(
-            "{var} is not set (scripts/test.sh sets it from scripts/peers.sh); {untested}"
-        ));
+        skipped(&format!("{var} is not set {untested}"));
         return None;
     };
     let p = PathBuf::from(p);
