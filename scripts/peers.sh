@@ -11,6 +11,9 @@
 #                                    with the AWS SDK for Go v2
 #   scripts/peers.sh sdk-java        prints the path of tests/clients/java's jar
 #                                    (AWS SDK for Java v2, every dependency inside)
+#   scripts/peers.sh helm            prints the path of helm (v3)
+#   scripts/peers.sh cfssl           prints the path of cfssl
+#   scripts/peers.sh cfssljson       prints the path of cfssljson
 #
 # Exits non-zero, saying why on stderr, when a peer cannot be built (no Go,
 # or the module proxy does not serve a module); the tests that need it then
@@ -179,6 +182,32 @@ etcd() {
     go.etcd.io/etcd/server/v3 etcd
 }
 
+# Helm, for tests/helm.rs (helm lint / helm template of deploy/helm/kiam).
+# No Debian package provides it; built from its Go module like the peers.
+HELM_VERSION=v3.22.0
+HELM_RECIPE=r1
+
+helm_bin() {
+  go_peer helm "$HELM_VERSION" "$HELM_RECIPE" helm.sh/helm/v3 \
+    helm.sh/helm/v3/cmd/helm helm
+}
+
+# cfssl and cfssljson, for tests/seed_pki.rs (the seed document's
+# certificate steps, followed as written). One module, two binaries, each
+# cached under its own name.
+CFSSL_VERSION=v1.6.5
+CFSSL_RECIPE=r1
+
+cfssl_bin() {
+  go_peer cfssl "$CFSSL_VERSION" "$CFSSL_RECIPE" github.com/cloudflare/cfssl \
+    github.com/cloudflare/cfssl/cmd/cfssl cfssl
+}
+
+cfssljson_bin() {
+  go_peer cfssljson "$CFSSL_VERSION" "$CFSSL_RECIPE" github.com/cloudflare/cfssl \
+    github.com/cloudflare/cfssl/cmd/cfssljson cfssljson
+}
+
 # The SDK clients of tests/e2e_sdk_go_java.rs. Their sources live in the
 # repository (tests/clients/); the cache is keyed by the SDK version and a
 # digest of those sources, so an edit rebuilds and a second run does not.
@@ -273,8 +302,11 @@ case "${1:-}" in
   etcd) etcd ;;
   sdk-go) sdk_go ;;
   sdk-java) sdk_java ;;
+  helm) helm_bin ;;
+  cfssl) cfssl_bin ;;
+  cfssljson) cfssljson_bin ;;
   *)
-    echo "usage: $0 kiam-go|kube-apiserver|etcd|sdk-go|sdk-java" >&2
+    echo "usage: $0 kiam-go|kube-apiserver|etcd|sdk-go|sdk-java|helm|cfssl|cfssljson" >&2
     exit 64
     ;;
 esac

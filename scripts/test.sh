@@ -75,6 +75,22 @@ if [ -z "${KIAM_SDK_JAVA_JAR:-}" ]; then
   KIAM_SDK_JAVA_JAR=$(bash scripts/peers.sh sdk-java) || KIAM_SDK_JAVA_JAR=
 fi
 export KIAM_SDK_GO_BIN KIAM_SDK_JAVA_JAR
+# helm for tests/helm.rs (the chart in deploy/helm/kiam) and cfssl/cfssljson
+# for tests/seed_pki.rs (the seed document's PKI steps); they say SKIPPED
+# without them. Binaries given in the variables are used as they are.
+if [ -z "${KIAM_HELM_BIN:-}" ]; then
+  step "helm (scripts/peers.sh helm)"
+  KIAM_HELM_BIN=$(bash scripts/peers.sh helm) || KIAM_HELM_BIN=
+fi
+if [ -z "${KIAM_CFSSL_BIN:-}" ]; then
+  step "cfssl (scripts/peers.sh cfssl)"
+  KIAM_CFSSL_BIN=$(bash scripts/peers.sh cfssl) || KIAM_CFSSL_BIN=
+fi
+if [ -z "${KIAM_CFSSLJSON_BIN:-}" ]; then
+  step "cfssljson (scripts/peers.sh cfssljson)"
+  KIAM_CFSSLJSON_BIN=$(bash scripts/peers.sh cfssljson) || KIAM_CFSSLJSON_BIN=
+fi
+export KIAM_HELM_BIN KIAM_CFSSL_BIN KIAM_CFSSLJSON_BIN
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
