@@ -395,6 +395,12 @@ pub struct ExplainArgs {
     /// Timeout for the explain call.
     #[arg(long, env = "KIAM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The metrics page of the agent on the pod's node (its
+    /// --prometheus-listen-addr, e.g. http://NODE:9620/metrics): adds the
+    /// checks only that agent can answer (--require-imdsv2, the node
+    /// start-up gate).
+    #[arg(long, env = "KIAM_AGENT_METRICS")]
+    pub agent_metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -46,6 +46,8 @@ pub struct Metrics {
     proxy_blocked: Counter,
     stale_served: Family<HandlerLabel, Counter>,
     connections_refused: Counter,
+    /// `kiam_agent_imdsv2_required`: 1 with --require-imdsv2.
+    imdsv2_required: Gauge,
     /// `kiam_agent_fallback_pods`: pod IPs whose last good answer is kept
     /// for an outage (what could be served stale if every server went away).
     fallback_pods: Gauge,
@@ -69,6 +71,7 @@ impl Metrics {
             proxy_blocked: Counter::default(),
             stale_served: Family::default(),
             connections_refused: Counter::default(),
+            imdsv2_required: Gauge::default(),
             fallback_pods: Gauge::default(),
         };
         // Counters are registered without `_total`: the library appends it.
@@ -127,11 +130,21 @@ impl Metrics {
             "Pod IPs whose last good server answer is kept for a server outage",
             m.fallback_pods.clone(),
         );
+        registry.register(
+            "kiam_agent_imdsv2_required",
+            "1 when the agent refuses metadata GETs without an IMDSv2 token (--require-imdsv2)",
+            m.imdsv2_required.clone(),
+        );
         // Shown at 0 from the start, so `increase()` over it is never empty.
         let _ = m.credential_encode_errors.get_or_create(&HandlerLabel {
             handler: "credentials",
         });
         m
+    }
+
+    /// Records --require-imdsv2, for dashboards and `kiam explain`.
+    pub fn imdsv2_required(&self, required: bool) {
+        self.imdsv2_required.set(i64::from(required));
     }
 
     /// The gauge the credential fallback keeps up to date.
