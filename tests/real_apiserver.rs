@@ -6,8 +6,11 @@
 //! on its service account's token (TokenRequest), so a permission the
 //! manifests lack fails a test: it syncs, answers GetPodCredentials (STS from
 //! moto) and records a KiamRoleForbidden Event; and the same server on a
-//! ClusterRole without `namespaces` is refused and never healthy. SKIPPED
-//! without KIAM_ETCD_BIN and KIAM_KUBE_APISERVER_BIN.
+//! ClusterRole without `namespaces` is refused and never healthy. And Pods
+//! as network namespaces on a node, made through the API with their real
+//! addresses: boto3 inside one gets its role through `kiam agent
+//! --iptables`. SKIPPED without KIAM_ETCD_BIN and KIAM_KUBE_APISERVER_BIN
+//! (and the last without root).
 
 #[path = "support/grpc.rs"]
 mod grpc;
@@ -356,5 +359,142 @@ async fn kiam_server_on_the_manifests_rbac_and_a_service_account_token() {
         !log_text.contains("forbidden: User"),
         "the API server refused the server something on the manifests' RBAC:\n{}",
         kiam_sandbox::procs::log_tail(&log, 30)
+    );
+}
+
+#[path = "support/netns.rs"]
+mod netns;
+
+/// The whole metadata path on the real API server: Pods are network
+/// namespaces on a node, made through the Kubernetes API with their real
+/// addresses; `kiam agent --iptables` DNATs their 169.254.169.254 traffic
+/// to itself; the server runs on deploy/base's RBAC with its service
+/// account's token. boto3 inside a Pod gets that Pod's role (the same key
+/// the server hands out for it), and a Pod whose role its namespace does not
+/// permit gets no credentials. SKIPPED without root, the peers or moto.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_boto3_gets_its_role_through_iptables_on_the_real_apiserver() {
+    let Some((etcd, apiserver)) = kubeapi::binaries() else {
+        return;
+    };
+    let Some(node) = netns::Node::new("real_apiserver boto3", 2) else {
+        return;
+    };
+    let Some(moto) = procs::start_moto() else {
+        return;
+    };
+    let api = kubeapi::KubeApi::start(&etcd, &apiserver);
+    let dir = api.dir.path().to_path_buf();
+    let pki = kiam::certs::generate(&dir.join("kiam-certs"), &[], 1).unwrap();
+    let rbac = manifest_rbac();
+    for doc in &rbac {
+        let (code, text) = api.create(doc, KIAM_NAMESPACE);
+        assert!(
+            (200..300).contains(&code),
+            "create {}: {code} {text}",
+            doc["kind"]
+        );
+    }
+    let sa = rbac
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .and_then(|d| d["subjects"][0]["name"].as_str())
+        .unwrap()
+        .to_string();
+    let kc = dir.join("kubeconfig-kiam-server");
+    api.kubeconfig_with_token(&kc, &api.service_account_token(KIAM_NAMESPACE, &sa));
+
+    let (web, other) = (node.pod(0), node.pod(1));
+    api.namespace("team-a", "^arn:aws:iam::123456789012:role/web-role$");
+    api.pod("team-a", "web", &web.ip.to_string(), "web-role");
+    api.pod("team-a", "other", &other.ip.to_string(), "admin");
+
+    let port = free_port();
+    let log = dir.join("kiam-server.log");
+    let _server = spawn_server(&kc, &pki, port, &moto.url, &log);
+    let agent_port = free_port();
+    let mut cmd = kiam_bin();
+    kiam_sandbox::procs::agent_args(
+        &mut cmd,
+        agent_port,
+        &format!("localhost:{port}"),
+        &format!("http://127.0.0.1:{}", free_port()),
+        &pki.dir,
+    )
+    .args(["--iptables"])
+    .args(["--host", &node.host_ip().to_string()])
+    .args(["--host-interface", &node.interface_wildcard()]);
+    let _agent = ChildGuard::spawn("kiam agent", cmd).unwrap();
+
+    // The Pod's role, asked as any SDK asks: through the DNAT.
+    let listing = format!(
+        "{}/latest/meta-data/iam/security-credentials/",
+        netns::METADATA_URL
+    );
+    let mut role = web.http_get(&listing).await;
+    for _ in 0..300 {
+        if role.as_deref() == Ok("web-role") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        role = web.http_get(&listing).await;
+    }
+    assert_eq!(
+        role.as_deref(),
+        Ok("web-role"),
+        "{}",
+        kiam_sandbox::procs::log_tail(&log, 30)
+    );
+
+    // boto3's default chain inside the Pod: the key the server issues for it.
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let python = if venv.is_file() {
+        venv.to_string_lossy().into_owned()
+    } else {
+        "python3".to_string()
+    };
+    let script = "import boto3; c = boto3.Session(region_name='us-east-1').get_credentials(); \
+                  print(c.get_frozen_credentials().access_key if c else 'NONE')";
+    let out = web
+        .exec_async(&[
+            "env",
+            "-i",
+            "PATH=/usr/bin:/bin",
+            "HOME=/nonexistent",
+            "AWS_CONFIG_FILE=/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE=/dev/null",
+            &python,
+            "-c",
+            script,
+        ])
+        .await;
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && got.starts_with("ASIA"),
+        "boto3 in the Pod: {got} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tls = ClientTls::load(pki.agent_files(), &mut Default::default()).unwrap();
+    let channel = tls
+        .channel(&format!("localhost:{port}"), &ChannelOpts::default())
+        .unwrap();
+    let client = KiamServiceClient::new(channel);
+    let issued = grpc::credentials(&client, &web.ip.to_string(), "web-role")
+        .await
+        .unwrap();
+    assert_eq!(
+        got, issued.access_key_id,
+        "boto3 got another key than the Pod's"
+    );
+
+    // The other Pod's role is not permitted in its namespace: no credentials.
+    let admin = format!("{listing}admin");
+    let refused = other.http_get(&admin).await;
+    assert!(
+        !refused
+            .as_deref()
+            .unwrap_or_default()
+            .contains("AccessKeyId"),
+        "a forbidden role was served: {refused:?}"
     );
 }
