@@ -7,6 +7,13 @@
 #   scripts/peers.sh kiam-go         prints the path of Go kiam's `kiam` binary
 #   scripts/peers.sh kube-apiserver  prints the path of a real kube-apiserver
 #   scripts/peers.sh etcd            prints the path of a real etcd
+#   scripts/peers.sh sdk-go          prints the path of tests/clients/go built
+#                                    with the AWS SDK for Go v2
+#   scripts/peers.sh sdk-java        prints the path of tests/clients/java's jar
+#                                    (AWS SDK for Java v2, every dependency inside)
+#   scripts/peers.sh helm            prints the path of helm (v3)
+#   scripts/peers.sh cfssl           prints the path of cfssl
+#   scripts/peers.sh cfssljson       prints the path of cfssljson
 #
 # Exits non-zero, saying why on stderr, when a peer cannot be built (no Go,
 # or the module proxy does not serve a module); the tests that need it then
@@ -175,12 +182,131 @@ etcd() {
     go.etcd.io/etcd/server/v3 etcd
 }
 
+# Helm, for tests/helm.rs (helm lint / helm template of deploy/helm/kiam).
+# No Debian package provides it; built from its Go module like the peers.
+HELM_VERSION=v3.22.0
+HELM_RECIPE=r1
+
+helm_bin() {
+  go_peer helm "$HELM_VERSION" "$HELM_RECIPE" helm.sh/helm/v3 \
+    helm.sh/helm/v3/cmd/helm helm
+}
+
+# cfssl and cfssljson, for tests/seed_pki.rs (the seed document's
+# certificate steps, followed as written). One module, two binaries, each
+# cached under its own name.
+CFSSL_VERSION=v1.6.5
+CFSSL_RECIPE=r1
+
+cfssl_bin() {
+  go_peer cfssl "$CFSSL_VERSION" "$CFSSL_RECIPE" github.com/cloudflare/cfssl \
+    github.com/cloudflare/cfssl/cmd/cfssl cfssl
+}
+
+cfssljson_bin() {
+  go_peer cfssljson "$CFSSL_VERSION" "$CFSSL_RECIPE" github.com/cloudflare/cfssl \
+    github.com/cloudflare/cfssl/cmd/cfssljson cfssljson
+}
+
+# The SDK clients of tests/e2e_sdk_go_java.rs. Their sources live in the
+# repository (tests/clients/); the cache is keyed by the SDK version and a
+# digest of those sources, so an edit rebuilds and a second run does not.
+SDK_GO_VERSION=v1.33.18 # github.com/aws/aws-sdk-go-v2/config, as in its go.mod
+SDK_JAVA_VERSION=2.57.8 # software.amazon.awssdk:bom, as in its pom.xml
+
+# sources_digest DIR FILE...: a short digest of the named files under DIR.
+sources_digest() {
+  local dir=$1
+  shift
+  (cd "$dir" && cat "$@") | sha256sum | cut -c1-12
+}
+
+sdk_go() {
+  local src
+  src="$(cd "$(dirname "$0")/.." && pwd)/tests/clients/go"
+  local digest
+  digest=$(sources_digest "$src" go.mod go.sum main.go)
+  local dir="$cache_root/sdk-go-$SDK_GO_VERSION-$digest"
+  local bin="$dir/bin/kiam-sdk-go-client"
+  if [ -x "$bin" ]; then
+    echo "$bin"
+    return 0
+  fi
+  if ! command -v go >/dev/null 2>&1; then
+    echo "peers.sh: no 'go' on PATH; cannot build the Go SDK client" >&2
+    return 1
+  fi
+  mkdir -p "$dir/bin"
+  local log="$dir/build.log"
+  local started=$SECONDS
+  echo "peers.sh: building the Go SDK client (config $SDK_GO_VERSION) into $dir (log: $log)" >&2
+  # go.sum is committed: -mod=readonly checks every module against it.
+  if ! (
+    cd "$src" &&
+      export GOFLAGS="-mod=readonly -trimpath" GOWORK=off &&
+      go build -ldflags="-s -w" -o "$bin.tmp" . &&
+      mv "$bin.tmp" "$bin"
+  ) >"$log" 2>&1; then
+    echo "peers.sh: the Go SDK client did not build; the end of $log:" >&2
+    tail -n 15 "$log" >&2
+    return 1
+  fi
+  echo "peers.sh: the Go SDK client built in $((SECONDS - started)) s" >&2
+  echo "$bin"
+}
+
+sdk_java() {
+  local src
+  src="$(cd "$(dirname "$0")/.." && pwd)/tests/clients/java"
+  local digest
+  digest=$(sources_digest "$src" pom.xml src/main/java/kiam/SdkClient.java)
+  local dir="$cache_root/sdk-java-$SDK_JAVA_VERSION-$digest"
+  local jar="$dir/kiam-sdk-java-client.jar"
+  if [ -f "$jar" ]; then
+    echo "$jar"
+    return 0
+  fi
+  if ! command -v mvn >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
+    echo "peers.sh: no 'mvn' or 'java' on PATH; cannot build the Java SDK client" >&2
+    return 1
+  fi
+  mkdir -p "$dir"
+  local log="$dir/build.log"
+  local started=$SECONDS
+  # The build runs in a copy, so the repository gets no target/; Maven's
+  # downloads go to the cache too (shared by versions, so a new SDK version
+  # fetches only what changed).
+  local work="$dir/build"
+  rm -rf "$work"
+  mkdir -p "$work"
+  cp -R "$src/pom.xml" "$src/src" "$work/"
+  echo "peers.sh: building the Java SDK client (SDK $SDK_JAVA_VERSION) into $dir (log: $log)" >&2
+  if ! (
+    cd "$work" &&
+      mvn -B -q -Dmaven.repo.local="$cache_root/maven-repository" package &&
+      mv target/kiam-sdk-java-client.jar "$jar.tmp" &&
+      mv "$jar.tmp" "$jar"
+  ) >"$log" 2>&1; then
+    echo "peers.sh: the Java SDK client did not build; the end of $log:" >&2
+    tail -n 15 "$log" >&2
+    return 1
+  fi
+  rm -rf "$work"
+  echo "peers.sh: the Java SDK client built in $((SECONDS - started)) s" >&2
+  echo "$jar"
+}
+
 case "${1:-}" in
   kiam-go) kiam_go ;;
   kube-apiserver) kube_apiserver ;;
   etcd) etcd ;;
+  sdk-go) sdk_go ;;
+  sdk-java) sdk_java ;;
+  helm) helm_bin ;;
+  cfssl) cfssl_bin ;;
+  cfssljson) cfssljson_bin ;;
   *)
-    echo "usage: $0 kiam-go|kube-apiserver|etcd" >&2
+    echo "usage: $0 kiam-go|kube-apiserver|etcd|sdk-go|sdk-java|helm|cfssl|cfssljson" >&2
     exit 64
     ;;
 esac

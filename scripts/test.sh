@@ -63,6 +63,35 @@ if [ -z "${KIAM_KUBE_APISERVER_BIN:-}" ]; then
 fi
 export KIAM_ETCD_BIN KIAM_KUBE_APISERVER_BIN
 
+# The AWS SDK for Go v2 and Java v2 clients of tests/e2e_sdk_go_java.rs
+# (it says SKIPPED without them); built from tests/clients/ into the peer
+# cache, keyed by SDK version and a digest of their sources.
+if [ -z "${KIAM_SDK_GO_BIN:-}" ]; then
+  step "Go SDK v2 client (scripts/peers.sh sdk-go)"
+  KIAM_SDK_GO_BIN=$(bash scripts/peers.sh sdk-go) || KIAM_SDK_GO_BIN=
+fi
+if [ -z "${KIAM_SDK_JAVA_JAR:-}" ]; then
+  step "Java SDK v2 client (scripts/peers.sh sdk-java)"
+  KIAM_SDK_JAVA_JAR=$(bash scripts/peers.sh sdk-java) || KIAM_SDK_JAVA_JAR=
+fi
+export KIAM_SDK_GO_BIN KIAM_SDK_JAVA_JAR
+# helm for tests/helm.rs (the chart in deploy/helm/kiam) and cfssl/cfssljson
+# for tests/seed_pki.rs (the seed document's PKI steps); they say SKIPPED
+# without them. Binaries given in the variables are used as they are.
+if [ -z "${KIAM_HELM_BIN:-}" ]; then
+  step "helm (scripts/peers.sh helm)"
+  KIAM_HELM_BIN=$(bash scripts/peers.sh helm) || KIAM_HELM_BIN=
+fi
+if [ -z "${KIAM_CFSSL_BIN:-}" ]; then
+  step "cfssl (scripts/peers.sh cfssl)"
+  KIAM_CFSSL_BIN=$(bash scripts/peers.sh cfssl) || KIAM_CFSSL_BIN=
+fi
+if [ -z "${KIAM_CFSSLJSON_BIN:-}" ]; then
+  step "cfssljson (scripts/peers.sh cfssljson)"
+  KIAM_CFSSLJSON_BIN=$(bash scripts/peers.sh cfssljson) || KIAM_CFSSLJSON_BIN=
+fi
+export KIAM_HELM_BIN KIAM_CFSSL_BIN KIAM_CFSSLJSON_BIN
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -353,6 +353,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         .await,
     );
     let upstream = Upstream::new(&args.metadata_endpoint, UPSTREAM_TIMEOUT)?;
+    metrics.imdsv2_required(config.require_imdsv2);
     let ctx = RouterContext::new(config, pool.clone(), Arc::new(upstream), metrics);
 
     let shutdown = crate::shutdown::on_signal();
@@ -394,6 +395,7 @@ pub async fn main(args: AgentArgs) -> Result<(), AgentError> {
         );
     }
     if let Some(startup_taint) = startup_taint {
+        taint_metrics.gate_closed.set(1);
         tokio::spawn(taint::run_in_cluster(
             startup_taint,
             rule_told,

@@ -3,9 +3,15 @@
 //!
 //! Surprise first: `--reissue` overwrites the four leaf files (that is its
 //! job: rotation) but never the CA, and the CA outlives the leaves (10 years,
-//! or `--days` if longer) so leaves can be reissued many times from it. Without
-//! `--reissue`, no existing file is overwritten unless `--force` is given,
-//! and nothing is written at all if any target exists.
+//! or `--days` if longer) so leaves can be reissued many times from it. It
+//! keeps every name the current `server.pem` has and adds `--host`'s; it
+//! refuses when `server.pem` exists but cannot be read and no `--host` is
+//! given (a missing one has no names to keep). Without
+//! `--reissue`, no existing file is overwritten unless `--force` is given:
+//! a complete set that already names every `--host` is kept as it is (so
+//! rerunning a documented command, `--print-secrets` included, succeeds and
+//! prints the same Secrets), and anything else that exists is refused with
+//! nothing written.
 //!
 //! Keys are ECDSA P-256 (PKCS#8), written 0600; certificates 0644. Files
 //! are written to a temporary name and renamed, so a server polling them
@@ -49,6 +55,12 @@ pub enum CertsError {
     Exists { path: PathBuf },
     #[error("--reissue needs the existing CA: {}: {reason}", path.display())]
     Reissue { path: PathBuf, reason: String },
+    #[error("{}: exists and does not name --host {}; pass --reissue to issue new server and agent certificates from the existing CA that keep its names and add these, or --force to start over with a new CA", path.display(), hosts.join(","))]
+    MissingHosts { path: PathBuf, hosts: Vec<String> },
+    #[error("{}: exists but is not a readable certificate ({reason}); pass --force to write a new set", path.display())]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("--reissue keeps the names of the current server certificate, but {}: {reason}; give every name the server needs with --host (--host kiam-server if it needs none beyond the defaults)", path.display())]
+    UnknownNames { path: PathBuf, reason: String },
     #[error("--host {host:?}: not a DNS name or IP address")]
     BadHost { host: String },
     #[error("--days must be at least 1")]
@@ -379,10 +391,15 @@ impl Pki {
 /// Writes a new CA, server and agent certificate into `out_dir` (created if
 /// missing). Refuses if any of the six files exists.
 pub fn generate(out_dir: &Path, hosts: &[String], days: u32) -> Result<Pki, CertsError> {
-    write_new(out_dir, hosts, days, false)
+    write_new(out_dir, hosts, days, false).map(|(pki, _)| pki)
 }
 
-fn write_new(out_dir: &Path, hosts: &[String], days: u32, force: bool) -> Result<Pki, CertsError> {
+fn write_new(
+    out_dir: &Path,
+    hosts: &[String],
+    days: u32,
+    force: bool,
+) -> Result<(Pki, Outcome), CertsError> {
     let server = LeafSpec::server(hosts, days)?;
     let agent = LeafSpec::agent(days)?;
     let all = [
@@ -393,7 +410,35 @@ fn write_new(out_dir: &Path, hosts: &[String], days: u32, force: bool) -> Result
         AGENT_CERT,
         AGENT_KEY,
     ];
+    let pki = Pki {
+        dir: out_dir.to_path_buf(),
+    };
     if !force {
+        let present = all
+            .iter()
+            .filter(|name| out_dir.join(name).symlink_metadata().is_ok())
+            .count();
+        if present == all.len() {
+            // The set a previous run wrote: kept if it names every --host.
+            let path = out_dir.join(SERVER_CERT);
+            let names = server_names(&path).map_err(|reason| CertsError::Unreadable {
+                path: path.clone(),
+                reason,
+            })?;
+            let missing: Vec<String> = server
+                .names
+                .iter()
+                .filter(|h| !names.iter().any(|n| n.eq_ignore_ascii_case(h)))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                return Err(CertsError::MissingHosts {
+                    path,
+                    hosts: missing,
+                });
+            }
+            return Ok((pki, Outcome::Kept));
+        }
         refuse_existing(out_dir, &all)?;
     }
     let now = OffsetDateTime::now_utc();
@@ -411,9 +456,48 @@ fn write_new(out_dir: &Path, hosts: &[String], days: u32, force: bool) -> Result
     write_file(out_dir, CA_CERT, ca.cert_pem(), 0o644)?;
     write_file(out_dir, CA_KEY, ca.key_pem(), 0o600)?;
     write_leaves(out_dir, &server, &agent)?;
-    Ok(Pki {
-        dir: out_dir.to_path_buf(),
-    })
+    Ok((pki, Outcome::Wrote))
+}
+
+/// What `kiam certs` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new CA and leaves.
+    Wrote,
+    /// A complete set naming every `--host` was already there.
+    Kept,
+}
+
+/// The DNS names and IP addresses in a certificate's SAN extension.
+pub fn server_names(path: &Path) -> Result<Vec<String>, String> {
+    let pem = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let der: rustls_pki_types::CertificateDer<'static> =
+        rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+            .map_err(|_| "not a PEM certificate".to_string())?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    for name in san
+        .map(|s| s.value.general_names.iter())
+        .into_iter()
+        .flatten()
+    {
+        match name {
+            x509_parser::extensions::GeneralName::DNSName(n) => names.push(n.to_string()),
+            x509_parser::extensions::GeneralName::IPAddress(bytes) => {
+                let ip = match bytes.len() {
+                    4 => <[u8; 4]>::try_from(*bytes).map(IpAddr::from).ok(),
+                    16 => <[u8; 16]>::try_from(*bytes).map(IpAddr::from).ok(),
+                    _ => None,
+                };
+                names.extend(ip.map(|ip| ip.to_string()));
+            }
+            _ => {}
+        }
+    }
+    Ok(names)
 }
 
 /// Issues new server and agent certificates (new keys) from the
@@ -436,7 +520,24 @@ pub fn reissue(out_dir: &Path, hosts: &[String], days: u32) -> Result<Pki, Certs
         }),
         reason,
     })?;
-    let mut server = LeafSpec::server(hosts, days)?;
+    // Keep every name the current server certificate has, add --host's.
+    let current = out_dir.join(SERVER_CERT);
+    let mut names: Vec<String> = match server_names(&current) {
+        Ok(names) => names,
+        // No server certificate yet (leaves for a CA made elsewhere): no
+        // names given earlier to keep.
+        Err(_) if current.symlink_metadata().is_err() => Vec::new(),
+        Err(reason) if hosts.is_empty() => {
+            return Err(CertsError::UnknownNames {
+                path: current,
+                reason,
+            })
+        }
+        // The names given are the whole list: nothing earlier to keep.
+        Err(_) => Vec::new(),
+    };
+    names.extend(hosts.iter().cloned());
+    let mut server = LeafSpec::server(&names, days)?;
     let mut agent = LeafSpec::agent(days)?;
     server.not_after = server.not_after.min(ca.not_after());
     agent.not_after = agent.not_after.min(ca.not_after());
@@ -534,20 +635,24 @@ pub fn secrets_yaml(dir: &Path, namespace: &str) -> Result<String, CertsError> {
 /// `kiam certs`. Progress goes to stderr so `--print-secrets` output on
 /// stdout can be piped straight into `kubectl apply -f -`.
 pub fn run(args: &CertsArgs) -> Result<(), CertsError> {
-    let pki = if args.reissue {
-        reissue(&args.out_dir, &args.hosts, args.days)?
+    let (pki, what) = if args.reissue {
+        let pki = reissue(&args.out_dir, &args.hosts, args.days)?;
+        (pki, "reissued server and agent certificates")
     } else {
-        write_new(&args.out_dir, &args.hosts, args.days, args.force)?
+        match write_new(&args.out_dir, &args.hosts, args.days, args.force)? {
+            (pki, Outcome::Wrote) => (pki, "wrote a CA, server and agent certificates"),
+            (pki, Outcome::Kept) => (
+                pki,
+                "kept the CA, server and agent certificates already there (they name every --host; \
+                 --reissue renews the leaves, --force starts over)",
+            ),
+        }
     };
-    let what = if args.reissue {
-        "reissued server and agent certificates"
-    } else {
-        "wrote a CA, server and agent certificates"
-    };
+    let names = server_names(&pki.path(SERVER_CERT)).unwrap_or_default();
     eprintln!(
-        "kiam certs: {what} in {} (valid {} days)",
+        "kiam certs: {what} in {} (server names: {})",
         pki.dir.display(),
-        args.days
+        names.join(", ")
     );
     if args.print_secrets {
         print!("{}", secrets_yaml(&pki.dir, &args.namespace)?);

@@ -92,6 +92,8 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Create the CA, server and agent certificates for mutual TLS.
     Certs(CertsArgs),
+    /// Run the mutating admission webhook that gives pods with a role the token path.
+    Webhook(Box<WebhookArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -154,7 +156,9 @@ pub struct ServerArgs {
     /// Base ARN for roles, e.g. arn:aws:iam::123456789012:role/
     #[arg(long, env = "KIAM_ROLE_BASE_ARN", default_value = "")]
     pub role_base_arn: String,
-    /// Detect the base ARN from the EC2 metadata service's instance profile.
+    /// Detect the base ARN from the EC2 metadata service's instance profile
+    /// (from a Pod's own network namespace, the instance needs a metadata
+    /// hop limit of 2).
     #[arg(long, env = "KIAM_ROLE_BASE_ARN_AUTODETECT", default_value_t = false, num_args = 0..=1,
           default_missing_value = "true", action = ArgAction::Set)]
     pub role_base_arn_autodetect: bool,
@@ -175,7 +179,9 @@ pub struct ServerArgs {
     /// IAM role the server assumes before assuming Pods' roles.
     #[arg(long, env = "KIAM_ASSUME_ROLE_ARN", default_value = "")]
     pub assume_role_arn: String,
-    /// AWS region for regional STS calls, e.g. us-west-2 (empty: global endpoint).
+    /// AWS region for STS calls, e.g. us-west-2 (its regional endpoint). Empty:
+    /// AWS_REGION, else the AWS profile's region, else the EC2 instance
+    /// metadata's region, else us-east-1.
     #[arg(long, env = "KIAM_REGION", default_value = "")]
     pub region: String,
     /// Number of parallel credential fetchers.
@@ -292,7 +298,8 @@ pub struct AgentArgs {
     #[arg(long, env = "KIAM_IPTABLES_REMOVE", default_value_t = true, num_args = 0..=1,
           default_missing_value = "true", action = ArgAction::Set)]
     pub iptables_remove: bool,
-    /// Host IP address (the agent's address on the node).
+    /// Host IP address (the agent's address on the node). Also read from
+    /// HOST_IP when KIAM_HOST is not set.
     #[arg(long, env = "KIAM_HOST")]
     pub host: String,
     /// The agent's IPv6 address on the node: with --iptables, [fd00:ec2::254]:80
@@ -301,7 +308,9 @@ pub struct AgentArgs {
     /// status.hostIPs can be passed as is (empty or no IPv6: not intercepted).
     #[arg(long, env = "KIAM_HOST_IPV6", default_value = "")]
     pub host_ipv6: String,
-    /// Network interface of the pods, for the iptables rule (`!eth0` inverts).
+    /// Network interface of the pods, for the iptables rule: a trailing `+`
+    /// matches a prefix (`cali+`), `+` alone every interface, a leading `!`
+    /// inverts (`!eth0`); docs/CNI.md has the value for each CNI.
     #[arg(long, env = "KIAM_HOST_INTERFACE", default_value = "docker0")]
     pub host_interface: String,
     /// The node's real metadata service, for proxied paths.
@@ -329,6 +338,36 @@ pub struct AgentArgs {
     /// environment variable, which the manifests set from spec.nodeName).
     #[arg(long, env = "KIAM_NODE_NAME", default_value = "")]
     pub node_name: String,
+
+    /// Parse flags and read files, then exit without binding any port.
+    #[arg(long, env = "KIAM_CHECK_CONFIG", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// The webhook's HTTPS certificate (--cert, --key; no client
+    /// certificate is asked for) and the CA in the webhook configuration's
+    /// caBundle (--ca; a certificate not chaining to it is warned about).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// HTTPS bind address (POST /mutate, GET /healthz).
+    #[arg(long, env = "KIAM_BIND", default_value = "0.0.0.0:8443")]
+    pub bind: String,
+    /// Audience of the injected projected service-account token: the one
+    /// the kiam server requires (its --token-audience).
+    #[arg(long, env = "KIAM_TOKEN_AUDIENCE", default_value = "kiam")]
+    pub token_audience: String,
+    /// Lifetime of the injected token (at least 10m); the kubelet renews it
+    /// at 80% of that.
+    #[arg(long, env = "KIAM_TOKEN_EXPIRATION", default_value = "1h", value_parser = parse_duration)]
+    pub token_expiration: Duration,
 
     /// Parse flags and read files, then exit without binding any port.
     #[arg(long, env = "KIAM_CHECK_CONFIG", default_value_t = false, num_args = 0..=1,
@@ -369,6 +408,12 @@ pub struct ExplainArgs {
     /// Timeout for the explain call.
     #[arg(long, env = "KIAM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The metrics page of the agent on the pod's node (its
+    /// --prometheus-listen-addr, e.g. http://NODE:9620/metrics): adds the
+    /// checks only that agent can answer (--require-imdsv2, the node
+    /// start-up gate).
+    #[arg(long, env = "KIAM_AGENT_METRICS")]
+    pub agent_metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -382,10 +427,12 @@ pub struct CertsArgs {
     /// Validity of the certificates, in days.
     #[arg(long, env = "KIAM_DAYS", default_value_t = 365)]
     pub days: u32,
-    /// Overwrite existing files.
+    /// Overwrite existing files: a new CA and new certificates. Without it a
+    /// complete set naming every --host is kept, and anything else refused.
     #[arg(long, env = "KIAM_FORCE", default_value_t = false)]
     pub force: bool,
-    /// Reissue the server and agent certificates from the existing ca.pem/ca-key.pem.
+    /// Reissue the server and agent certificates from the existing
+    /// ca.pem/ca-key.pem, keeping server.pem's names and adding --host's.
     #[arg(long, env = "KIAM_REISSUE", default_value_t = false)]
     pub reissue: bool,
     /// Print the kiam-server-tls and kiam-agent-tls Secrets as YAML.

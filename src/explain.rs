@@ -1,10 +1,13 @@
 //! `kiam explain`: asks a kiam server why a pod gets, or does not get, its
 //! role, and prints the answer step by step (or as JSON for scripts).
 //!
-//! The surprise: the client decides nothing. The server words each step
-//! from its own caches and policy (`server::explain`), so what is printed is
-//! what the server that answers requests believes, not what a client with
-//! its own kubeconfig would conclude; this module only renders it. Exit
+//! The surprise: the client decides nothing about the pod. The server words
+//! each step from its own caches and policy (`server::explain`), so what is
+//! printed is what the server that answers requests believes, not what a
+//! client with its own kubeconfig would conclude; this module renders it.
+//! The one step worded here is the agent's (`--agent-metrics`): only the
+//! agent on the pod's node knows its --require-imdsv2 and whether its
+//! start-up gate is still closed, and it says so on its metrics page. Exit
 //! codes: 0 the pod would be served, 1 it would not (or the server cannot
 //! say), 64 usage.
 
@@ -15,7 +18,7 @@ use crate::cli::ExplainArgs;
 use crate::health::{one_call, status_line};
 use crate::proto::explain_step::Outcome;
 use crate::proto::kiam_service_client::KiamServiceClient;
-use crate::proto::{ExplainRequest, Explanation};
+use crate::proto::{ExplainDetail, ExplainRequest, ExplainStep, Explanation};
 use crate::Fatal;
 
 /// Asks the server at `--server-address` and prints the explanation on
@@ -38,7 +41,7 @@ pub async fn main(args: ExplainArgs) -> Result<bool, Fatal> {
         }
         Ok(answer) => answer,
     };
-    let explanation = answer.map(|r| r.into_inner()).map_err(|status| {
+    let mut explanation = answer.map(|r| r.into_inner()).map_err(|status| {
         if status.code() == Code::Unimplemented {
             Fatal::Failed(format!(
                 "the server at {address} does not support explain (a Go kiam server, or an older kiam in Rust)"
@@ -47,6 +50,13 @@ pub async fn main(args: ExplainArgs) -> Result<bool, Fatal> {
             Fatal::Failed(status_line(address, &status))
         }
     })?;
+    if let Some(url) = &args.agent_metrics {
+        let step = agent_step(url, fetch_metrics(url, args.timeout).await);
+        if outcome(step.outcome) == Outcome::Fail {
+            explanation.served = false;
+        }
+        explanation.steps.push(step);
+    }
     let shown = target(&request);
     if json {
         println!("{}", render_json(&shown, &explanation));
@@ -87,6 +97,100 @@ pub fn request(pod: Option<&str>, ip: Option<&str>) -> Result<ExplainRequest, Fa
             ))),
         },
     }
+}
+
+/// The agent's metrics page as text, or why it could not be had.
+async fn fetch_metrics(url: &str, timeout: std::time::Duration) -> Result<String, String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("--agent-metrics {url:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "--agent-metrics {url:?}: only http:// (an agent's --prometheus-listen-addr) is supported"
+        ));
+    }
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let get = async {
+        let resp = client.get(uri).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("answered {status}"));
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    match tokio::time::timeout(timeout, get).await {
+        Ok(r) => r,
+        Err(_) => Err("no answer within --timeout".into()),
+    }
+}
+
+/// The value of an unlabelled gauge on a metrics page.
+fn gauge(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The `agent` step, from what the agent's metrics page says.
+pub fn agent_step(url: &str, page: Result<String, String>) -> ExplainStep {
+    let mut step = ExplainStep {
+        name: "agent".into(),
+        ..Default::default()
+    };
+    let detail = |step: &mut ExplainStep, key: &str, value: String| {
+        step.details.push(ExplainDetail {
+            key: key.into(),
+            value,
+        })
+    };
+    detail(&mut step, "metrics", url.to_string());
+    let page = match page {
+        Ok(page) => page,
+        Err(e) => {
+            step.outcome = Outcome::Warn as i32;
+            step.summary = format!("could not read the agent's metrics: {e}");
+            step.fix = "give the --prometheus-listen-addr of the agent on the pod's node".into();
+            return step;
+        }
+    };
+    let imdsv2 = gauge(&page, "kiam_agent_imdsv2_required");
+    let gate = gauge(&page, "kiam_agent_node_startup_gate_closed");
+    let said = |v: Option<f64>, yes: &str, no: &str| match v {
+        Some(v) if v > 0.0 => yes.to_string(),
+        Some(_) => no.to_string(),
+        None => "not reported".to_string(),
+    };
+    detail(&mut step, "IMDSv2 required", said(imdsv2, "yes", "no"));
+    detail(&mut step, "start-up gate", said(gate, "closed", "open"));
+    if imdsv2.is_none() && gate.is_none() {
+        step.outcome = Outcome::Warn as i32;
+        step.summary =
+            "the agent does not report its settings (a Go kiam agent, or an older kiam in Rust)"
+                .into();
+    } else if gate.is_some_and(|v| v > 0.0) {
+        step.outcome = Outcome::Fail as i32;
+        step.summary = "the agent has not taken its start-up taint off the node: it is not ready (its iptables rule is not first yet, or no server answered its health check)".into();
+        step.fix = "read the agent's log; kiam_agent_node_startup_taint_errors_total counts refused API requests".into();
+    } else if imdsv2.is_some_and(|v| v > 0.0) {
+        step.outcome = Outcome::Warn as i32;
+        step.summary = "the agent refuses metadata GETs without an IMDSv2 token (--require-imdsv2): an SDK that speaks only IMDSv1 gets 401".into();
+        step.fix = "only if the pod's SDK predates IMDSv2: upgrade it, or run the agent without --require-imdsv2".into();
+    } else {
+        step.outcome = Outcome::Pass as i32;
+        step.summary = "the agent is ready and answers IMDSv1 and IMDSv2".into();
+    }
+    step
 }
 
 fn target(req: &ExplainRequest) -> String {
@@ -220,6 +324,50 @@ pub fn render_json(target: &str, e: &Explanation) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_step_reads_the_agents_settings() {
+        let url = "http://198.18.0.1:9620/metrics";
+        let page = |imdsv2: u8, gate: u8| {
+            Ok(format!(
+                "# TYPE kiam_agent_imdsv2_required gauge\nkiam_agent_imdsv2_required {imdsv2}\n\
+                 kiam_agent_node_startup_gate_closed {gate}\n"
+            ))
+        };
+        let ready = agent_step(url, page(0, 0));
+        assert_eq!(outcome(ready.outcome), Outcome::Pass, "{ready:?}");
+        let closed = agent_step(url, page(1, 1));
+        assert_eq!(outcome(closed.outcome), Outcome::Fail, "{closed:?}");
+        assert!(
+            closed.summary.contains("start-up taint"),
+            "{}",
+            closed.summary
+        );
+        assert!(closed
+            .details
+            .iter()
+            .any(|d| d.key == "IMDSv2 required" && d.value == "yes"));
+        let v2 = agent_step(url, page(1, 0));
+        assert_eq!(outcome(v2.outcome), Outcome::Warn, "{v2:?}");
+        assert!(v2.summary.contains("401"), "{}", v2.summary);
+        let go = agent_step(
+            url,
+            Ok("kiam_metadata_success_total{handler=\"health\"} 3\n".into()),
+        );
+        assert_eq!(outcome(go.outcome), Outcome::Warn);
+        assert!(go.summary.contains("does not report"), "{}", go.summary);
+        let down = agent_step(url, Err("connection refused".into()));
+        assert_eq!(outcome(down.outcome), Outcome::Warn);
+        assert!(down.summary.contains("connection refused"));
+        // A longer name sharing the prefix is not the gauge.
+        assert_eq!(
+            gauge(
+                "kiam_agent_imdsv2_required_x 1\n",
+                "kiam_agent_imdsv2_required"
+            ),
+            None
+        );
+    }
 
     #[test]
     fn requests_name_one_pod() {

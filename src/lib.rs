@@ -18,6 +18,7 @@
 //! - [`health`]: `kiam health` — one GetHealth call for probes.
 //! - [`explain`]: `kiam explain` — asks a server why a pod gets (or not) its role; prints it.
 //! - [`certs`]: `kiam certs` — a CA plus server and agent certificates.
+//! - [`webhook`]: `kiam webhook` — admission webhook giving pods with a role the token path.
 //! - [`proto`]: code generated from `proto/kiam.proto`.
 //!
 //! # The credential path, one direction
@@ -58,6 +59,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod webhook;
 pub mod wire;
 
 /// Generated from `proto/kiam.proto` (package `kiam`).

@@ -86,6 +86,10 @@ fn run(command: Command) -> Result<(), Fatal> {
             }
             Ok(())
         }
+        Command::Webhook(args) => {
+            init_logging(&args.log);
+            runtime()?.block_on(kiam::webhook::main(*args))
+        }
         Command::Certs(args) => kiam::certs::run(&args).map_err(|e| Fatal::Usage(e.to_string())),
     }
 }

@@ -12,6 +12,7 @@
 //!
 //! - [`ServerTls`] + [`incoming`]: the server side; client certificates are
 //!   required and must chain to `--ca`.
+//! - [`HttpsTls`]: `kiam webhook`'s HTTPS, no client certificate.
 //! - [`ClientTls`]: the agent and `kiam health`; the server certificate is
 //!   verified against `--ca` and the host part of `--server-address` only
 //!   (kiam 3.0's rule), see [`server_name_of`].
@@ -25,6 +26,7 @@
 //! process-wide default provider has to be installed.
 
 mod client;
+mod https;
 mod load;
 mod reload;
 mod server;
@@ -37,6 +39,7 @@ use std::time::Duration;
 pub use client::{
     server_name_of, ChannelOpts, ClientIo, ClientTls, ConnectError, TlsConnector, TlsStreamIo,
 };
+pub use https::HttpsTls;
 pub use load::CertInfo;
 pub use server::{incoming, ServerTls, TlsConn, HANDSHAKE_TIMEOUT};
 

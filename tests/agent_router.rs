@@ -490,6 +490,88 @@ async fn iam_info_is_the_pods_never_the_nodes() {
     assert!(a._imds.seen().is_empty());
 }
 
+/// Issue 13: a role annotated by bare name has its account once the server
+/// sends the ARN it resolved the name to (`Role.arn`; Go servers do not).
+#[tokio::test]
+async fn a_bare_name_resolved_by_the_server_has_its_account() {
+    const RESOLVED: &str = "arn:aws:iam::123456789012:role/app-role";
+    let fake = default_fake()
+        .resolved(POD, RESOLVED)
+        // A server's ARN that does not name the pod's role is not believed.
+        .resolved(OTHER_POD, "arn:aws:iam::123456789012:role/admin");
+    let a = agent_with(fake, |c| c.stale_window = Duration::from_secs(60)).await;
+
+    for path in ["app-role", "/app-role"] {
+        let r = a
+            .get(
+                &format!("/latest/meta-data/iam/security-credentials-extended/{path}"),
+                POD,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["AccountId"], "123456789012", "{path}");
+        assert_eq!(v["AccessKeyId"], "PODKEY");
+    }
+    // The plain document never has the field.
+    let r = a
+        .get("/latest/meta-data/iam/security-credentials/app-role", POD)
+        .await;
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert!(v.get("AccountId").is_none(), "{}", r.body);
+
+    let r = a.get("/latest/meta-data/iam/info", POD).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        v["InstanceProfileArn"],
+        "arn:aws:iam::123456789012:instance-profile/app-role"
+    );
+    assert!(v["InstanceProfileId"].as_str().unwrap().starts_with("AIPA"));
+    let r = a.get("/latest/meta-data/iam/", POD).await;
+    assert_eq!(r.body, "info\nsecurity-credentials/");
+
+    // Not the pod's role: still refused, account or not.
+    let r = a
+        .get(
+            "/latest/meta-data/iam/security-credentials-extended/other-role",
+            POD,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    // An ARN that names another role: no account, no iam/info.
+    let r = a
+        .get(
+            "/latest/meta-data/iam/security-credentials-extended/other-role",
+            OTHER_POD,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert!(v.get("AccountId").is_none(), "{}", r.body);
+    assert_eq!(
+        a.get("/latest/meta-data/iam/info", OTHER_POD).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // While no server answers, the kept role keeps its ARN.
+    a.fake
+        .fail_always(Some(ClientError::Unavailable("all servers down".into())));
+    let r = a.get("/latest/meta-data/iam/info", POD).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = a
+        .get(
+            "/latest/meta-data/iam/security-credentials-extended/app-role",
+            POD,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["AccountId"], "123456789012");
+    assert!(a._imds.seen().is_empty());
+}
+
 #[tokio::test]
 async fn unknown_iam_paths_are_404_and_not_proxied() {
     let a = agent_with(default_fake(), |c| {

@@ -394,6 +394,14 @@ fn secrets_for(docs: &[Value], dir: &Path) -> Secrets {
         secrets.insert(s["metadata"]["name"].as_str().unwrap().to_string(), files);
     }
     let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    // deploy/components/webhook: what `kiam certs --out-dir webhook-tls
+    // --host kiam-webhook.kube-system.svc` writes, as a generic Secret with
+    // kiam certs' file names (docs/WEBHOOK.md).
+    let webhook = ["server.pem", "server-key.pem", "ca.pem"]
+        .map(|f| (f.to_string(), read(f)))
+        .into_iter()
+        .collect();
+    secrets.insert("kiam-webhook-tls".to_string(), webhook);
     for cert in docs.iter().filter(|d| d["kind"] == "Certificate") {
         let usages = cert["spec"]["usages"].to_string();
         let leaf = if usages.contains("server auth") {
@@ -591,7 +599,7 @@ fn every_kiam_command_line_passes_check_config() {
             let Some(argv) = c.main_argv() else { continue };
             let role = argv.first().cloned().unwrap_or_default();
             assert!(
-                role == "server" || role == "agent",
+                ["server", "agent", "webhook"].contains(&role.as_str()),
                 "{} {}: runs kiam {role}, which has no --check-config",
                 t.name,
                 c.workload
@@ -654,7 +662,7 @@ fn ports_and_names_agree_across_objects() {
 
         let service = docs
             .iter()
-            .find(|d| d["kind"] == "Service")
+            .find(|d| kind_name(d) == "Service/kiam-server")
             .expect("a Service");
         let svc_port = &service["spec"]["ports"][0];
         let target = svc_port["targetPort"].as_str().expect("named targetPort");
@@ -705,7 +713,82 @@ fn ports_and_names_agree_across_objects() {
                 c.workload
             );
         }
+        if let Some(webhook) = cs
+            .iter()
+            .find(|c| c.main_argv().is_some_and(|a| a[0] == "webhook"))
+        {
+            webhook_agrees(&t.name, &docs, webhook);
+        }
     }
+}
+
+/// deploy/components/webhook*: the configuration calls the Service, the
+/// Service and the probes reach the container's --bind port, the scrape
+/// annotation its metrics port.
+fn webhook_agrees(target: &str, docs: &[Value], webhook: &Container) {
+    let argv = webhook.main_argv().unwrap();
+    let bind_port = port_of(flag(&argv, "bind").expect("webhook --bind"));
+    let image = format!("kiam:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(webhook.spec["image"], image.as_str(), "{target}");
+    let named = |name: &str| {
+        webhook.spec["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{target}: webhook has no port {name}"))["containerPort"]
+            .clone()
+    };
+    let service = docs
+        .iter()
+        .find(|d| kind_name(d) == "Service/kiam-webhook")
+        .expect("Service/kiam-webhook");
+    let svc_port = &service["spec"]["ports"][0];
+    assert_eq!(
+        named(svc_port["targetPort"].as_str().unwrap()),
+        bind_port,
+        "{target}"
+    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let get = &webhook.spec[probe]["httpGet"];
+        assert_eq!(get["scheme"], "HTTPS", "{target} {probe}");
+        assert_eq!(get["path"], "/healthz", "{target} {probe}");
+        assert_eq!(
+            named(get["port"].as_str().unwrap()),
+            bind_port,
+            "{target} {probe}"
+        );
+    }
+    let config = docs
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .expect("a MutatingWebhookConfiguration");
+    for w in config["webhooks"].as_array().unwrap() {
+        let svc = &w["clientConfig"]["service"];
+        assert_eq!(svc["name"], service["metadata"]["name"], "{target}");
+        assert_eq!(
+            svc["namespace"], service["metadata"]["namespace"],
+            "{target}"
+        );
+        assert_eq!(svc["port"], svc_port["port"], "{target}");
+        assert_eq!(svc["path"], "/mutate", "{target}");
+        assert_eq!(w["sideEffects"], "None", "{target}");
+        assert_eq!(
+            w["admissionReviewVersions"],
+            serde_json::json!(["v1"]),
+            "{target}"
+        );
+    }
+    let metrics = port_of(flag(&argv, "prometheus-listen-addr").unwrap());
+    let doc = docs
+        .iter()
+        .find(|d| kind_name(d) == webhook.workload)
+        .unwrap();
+    assert_eq!(
+        doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        Value::from(metrics.to_string()),
+        "{target}"
+    );
 }
 
 /// Polls `f` until it returns true, for at most `limit`.

@@ -888,7 +888,7 @@ fn ip6_prerouting(sandbox: &Sandbox) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// IPv6 end to end (BEHAVIOUR.md 6, issue 12): the agent's ip6tables rule
+/// IPv6 end to end (the behaviour contract, section 6; issue 12): the agent's ip6tables rule
 /// sends `[fd00:ec2::254]` to it, botocore, the JavaScript SDK v3 and
 /// aws-config in IPv6 endpoint mode get their Pod's credentials, and Pods
 /// are identified by any of `status.podIPs`: a dual-stack Pod by its

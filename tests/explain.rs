@@ -573,3 +573,62 @@ async fn cli_against_a_server_without_explain() {
 fn base_arn_matches_the_fixture() {
     assert_eq!(format!("{BASE_ARN}web"), ARN_WEB);
 }
+
+/// `--agent-metrics`: the agent on the pod's node says whether it requires
+/// IMDSv2 (and whether its start-up gate is closed); a real agent process
+/// with --require-imdsv2 makes the step a warning, and an address where no
+/// agent answers is a warning that says so. The pod is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_step_reads_a_real_agents_metrics() {
+    let c = Cluster::start(&[]).await;
+    c.namespace("team", Some(ARN_WEB));
+    c.pod("team", "web", "198.18.2.1", Some("web"));
+    c.ready().await;
+
+    let (port, metrics) = (procs::free_port(), procs::free_port());
+    let mut cmd = procs::kiam_bin();
+    kiam_sandbox::procs::agent_args(
+        &mut cmd,
+        port,
+        &format!("localhost:{}", c.addr.port()),
+        "http://127.0.0.1:9",
+        &c.pki.dir,
+    )
+    .args(["--host", "127.0.0.1", "--require-imdsv2"])
+    .arg(format!("--prometheus-listen-addr=127.0.0.1:{metrics}"));
+    let _agent = kiam_sandbox::procs::ChildGuard::spawn("kiam agent", cmd).unwrap();
+    assert!(
+        kiam_sandbox::procs::wait_for_port(metrics, std::time::Duration::from_secs(20)),
+        "the agent never served metrics"
+    );
+
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    let o = run_cli(
+        &c,
+        &["--output", "json", "--agent-metrics", &url, "team/web"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let json: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let steps = json["steps"].as_array().unwrap();
+    let agent = steps.last().unwrap();
+    assert_eq!(agent["name"], "agent", "{json}");
+    assert_eq!(agent["outcome"], "warn", "{agent}");
+    assert!(
+        agent["summary"]
+            .as_str()
+            .unwrap()
+            .contains("--require-imdsv2"),
+        "{agent}"
+    );
+    assert_eq!(json["served"], true);
+
+    let nobody = format!("http://127.0.0.1:{}/metrics", procs::free_port());
+    let o = run_cli(&c, &["--agent-metrics", &nobody, "team/web"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("[warn] agent: could not read the agent's metrics"),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -194,8 +194,8 @@ async fn adding_twice_leaves_one_rule_and_remove_deletes_every_copy() {
     assert!(!rule.add().await.unwrap(), "second add must find the rule");
     assert_eq!(copies(&rule), 1);
 
-    // A copy Go kiam appended (or an operator added) counts as present and
-    // goes too at removal.
+    // A copy of kiam's rule (its comment included) added by hand counts as
+    // present and goes too at removal.
     iptables_by_hand("-A", &rule);
     assert!(!rule.add().await.unwrap());
     assert_eq!(copies(&rule), 2);
@@ -376,8 +376,8 @@ async fn maintain_moves_the_rule_back_above_a_later_dnat_to_another_agent() {
     assert_reaches_agent(pod).await;
 
     // After the agent started, kube2iam's DNAT (same match, another port)
-    // goes in above kiam's rule, and kiam's rule was also appended once more
-    // by hand (as Go kiam did). Blocking calls: the maintenance task cannot
+    // goes in above kiam's rule, and kiam's rule (its comment included) was
+    // also appended once more by hand. Blocking calls: the maintenance task cannot
     // run in between.
     iptables_by_hand("-A", &rule);
     iptables_by_hand_at_top(&other);
@@ -572,6 +572,416 @@ async fn adding_the_ipv6_rule_flushes_conntrack_entries_to_the_ipv6_metadata_add
         "the old connection must be forgotten"
     );
     assert_eq!(entries_to("2001:2::1"), 1, "other connections stay");
+    assert!(rule.remove().await.unwrap());
+    drop(inside);
+    drop(node);
+}
+
+// ---------------------------------------------------------------------------
+// docs/MIGRATING.md, "Switching over" from kube2iam, run as written: the
+// shell blocks are read from the document, the kubectl steps are played by
+// the test (a kube2iam stand-in that goes away, a stand-in agent kept by the
+// real `maintain`), and a probe in a Pod asks the metadata address all along.
+// The node's real metadata service is a namespace holding 169.254.169.254
+// behind the node, reached by forwarding as on EC2: whatever no rule
+// redirects reaches it, and it answers with the node's role.
+
+/// What the node's real metadata service answers: a Pod that reads this got
+/// the node's role.
+const NODE_ROLE: &str = "NODE-ROLE";
+
+/// The shell block that follows the `<!-- run-by: ... -->` marker naming
+/// `label` in `doc` (a path from the repository root).
+fn doc_block(doc: &str, label: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(doc);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines = text.lines();
+    lines
+        .by_ref()
+        .find(|l| l.trim_start().starts_with("<!-- run-by:") && l.contains(label))
+        .unwrap_or_else(|| panic!("{doc} has no `<!-- run-by: ... {label} -->` marker"));
+    let fence = lines.next().unwrap_or_default();
+    assert!(
+        fence.trim_start().starts_with("```sh"),
+        "{doc}: the marker {label:?} must be followed by a ```sh block"
+    );
+    let indent = fence.len() - fence.trim_start().len();
+    lines
+        .take_while(|l| l.trim_start() != "```")
+        .map(|l| l.get(indent..).unwrap_or(l.trim_start()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs a documentation block with `sh -e` on the node (the thread is in
+/// the node's namespace, so the child is too).
+fn run_doc_block(label: &str) {
+    let script = doc_block("docs/MIGRATING.md", label);
+    let out = Command::new("sh")
+        .args(["-e", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docs/MIGRATING.md block {label:?} failed: {out:?}\n{script}"
+    );
+}
+
+/// What the kube2iam chart's `preStop` hook does when its Pod is deleted:
+/// every `iptables-save` line naming 169.254.169.254 is deleted as a nat
+/// rule (lines of other tables fail to delete and are left).
+fn kube2iam_chart_prestop() {
+    let save = Command::new("iptables-save").output().unwrap();
+    for line in String::from_utf8_lossy(&save.stdout).lines() {
+        let Some(rule) = line.strip_prefix("-A ") else {
+            continue;
+        };
+        if !line.contains("169.254.169.254") {
+            continue;
+        }
+        let _ = Command::new("iptables")
+            .args(["-w", "5", "-t", "nat", "-D"])
+            .args(rule.split_whitespace())
+            .output()
+            .unwrap();
+    }
+}
+
+/// A stand-in server answering every path with `body`; aborting the handle
+/// closes its port.
+async fn serve_text(
+    listener: TcpListener,
+    body: &'static str,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let app = Router::new().fallback(move || async move { body });
+    tokio::spawn(async move { axum::serve(listener, app).await })
+}
+
+/// Asks the metadata address from `pod` over and over until `stop`, and
+/// returns every answer (bodies, or curl's errors).
+fn probe_continuously(
+    pod: netns::Pod,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Result<String, String>>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !stop.is_cancelled() {
+            seen.push(
+                pod.http_get(&format!("{METADATA_URL}{CREDENTIALS_PATH}"))
+                    .await,
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen
+    })
+}
+
+fn assert_not_node_role(answer: &Result<String, String>, step: &str) {
+    if let Ok(body) = answer {
+        assert!(
+            !body.contains(NODE_ROLE),
+            "after {step:?} a Pod reached the node's metadata service and its role"
+        );
+    }
+}
+
+/// Puts the node's real metadata service behind the node: a Pod-like
+/// namespace holding 169.254.169.254 that answers [`NODE_ROLE`], routed to
+/// from the node, so what no rule redirects is forwarded there as on EC2.
+async fn real_metadata_service(node: &mut Node) {
+    let imds = node.add_pod(None, Some("imds")).unwrap().clone();
+    imds.exec(&["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    let out = node.exec_node(&[
+        "ip",
+        "route",
+        "add",
+        "169.254.169.254/32",
+        "via",
+        &imds.ip.to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "route to the metadata service: {out:?}"
+    );
+    let listener = imds
+        .netns()
+        .bind_tcp(SocketAddr::from((
+            kiam::agent::iptables::METADATA_ADDRESS,
+            80,
+        )))
+        .unwrap();
+    serve_text(TcpListener::from_std(listener).unwrap(), NODE_ROLE).await;
+}
+
+async fn kube2iam_switch_over(test: &str, chart_prestop: bool) {
+    let Some(mut node) = Node::isolated(test, 1) else {
+        return;
+    };
+    let pod = node.pod(0).clone();
+    real_metadata_service(&mut node).await;
+
+    let inside = node.enter();
+    let url = format!("{METADATA_URL}{CREDENTIALS_PATH}");
+    let probe = || pod.http_get(&url);
+    // Without any rule the Pod reaches the node's role: the probe can tell.
+    assert_eq!(probe().await.unwrap(), NODE_ROLE);
+
+    // kube2iam runs: its DNAT (appended, no comment) to its port.
+    let kube2iam_listener = TcpListener::bind((node.host_ip(), 0)).await.unwrap();
+    let port = kube2iam_listener.local_addr().unwrap().port();
+    let kube2iam = serve_text(kube2iam_listener, "kube2iam").await;
+    let kube2iam_rule = [
+        "-p",
+        "tcp",
+        "-d",
+        "169.254.169.254",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("{}:{port}", node.host_ip()),
+        "-i",
+        &pod.host_if,
+    ];
+    let out = Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-A", "PREROUTING"])
+        .args(kube2iam_rule)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kube2iam's rule: {out:?}");
+    assert_eq!(probe().await.unwrap(), "kube2iam");
+
+    // Step 1 of the switch-over: the guard, while kube2iam still serves.
+    run_doc_block("kube2iam switch-over: guard");
+    assert_eq!(
+        probe().await.unwrap(),
+        "kube2iam",
+        "the guard keeps DNAT'd traffic"
+    );
+    let stop = CancellationToken::new();
+    let prober = probe_continuously(pod.clone(), stop.clone());
+
+    // Step 2: kube2iam's DaemonSet is deleted (with the chart, its preStop
+    // hook deletes every 169.254.169.254 rule first), then kube2iam stops.
+    if chart_prestop {
+        kube2iam_chart_prestop();
+    }
+    kube2iam.abort();
+    let _ = kube2iam.await;
+    let answer = probe().await;
+    assert!(
+        answer.is_err(),
+        "nothing answers between kube2iam and kiam: {answer:?}"
+    );
+    assert_not_node_role(&answer, "deleting kube2iam");
+
+    // Step 3: the kiam agent starts on the same port, and its rule has the
+    // same match and target as kube2iam's.
+    let agent_listener = TcpListener::bind((node.host_ip(), port)).await.unwrap();
+    let agent = agent_listener.local_addr().unwrap();
+    let app = Router::new().fallback(
+        |ConnectInfo(peer): ConnectInfo<SocketAddr>, uri: Uri| async move {
+            format!("{} {}", peer.ip(), uri.path())
+        },
+    );
+    tokio::spawn(async move {
+        axum::serve(
+            agent_listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    let rule = rule_to(agent, &pod.host_if);
+    let mut registry = Registry::default();
+    let metrics = IptablesMetrics::register(&mut registry);
+    let (in_place, told) = tokio::sync::oneshot::channel();
+    let shutdown = CancellationToken::new();
+    // No check during the test: what the documented steps leave is what a
+    // Pod gets, never masked by a re-check putting the rule back.
+    let task = tokio::spawn(maintain(
+        rule.clone(),
+        Duration::from_secs(3600),
+        true,
+        metrics.clone(),
+        Some(in_place),
+        shutdown.clone(),
+    ));
+    told.await.expect("the agent's rule is in place");
+    assert_eq!(
+        rule.position().await.unwrap(),
+        Position {
+            first: true,
+            copies: 1
+        },
+        "kube2iam's identical rule is not taken as kiam's"
+    );
+    assert_reaches_agent(&pod).await;
+
+    // Step 4: tidy up kube2iam's rule, then take the guard away.
+    run_doc_block("kube2iam switch-over: tidy up");
+    let listing = Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-S", "PREROUTING"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert_eq!(
+        listing.matches("169.254.169.254").count(),
+        1,
+        "only kiam's rule is left:\n{listing}"
+    );
+    assert!(rule.position().await.unwrap().first, "{listing}");
+    assert_reaches_agent(&pod).await;
+    run_doc_block("kube2iam switch-over: remove the guard");
+    assert_reaches_agent(&pod).await;
+
+    stop.cancel();
+    let seen = prober.await.unwrap();
+    for answer in &seen {
+        assert_not_node_role(answer, "some step of the switch-over");
+    }
+    assert!(!seen.is_empty());
+    assert_eq!(metrics.restored.get(), 0, "nothing had to be put back");
+
+    // The agent goes: with --iptables-remove its rule goes, and the Pod
+    // reaches the node's role again, showing the probe would have seen it.
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(probe().await.unwrap(), NODE_ROLE);
+    println!(
+        "{test}: {} probes during the switch-over, none reached the node's role",
+        seen.len()
+    );
+    drop(inside);
+    drop(node);
+}
+
+#[tokio::test]
+async fn kube2iam_switch_over_as_documented_never_reaches_the_node_role() {
+    kube2iam_switch_over(
+        "kube2iam_switch_over_as_documented_never_reaches_the_node_role",
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn kube2iam_chart_switch_over_as_documented_never_reaches_the_node_role() {
+    kube2iam_switch_over(
+        "kube2iam_chart_switch_over_as_documented_never_reaches_the_node_role",
+        true,
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// docs/CNI.md: the component for Amazon VPC CNI with Security Groups for
+// Pods, whose branch-ENI Pods have `vlan…` host veths beside `eni…` ones.
+
+/// The `KIAM_HOST_INTERFACE` value a host-interface component sets.
+fn component_interface(component: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/components/host-interface")
+        .join(component)
+        .join("kustomization.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.contains("KIAM_HOST_INTERFACE"));
+    lines.next();
+    let value = lines
+        .next()
+        .and_then(|l| l.trim().strip_prefix("value: "))
+        .unwrap();
+    value.trim_matches('"').to_string()
+}
+
+/// Renames a Pod's node-side veth (it must be down to be renamed; the /30's
+/// route comes back with the address when it is up again).
+fn rename_host_if(node: &Node, from: &str, to: &str) {
+    for cmd in [
+        vec!["ip", "link", "set", from, "down"],
+        vec!["ip", "link", "set", from, "name", to],
+        vec!["ip", "link", "set", to, "up"],
+    ] {
+        let out = node.exec_node(&cmd);
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_security_groups_for_pods_component_catches_vlan_and_eni_veths() {
+    let test = "the_security_groups_for_pods_component_catches_vlan_and_eni_veths";
+    let Some(node) = Node::isolated(test, 2) else {
+        return;
+    };
+    let suffix = &node.id()[node.id().len() - 8..];
+    let (vlan, eni) = (format!("vlan{suffix}"), format!("eni{suffix}"));
+    rename_host_if(&node, &node.pod(0).host_if, &vlan);
+    rename_host_if(&node, &node.pod(1).host_if, &eni);
+    let (vlan_pod, eni_pod) = (node.pod(0), node.pod(1));
+    let inside = node.enter();
+    let agent = stand_in_agent(node.host_ip()).await;
+
+    // The plain VPC CNI component misses the branch-ENI Pod: its request
+    // goes past the agent (to the node's metadata service on a real node;
+    // here, with no uplink, nowhere).
+    let plain = component_interface("amazon-vpc-cni");
+    assert_eq!(plain, "eni+");
+    let rule = rule_to(agent, &plain);
+    assert!(rule.add().await.unwrap());
+    assert_reaches_agent(eni_pod).await;
+    let missed = vlan_pod
+        .http_get(&format!("{METADATA_URL}{CREDENTIALS_PATH}"))
+        .await;
+    assert!(missed.is_err(), "eni+ must not catch {vlan}: {missed:?}");
+    assert!(rule.remove().await.unwrap());
+
+    // The component docs/CNI.md gives for Security Groups for Pods.
+    let every = component_interface("all-interfaces");
+    assert_eq!(every, "+");
+    let rule = rule_to(agent, &every);
+    assert!(rule.add().await.unwrap());
+    assert_reaches_agent(vlan_pod).await;
+    assert_reaches_agent(eni_pod).await;
+    assert!(rule.remove().await.unwrap());
+    drop(inside);
+    // The names the node removes its veths by.
+    rename_host_if(&node, &vlan, &node.pod(0).host_if);
+    rename_host_if(&node, &eni, &node.pod(1).host_if);
+    drop(node);
+}
+
+/// docs/CNI.md: no `--host-interface`, not even `+`, catches what the node
+/// itself sends (a `hostNetwork` Pod): it goes through `nat OUTPUT`, never
+/// `PREROUTING`, and reaches the node's metadata service.
+#[tokio::test]
+async fn the_nodes_own_traffic_never_passes_the_prerouting_rule() {
+    let test = "the_nodes_own_traffic_never_passes_the_prerouting_rule";
+    let Some(mut node) = Node::isolated(test, 1) else {
+        return;
+    };
+    let pod = node.pod(0).clone();
+    real_metadata_service(&mut node).await;
+    let inside = node.enter();
+    let agent = stand_in_agent(node.host_ip()).await;
+    let rule = rule_to(agent, "+");
+    assert!(rule.add().await.unwrap());
+    assert_reaches_agent(&pod).await;
+    // A process on the node (what a hostNetwork Pod is), blocking call: the
+    // node's metadata service answers from another namespace.
+    let url = format!("{METADATA_URL}{CREDENTIALS_PATH}");
+    let out = tokio::task::spawn_blocking({
+        let ns = node.node_ns().unwrap().clone();
+        move || ns.exec(&["curl", "-sS", "--max-time", "10", &url]).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        NODE_ROLE,
+        "the node's own request is not redirected: {out:?}"
+    );
     assert!(rule.remove().await.unwrap());
     drop(inside);
     drop(node);

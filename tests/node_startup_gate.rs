@@ -116,6 +116,7 @@ async fn removes_only_its_taint_once_the_rule_is_in_place_and_a_server_is_health
     assert_eq!(taint_keys(&api), ["example.com/gpu", KEY]);
     assert_eq!(patches(&api), 0, "no write before a healthy server");
     assert_eq!(metrics.removed.get(), 0);
+    assert_eq!(metrics.gate_closed.get(), 1, "the gate reads closed");
 
     servers.set_health("ok");
     let took = eventually("the taint to go", Duration::from_secs(5), || {
@@ -128,6 +129,7 @@ async fn removes_only_its_taint_once_the_rule_is_in_place_and_a_server_is_health
         .unwrap();
     assert_eq!(metrics.removed.get(), 1);
     assert_eq!(metrics.api_errors.get(), 0);
+    assert_eq!(metrics.gate_closed.get(), 0, "the gate reads open");
     assert_eq!(patches(&api), 1, "one guarded patch");
     let node = api.node(NODE).unwrap();
     assert_eq!(

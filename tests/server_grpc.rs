@@ -483,3 +483,33 @@ async fn error_messages_are_short_and_final_refusals_are_marked() {
     assert_eq!(e.code(), Code::Internal);
     assert_eq!(e.message(), "error retrieving credentials: Throttling");
 }
+
+/// Issue 13: `Role.arn` is the annotated role resolved under
+/// `--role-base-arn` (a full ARN as it is), so agents can tell a bare
+/// name's account; empty without a role.
+#[tokio::test]
+async fn role_answers_carry_the_resolved_arn() {
+    let c = Cluster::start(&[]).await;
+    c.namespace("team-a", Some(".*"));
+    c.pod("team-a", "bare", "198.18.0.40", Some("team-a-web"));
+    c.pod("team-a", "slash", "198.18.0.41", Some("/team/web"));
+    let full = "arn:aws:iam::210987654321:role/elsewhere";
+    c.pod("team-a", "full", "198.18.0.42", Some(full));
+    c.pod("team-a", "none", "198.18.0.43", None);
+    let client = c.ready().await;
+    let role = |ip: &str| {
+        let req = GetPodRoleRequest { ip: ip.into() };
+        let mut client = client.clone();
+        async move { client.get_pod_role(req).await.unwrap().into_inner() }
+    };
+    let r = role("198.18.0.40").await;
+    assert_eq!(r.name, "team-a-web");
+    assert_eq!(r.arn, format!("{BASE_ARN}team-a-web"));
+    let r = role("198.18.0.41").await;
+    assert_eq!(r.name, "/team/web");
+    assert_eq!(r.arn, format!("{BASE_ARN}team/web"));
+    let r = role("198.18.0.42").await;
+    assert_eq!((r.name.as_str(), r.arn.as_str()), (full, full));
+    let r = role("198.18.0.43").await;
+    assert_eq!((r.name.as_str(), r.arn.as_str()), ("", ""));
+}

@@ -368,8 +368,22 @@ fn kiam_certs_refuses_to_overwrite_and_reissues_leaves_from_the_ca() {
     let ca_before = std::fs::read(dir.path().join("ca.pem")).unwrap();
     let server_before = std::fs::read(dir.path().join("server.pem")).unwrap();
 
-    let err = certs::run(&args(&[])).unwrap_err().to_string();
-    assert!(err.contains("ca.pem") && err.contains("--force"), "{err}");
+    // Rerunning the same command keeps the set (docs/TLS.md's steps can be
+    // run again); a --host the set lacks is refused, naming --reissue.
+    certs::run(&args(&[])).unwrap();
+    certs::run(&args(&["--print-secrets"])).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca_before);
+    assert_eq!(
+        std::fs::read(dir.path().join("server.pem")).unwrap(),
+        server_before
+    );
+    let err = certs::run(&args(&["--host", "new.example"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("server.pem") && err.contains("new.example") && err.contains("--reissue"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca_before);
 
     certs::run(&args(&["--reissue", "--host", "extra.example,10.9.9.9"])).unwrap();
@@ -410,6 +424,36 @@ fn kiam_certs_refuses_to_overwrite_and_reissues_leaves_from_the_ca() {
         text.contains("DNS:extra.example") && text.contains("IP Address:10.9.9.9"),
         "{text}"
     );
+
+    // --reissue without --host keeps the names given earlier.
+    certs::run(&args(&["--reissue"])).unwrap();
+    let kept = certs::server_names(&dir.path().join("server.pem")).unwrap();
+    for name in [
+        "kiam-server",
+        "localhost",
+        "127.0.0.1",
+        "extra.example",
+        "10.9.9.9",
+    ] {
+        assert!(kept.iter().any(|n| n == name), "{name} kept: {kept:?}");
+    }
+    // And refuses when it cannot read them, rather than dropping them.
+    std::fs::write(dir.path().join("server.pem"), "garbage").unwrap();
+    let err = certs::run(&args(&["--reissue"])).unwrap_err().to_string();
+    assert!(
+        err.contains("server.pem") && err.contains("--host"),
+        "{err}"
+    );
+    certs::run(&args(&["--reissue", "--host", "extra.example"])).unwrap();
+
+    // An incomplete set is refused with nothing written.
+    std::fs::remove_file(dir.path().join("agent.pem")).unwrap();
+    let err = certs::run(&args(&[])).unwrap_err().to_string();
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(!dir.path().join("agent.pem").exists());
 
     certs::run(&args(&["--force"])).unwrap();
     assert_ne!(
@@ -1112,8 +1156,9 @@ async fn a_broken_new_file_keeps_the_old_certificate_and_says_why() {
         .await
         .expect("still serving the old certificate");
 
-    // Fixing the file clears the gauge.
-    certs::reissue(dir.path(), &[], 30).unwrap();
+    // Fixing the file clears the gauge. (Its names cannot be read back from
+    // the broken file, so they are given.)
+    certs::reissue(dir.path(), &["kiam-server".to_string()], 30).unwrap();
     eventually("the reload", || server.tls.cert_info().serial != serial).await;
     eventually("the gauge to clear", || {
         metric(

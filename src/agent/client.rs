@@ -75,6 +75,28 @@ impl From<proto::Credentials> for Credentials {
     }
 }
 
+/// A pod's role as a server answered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRole {
+    /// As annotated (`name`, `/name`, `path/name` or a full ARN): what the
+    /// pod's SDK lists and asks credentials for.
+    pub name: String,
+    /// The ARN the server resolved `name` to (`Role.arn`), so a bare name's
+    /// account is known. `None` from a Go kiam server, which does not send
+    /// it, and from a server that could not resolve the role.
+    pub arn: Option<String>,
+}
+
+impl PodRole {
+    /// A role whose ARN is not known (a Go kiam server's answer).
+    pub fn named(name: &str) -> Self {
+        PodRole {
+            name: name.to_string(),
+            arn: None,
+        }
+    }
+}
+
 /// Why a call to the servers failed; the router branches on this.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
@@ -140,7 +162,7 @@ pub trait KiamClient: Send + Sync + 'static {
         &self,
         ip: IpAddr,
         deadline: TokioInstant,
-    ) -> BoxFuture<'_, Result<Option<String>, ClientError>>;
+    ) -> BoxFuture<'_, Result<Option<PodRole>, ClientError>>;
     /// Credentials for `role` if the pod at `ip` may use it.
     fn get_pod_credentials<'a>(
         &'a self,
@@ -542,7 +564,7 @@ impl KiamClient for Pool {
         &self,
         ip: IpAddr,
         deadline: TokioInstant,
-    ) -> BoxFuture<'_, Result<Option<String>, ClientError>> {
+    ) -> BoxFuture<'_, Result<Option<PodRole>, ClientError>> {
         Box::pin(async move {
             let ip = ip.to_string();
             let role = self
@@ -557,7 +579,13 @@ impl KiamClient for Pool {
                     },
                 )
                 .await?;
-            Ok(Some(role.name).filter(|n| !n.is_empty()))
+            if role.name.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(PodRole {
+                name: role.name,
+                arn: Some(role.arn).filter(|a| !a.is_empty()),
+            }))
         })
     }
 

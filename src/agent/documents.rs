@@ -1,24 +1,45 @@
 //! The JSON documents the agent answers with: the credentials document SDKs
 //! parse, and `iam/info`.
 //!
-//! The surprise: `AccountId` and `iam/info` are only ever answered for a
-//! role annotated as a full role ARN. The agent knows a pod's role only as
-//! annotated; a bare name has no account, and a guessed one (say, the
-//! node's) would send account-routed SDK calls to the wrong place.
+//! The surprise: `AccountId` and `iam/info` are only ever answered when the
+//! role's ARN is known: annotated as a full role ARN, or a name that the
+//! server resolved (`Role.arn`, which our servers send and Go kiam servers
+//! do not). A Go server's answer for a bare name has no account, and a
+//! guessed one (say, the node's) would send account-routed SDK calls to the
+//! wrong place, so then `AccountId` is left out and `iam/info` is 404.
 
 use axum::response::{IntoResponse, Response};
 use http::header;
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::client::Credentials;
+use super::client::{Credentials, PodRole};
+use super::fallback::same_role;
 use crate::arn::RoleArn;
 use crate::wire::{ec2_time, is_ec2_time};
 
-/// The role as a full role ARN, when it was annotated as one: the only
-/// case in which the pod's account is known.
+/// The role as a full role ARN, when it was annotated as one.
 pub(super) fn full_arn(role: &str) -> Option<RoleArn<'_>> {
     RoleArn::parse(role).ok()
+}
+
+/// The ARN of the role a pod has or asked for (`role`, as annotated or as
+/// in the request path): the role itself when it is a full ARN, else what
+/// the server resolved the pod's role to (`pod`), but only when that is the
+/// same role and the ARN names it (a server never makes the agent show an
+/// account for a role it did not resolve).
+pub(super) fn role_arn<'a>(role: &'a str, pod: Option<&'a PodRole>) -> Option<RoleArn<'a>> {
+    if let Some(arn) = full_arn(role) {
+        return Some(arn);
+    }
+    let pod = pod.filter(|p| same_role(&p.name, role))?;
+    let arn = full_arn(pod.arn.as_deref()?)?;
+    let name = role.trim_start_matches('/');
+    let names_it = arn
+        .path_and_name
+        .strip_suffix(name)
+        .is_some_and(|path| path.is_empty() || path.ends_with('/'));
+    names_it.then_some(arn)
 }
 
 #[derive(Serialize)]
@@ -37,8 +58,9 @@ struct CredentialsDoc<'a> {
 }
 
 /// What `security-credentials/{role}` answers; `extended` adds `AccountId`
-/// (`security-credentials-extended/{role}`).
-pub(super) fn credentials(c: &Credentials, role: &str, extended: bool) -> Response {
+/// (`security-credentials-extended/{role}`) when the role's ARN is known
+/// (see [`role_arn`]).
+pub(super) fn credentials(c: &Credentials, arn: Option<RoleArn<'_>>, extended: bool) -> Response {
     let doc = CredentialsDoc {
         code: "Success",
         last_updated: ec2_form(&c.last_updated),
@@ -48,7 +70,7 @@ pub(super) fn credentials(c: &Credentials, role: &str, extended: bool) -> Respon
         token: &c.token,
         expiration: ec2_form(&c.expiration),
         account_id: if extended {
-            full_arn(role).map(|a| a.account)
+            arn.map(|a| a.account)
         } else {
             None
         },
@@ -65,11 +87,12 @@ struct InfoDoc {
     instance_profile_id: String,
 }
 
-/// What `iam/info` answers for `role`; `None` (so 404) unless the role is a
-/// full role ARN. The profile ARN and id are derived from the role: there
-/// is no real instance profile behind a pod, and the node's must never show.
-pub(super) fn iam_info(role: &str) -> Option<Response> {
-    let arn = full_arn(role)?;
+/// What `iam/info` answers for the pod's role; `None` (so 404) unless its
+/// ARN is known (see [`role_arn`]). The profile ARN and id are derived from
+/// the role: there is no real instance profile behind a pod, and the
+/// node's must never show.
+pub(super) fn iam_info(role: &PodRole) -> Option<Response> {
+    let arn = role_arn(&role.name, Some(role))?;
     let profile = format!(
         "arn:{}:iam::{}:instance-profile/{}",
         arn.partition, arn.account, arn.path_and_name
@@ -144,6 +167,54 @@ mod tests {
         assert!(full_arn("name").is_none());
         assert!(full_arn("/path/name").is_none());
         assert!(full_arn("arn:aws:s3:::bucket").is_none());
+    }
+
+    #[test]
+    fn a_resolved_arn_names_the_account_of_a_bare_name() {
+        let pod = |name: &str, arn: Option<&str>| PodRole {
+            name: name.into(),
+            arn: arn.map(str::to_string),
+        };
+        fn account<'a>(role: &'a str, p: &'a PodRole) -> Option<&'a str> {
+            role_arn(role, Some(p)).map(|a| a.account)
+        }
+        let resolved = pod("app", Some("arn:aws:iam::123456789012:role/app"));
+        assert_eq!(account("app", &resolved), Some("123456789012"));
+        // `/app` is the same role; the request path may differ in its slash.
+        assert_eq!(account("/app", &resolved), Some("123456789012"));
+        let slashed = pod("/app", Some("arn:aws:iam::123456789012:role/app"));
+        assert_eq!(account("app", &slashed), Some("123456789012"));
+        // A base ARN with a path: the name sits under it.
+        let pathed = pod("app", Some("arn:aws:iam::123456789012:role/team/app"));
+        assert_eq!(account("app", &pathed), Some("123456789012"));
+        let nested = pod("team/app", Some("arn:aws:iam::123456789012:role/team/app"));
+        assert_eq!(account("team/app", &nested), Some("123456789012"));
+        // A Go kiam server sends no ARN: today's answer (none).
+        assert_eq!(account("app", &pod("app", None)), None);
+        assert!(role_arn("app", None).is_none());
+        // Another role than the one asked about, or an ARN that does not
+        // name the role (or is no role ARN): no account.
+        assert_eq!(account("other", &resolved), None);
+        let wrong = pod("app", Some("arn:aws:iam::123456789012:role/webapp"));
+        assert_eq!(account("app", &wrong), None);
+        let not_role = pod("app", Some("arn:aws:iam::123456789012:user/app"));
+        assert_eq!(account("app", &not_role), None);
+        // A full ARN stands for itself, whatever the server said.
+        assert_eq!(
+            account("arn:aws:iam::210987654321:role/x", &resolved),
+            Some("210987654321")
+        );
+    }
+
+    #[test]
+    fn iam_info_for_a_resolved_bare_name() {
+        let role = PodRole {
+            name: "app".into(),
+            arn: Some("arn:aws:iam::123456789012:role/team/app".into()),
+        };
+        assert!(iam_info(&role).is_some());
+        assert!(iam_info(&PodRole::named("app")).is_none());
+        assert!(iam_info(&PodRole::named("arn:aws:iam::123456789012:role/app")).is_some());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::client::Credentials;
+use super::client::{Credentials, PodRole};
 
 /// Credentials this close to expiry are never served from the fallback:
 /// SDKs would refresh them at once, and the server is not there to answer.
@@ -36,7 +36,7 @@ struct Kept<T> {
 
 #[derive(Default)]
 struct Pod {
-    role: Option<Kept<String>>,
+    role: Option<Kept<PodRole>>,
     /// Keyed by the role name exactly as the pod asked for it.
     credentials: HashMap<String, Kept<(Credentials, Timestamp)>>,
 }
@@ -97,16 +97,16 @@ impl Fallback {
     /// A server said `ip` has `role` in answer to a question asked at
     /// `asked`: keep it, and forget credentials kept for any other role of
     /// that IP (the IP may belong to a new pod now).
-    pub fn remember_role(&self, ip: IpAddr, role: &str, asked: Instant) {
+    pub fn remember_role(&self, ip: IpAddr, role: &PodRole, asked: Instant) {
         if !self.enabled() || self.forgotten_since(ip, asked) {
             return;
         }
         let mut pods = self.pods.lock().unwrap();
         self.make_room(&mut pods, ip);
         let pod = pods.entry(ip).or_default();
-        pod.credentials.retain(|r, _| same_role(r, role));
+        pod.credentials.retain(|r, _| same_role(r, &role.name));
         pod.role = Some(Kept {
-            value: role.to_string(),
+            value: role.clone(),
             fetched: Instant::now(),
         });
         self.count(&pods);
@@ -132,7 +132,11 @@ impl Fallback {
         let mut pods = self.pods.lock().unwrap();
         if let Some(pod) = pods.get_mut(&ip) {
             pod.credentials.remove(role);
-            if pod.role.as_ref().is_some_and(|r| same_role(&r.value, role)) {
+            if pod
+                .role
+                .as_ref()
+                .is_some_and(|r| same_role(&r.value.name, role))
+            {
                 pod.role = None;
             }
         }
@@ -157,7 +161,10 @@ impl Fallback {
             // no parsing, copying or re-inserting.
             let mut pods = self.pods.lock().unwrap();
             if let Some(pod) = pods.get_mut(&ip) {
-                let role_agrees = pod.role.as_ref().is_none_or(|r| same_role(&r.value, role));
+                let role_agrees = pod
+                    .role
+                    .as_ref()
+                    .is_none_or(|r| same_role(&r.value.name, role));
                 if let Some(kept) = pod.credentials.get_mut(role) {
                     if role_agrees && kept.value.0 == *creds {
                         kept.fetched = Instant::now();
@@ -175,7 +182,7 @@ impl Fallback {
         if pod
             .role
             .as_ref()
-            .is_some_and(|r| !same_role(&r.value, role))
+            .is_some_and(|r| !same_role(&r.value.name, role))
         {
             // Credentials granted for a role other than the one we last
             // saw: the pod changed; the old role name is stale.
@@ -192,7 +199,7 @@ impl Fallback {
     }
 
     /// The role last seen for `ip`, if fetched within the window.
-    pub fn role(&self, ip: IpAddr) -> Option<String> {
+    pub fn role(&self, ip: IpAddr) -> Option<PodRole> {
         let pods = self.pods.lock().unwrap();
         let kept = pods.get(&ip)?.role.as_ref()?;
         (kept.fetched.elapsed() <= self.window).then(|| kept.value.clone())
@@ -290,11 +297,11 @@ mod tests {
     #[test]
     fn role_change_drops_other_roles_credentials() {
         let f = Fallback::new(Duration::from_secs(60), Gauge::default());
-        f.remember_role(ip("10.0.0.1"), "a", Instant::now());
+        f.remember_role(ip("10.0.0.1"), &PodRole::named("a"), Instant::now());
         f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
-        f.remember_role(ip("10.0.0.1"), "b", Instant::now());
+        f.remember_role(ip("10.0.0.1"), &PodRole::named("b"), Instant::now());
         assert!(f.credentials(ip("10.0.0.1"), "a").is_none());
-        assert_eq!(f.role(ip("10.0.0.1")).as_deref(), Some("b"));
+        assert_eq!(f.role(ip("10.0.0.1")).map(|r| r.name).as_deref(), Some("b"));
         f.forget_ip(ip("10.0.0.1"));
         assert!(f.role(ip("10.0.0.1")).is_none());
     }
@@ -309,7 +316,7 @@ mod tests {
     #[test]
     fn zero_window_keeps_nothing() {
         let f = Fallback::new(Duration::ZERO, Gauge::default());
-        f.remember_role(ip("10.0.0.1"), "a", Instant::now());
+        f.remember_role(ip("10.0.0.1"), &PodRole::named("a"), Instant::now());
         f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
         assert_eq!(f.len(), 0);
         assert!(f.role(ip("10.0.0.1")).is_none());
@@ -318,7 +325,7 @@ mod tests {
     #[test]
     fn outside_window_not_served() {
         let f = Fallback::new(Duration::from_millis(1), Gauge::default());
-        f.remember_role(ip("10.0.0.1"), "a", Instant::now());
+        f.remember_role(ip("10.0.0.1"), &PodRole::named("a"), Instant::now());
         f.remember_credentials(ip("10.0.0.1"), "a", &creds("K1", 3600), Instant::now());
         std::thread::sleep(Duration::from_millis(5));
         assert!(f.role(ip("10.0.0.1")).is_none());
@@ -333,19 +340,26 @@ mod tests {
         let asked = Instant::now();
         std::thread::sleep(Duration::from_millis(2));
         f.forget_ip(ip("10.0.0.1"));
-        f.remember_role(ip("10.0.0.1"), "old", asked);
+        f.remember_role(ip("10.0.0.1"), &PodRole::named("old"), asked);
         f.remember_credentials(ip("10.0.0.1"), "old", &creds("OLD", 3600), asked);
         assert_eq!(f.len(), 0);
         // Asked after the forget: kept.
-        f.remember_role(ip("10.0.0.1"), "new", Instant::now());
-        assert_eq!(f.role(ip("10.0.0.1")).as_deref(), Some("new"));
+        f.remember_role(ip("10.0.0.1"), &PodRole::named("new"), Instant::now());
+        assert_eq!(
+            f.role(ip("10.0.0.1")).map(|r| r.name).as_deref(),
+            Some("new")
+        );
     }
 
     #[test]
     fn memory_is_bounded() {
         let f = Fallback::new(Duration::from_secs(60), Gauge::default());
         for i in 0..(MAX_PODS as u32 + 100) {
-            f.remember_role(IpAddr::from(i.to_be_bytes()), "a", Instant::now());
+            f.remember_role(
+                IpAddr::from(i.to_be_bytes()),
+                &PodRole::named("a"),
+                Instant::now(),
+            );
         }
         assert!(f.len() <= MAX_PODS);
     }

@@ -14,9 +14,17 @@
 //! ensure their own jump rules exist, so a rule above them is left alone; a
 //! program that also insists on being first (Calico's Felix in its default
 //! `ChainInsertMode=Insert`) would trade places with kiam at every check,
-//! which `kiam_agent_iptables_displaced_total` shows. The position is not part
-//! of the rule's identity: a rule Go kiam appended is recognised as kiam's and
-//! moved to the top.
+//! which `kiam_agent_iptables_displaced_total` shows.
+//!
+//! The rule carries `-m comment --comment kiam-agent`, and only a rule with
+//! that comment (and the same match and target) is kiam's. Without it a
+//! kube2iam or Go kiam rule with the same match and target would be taken as
+//! ours: `iptables -C` accepts an identical rule anywhere in the chain, so the
+//! agent would keep "its" rule wherever the other one stood, and an operator
+//! deleting the other program's rule would delete the only copy, letting Pods
+//! reach the node's metadata service until the next check. Rules without the
+//! comment are other programs' (a Go kiam or kube2iam leftover stays below
+//! kiam's, where it never decides a packet) and are never moved or deleted.
 //!
 //! IPv6: where the node has an IPv6 address for the agent (`--host-ipv6`),
 //! the same rule for `[fd00:ec2::254]:80`, EC2's IPv6 metadata endpoint, is
@@ -70,6 +78,11 @@ const LOCK_WAIT_SECONDS: &str = "5";
 /// after each failure: 0.2 s, 0.4 s, 0.8 s, 1.6 s).
 const REMOVE_ATTEMPTS: u32 = 5;
 const REMOVE_FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// What makes a rule kiam's: `-m comment --comment kiam-agent`, so that an
+/// otherwise identical DNAT from kube2iam or Go kiam is never taken as ours
+/// (and `iptables -D` of theirs never deletes ours). No spaces or quotes:
+/// `iptables -S` prints it back as written.
+pub const RULE_COMMENT: &str = "kiam-agent";
 /// Linux interface names are at most IFNAMSIZ - 1 bytes.
 const MAX_INTERFACE_LEN: usize = 15;
 
@@ -339,6 +352,12 @@ impl IptablesRule {
         }
         spec.extend(["-i".into(), interface.to_string()]);
         spec.extend([
+            "-m".into(),
+            "comment".into(),
+            "--comment".into(),
+            RULE_COMMENT.into(),
+        ]);
+        spec.extend([
             "-j".into(),
             "DNAT".into(),
             "--to-destination".into(),
@@ -375,7 +394,8 @@ impl IptablesRule {
         self.target
     }
 
-    /// Whether the rule is in `nat PREROUTING` (at any position).
+    /// Whether the rule, with kiam's comment, is in `nat PREROUTING` (at any
+    /// position).
     pub async fn exists(&self) -> Result<bool, IptablesError> {
         let args = self.args(&["-C", self.chain]);
         let out = run(self.family.program(), &args).await?;

@@ -29,7 +29,7 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use regex::Regex;
 use tokio::time::Instant;
 
-use super::client::{ClientError, KiamClient};
+use super::client::{ClientError, Credentials, KiamClient, PodRole};
 use super::documents;
 use super::fallback::Fallback;
 use super::imdsv2::{TokenError, Tokens, TOKEN_HEADER, TTL_HEADER};
@@ -422,7 +422,7 @@ async fn find_role(
     ctx: &RouterContext,
     caller: IpAddr,
     handler: &'static str,
-) -> Result<String, Reject> {
+) -> Result<PodRole, Reject> {
     let deadline = Instant::now() + ctx.cfg.deadline;
     let fallback = &ctx.fallback;
     let result = retry(
@@ -453,7 +453,7 @@ async fn find_role(
             if !f.answered {
                 if let Some(role) = fallback.role(caller) {
                     ctx.metrics.stale_served(handler);
-                    tracing::warn!(pod.ip = %caller, pod.iam.role = %role, "no kiam server answered; serving the last known role");
+                    tracing::warn!(pod.ip = %caller, pod.iam.role = %role.name, "no kiam server answered; serving the last known role");
                     return Ok(role);
                 }
             }
@@ -496,13 +496,13 @@ fn listed(role: &str) -> &str {
 
 async fn role_name(ctx: &RouterContext, caller: IpAddr) -> Result<Response, Reject> {
     let role = find_role(ctx, caller, handler::ROLE_NAME).await?;
-    Ok(text(listed(&role).to_string()))
+    Ok(text(listed(&role.name).to_string()))
 }
 
 async fn iam_listing(ctx: &RouterContext, caller: IpAddr) -> Result<Response, Reject> {
     let role = find_role(ctx, caller, handler::IAM).await?;
     let mut body = String::new();
-    if documents::full_arn(&role).is_some() {
+    if documents::role_arn(&role.name, Some(&role)).is_some() {
         body.push_str("info\n");
     }
     body.push_str("security-credentials/");
@@ -515,14 +515,51 @@ async fn credentials(
     role: &str,
     extended: bool,
 ) -> Result<Response, Reject> {
+    if role.is_empty() {
+        return Err(Reject::NotFound);
+    }
+    if !extended || documents::full_arn(role).is_some() {
+        let creds = fetch_credentials(ctx, caller, role, extended).await?;
+        return Ok(documents::credentials(
+            &creds,
+            documents::full_arn(role),
+            extended,
+        ));
+    }
+    // A bare name: its account is in the ARN the server resolved it to,
+    // asked for alongside the credentials.
+    let (creds, pod) = tokio::join!(
+        fetch_credentials(ctx, caller, role, extended),
+        resolved_role(ctx, caller)
+    );
+    let creds = creds?;
+    let arn = documents::role_arn(role, pod.as_ref());
+    Ok(documents::credentials(&creds, arn, extended))
+}
+
+/// The pod's role with the ARN a server resolved it to, for `AccountId`
+/// only: `None` on any error (the credentials call decides the answer), and
+/// the kept role only while no server answers, as [`find_role`] does.
+async fn resolved_role(ctx: &RouterContext, caller: IpAddr) -> Option<PodRole> {
+    let deadline = Instant::now() + ctx.cfg.deadline;
+    match ctx.client.get_pod_role(caller, deadline).await {
+        Ok(role) => role,
+        Err(ClientError::Unavailable(_)) => ctx.fallback.role(caller),
+        Err(_) => None,
+    }
+}
+
+async fn fetch_credentials(
+    ctx: &RouterContext,
+    caller: IpAddr,
+    role: &str,
+    extended: bool,
+) -> Result<Credentials, Reject> {
     let handler = if extended {
         handler::CREDENTIALS_EXTENDED
     } else {
         handler::CREDENTIALS
     };
-    if role.is_empty() {
-        return Err(Reject::NotFound);
-    }
     let deadline = Instant::now() + ctx.cfg.deadline;
     let fallback = &ctx.fallback;
     let result = retry(
@@ -553,7 +590,7 @@ async fn credentials(
                 if let Some(c) = fallback.credentials(caller, role) {
                     ctx.metrics.stale_served(handler);
                     tracing::warn!(pod.ip = %caller, pod.iam.role = %role, "no kiam server answered; serving the last good credentials");
-                    return Ok(documents::credentials(&c, role, extended));
+                    return Ok(c);
                 }
             }
             tracing::warn!(pod.ip = %caller, pod.iam.requestedRole = %role, error = %f.err, "error fetching credentials");
@@ -561,11 +598,11 @@ async fn credentials(
         }
     };
     tracing::debug!(pod.ip = %caller, pod.iam.role = %role, "served credentials");
-    Ok(documents::credentials(&creds, role, extended))
+    Ok(creds)
 }
 
-/// `iam/info` for the pod's role: 404 unless the role is a full role ARN
-/// (see [`documents`]), never the node's profile.
+/// `iam/info` for the pod's role: 404 unless its ARN is known (see
+/// [`documents`]), never the node's profile.
 async fn iam_info(ctx: &RouterContext, caller: IpAddr) -> Result<Response, Reject> {
     let role = find_role(ctx, caller, handler::IAM_INFO).await?;
     documents::iam_info(&role).ok_or(Reject::NotFound)

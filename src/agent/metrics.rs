@@ -34,6 +34,11 @@ type HistogramFamily = Family<HandlerLabel, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     latency: HistogramFamily,
     credential_fetch_errors: Family<HandlerLabel, Counter>,
+    /// Go kiam's `kiam_metadata_credential_encode_errors_total`: a
+    /// credentials document that could not be rendered. Ours renders plain
+    /// strings and cannot fail, so it stays 0; it is exported so alerts and
+    /// dashboards written for Go kiam find the series.
+    credential_encode_errors: Family<HandlerLabel, Counter>,
     find_role_errors: Family<HandlerLabel, Counter>,
     empty_role: Family<HandlerLabel, Counter>,
     success: Family<HandlerLabel, Counter>,
@@ -41,6 +46,8 @@ pub struct Metrics {
     proxy_blocked: Counter,
     stale_served: Family<HandlerLabel, Counter>,
     connections_refused: Counter,
+    /// `kiam_agent_imdsv2_required`: 1 with --require-imdsv2.
+    imdsv2_required: Gauge,
     /// `kiam_agent_fallback_pods`: pod IPs whose last good answer is kept
     /// for an outage (what could be served stale if every server went away).
     fallback_pods: Gauge,
@@ -56,6 +63,7 @@ impl Metrics {
         let m = Metrics {
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             credential_fetch_errors: Family::default(),
+            credential_encode_errors: Family::default(),
             find_role_errors: Family::default(),
             empty_role: Family::default(),
             success: Family::default(),
@@ -63,6 +71,7 @@ impl Metrics {
             proxy_blocked: Counter::default(),
             stale_served: Family::default(),
             connections_refused: Counter::default(),
+            imdsv2_required: Gauge::default(),
             fallback_pods: Gauge::default(),
         };
         // Counters are registered without `_total`: the library appends it.
@@ -75,6 +84,11 @@ impl Metrics {
             "kiam_metadata_credential_fetch_errors",
             "Number of errors fetching the credentials for a pod",
             m.credential_fetch_errors.clone(),
+        );
+        registry.register(
+            "kiam_metadata_credential_encode_errors",
+            "Number of errors encoding the credentials for a pod (always 0: kept for Go kiam's alerts)",
+            m.credential_encode_errors.clone(),
         );
         registry.register(
             "kiam_metadata_find_role_errors",
@@ -116,7 +130,21 @@ impl Metrics {
             "Pod IPs whose last good server answer is kept for a server outage",
             m.fallback_pods.clone(),
         );
+        registry.register(
+            "kiam_agent_imdsv2_required",
+            "1 when the agent refuses metadata GETs without an IMDSv2 token (--require-imdsv2)",
+            m.imdsv2_required.clone(),
+        );
+        // Shown at 0 from the start, so `increase()` over it is never empty.
+        let _ = m.credential_encode_errors.get_or_create(&HandlerLabel {
+            handler: "credentials",
+        });
         m
+    }
+
+    /// Records --require-imdsv2, for dashboards and `kiam explain`.
+    pub fn imdsv2_required(&self, required: bool) {
+        self.imdsv2_required.set(i64::from(required));
     }
 
     /// The gauge the credential fallback keeps up to date.

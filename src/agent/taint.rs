@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -161,6 +162,9 @@ pub struct TaintMetrics {
     pub removed: Counter,
     /// Failed requests to the API server while removing it (each retried).
     pub api_errors: Counter,
+    /// 1 while this agent still holds its node's start-up taint (it has not
+    /// become ready), 0 otherwise; `kiam explain --agent-metrics` reads it.
+    pub gate_closed: Gauge,
 }
 
 impl TaintMetrics {
@@ -175,6 +179,11 @@ impl TaintMetrics {
             "kiam_agent_node_startup_taint_errors",
             "failed API requests while removing --node-startup-taint (retried with backoff)",
             metrics.api_errors.clone(),
+        );
+        registry.register(
+            "kiam_agent_node_startup_gate_closed",
+            "1 while the agent has not yet taken --node-startup-taint off its node, 0 otherwise",
+            metrics.gate_closed.clone(),
         );
         metrics
     }
@@ -239,6 +248,7 @@ pub async fn run(
     metrics: TaintMetrics,
     shutdown: CancellationToken,
 ) {
+    metrics.gate_closed.set(1);
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = gate(taint, client, rule_in_place, servers, metrics) => {}
@@ -269,6 +279,7 @@ async fn gate(
         match remove(&client, &taint).await {
             Ok(Some(Removal::Removed)) => {
                 metrics.removed.inc();
+                metrics.gate_closed.set(0);
                 tracing::info!(
                     taint = %taint.key,
                     node = %taint.node,
@@ -277,6 +288,7 @@ async fn gate(
                 return;
             }
             Ok(Some(Removal::Absent)) => {
+                metrics.gate_closed.set(0);
                 tracing::info!(taint = %taint.key, node = %taint.node, "the node has no start-up taint to remove");
                 return;
             }

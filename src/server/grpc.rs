@@ -164,11 +164,20 @@ impl Service {
             .await
             .map_err(|e| find_error(ip, e))?;
         let name = pod.role.as_deref().unwrap_or_default().to_string();
-        tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip, pod.iam.role = %name, "found role");
-        Ok(Role {
-            name,
-            arn: String::new(),
-        })
+        // The resolved ARN lets agents answer `AccountId` and `iam/info` for
+        // a bare name. Empty without a role, or for one that does not
+        // resolve: the credentials call refuses that one, with the reason.
+        let arn = match pod.role.as_deref() {
+            Some(role) if !role.is_empty() => {
+                self.policy.resolver().resolve(role).unwrap_or_else(|e| {
+                    tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, error = %e, "role does not resolve to an ARN");
+                    String::new()
+                })
+            }
+            _ => String::new(),
+        };
+        tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip, pod.iam.role = %name, pod.iam.arn = %arn, "found role");
+        Ok(Role { name, arn })
     }
 
     async fn pod_credentials(

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use kiam::agent::client::{ClientError, Credentials, KiamClient};
+use kiam::agent::client::{ClientError, Credentials, KiamClient, PodRole};
 use kiam::agent::fallback::same_role;
 use kiam::wire::Check;
 use tokio::time::Instant;
@@ -32,6 +32,9 @@ pub fn creds(key: &str) -> Credentials {
 pub struct FakeKiam {
     /// Role per pod IP; IPs not listed answer `no pod found`.
     roles: Mutex<HashMap<IpAddr, Option<String>>>,
+    /// The ARN a server resolved each pod's role to (`Role.arn`); none
+    /// for a pod not listed, as from a Go kiam server.
+    arns: Mutex<HashMap<IpAddr, String>>,
     /// Credentials per (IP, role); missing pairs answer `forbidden by policy`
     /// naming the check a kiam server would: the annotated role when `role`
     /// is not the pod's, else the namespace's permitted roles.
@@ -66,9 +69,19 @@ impl FakeKiam {
             .insert(ip.parse().unwrap(), role.map(str::to_string));
     }
 
+    /// Answers `arn` as the resolved ARN of the role of the pod at `ip`.
+    pub fn resolved(self, ip: &str, arn: &str) -> Self {
+        self.arns
+            .lock()
+            .unwrap()
+            .insert(ip.parse().unwrap(), arn.to_string());
+        self
+    }
+
     pub fn remove_pod(&self, ip: &str) {
         let ip: IpAddr = ip.parse().unwrap();
         self.roles.lock().unwrap().remove(&ip);
+        self.arns.lock().unwrap().remove(&ip);
         self.creds.lock().unwrap().retain(|(i, _), _| *i != ip);
     }
 
@@ -121,19 +134,22 @@ impl KiamClient for FakeKiam {
         &self,
         ip: IpAddr,
         deadline: Instant,
-    ) -> BoxFuture<'_, Result<Option<String>, ClientError>> {
+    ) -> BoxFuture<'_, Result<Option<PodRole>, ClientError>> {
         Box::pin(async move {
             self.role_calls.fetch_add(1, Ordering::SeqCst);
             self.pause(deadline).await?;
             if let Some(e) = self.scripted() {
                 return Err(e);
             }
-            self.roles
+            let name = self
+                .roles
                 .lock()
                 .unwrap()
                 .get(&ip)
                 .cloned()
-                .ok_or(ClientError::NotFound)
+                .ok_or(ClientError::NotFound)?;
+            let arn = self.arns.lock().unwrap().get(&ip).cloned();
+            Ok(name.map(|name| PodRole { name, arn }))
         })
     }
 

@@ -270,3 +270,92 @@ impl KubeApi {
         );
     }
 }
+
+/// The API path that creates objects of `doc`'s kind (cluster-scoped, or
+/// in `namespace`), for the kinds the manifests hold.
+fn collection_path(doc: &serde_json::Value, namespace: &str) -> String {
+    let kind = doc["kind"].as_str().unwrap_or_default();
+    let (base, plural, namespaced) = match kind {
+        "ServiceAccount" => ("/api/v1", "serviceaccounts", true),
+        "Secret" => ("/api/v1", "secrets", true),
+        "Service" => ("/api/v1", "services", true),
+        "ClusterRole" => ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", false),
+        "ClusterRoleBinding" => (
+            "/apis/rbac.authorization.k8s.io/v1",
+            "clusterrolebindings",
+            false,
+        ),
+        "Deployment" => ("/apis/apps/v1", "deployments", true),
+        "DaemonSet" => ("/apis/apps/v1", "daemonsets", true),
+        "PodDisruptionBudget" => ("/apis/policy/v1", "poddisruptionbudgets", true),
+        other => panic!("kubeapi: no path known for kind {other}"),
+    };
+    if namespaced {
+        format!("{base}/namespaces/{namespace}/{plural}")
+    } else {
+        format!("{base}/{plural}")
+    }
+}
+
+impl KubeApi {
+    /// Creates `doc` as the admin (in `namespace` when it is namespaced),
+    /// with strict field validation (an unknown or duplicated field is an
+    /// error, as `kubectl apply` makes it); returns (HTTP status, body) so
+    /// callers can tell a refusal apart.
+    pub fn create(&self, doc: &serde_json::Value, namespace: &str) -> (u16, String) {
+        let mut doc = doc.clone();
+        if let Some(meta) = doc["metadata"].as_object_mut() {
+            meta.remove("namespace");
+        }
+        self.curl(
+            "POST",
+            &format!(
+                "{}?fieldValidation=Strict",
+                collection_path(&doc, namespace)
+            ),
+            Some("application/json"),
+            Some(&doc),
+        )
+        .unwrap()
+    }
+
+    /// A token for service account `ns/name` (the TokenRequest API), as a
+    /// kubelet would mount it.
+    pub fn service_account_token(&self, ns: &str, name: &str) -> String {
+        let text = self.must(
+            "POST",
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts/{name}/token"),
+            "application/json",
+            &serde_json::json!({"apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}}),
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["status"]["token"]
+            .as_str()
+            .expect("a token in the TokenRequest status")
+            .to_string()
+    }
+
+    /// A kubeconfig at `path` that authenticates with `token`.
+    pub fn kubeconfig_with_token(&self, path: &Path, token: &str) {
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "real", "cluster": {
+                "server": self.url,
+                "certificate-authority": self.ca,
+            }}],
+            "users": [{"name": "sa", "user": {"token": token}}],
+            "contexts": [{"name": "real", "context": {"cluster": "real", "user": "sa"}}],
+            "current-context": "real",
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    }
+
+    /// GET `path` as the admin, parsed.
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let (code, text) = self.curl("GET", path, None, None).unwrap();
+        assert_eq!(code, 200, "GET {path}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+}

@@ -38,6 +38,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Creates through the API go through registered mutating admission webhooks
+//! ([`FakeApiServer::register_mutating_webhook_configuration`]), called over HTTPS with
+//! real AdmissionReview v1 JSON as the real dispatcher calls them (the `admission`
+//! module says what differs). Test controls bypass admission, as a kubelet's writes would.
+//!
 //! Objects written through the API follow the real registry's rules (a created pod's
 //! status is reset to Pending; PUT/PATCH of a pod ignore `.status`, the `/status`
 //! subresource changes only status). The test controls on [`FakeApiServer`] write
@@ -56,9 +61,10 @@
 //! most often sign RS256, though they take ECDSA keys too. The issuer defaults to
 //! [`DEFAULT_ISSUER`] while the discovery document and JWKS are served over plain HTTP at
 //! the fake's address (a real server requires https there). The `default` ServiceAccount
-//! is created with its namespace rather than moments later by a controller. No
-//! ServiceAccount admission runs on pod create (no `serviceAccountName` default, token
-//! volume or check that the account exists; an empty `serviceAccountName` counts as
+//! is created with its namespace rather than moments later by a controller. Of
+//! ServiceAccount admission, pods created through the API only get the `serviceAccountName`
+//! default (`default`), not its token volume or the check that the account exists; pods
+//! written by test controls get nothing (an empty `serviceAccountName` counts as
 //! `default`). Tokens bind to pods and nodes, not Secrets. A TokenRequest is never
 //! extended to a year for the kubelet (`--service-account-extend-token-expiration`) nor
 //! capped by `--service-account-max-token-expiration`. No request is authenticated or
@@ -67,6 +73,7 @@
 //! ([`FakeApiServer::set_token_review_cache`]): a deleted pod's token fails at once here,
 //! and up to ten seconds later there.
 
+mod admission;
 mod discovery;
 mod http;
 mod jwt;
@@ -154,6 +161,8 @@ pub(crate) struct Shared {
     bookmark_interval: Mutex<Duration>,
     /// Signs service-account tokens and checks them for TokenReview.
     pub(crate) tokens: tokens::Issuer,
+    /// Mutating admission webhooks called on create.
+    pub(crate) admission: admission::Registry,
 }
 
 impl Shared {
@@ -260,6 +269,7 @@ impl FakeApiServer {
             open_watches: signal::Sender::new(0),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
             tokens: tokens::Issuer::new(&format!("http://{addr}")),
+            admission: admission::Registry::default(),
         });
         let (stop, stopped) = signal::channel(());
         tokio::spawn(accept_loop(listener, shared.clone(), stopped));

@@ -39,6 +39,8 @@ use crate::netns::{self, NetNs, NetnsError, Node, NodeOptions};
 use crate::procs::{self, FindKiamError, ProcessSet, ProcsError};
 use crate::sts::StsEmulator;
 
+mod webhook;
+
 /// The demo cluster (crates/kiam-sandbox/demo/cluster.yaml), built in.
 pub const DEMO_CLUSTER: &str = include_str!("../demo/cluster.yaml");
 /// `--role-base-arn` of the sandbox's server.
@@ -500,6 +502,7 @@ impl Sandbox {
         // From here on an error drops `sandbox`, which cleans up what exists.
         sandbox.start_node_services(node_ns.as_ref(), options.sts)?;
         sandbox.start_kiam(node_ns.as_ref(), &options)?;
+        sandbox.start_webhook()?;
         sandbox.adopt_seeded_pods()?;
         if options.kubelet {
             sandbox.start_kubelet();

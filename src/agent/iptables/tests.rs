@@ -14,7 +14,7 @@ fn spec(iface: &str) -> String {
 fn plain_interface() {
     assert_eq!(
         spec("docker0"),
-        "-p tcp -d 169.254.169.254 --dport 80 -i docker0 -j DNAT --to-destination 10.0.0.7:3100"
+        "-p tcp -d 169.254.169.254 --dport 80 -i docker0 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:3100"
     );
 }
 
@@ -22,15 +22,15 @@ fn plain_interface() {
 fn negated_interface_becomes_bang_before_dash_i() {
     assert_eq!(
         spec("!eth0"),
-        "-p tcp -d 169.254.169.254 --dport 80 ! -i eth0 -j DNAT --to-destination 10.0.0.7:3100"
+        "-p tcp -d 169.254.169.254 --dport 80 ! -i eth0 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:3100"
     );
 }
 
 #[test]
 fn wildcards_pass_through() {
-    assert!(spec("cali+").contains(" -i cali+ -j "));
-    assert!(spec("!cali+").contains(" ! -i cali+ -j "));
-    assert!(spec("+").contains(" -i + -j "));
+    assert!(spec("cali+").contains(" -i cali+ -m comment"));
+    assert!(spec("!cali+").contains(" ! -i cali+ -m comment"));
+    assert!(spec("+").contains(" -i + -m comment"));
 }
 
 #[test]
@@ -57,8 +57,8 @@ fn command_lines_wait_for_the_xtables_lock() {
 const LISTING: &str = "-P PREROUTING ACCEPT\n\
     -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
     -A PREROUTING -d 169.254.169.254/32 -i cali+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n\
-    -A PREROUTING -d 169.254.169.254/32 ! -i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:3100\n\
-    -A PREROUTING -d 169.254.169.254/32 ! -i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:3100\n";
+    -A PREROUTING -d 169.254.169.254/32 ! -i eth0 -p tcp -m tcp --dport 80 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:3100\n\
+    -A PREROUTING -d 169.254.169.254/32 ! -i eth0 -p tcp -m tcp --dport 80 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:3100\n";
 
 #[test]
 fn position_finds_kiams_copies_below_other_rules() {
@@ -77,10 +77,35 @@ fn position_finds_kiams_copies_below_other_rules() {
     assert_eq!(negation_matters.copies, 0);
 }
 
+/// A kube2iam (or Go kiam) DNAT with the same match and target but without
+/// kiam's comment is not kiam's rule: not counted, so kiam inserts its own
+/// above it, and deleting the other one by hand never deletes kiam's.
+#[test]
+fn an_identical_rule_without_kiams_comment_is_not_kiams() {
+    let listing = "-P PREROUTING ACCEPT\n\
+        -A PREROUTING -d 169.254.169.254/32 -i cali+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:3100\n";
+    assert_eq!(
+        rule("cali+").unwrap().position_in(listing),
+        Position {
+            first: false,
+            copies: 0
+        }
+    );
+    let with_other_comment = "-P PREROUTING ACCEPT\n\
+        -A PREROUTING -d 169.254.169.254/32 -i cali+ -p tcp -m tcp --dport 80 -m comment --comment kube2iam -j DNAT --to-destination 10.0.0.7:3100\n";
+    assert_eq!(
+        rule("cali+")
+            .unwrap()
+            .position_in(with_other_comment)
+            .copies,
+        0
+    );
+}
+
 #[test]
 fn position_sees_the_rule_first_as_iptables_prints_it() {
     let listing = "-P PREROUTING ACCEPT\n\
-        -A PREROUTING -d 169.254.169.254/32 -i cali+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:3100\n\
+        -A PREROUTING -d 169.254.169.254/32 -i cali+ -p tcp -m tcp --dport 80 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:3100\n\
         -A PREROUTING -j KUBE-SERVICES\n";
     assert_eq!(
         rule("cali+").unwrap().position_in(listing),
@@ -175,7 +200,7 @@ fn the_ipv6_rule_sends_the_ipv6_metadata_address_to_the_agent() {
     assert_eq!(r.family(), Family::V6);
     assert_eq!(
         r.spec().join(" "),
-        "-p tcp -d fd00:ec2::254 --dport 80 -i cali+ -j DNAT --to-destination [2001:2::7]:3100"
+        "-p tcp -d fd00:ec2::254 --dport 80 -i cali+ -m comment --comment kiam-agent -j DNAT --to-destination [2001:2::7]:3100"
     );
     assert_eq!(r.target(), "[2001:2::7]:3100".parse().unwrap());
     assert!(r.to_string().starts_with("ip6tables -t nat PREROUTING "));
@@ -191,7 +216,7 @@ fn the_ipv6_rule_is_found_as_ip6tables_prints_it() {
     // `ip6tables -S PREROUTING`: /128, `-m tcp`, its own option order.
     let listing = "-P PREROUTING ACCEPT\n\
         -A PREROUTING -j KUBE-SERVICES\n\
-        -A PREROUTING -d fd00:ec2::254/128 ! -i eth0 -p tcp -m tcp --dport 80 -j DNAT --to-destination [2001:2::7]:3100\n";
+        -A PREROUTING -d fd00:ec2::254/128 ! -i eth0 -p tcp -m tcp --dport 80 -m comment --comment kiam-agent -j DNAT --to-destination [2001:2::7]:3100\n";
     assert_eq!(
         rule_v6("!eth0").position_in(listing),
         Position {

@@ -14,6 +14,7 @@ use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
 
+use super::admission;
 use super::ops::{self, Patch, Preconditions};
 use super::resources::{namespace_of, Origin, Resource};
 use super::selector::{FieldSelector, LabelSelector, Selectors};
@@ -432,8 +433,11 @@ where
         {
             let ct = content_type(headers);
             let obj = decode(&ct, &read_body(body).await?)?;
+            let (obj, warnings) = admission::mutate(shared, res, ns, obj, dry_run).await?;
             let created = ops::create(store, res, ns, obj, Origin::Api, dry_run)?;
-            Ok(object_response(201, res, &created, headers, params))
+            let mut response = object_response(201, res, &created, headers, params);
+            admission::add_warnings(&mut response, &warnings);
+            Ok(response)
         }
         (&Method::PUT, Some(name)) => {
             let ct = content_type(headers);
