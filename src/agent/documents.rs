@@ -7,6 +7,7 @@
 //! node's) would send account-routed SDK calls to the wrong place.
 
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::header;
 use jiff::Timestamp;
 use serde::Serialize;
@@ -39,6 +40,12 @@ struct CredentialsDoc<'a> {
 /// What `security-credentials/{role}` answers; `extended` adds `AccountId`
 /// (`security-credentials-extended/{role}`).
 pub(super) fn credentials(c: &Credentials, role: &str, extended: bool) -> Response {
+    json_response(credentials_body(c, role, extended))
+}
+
+/// The body of [`credentials`], rendered once so that answers reused from
+/// memory (the warm path) send the same bytes without rendering again.
+pub(super) fn credentials_body(c: &Credentials, role: &str, extended: bool) -> Bytes {
     let doc = CredentialsDoc {
         code: "Success",
         last_updated: ec2_form(&c.last_updated),
@@ -53,7 +60,12 @@ pub(super) fn credentials(c: &Credentials, role: &str, extended: bool) -> Respon
             None
         },
     };
-    json(&doc)
+    Bytes::from(serde_json::to_vec(&doc).expect("plain strings serialise"))
+}
+
+/// A JSON answer with an already rendered body.
+pub(super) fn json_response(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 #[derive(Serialize)]

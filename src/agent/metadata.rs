@@ -40,6 +40,7 @@ use super::retry::{retry, RetryFailure};
 use crate::wire::{Check, FORBIDDEN_BY_POLICY};
 
 mod health;
+mod warm;
 
 /// Router settings (from the agent flags).
 #[derive(Debug, Clone)]
@@ -85,6 +86,8 @@ pub struct RouterContext {
     client: Arc<dyn KiamClient>,
     upstream: Arc<Upstream>,
     fallback: Fallback,
+    /// Answers servers said may be reused for a while (the warm path).
+    warm: warm::Warm,
     tokens: Tokens,
     metrics: Metrics,
     /// The node's instance-id, once the metadata service gave it.
@@ -100,6 +103,7 @@ impl RouterContext {
     ) -> Arc<Self> {
         Arc::new(RouterContext {
             fallback: Fallback::new(cfg.stale_window, metrics.fallback_pods()),
+            warm: warm::Warm::default(),
             tokens: Tokens::new(),
             cfg,
             client,
@@ -415,13 +419,23 @@ async fn find_role(
     caller: IpAddr,
     handler: &'static str,
 ) -> Result<String, Reject> {
+    if let Some(kept) = ctx.warm.role(caller) {
+        return match kept {
+            Some(role) => Ok(role.to_string()),
+            None => {
+                ctx.metrics.empty_role(handler);
+                Err(Reject::NotFound)
+            }
+        };
+    }
     let deadline = Instant::now() + ctx.cfg.deadline;
     let fallback = &ctx.fallback;
+    let warm = &ctx.warm;
     let result = retry(
         deadline,
         |deadline| {
-            asked(fallback, caller, async move {
-                ctx.client.get_pod_role(caller, deadline).await
+            asked(fallback, warm, caller, async move {
+                ctx.client.get_pod_role_answer(caller, deadline).await
             })
         },
         // Serve a kept role at once rather than making the pod wait out
@@ -430,6 +444,10 @@ async fn find_role(
         |e| matches!(e, ClientError::Unavailable(_)) && fallback.role(caller).is_some(),
     )
     .await;
+    let result = result.map(|(answer, at)| {
+        warm.keep_role(caller, &answer, at);
+        (answer.value, at)
+    });
     match result {
         Ok((Some(role), at)) => {
             fallback.remember_role(caller, &role, at);
@@ -462,8 +480,12 @@ async fn find_role(
 /// any attempt drops what the fallback kept for the IP at once, not only
 /// when it is the request's last answer: a later attempt that finds no
 /// server must not serve the previous pod's answers.
+///
+/// Any refusal (those two, or `forbidden by policy`) drops the answers the
+/// warm path kept for the IP.
 async fn asked<T>(
     fallback: &Fallback,
+    warm: &warm::Warm,
     caller: IpAddr,
     attempt: impl std::future::Future<Output = Result<T, ClientError>>,
 ) -> Result<(T, std::time::Instant), ClientError> {
@@ -473,6 +495,12 @@ async fn asked<T>(
         Err(e) => {
             if matches!(e, ClientError::NotFound | ClientError::Final(_)) {
                 fallback.forget_ip(caller);
+            }
+            if matches!(
+                e,
+                ClientError::NotFound | ClientError::Final(_) | ClientError::Forbidden(_)
+            ) {
+                warm.forget_ip(caller);
             }
             Err(e)
         }
@@ -515,13 +543,19 @@ async fn credentials(
     if role.is_empty() {
         return Err(Reject::NotFound);
     }
+    if let Some(kept) = ctx.warm.credentials(caller, role) {
+        return Ok(documents::json_response(kept.body(role, extended)));
+    }
     let deadline = Instant::now() + ctx.cfg.deadline;
     let fallback = &ctx.fallback;
+    let warm = &ctx.warm;
     let result = retry(
         deadline,
         |deadline| {
-            asked(fallback, caller, async move {
-                ctx.client.get_pod_credentials(caller, role, deadline).await
+            asked(fallback, warm, caller, async move {
+                ctx.client
+                    .get_pod_credentials_answer(caller, role, deadline)
+                    .await
             })
         },
         // Final answers (a policy denial, a refusal) end the loop by
@@ -531,10 +565,10 @@ async fn credentials(
         },
     )
     .await;
-    let creds = match result {
-        Ok((c, at)) => {
-            fallback.remember_credentials(caller, role, &c, at);
-            c
+    let rendered = match result {
+        Ok((answer, at)) => {
+            fallback.remember_credentials(caller, role, &answer.value, at);
+            warm.keep_credentials(caller, role, answer, at)
         }
         Err(f) => {
             ctx.metrics.credential_fetch_error(handler);
@@ -553,7 +587,7 @@ async fn credentials(
         }
     };
     tracing::debug!(pod.ip = %caller, pod.iam.role = %role, "served credentials");
-    Ok(documents::credentials(&creds, role, extended))
+    Ok(documents::json_response(rendered.body(role, extended)))
 }
 
 /// `iam/info` for the pod's role: 404 unless the role is a full role ARN

@@ -282,6 +282,12 @@ impl CredentialCache {
         pending.await
     }
 
+    /// `--session-refresh`: nothing is served with less life left, so an
+    /// agent may not reuse an answer past `expiration - session_refresh`.
+    pub fn session_refresh(&self) -> Duration {
+        self.inner.config.session_refresh
+    }
+
     /// Starts a background fetch for `identity` unless it is cached, in
     /// flight, or backing off after a failure. Never blocks (spawns; call it
     /// inside a tokio runtime).
