@@ -83,6 +83,8 @@ pub(super) struct Fetchers {
 pub(super) struct Slot {
     fetchers: Arc<Fetchers>,
     started: Instant,
+    /// What the call said, given back with the slot.
+    outcome: Option<Outcome>,
 }
 
 impl Fetchers {
@@ -149,6 +151,7 @@ impl Fetchers {
         Slot {
             fetchers: self.clone(),
             started: Instant::now(),
+            outcome: None,
         }
     }
 
@@ -206,17 +209,14 @@ impl Drop for Waiting {
 
 impl Slot {
     /// Gives the slot back with what the call said about STS.
-    pub(super) fn done(self, outcome: Outcome) {
-        let fetchers = self.fetchers.clone();
-        let started = self.started;
-        std::mem::forget(self);
-        fetchers.release(started, Some(outcome));
+    pub(super) fn done(mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.fetchers.release(self.started, None);
+        self.fetchers.release(self.started, self.outcome);
     }
 }
 
