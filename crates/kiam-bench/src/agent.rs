@@ -163,7 +163,7 @@ async fn warm(agent: SocketAddr) -> Result<Bytes> {
 /// GetPodCredentials calls a kiam server has started.
 fn server_credential_calls(c: &Cluster) -> f64 {
     c.counter(
-        "grpc_server_started_total{grpc_type=\"unary\",grpc_service=\"kiam.KiamService\",grpc_method=\"GetPodCredentials\"}",
+        "grpc_server_started_total{grpc_method=\"GetPodCredentials\",grpc_service=\"kiam.KiamService\",grpc_type=\"unary\"}",
     )
 }
 

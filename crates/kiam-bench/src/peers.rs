@@ -63,10 +63,7 @@ pub fn peers(report: &mut Report) -> Result<()> {
                 "n/a: a binary is given ({}) but kiam-bench does not drive this peer yet",
                 path.file_name().unwrap_or_default().to_string_lossy()
             ),
-            None => format!(
-                "n/a: not built (no `{}`); the Go module proxy refuses `{}` on this machine and github.com is not reachable",
-                p.env, p.module
-            ),
+            None => format!("n/a: not built (no `{}`, see above)", p.env),
         })
         .collect();
     for row in ROWS {
@@ -82,13 +79,19 @@ pub fn peers(report: &mut Report) -> Result<()> {
         method: format!(
             "Each peer would run against the same in-memory API server, STS double and load generator as kiam, in \
              the same run. Peer binaries: {}. The Go module proxy answers `403 Forbidden: This module version is \
-             not available` for both modules here (checked with `go list -m -versions` and by `scripts/peers.sh \
-             kiam-go`'s build log), so no peer figure exists; the ratios the issue asks for cannot be stated.",
+             not available` for both modules ({}) on this machine (checked with `go list -m -versions` and by \
+             `scripts/peers.sh kiam-go`'s build log) and github.com is not reachable, so no peer figure exists; \
+             the ratios the issue asks for cannot be stated.",
             PEERS
                 .iter()
                 .map(|p| format!("{} from `{}` ({})", p.name, p.env, p.notes))
                 .collect::<Vec<_>>()
-                .join("; ")
+                .join("; "),
+            PEERS
+                .iter()
+                .map(|p| format!("`{}`", p.module))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         tables: vec![t],
         notes: vec![],
