@@ -124,13 +124,25 @@ impl Warm {
     }
 
     /// Keeps a role answer asked for at `asked`, if the server granted a
-    /// window.
+    /// window. Either way, credentials kept for any other role on `ip` are
+    /// dropped: the pod there now has this role (a spelling of the same
+    /// role that differs costs one more server call, nothing else).
     pub(super) fn keep_role(&self, ip: IpAddr, answer: &Answer<Option<String>>, asked: Instant) {
+        let role: Option<Arc<str>> = answer.value.as_deref().map(Arc::from);
+        let same = |kept: &str| {
+            role.as_deref()
+                .is_some_and(|r| kept == r || kept == r.trim_start_matches('/'))
+        };
+        {
+            let mut pods = self.pods.lock().unwrap();
+            if let Some(pod) = pods.get_mut(&ip) {
+                pod.credentials.retain(|c| same(&c.role));
+            }
+        }
         let Some(until) = answer.reuse_until.map(|u| u.into_std()) else {
             return;
         };
-        let role = answer.value.as_deref().map(Arc::from);
-        self.with_pod(ip, asked, |pod| pod.role = Some((role, until)));
+        self.with_pod(ip, asked, |pod| pod.role = Some((role.clone(), until)));
     }
 
     /// The kept credentials for (`ip`, `role`).
@@ -280,6 +292,20 @@ mod tests {
         assert!(std::str::from_utf8(&a)
             .unwrap()
             .contains("\"AccessKeyId\":\"A\""));
+    }
+
+    #[test]
+    fn a_new_role_on_the_address_drops_credentials_for_others() {
+        let warm = Warm::default();
+        let w = Some(Duration::from_secs(60));
+        warm.keep_credentials(IP, "old", answer(creds("A"), w), Instant::now());
+        warm.keep_credentials(IP, "new", answer(creds("B"), w), Instant::now());
+        // Even an answer with no window (a Go kiam server) says who is there.
+        warm.keep_role(IP, &answer(Some("/new".into()), None), Instant::now());
+        assert!(warm.credentials(IP, "old").is_none());
+        assert!(warm.credentials(IP, "new").is_some());
+        warm.keep_role(IP, &answer(None, w), Instant::now());
+        assert!(warm.credentials(IP, "new").is_none());
     }
 
     #[test]
