@@ -184,8 +184,10 @@ pub struct ServerArgs {
     /// metadata's region, else us-east-1.
     #[arg(long, env = "KIAM_REGION", default_value = "")]
     pub region: String,
-    /// Number of parallel credential fetchers.
-    #[arg(long, env = "KIAM_FETCHERS", default_value_t = 8,
+    /// The most parallel background credential fetches. The number adapts
+    /// below it: it starts at 8, grows while STS answers quickly and halves
+    /// when STS throttles.
+    #[arg(long, env = "KIAM_FETCHERS", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub fetchers: u32,
     /// How many Pod events to buffer between the Pod watcher and the prefetcher.

@@ -25,6 +25,16 @@ pub const TOKEN_REFUSED: &str = "token refused";
 /// pod's role, but its namespace does not permit it) without asking again.
 pub const DENIED_CHECK_KEY: &str = "kiam-denied-check";
 
+/// Response metadata key on a successful GetPodRole or GetPodCredentials:
+/// for how many milliseconds from when the agent sent the request it may
+/// answer the same question (the same pod IP, and role) from memory
+/// without asking again. Absent (Go kiam servers, or a pod this server
+/// could not just confirm with the API): ask every time. The window ends no
+/// later than the server's own trust in its last API confirmation of the
+/// pod, so a reused answer is never based on an older look at the API than
+/// the server's own answer would be.
+pub const REUSE_KEY: &str = "kiam-reuse-ms";
+
 /// Which half of the policy refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {

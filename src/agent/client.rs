@@ -15,6 +15,12 @@
 //! it has not synced yet. A server that has the request and is slow (an
 //! attempt timed out on an open connection, see [`link`](super::link)) has
 //! answered: [`ClientError::Timeout`]. Both move on to the next server.
+//!
+//! A kiam server may say, in a success's response metadata
+//! ([`REUSE_KEY`](crate::wire::REUSE_KEY)), for how long the agent may
+//! answer the same question from memory ([`Answer::reuse_until`]). That
+//! window is measured from when the attempt was sent, so it ends before the
+//! server's own; a Go kiam server never says it, and nothing is reused.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,7 +42,45 @@ use crate::cli::ClientArgs;
 pub use crate::grpc_metrics::GrpcMetrics;
 use crate::proto;
 use crate::proto::kiam_service_client::KiamServiceClient;
-use crate::wire::{Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, GO_POD_NOT_FOUND, NO_POD_FOUND};
+use crate::wire::{
+    Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, GO_POD_NOT_FOUND, NO_POD_FOUND, REUSE_KEY,
+};
+
+/// The longest an answer is reused, whatever a server says: the server's
+/// own trust in a pod it confirmed with the API lasts no longer.
+pub const MAX_REUSE: Duration = crate::server::pods::CONFIRM_TTL;
+
+/// A server's answer, and until when the same question may be answered
+/// from memory (`None`: ask every time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer<T> {
+    pub value: T,
+    pub reuse_until: Option<TokioInstant>,
+}
+
+impl<T> Answer<T> {
+    /// An answer that must not be reused.
+    pub fn once(value: T) -> Self {
+        Answer {
+            value,
+            reuse_until: None,
+        }
+    }
+}
+
+/// The reuse window a server granted on `response`, from `sent` (when the
+/// attempt left): never longer than [`MAX_REUSE`].
+fn reuse_until<T>(response: &tonic::Response<T>, sent: TokioInstant) -> Option<TokioInstant> {
+    let ms: u64 = response
+        .metadata()
+        .get(REUSE_KEY)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    let window = Duration::from_millis(ms).min(MAX_REUSE);
+    (!window.is_zero()).then(|| sent + window)
+}
 
 /// Credentials as a server returned them. Times are kept as the server's
 /// strings; the router reformats them for the metadata API.
@@ -183,6 +227,30 @@ pub trait KiamClient: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<TokenCredentials, ClientError>> {
         let _ = (token, ip, deadline);
         Box::pin(async { Err(ClientError::Unavailable(TOKEN_UNSUPPORTED.into())) })
+    }
+    /// [`Self::get_pod_role`] with the window in which the answer may be
+    /// reused; by default none.
+    fn get_pod_role_answer(
+        &self,
+        ip: IpAddr,
+        deadline: TokioInstant,
+    ) -> BoxFuture<'_, Result<Answer<Option<PodRole>>, ClientError>> {
+        Box::pin(async move { self.get_pod_role(ip, deadline).await.map(Answer::once) })
+    }
+
+    /// [`Self::get_pod_credentials`] with the window in which the answer
+    /// may be reused; by default none.
+    fn get_pod_credentials_answer<'a>(
+        &'a self,
+        ip: IpAddr,
+        role: &'a str,
+        deadline: TokioInstant,
+    ) -> BoxFuture<'a, Result<Answer<Credentials>, ClientError>> {
+        Box::pin(async move {
+            self.get_pod_credentials(ip, role, deadline)
+                .await
+                .map(Answer::once)
+        })
     }
 }
 
@@ -474,14 +542,15 @@ impl Balancer {
     /// `deadline` passes. A server that had the request and ran out of time
     /// is skipped like an unreachable one, but the call then reports that a
     /// server answered. Any error a server sends ends the call (the caller
-    /// decides whether to ask again; calls rotate over the servers).
+    /// decides whether to ask again; calls rotate over the servers). The
+    /// answer comes with when its attempt was sent.
     async fn call<T, F, Fut>(
         &self,
         method: &'static str,
         attempt_timeout: Duration,
         deadline: TokioInstant,
         call: F,
-    ) -> Result<T, ClientError>
+    ) -> Result<(tonic::Response<T>, TokioInstant), ClientError>
     where
         F: Fn(KiamServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -509,11 +578,12 @@ impl Balancer {
                 break;
             }
             let started = self.metrics.started(method);
+            let sent = TokioInstant::now();
             match tokio::time::timeout(budget, call(m.client.clone())).await {
                 Ok(Ok(resp)) => {
                     self.metrics.handled(method, started, Code::Ok);
                     m.mark(None);
-                    return Ok(resp.into_inner());
+                    return Ok((resp, sent));
                 }
                 Ok(Err(status)) => {
                     self.metrics.handled(method, started, status.code());
@@ -565,9 +635,46 @@ impl KiamClient for Pool {
         ip: IpAddr,
         deadline: TokioInstant,
     ) -> BoxFuture<'_, Result<Option<PodRole>, ClientError>> {
+        Box::pin(async move { Ok(self.get_pod_role_answer(ip, deadline).await?.value) })
+    }
+
+    fn get_pod_credentials<'a>(
+        &'a self,
+        ip: IpAddr,
+        role: &'a str,
+        deadline: TokioInstant,
+    ) -> BoxFuture<'a, Result<Credentials, ClientError>> {
+        Box::pin(async move {
+            Ok(self
+                .get_pod_credentials_answer(ip, role, deadline)
+                .await?
+                .value)
+        })
+    }
+
+    fn health(&self, deadline: TokioInstant) -> BoxFuture<'_, Result<String, ClientError>> {
+        Box::pin(async move {
+            let (h, _) = self
+                .balancer
+                .call(
+                    "GetHealth",
+                    self.balancer.cfg.attempt_timeout,
+                    deadline,
+                    |mut c| async move { c.get_health(proto::GetHealthRequest {}).await },
+                )
+                .await?;
+            Ok(h.into_inner().message)
+        })
+    }
+
+    fn get_pod_role_answer(
+        &self,
+        ip: IpAddr,
+        deadline: TokioInstant,
+    ) -> BoxFuture<'_, Result<Answer<Option<PodRole>>, ClientError>> {
         Box::pin(async move {
             let ip = ip.to_string();
-            let role = self
+            let (role, sent) = self
                 .balancer
                 .call(
                     "GetPodRole",
@@ -579,25 +686,25 @@ impl KiamClient for Pool {
                     },
                 )
                 .await?;
-            if role.name.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some(PodRole {
+            let reuse_until = reuse_until(&role, sent);
+            let role = role.into_inner();
+            let value = (!role.name.is_empty()).then(|| PodRole {
                 name: role.name,
                 arn: Some(role.arn).filter(|a| !a.is_empty()),
-            }))
+            });
+            Ok(Answer { value, reuse_until })
         })
     }
 
-    fn get_pod_credentials<'a>(
+    fn get_pod_credentials_answer<'a>(
         &'a self,
         ip: IpAddr,
         role: &'a str,
         deadline: TokioInstant,
-    ) -> BoxFuture<'a, Result<Credentials, ClientError>> {
+    ) -> BoxFuture<'a, Result<Answer<Credentials>, ClientError>> {
         Box::pin(async move {
             let ip = ip.to_string();
-            let creds = self
+            let (creds, sent) = self
                 .balancer
                 .call(
                     "GetPodCredentials",
@@ -612,7 +719,11 @@ impl KiamClient for Pool {
                     },
                 )
                 .await?;
-            Ok(creds.into())
+            let reuse_until = reuse_until(&creds, sent);
+            Ok(Answer {
+                value: creds.into_inner().into(),
+                reuse_until,
+            })
         })
     }
 
@@ -624,7 +735,7 @@ impl KiamClient for Pool {
     ) -> BoxFuture<'a, Result<TokenCredentials, ClientError>> {
         Box::pin(async move {
             let ip = ip.to_string();
-            let answer = self
+            let (answer, _) = self
                 .balancer
                 .call(
                     "GetTokenCredentials",
@@ -650,6 +761,7 @@ impl KiamClient for Pool {
                     },
                 )
                 .await?;
+            let answer = answer.into_inner();
             let credentials = answer.credentials.ok_or_else(|| {
                 ClientError::Server("GetTokenCredentials answered without credentials".into())
             })?;
@@ -659,21 +771,6 @@ impl KiamClient for Pool {
                 namespace: answer.namespace,
                 name: answer.name,
             })
-        })
-    }
-
-    fn health(&self, deadline: TokioInstant) -> BoxFuture<'_, Result<String, ClientError>> {
-        Box::pin(async move {
-            let h = self
-                .balancer
-                .call(
-                    "GetHealth",
-                    self.balancer.cfg.attempt_timeout,
-                    deadline,
-                    |mut c| async move { c.get_health(proto::GetHealthRequest {}).await },
-                )
-                .await?;
-            Ok(h.message)
         })
     }
 }

@@ -9,6 +9,7 @@
 //! wrong place, so then `AccountId` is left out and `iam/info` is 404.
 
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::header;
 use jiff::Timestamp;
 use serde::Serialize;
@@ -59,8 +60,9 @@ struct CredentialsDoc<'a> {
 
 /// What `security-credentials/{role}` answers; `extended` adds `AccountId`
 /// (`security-credentials-extended/{role}`) when the role's ARN is known
-/// (see [`role_arn`]).
-pub(super) fn credentials(c: &Credentials, arn: Option<RoleArn<'_>>, extended: bool) -> Response {
+/// (see [`role_arn`]). Rendered once per answer, so that answers reused
+/// from memory (the warm path) send the same bytes without rendering again.
+pub(super) fn credentials_body(c: &Credentials, arn: Option<RoleArn<'_>>, extended: bool) -> Bytes {
     let doc = CredentialsDoc {
         code: "Success",
         last_updated: ec2_form(&c.last_updated),
@@ -75,7 +77,12 @@ pub(super) fn credentials(c: &Credentials, arn: Option<RoleArn<'_>>, extended: b
             None
         },
     };
-    json(&doc)
+    Bytes::from(serde_json::to_vec(&doc).expect("plain strings serialise"))
+}
+
+/// A JSON answer with an already rendered body.
+pub(super) fn json_response(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 #[derive(Serialize)]

@@ -29,7 +29,7 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use regex::Regex;
 use tokio::time::Instant;
 
-use super::client::{ClientError, Credentials, KiamClient, PodRole};
+use super::client::{ClientError, KiamClient, PodRole};
 use super::documents;
 use super::fallback::Fallback;
 use super::imdsv2::{TokenError, Tokens, TOKEN_HEADER, TTL_HEADER};
@@ -41,6 +41,7 @@ use crate::wire::{Check, FORBIDDEN_BY_POLICY};
 
 mod container;
 mod health;
+mod warm;
 
 /// Router settings (from the agent flags).
 #[derive(Debug, Clone)]
@@ -86,6 +87,8 @@ pub struct RouterContext {
     client: Arc<dyn KiamClient>,
     upstream: Arc<Upstream>,
     fallback: Fallback,
+    /// Answers servers said may be reused for a while (the warm path).
+    warm: warm::Warm,
     tokens: Tokens,
     metrics: Metrics,
     /// The node's instance-id, once the metadata service gave it.
@@ -101,6 +104,7 @@ impl RouterContext {
     ) -> Arc<Self> {
         Arc::new(RouterContext {
             fallback: Fallback::new(cfg.stale_window, metrics.fallback_pods()),
+            warm: warm::Warm::default(),
             tokens: Tokens::new(),
             cfg,
             client,
@@ -417,19 +421,30 @@ async fn iam(
     ctx.finish(name, start, resp)
 }
 
-/// The pod's role, from a server or (while none answers) the fallback.
+/// The pod's role: kept from a server's recent answer (the warm path), from
+/// a server, or (while none answers) from the fallback.
 async fn find_role(
     ctx: &RouterContext,
     caller: IpAddr,
     handler: &'static str,
 ) -> Result<PodRole, Reject> {
+    if let Some(kept) = ctx.warm.role(caller) {
+        return match kept {
+            Some(role) => Ok(role),
+            None => {
+                ctx.metrics.empty_role(handler);
+                Err(Reject::NotFound)
+            }
+        };
+    }
     let deadline = Instant::now() + ctx.cfg.deadline;
     let fallback = &ctx.fallback;
+    let warm = &ctx.warm;
     let result = retry(
         deadline,
         |deadline| {
-            asked(fallback, caller, async move {
-                ctx.client.get_pod_role(caller, deadline).await
+            asked(fallback, warm, caller, async move {
+                ctx.client.get_pod_role_answer(caller, deadline).await
             })
         },
         // Serve a kept role at once rather than making the pod wait out
@@ -438,6 +453,10 @@ async fn find_role(
         |e| matches!(e, ClientError::Unavailable(_)) && fallback.role(caller).is_some(),
     )
     .await;
+    let result = result.map(|(answer, at)| {
+        warm.keep_role(caller, &answer, at);
+        (answer.value, at)
+    });
     match result {
         Ok((Some(role), at)) => {
             fallback.remember_role(caller, &role, at);
@@ -470,8 +489,12 @@ async fn find_role(
 /// any attempt drops what the fallback kept for the IP at once, not only
 /// when it is the request's last answer: a later attempt that finds no
 /// server must not serve the previous pod's answers.
+///
+/// Any refusal (those two, or `forbidden by policy`) drops the answers the
+/// warm path kept for the IP.
 async fn asked<T>(
     fallback: &Fallback,
+    warm: &warm::Warm,
     caller: IpAddr,
     attempt: impl std::future::Future<Output = Result<T, ClientError>>,
 ) -> Result<(T, std::time::Instant), ClientError> {
@@ -481,6 +504,12 @@ async fn asked<T>(
         Err(e) => {
             if matches!(e, ClientError::NotFound | ClientError::Final(_)) {
                 fallback.forget_ip(caller);
+            }
+            if matches!(
+                e,
+                ClientError::NotFound | ClientError::Final(_) | ClientError::Forbidden(_)
+            ) {
+                warm.forget_ip(caller);
             }
             Err(e)
         }
@@ -519,54 +548,67 @@ async fn credentials(
         return Err(Reject::NotFound);
     }
     if !extended || documents::full_arn(role).is_some() {
-        let creds = fetch_credentials(ctx, caller, role, extended).await?;
-        return Ok(documents::credentials(
-            &creds,
-            documents::full_arn(role),
-            extended,
-        ));
+        let rendered = fetch_credentials(ctx, caller, role, extended).await?;
+        let body = rendered.body(documents::full_arn(role), extended);
+        return Ok(documents::json_response(body));
     }
     // A bare name: its account is in the ARN the server resolved it to,
-    // asked for alongside the credentials.
-    let (creds, pod) = tokio::join!(
+    // asked for alongside the credentials (or kept from a recent answer).
+    let (rendered, pod) = tokio::join!(
         fetch_credentials(ctx, caller, role, extended),
         resolved_role(ctx, caller)
     );
-    let creds = creds?;
+    let rendered = rendered?;
     let arn = documents::role_arn(role, pod.as_ref());
-    Ok(documents::credentials(&creds, arn, extended))
+    Ok(documents::json_response(rendered.body(arn, extended)))
 }
 
 /// The pod's role with the ARN a server resolved it to, for `AccountId`
 /// only: `None` on any error (the credentials call decides the answer), and
 /// the kept role only while no server answers, as [`find_role`] does.
 async fn resolved_role(ctx: &RouterContext, caller: IpAddr) -> Option<PodRole> {
+    if let Some(kept) = ctx.warm.role(caller) {
+        return kept;
+    }
     let deadline = Instant::now() + ctx.cfg.deadline;
-    match ctx.client.get_pod_role(caller, deadline).await {
-        Ok(role) => role,
+    let at = std::time::Instant::now();
+    match ctx.client.get_pod_role_answer(caller, deadline).await {
+        Ok(answer) => {
+            ctx.warm.keep_role(caller, &answer, at);
+            answer.value
+        }
         Err(ClientError::Unavailable(_)) => ctx.fallback.role(caller),
         Err(_) => None,
     }
 }
 
+/// The credentials for (`caller`, `role`), ready to render: kept from a
+/// recent answer (the warm path), from a server, or (while none answers)
+/// from the fallback.
 async fn fetch_credentials(
     ctx: &RouterContext,
     caller: IpAddr,
     role: &str,
     extended: bool,
-) -> Result<Credentials, Reject> {
+) -> Result<std::sync::Arc<warm::Rendered>, Reject> {
     let handler = if extended {
         handler::CREDENTIALS_EXTENDED
     } else {
         handler::CREDENTIALS
     };
+    if let Some(kept) = ctx.warm.credentials(caller, role) {
+        return Ok(kept);
+    }
     let deadline = Instant::now() + ctx.cfg.deadline;
     let fallback = &ctx.fallback;
+    let warm = &ctx.warm;
     let result = retry(
         deadline,
         |deadline| {
-            asked(fallback, caller, async move {
-                ctx.client.get_pod_credentials(caller, role, deadline).await
+            asked(fallback, warm, caller, async move {
+                ctx.client
+                    .get_pod_credentials_answer(caller, role, deadline)
+                    .await
             })
         },
         // Final answers (a policy denial, a refusal) end the loop by
@@ -576,10 +618,10 @@ async fn fetch_credentials(
         },
     )
     .await;
-    let creds = match result {
-        Ok((c, at)) => {
-            fallback.remember_credentials(caller, role, &c, at);
-            c
+    let rendered = match result {
+        Ok((answer, at)) => {
+            fallback.remember_credentials(caller, role, &answer.value, at);
+            warm.keep_credentials(caller, role, answer, at)
         }
         Err(f) => {
             ctx.metrics.credential_fetch_error(handler);
@@ -590,7 +632,7 @@ async fn fetch_credentials(
                 if let Some(c) = fallback.credentials(caller, role) {
                     ctx.metrics.stale_served(handler);
                     tracing::warn!(pod.ip = %caller, pod.iam.role = %role, "no kiam server answered; serving the last good credentials");
-                    return Ok(c);
+                    return Ok(warm::Rendered::unkept(c));
                 }
             }
             tracing::warn!(pod.ip = %caller, pod.iam.requestedRole = %role, error = %f.err, "error fetching credentials");
@@ -598,7 +640,7 @@ async fn fetch_credentials(
         }
     };
     tracing::debug!(pod.ip = %caller, pod.iam.role = %role, "served credentials");
-    Ok(creds)
+    Ok(rendered)
 }
 
 /// `iam/info` for the pod's role: 404 unless its ARN is known (see

@@ -217,7 +217,7 @@ mod config_tests {
         assert_eq!(c.session_refresh, Duration::from_secs(1800));
         assert_eq!(c.bind, "localhost:9610");
         assert_eq!(c.sync, Duration::from_secs(60));
-        assert_eq!(c.fetchers, 8);
+        assert_eq!(c.fetchers, 128);
         assert_eq!(c.prefetch_buffer_size, 1000);
         assert_eq!(c.session, "kiam");
         assert!(c.namespaces.strict());

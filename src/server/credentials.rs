@@ -14,9 +14,10 @@
 //!   identity's last failure for a short while (1s when retryable, up to 10s
 //!   otherwise) so pods retrying in a loop cannot storm STS; the background
 //!   path retries with exponential backoff (1s doubling to 60s, jittered).
-//! - Prefetch and refresh run in the background on at most `--fetchers`
-//!   concurrent STS calls; a request joining a queued background fetch lets
-//!   it skip the queue.
+//! - Prefetch and refresh run in the background on an adaptive number of
+//!   concurrent STS calls, at most `--fetchers` ([`fetchers`]: grows while
+//!   STS answers quickly, halves when it throttles); a request joining a
+//!   queued background fetch lets it skip the queue.
 //! - Identities that the "in use" predicate (the Pod cache) disowns and no
 //!   request asked for during the last minute are dropped, never refreshed.
 //!
@@ -34,12 +35,15 @@ use jiff::Timestamp;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::model::Identity;
 use super::sts::{AssumeRole, Credentials, StsError, StsMetrics};
+
+mod fetchers;
+use fetchers::{Fetchers, Outcome};
 
 /// Whether any live pod still uses an identity (provided by the Pod cache).
 /// Called from the sweeper without the cache's lock held, so it may take
@@ -71,7 +75,8 @@ pub struct CacheConfig {
     pub session_duration: Duration,
     /// `--session-refresh`: nothing is served with less life left.
     pub session_refresh: Duration,
-    /// `--fetchers`: concurrent background STS calls.
+    /// `--fetchers`: the most concurrent background STS calls (the number
+    /// adapts below it).
     pub fetchers: usize,
     /// Bound on one AssumeRole call, so a hung call cannot hold an
     /// identity's single in-flight slot.
@@ -145,7 +150,7 @@ struct Inner {
     in_use: InUse,
     // No `.await` happens under this lock: fetches run in spawned tasks.
     entries: Mutex<HashMap<Identity, Entry>>,
-    fetchers: Arc<Semaphore>,
+    fetchers: Arc<Fetchers>,
     next_fetch_id: std::sync::atomic::AtomicU64,
     sts_metrics: StsMetrics,
     hits: Counter,
@@ -238,7 +243,7 @@ impl CredentialCache {
         } = metrics;
         let inner = Arc::new(Inner {
             sts,
-            fetchers: Arc::new(Semaphore::new(config.fetchers.max(1))),
+            fetchers: Fetchers::new(config.fetchers),
             config,
             in_use,
             entries: Mutex::new(HashMap::new()),
@@ -280,6 +285,18 @@ impl CredentialCache {
             }
         };
         pending.await
+    }
+
+    /// `--session-refresh`: nothing is served with less life left, so an
+    /// agent may not reuse an answer past `expiration - session_refresh`.
+    pub fn session_refresh(&self) -> Duration {
+        self.inner.config.session_refresh
+    }
+
+    /// How many background STS calls may run at once right now (adapts
+    /// between 1 and `--fetchers`).
+    pub fn fetch_limit(&self) -> usize {
+        self.inner.fetchers.limit()
     }
 
     /// Starts a background fetch for `identity` unless it is cached, in
@@ -416,12 +433,12 @@ impl Inner {
         let inner = self.clone();
         let identity = identity.clone();
         tokio::spawn(async move {
-            let _permit = if urgent {
-                None
+            let slot = if urgent {
+                inner.fetchers.enter()
             } else {
                 tokio::select! {
-                    permit = inner.fetchers.clone().acquire_owned() => permit.ok(),
-                    _ = promote.notified() => None,
+                    slot = inner.fetchers.acquire() => slot,
+                    _ = promote.notified() => inner.fetchers.enter(),
                 }
             };
             let call = async {
@@ -440,6 +457,12 @@ impl Inner {
                 }
             };
             let res = inner.sts_metrics.observe(call).await;
+            slot.done(match &res {
+                Ok(_) => Outcome::Answered,
+                Err(e) if fetchers::is_throttling(e.code.as_deref()) => Outcome::Throttled,
+                Err(e) if e.retryable => Outcome::Failed,
+                Err(_) => Outcome::Answered,
+            });
             let res = inner.complete(&identity, id, res);
             // Nobody waiting is fine: the cache is updated either way.
             let _ = tx.send(res);

@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
@@ -26,7 +27,7 @@ use crate::proto::{
     TokenCredentials,
 };
 use crate::wire::{
-    ec2_time, Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND, TOKEN_REFUSED,
+    ec2_time, Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND, REUSE_KEY, TOKEN_REFUSED,
 };
 
 /// Everything the service answers from.
@@ -155,7 +156,7 @@ impl Service {
         sources.explain(req).await
     }
 
-    async fn pod_role(&self, req: GetPodRoleRequest) -> Result<Role, Status> {
+    async fn pod_role(&self, req: GetPodRoleRequest) -> Result<Reusable<Role>, Status> {
         self.ensure_ready()?;
         let ip = parse_ip(&req.ip)?;
         let pod = self
@@ -177,13 +178,17 @@ impl Service {
             _ => String::new(),
         };
         tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip, pod.iam.role = %name, pod.iam.arn = %arn, "found role");
-        Ok(Role { name, arn })
+        let reuse_until = self.pods.reuse_until(&pod);
+        Ok(Reusable {
+            answer: Role { name, arn },
+            reuse_until,
+        })
     }
 
     async fn pod_credentials(
         &self,
         req: GetPodCredentialsRequest,
-    ) -> Result<PbCredentials, Status> {
+    ) -> Result<Reusable<PbCredentials>, Status> {
         self.ensure_ready()?;
         let ip = parse_ip(&req.ip)?;
         let pod = self
@@ -214,7 +219,20 @@ impl Service {
             }
         };
         match self.credentials.get(&identity).await {
-            Ok(creds) => Ok(to_proto(&creds)),
+            Ok(creds) => {
+                // Read after the credentials: a confirmation that ended
+                // while STS answered gives no window.
+                let reuse_until = self.pods.reuse_until(&pod).and_then(|until| {
+                    let left = creds.expiration.duration_since(jiff::Timestamp::now());
+                    let left = Duration::try_from(left).ok()?;
+                    let servable = left.checked_sub(self.credentials.session_refresh())?;
+                    Some(until.min(Instant::now() + servable))
+                });
+                Ok(Reusable {
+                    answer: to_proto(&creds),
+                    reuse_until,
+                })
+            }
             Err(e) => {
                 tracing::error!(
                     pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip,
@@ -316,6 +334,32 @@ impl Service {
     }
 }
 
+/// A successful answer and until when the agent may reuse it
+/// ([`REUSE_KEY`]); `None`: not at all.
+pub(super) struct Reusable<T> {
+    answer: T,
+    reuse_until: Option<Instant>,
+}
+
+impl<T> Reusable<T> {
+    /// The response, with [`REUSE_KEY`] when there is a window left. Whole
+    /// milliseconds, rounded down: the agent measures from when it sent the
+    /// request, which is before this moment, so its window ends first.
+    fn into_response(self) -> Response<T> {
+        let mut response = Response::new(self.answer);
+        let left = self
+            .reuse_until
+            .map(|until| until.saturating_duration_since(Instant::now()).as_millis())
+            .filter(|ms| *ms > 0);
+        if let Some(ms) = left {
+            response
+                .metadata_mut()
+                .insert(REUSE_KEY, MetadataValue::from(ms as u64));
+        }
+        response
+    }
+}
+
 /// The tonic-facing handle.
 #[derive(Clone)]
 pub(super) struct KiamGrpc(pub Arc<Service>);
@@ -327,10 +371,21 @@ impl KiamGrpc {
         method: &'static str,
         call: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
+        self.instrumented_response(method, async { call.await.map(Response::new) })
+            .await
+    }
+
+    /// [`Self::instrumented`] for calls that build their own response (to
+    /// add metadata).
+    async fn instrumented_response<T>(
+        &self,
+        method: &'static str,
+        call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Response<T>, Status> {
         let t = self.0.metrics.started(method);
         let r = call.await;
         self.0.metrics.handled(method, t, code_of(&r));
-        r.map(Response::new)
+        r
     }
 }
 
@@ -340,16 +395,22 @@ impl KiamService for KiamGrpc {
         &self,
         request: Request<GetPodRoleRequest>,
     ) -> Result<Response<Role>, Status> {
-        self.instrumented("GetPodRole", self.0.pod_role(request.into_inner()))
-            .await
+        let call = async {
+            let answer = self.0.pod_role(request.into_inner()).await?;
+            Ok(answer.into_response())
+        };
+        self.instrumented_response("GetPodRole", call).await
     }
 
     async fn get_pod_credentials(
         &self,
         request: Request<GetPodCredentialsRequest>,
     ) -> Result<Response<PbCredentials>, Status> {
-        let call = self.0.pod_credentials(request.into_inner());
-        self.instrumented("GetPodCredentials", call).await
+        let call = async {
+            let answer = self.0.pod_credentials(request.into_inner()).await?;
+            Ok(answer.into_response())
+        };
+        self.instrumented_response("GetPodCredentials", call).await
     }
 
     async fn get_health(

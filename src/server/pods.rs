@@ -143,8 +143,14 @@ enum Confirmed {
 }
 
 enum Confirmation {
-    /// Trusted until then.
-    Until(Instant),
+    /// Trusted until `until`. `by_api`: the API said the pod owns the IP
+    /// (a GET or a direct lookup answered), rather than a confirmation
+    /// that could not be made; only then may an answer be reused (see
+    /// [`PodCache::reuse_until`]).
+    Until {
+        until: Instant,
+        by_api: bool,
+    },
     InFlight(Shared<BoxFuture<'static, Confirmed>>),
 }
 
@@ -226,6 +232,41 @@ impl PodCache {
         }
         tracing::debug!(pod.ip = %ip, cached_live_pods = live.len(), "asking the API server for the pod");
         state.clone().lookup(ip).await
+    }
+
+    /// Until when an answer about `pod` may be reused without asking this
+    /// server again: the end of the window in which the API's last word on
+    /// the pod (a confirmation GET or a direct lookup that found it live on
+    /// its IP) is trusted, [`CONFIRM_TTL`] after that answer, and never past
+    /// the pod's deletion deadline. `None` when the pod is trusted for any
+    /// other reason (the confirmation budget was spent, confirmation is off,
+    /// or the API did not answer): then the server trusts its watch per
+    /// request, and an answer reused past this request would not see what
+    /// the watch delivers next.
+    pub fn reuse_until(&self, pod: &PodInfo) -> Option<Instant> {
+        let now = Instant::now();
+        let until = match self
+            .handle
+            .state
+            .confirmations
+            .lock()
+            .unwrap()
+            .get(&pod.uid)
+        {
+            Some(Confirmation::Until {
+                until,
+                by_api: true,
+            }) if *until > now => *until,
+            _ => return None,
+        };
+        match pod.deletion {
+            None => Some(until),
+            Some(deadline) => {
+                let left = deadline.duration_since(Timestamp::now());
+                let left = Duration::try_from(left).ok()?;
+                Some(until.min(now + left))
+            }
+        }
     }
 
     /// Is any live (not completed, not host-network) pod annotated with a role
@@ -383,7 +424,9 @@ impl PodCacheState {
         let pending = {
             let mut confirmations = self.confirmations.lock().unwrap();
             match confirmations.get(&pod.uid) {
-                Some(Confirmation::Until(t)) if Instant::now() < *t => return Confirmed::Trusted,
+                Some(Confirmation::Until { until, .. }) if Instant::now() < *until => {
+                    return Confirmed::Trusted
+                }
                 Some(Confirmation::InFlight(f)) => f.clone(),
                 _ => {
                     if !self.confirm_budget.lock().unwrap().take() {
@@ -395,19 +438,20 @@ impl PodCacheState {
                     if confirmations.len() >= CONFIRMATIONS_PRUNE_AT {
                         let now = Instant::now();
                         confirmations.retain(|_, c| match c {
-                            Confirmation::Until(t) => now < *t,
+                            Confirmation::Until { until, .. } => now < *until,
                             Confirmation::InFlight(_) => true,
                         });
                     }
                     let state = self.clone();
                     let uid = pod.uid.clone();
                     let task = tokio::spawn(async move {
-                        let outcome = state.confirm_api(&pod, ip).await;
+                        let (outcome, by_api) = state.confirm_api(&pod, ip).await;
                         let mut confirmations = state.confirmations.lock().unwrap();
                         match outcome {
                             Confirmed::Trusted => {
                                 let until = Instant::now() + CONFIRM_TTL;
-                                confirmations.insert(pod.uid.clone(), Confirmation::Until(until));
+                                confirmations
+                                    .insert(pod.uid.clone(), Confirmation::Until { until, by_api });
                             }
                             Confirmed::Stale => {
                                 confirmations.remove(&pod.uid);
@@ -428,7 +472,9 @@ impl PodCacheState {
         pending.await
     }
 
-    async fn confirm_api(&self, pod: &PodInfo, ip: IpAddr) -> Confirmed {
+    /// What the API says of `pod` on `ip`, and whether it said it (`false`:
+    /// no answer, the cache is trusted).
+    async fn confirm_api(&self, pod: &PodInfo, ip: IpAddr) -> (Confirmed, bool) {
         let api: Api<PodView> = Api::namespaced(self.api.clone().into_client(), &pod.namespace);
         let fetched = match tokio::time::timeout(CONFIRM_TIMEOUT, api.get_opt(&pod.name)).await {
             Ok(Ok(fetched)) => fetched,
@@ -436,13 +482,13 @@ impl PodCacheState {
                 tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, %error,
                     "cannot confirm the cached pod; trusting the cache");
                 self.metrics.confirmed("unanswered");
-                return Confirmed::Trusted;
+                return (Confirmed::Trusted, false);
             }
             Err(_) => {
                 tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name,
                     "confirming the cached pod took too long; trusting the cache");
                 self.metrics.confirmed("unanswered");
-                return Confirmed::Trusted;
+                return (Confirmed::Trusted, false);
             }
         };
         let key = (pod.namespace.clone(), pod.name.clone());
@@ -451,7 +497,7 @@ impl PodCacheState {
             None => {
                 index.delete(&key, &pod.uid);
                 self.metrics.confirmed("stale");
-                Confirmed::Stale
+                (Confirmed::Stale, true)
             }
             Some(fetched) => {
                 let entry = self.entry(&fetched);
@@ -459,7 +505,7 @@ impl PodCacheState {
                     // Replaced by a namesake: the one we had is deleted.
                     index.delete(&key, &pod.uid);
                     self.metrics.confirmed("stale");
-                    return Confirmed::Stale;
+                    return (Confirmed::Stale, true);
                 }
                 // Still has *this* address: a dual-stack pod confirmed on
                 // one family says nothing about the other.
@@ -472,10 +518,10 @@ impl PodCacheState {
                 }
                 if still {
                     self.metrics.confirmed("owner");
-                    Confirmed::Trusted
+                    (Confirmed::Trusted, true)
                 } else {
                     self.metrics.confirmed("stale");
-                    Confirmed::Stale
+                    (Confirmed::Stale, true)
                 }
             }
         }
@@ -588,7 +634,10 @@ impl PodCacheState {
                 // Just read from the API: no need to confirm it again at once.
                 self.confirmations.lock().unwrap().insert(
                     info.uid.clone(),
-                    Confirmation::Until(Instant::now() + CONFIRM_TTL),
+                    Confirmation::Until {
+                        until: Instant::now() + CONFIRM_TTL,
+                        by_api: true,
+                    },
                 );
                 Ok(info)
             }

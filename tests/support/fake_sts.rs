@@ -33,6 +33,9 @@ struct FakeState {
     calls: HashMap<Identity, usize>,
     in_flight: HashMap<Identity, usize>,
     max_in_flight: HashMap<Identity, usize>,
+    /// Calls in flight for any identity, and the most seen at once.
+    total_in_flight: usize,
+    max_total_in_flight: usize,
     tags: HashMap<Identity, Option<SessionTags>>,
     delay: Duration,
     lifetime: Option<Duration>,
@@ -99,6 +102,19 @@ impl FakeSts {
             .unwrap_or(0)
     }
 
+    /// The most calls (any identities) that were ever in flight at once,
+    /// since the start or [`FakeSts::reset_max_total_in_flight`].
+    pub fn max_total_in_flight(&self) -> usize {
+        self.lock().max_total_in_flight
+    }
+
+    /// Starts counting [`FakeSts::max_total_in_flight`] afresh from the
+    /// calls in flight now.
+    pub fn reset_max_total_in_flight(&self) {
+        let mut st = self.lock();
+        st.max_total_in_flight = st.total_in_flight;
+    }
+
     /// The session tags of the last call for `identity`.
     pub fn last_tags(&self, identity: &Identity) -> Option<SessionTags> {
         self.lock().tags.get(identity).cloned().flatten()
@@ -122,13 +138,17 @@ impl FakeSts {
             };
             let max = st.max_in_flight.entry(identity.clone()).or_default();
             *max = (*max).max(now_in_flight);
+            st.total_in_flight += 1;
+            st.max_total_in_flight = st.max_total_in_flight.max(st.total_in_flight);
             let failure = st.next_failures.pop_front().or(st.always_fail);
             (st.delay, failure, st.lifetime.unwrap_or(duration))
         };
         struct Leave<'a>(&'a FakeSts, &'a Identity);
         impl Drop for Leave<'_> {
             fn drop(&mut self) {
-                if let Some(n) = self.0.lock().in_flight.get_mut(self.1) {
+                let mut st = self.0.lock();
+                st.total_in_flight -= 1;
+                if let Some(n) = st.in_flight.get_mut(self.1) {
                     *n -= 1;
                 }
             }

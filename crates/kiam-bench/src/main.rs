@@ -16,8 +16,8 @@
 //! - [`floor`]: the minimal servers kiam is compared with.
 //! - [`cluster`]: an in-process kiam server on the in-memory API server.
 //! - [`pods`]: realistic 4-8 KB pod objects.
-//! - [`agent`], [`server`], [`sync`], [`prefetch`], [`confirm`], [`tags`]:
-//!   the figures.
+//! - [`agent`], [`server`], [`sync`], [`prefetch`], [`confirm`], [`tags`],
+//!   [`peers`], [`scale`]: the figures.
 //! - [`alloc`]: a counting allocator for heap per pod (child process only).
 //! - [`procs`]: real `kiam` processes and their RSS.
 //! - [`report`]: the tables and BENCHMARKS.md.
@@ -29,11 +29,13 @@ mod confirm;
 mod floor;
 mod load;
 mod machine;
+mod peers;
 mod pods;
 mod prefetch;
 mod procs;
 mod replay;
 mod report;
+mod scale;
 mod server;
 mod sync;
 mod tags;
@@ -54,7 +56,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these figures (comma-separated): agent, server, sync, prefetch, sts, agent-rss,
-    /// confirm, tags;
+    /// confirm, tags, peers, scale;
     /// writes nothing unless --out is given.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -78,6 +80,8 @@ const ALL: &[&str] = &[
     "agent-rss",
     "confirm",
     "tags",
+    "peers",
+    "scale",
 ];
 
 /// A multi-threaded tokio runtime like `kiam`'s own (one per role, so each
@@ -140,6 +144,8 @@ fn main() -> Result<()> {
             "agent-rss" => agent::agent_rss(&mut report, window),
             "confirm" => confirm::confirmation_cost(&mut report, args.quick),
             "tags" => tags::per_pod_tags(&mut report, args.quick),
+            "peers" => peers::peers(&mut report),
+            "scale" => scale::scale(&mut report, args.quick),
             _ => unreachable!(),
         };
         if let Err(e) = r {

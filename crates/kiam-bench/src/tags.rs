@@ -267,7 +267,7 @@ pub fn per_pod_tags(report: &mut Report, quick: bool) -> Result<()> {
     let method = format!(
         "{pods_n} pods in {NAMESPACES} namespaces sharing {roles} roles (every namespace permits every role), \
          all in the in-memory API server before the in-process kiam server starts; fake STS answering every \
-         AssumeRole after {} ms, default `--fetchers` (8). The moment the server is ready, {CONCURRENCY} \
+         AssumeRole after {} ms, default `--fetchers`. The moment the server is ready, {CONCURRENCY} \
          concurrent workers over one mTLS connection ask for every pod's credentials once (prefetch started \
          on the initial list; requests join its fetches or start their own). AssumeRole calls are counted by \
          the STS double when every pod has been answered. Then new pods (another pod of one of the same \
@@ -288,8 +288,9 @@ pub fn per_pod_tags(report: &mut Report, quick: bool) -> Result<()> {
              {roles} calls serve {pods_n} pods, and a new pod of a known role is answered from the cache. With \
              `--session-tags` the tags name the pod, so every pod is its own identity: one AssumeRole per pod \
              (and per refresh, every `--session-refresh`), a new pod that asks at once waits for its own STS \
-             call, and a burst of new pods is bounded by `--fetchers` / STS latency as in figure 4. STS \
-             throttles AssumeRole per account; size `--fetchers` and the refresh interval for pods, not roles."
+             call, and a burst of new pods is bounded by the background concurrency (adaptive, at most \
+             `--fetchers`) / STS latency as in figure 4. STS throttles AssumeRole per account (the concurrency \
+             halves when it does); size `--fetchers` and the refresh interval for pods, not roles."
         )],
     });
     Ok(())

@@ -236,17 +236,17 @@ fn container_credentials_rules() {
     let r = IptablesRule::container_credentials(host, 8181, "eni+").unwrap();
     assert_eq!(
         r.spec().join(" "),
-        "-p tcp -d 169.254.170.23 --dport 80 -i eni+ -j DNAT --to-destination 10.0.0.7:8181"
+        "-p tcp -d 169.254.170.23 --dport 80 -i eni+ -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:8181"
     );
     assert_eq!(r.destination(), IpAddr::from(CONTAINER_CREDENTIALS_ADDRESS));
     let local = IptablesRule::container_credentials_local(host, 8181).unwrap();
     assert_eq!(
         local.to_string(),
-        "iptables -t nat OUTPUT -p tcp -d 169.254.170.23 --dport 80 -j DNAT --to-destination 10.0.0.7:8181"
+        "iptables -t nat OUTPUT -p tcp -d 169.254.170.23 --dport 80 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:8181"
     );
     // Its placement is read from its own chain.
     let listing = "-P OUTPUT ACCEPT\n\
-        -A OUTPUT -d 169.254.170.23/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n";
+        -A OUTPUT -d 169.254.170.23/32 -p tcp -m tcp --dport 80 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:8181\n";
     assert_eq!(
         local.position_in(listing),
         Position {
@@ -270,14 +270,14 @@ fn kiams_rules_share_the_top_without_trading_places() {
     let metadata = IptablesRule::new(host, 8181, "eni+").unwrap();
     let container = IptablesRule::container_credentials(host, 8181, "eni+").unwrap();
     let listing = "-P PREROUTING ACCEPT\n\
-        -A PREROUTING -d 169.254.170.23/32 -i eni+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n\
-        -A PREROUTING -d 169.254.169.254/32 -i eni+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n\
+        -A PREROUTING -d 169.254.170.23/32 -i eni+ -p tcp -m tcp --dport 80 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:8181\n\
+        -A PREROUTING -d 169.254.169.254/32 -i eni+ -p tcp -m tcp --dport 80 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:8181\n\
         -A PREROUTING -j KUBE-SERVICES\n";
     assert!(metadata.position_in(listing).first);
     assert!(container.position_in(listing).first);
     // Another program's DNAT of the metadata address (to anywhere else) is
     // above kiam's rule: not first.
     let displaced = "-A PREROUTING -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.9:8181\n\
-        -A PREROUTING -d 169.254.169.254/32 -i eni+ -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.7:8181\n";
+        -A PREROUTING -d 169.254.169.254/32 -i eni+ -p tcp -m tcp --dport 80 -m comment --comment kiam-agent -j DNAT --to-destination 10.0.0.7:8181\n";
     assert!(!metadata.position_in(displaced).first);
 }
