@@ -63,6 +63,19 @@ if [ -z "${KIAM_KUBE_APISERVER_BIN:-}" ]; then
 fi
 export KIAM_ETCD_BIN KIAM_KUBE_APISERVER_BIN
 
+# The container image for tests/image.rs (it says SKIPPED without it):
+# built from the Containerfile with podman, for amd64 and arm64, with no
+# registry or daemon (scripts/image.sh; needs root). Images given in
+# KIAM_IMAGE / KIAM_IMAGE_ARM64 are used as they are.
+if [ -z "${KIAM_IMAGE:-}" ] && [ "$(id -u)" = 0 ]; then
+  step "container images (scripts/image.sh)"
+  if image_env=$(bash scripts/image.sh); then
+    while IFS= read -r line; do export "${line?}"; done <<<"$image_env"
+  else
+    echo "WARNING: scripts/image.sh failed: tests/image.rs will say SKIPPED" >&2
+  fi
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
