@@ -94,7 +94,7 @@ podman=(podman)
 make_base() {
   local arch=$1 tar=$2
   say "mmdebstrap $DEBIAN_RELEASE $arch: $BASE_PACKAGES"
-  mmdebstrap --quiet --mode=chrootless --variant=custom --architectures="$arch" \
+  mmdebstrap --quiet --mode=chrootless --variant=custom --format=tar --architectures="$arch" \
     --include="${BASE_PACKAGES// /,}" \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \

@@ -963,7 +963,12 @@ fn containerfile_provides_what_the_manifests_run() {
     // The `debian` stage: the base of a build that does not supply its own
     // (scripts/image.sh supplies one with the same packages; tests/image.rs
     // runs what it builds).
-    let installs = lines
+    let debian = stages
+        .iter()
+        .position(|&i| lines[i].ends_with(" AS debian"))
+        .expect("a stage `AS debian`");
+    let end = stages.get(debian + 1).copied().unwrap_or(lines.len());
+    let installs = lines[stages[debian]..end]
         .iter()
         .find(|l| l.contains("apt-get install"))
         .expect("the debian stage installs packages");

@@ -323,7 +323,7 @@ impl Deployed {
         for cap in strings(&c["capabilities"]["add"]) {
             flags.push(format!("--cap-add={cap}"));
         }
-        if let Some(sysctls) = pod["securityContext"]["sysctls"].as_array() {
+        if let Some(sysctls) = pod["sysctls"].as_array() {
             for s in sysctls {
                 flags.push(format!(
                     "--sysctl={}={}",
@@ -506,8 +506,9 @@ fn image_records_its_base_and_has_the_agents_tools() {
 }
 
 /// deploy/base on a node: the server and agent containers with the
-/// manifests' arguments (plus only `--kubeconfig`: there is no in-cluster
-/// API here), security contexts and mounts, in the node's network
+/// manifests' arguments (plus `--kubeconfig`, as there is no in-cluster
+/// API here, and another metrics port for the agent, as both share the
+/// node's namespace), security contexts and mounts, in the node's network
 /// namespace, with the node's metadata service at 169.254.169.254, STS and
 /// the API server in the test. The server runs as 65532 and its probe
 /// passes inside the container; the agent's DNAT rule lands in the node's
@@ -673,6 +674,13 @@ fn containers_run_as_deployed_and_serve_a_pod() {
     let mut argv = agent.argv();
     let entrypoint = argv.remove(0);
     args.push(format!("--entrypoint={entrypoint}"));
+    // The one change: the server shares the node's namespace here (in a
+    // cluster it has its own, on another node) and holds 9620 already.
+    let metrics = argv
+        .iter_mut()
+        .find(|a| a.starts_with("--prometheus-listen-addr="))
+        .expect("the agent's --prometheus-listen-addr");
+    *metrics = "--prometheus-listen-addr=0.0.0.0:9621".into();
     let agent_c = Container::start(&podman, "agent", &args, &image, &argv);
 
     let rule = format!("--to-destination {NODE_IP}:8181");
