@@ -43,7 +43,7 @@ timed() {
 archs=${KIAM_IMAGE_ARCHS:-amd64,arm64}
 IFS=, read -r -a archs <<<"$archs"
 cache_root=${KIAM_PEERS_CACHE:-${HOME:-/tmp}/.cache/kiam-peers}
-out=${KIAM_IMAGE_OUT:-${CARGO_TARGET_DIR:-$root/target}/image}
+out=${KIAM_IMAGE_OUT:-$root/target/image}
 mkdir -p "$out"
 
 # The base. Bump BASE_RECIPE when the hooks below change, so caches rebuild.
@@ -127,7 +127,11 @@ for a in "${archs[@]}"; do
 done
 
 # --- 2. binaries -----------------------------------------------------------
-target_dir=${CARGO_TARGET_DIR:-$root/target}
+# Release builds of both targets, in the cache unless CARGO_TARGET_DIR says
+# otherwise: a clean clone then recompiles only what changed, not every
+# dependency twice.
+target_dir=${CARGO_TARGET_DIR:-$cache_root/image-target}
+export CARGO_TARGET_DIR=$target_dir
 bins="$out/bin"
 mkdir -p "$bins"
 build_bin() {
