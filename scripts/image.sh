@@ -111,7 +111,11 @@ make_base() {
   mv "$tar.tmp" "$tar"
 }
 
-base_image() { echo "localhost/kiam-base:$DEBIAN_RELEASE-$base_key-$1"; }
+# Named after the tar's content too: a cache entry made again (deleted to
+# pick up security updates) is imported again.
+base_image() {
+  echo "localhost/kiam-base:$DEBIAN_RELEASE-$base_key-$1-$(sha256sum <"$base_dir/$1.tar" | cut -c1-12)"
+}
 
 mkdir -p "$base_dir"
 for a in "${archs[@]}"; do
@@ -167,6 +171,10 @@ done
 # --- 3. images -------------------------------------------------------------
 list=localhost/kiam:ci
 "${podman[@]}" manifest rm "$list" >/dev/null 2>&1 || true
+# The previous run's images, so repeated runs do not pile up.
+for a in "${archs[@]}"; do
+  "${podman[@]}" rmi "localhost/kiam:ci-$a" >/dev/null 2>&1 || true
+done
 "${podman[@]}" manifest create "$list" >/dev/null
 build_image() {
   local arch=$1 base pkgs
@@ -176,7 +184,7 @@ build_image() {
   pkgs=$(tar -xOf "$base_dir/$arch.tar" ./usr/share/kiam/debian-packages.txt |
     grep -v '^#' | awk '{printf "%s%s=%s", (NR>1?" ":""), $1, $2}')
   say "podman build linux/$arch"
-  "${podman[@]}" build --quiet --network=none --pull=never \
+  "${podman[@]}" build --quiet --network=none --pull=never --layers=false \
     --platform "linux/$arch" \
     --build-arg "BASE=$base" --build-arg KIAM=prebuilt \
     --build-context "kiam-bin=$bins" \
@@ -195,6 +203,9 @@ archive="$out/kiam-oci.tar"
 rm -f "$archive"
 say "writing $archive (OCI index: ${archs[*]})"
 "${podman[@]}" manifest push --quiet --all --format oci "$list" "oci-archive:$archive:ci" >&2
+# The archive is the product. Podman 4.3 keeps a list of local images
+# half-resolved, and `podman images` then fails for everyone: drop it.
+"${podman[@]}" manifest rm "$list" >/dev/null
 
 # Compressed sizes, as a registry stores them: the layers and config each
 # architecture's manifest names in the archive.
