@@ -91,6 +91,16 @@ if [ -z "${KIAM_CFSSLJSON_BIN:-}" ]; then
   KIAM_CFSSLJSON_BIN=$(bash scripts/peers.sh cfssljson) || KIAM_CFSSLJSON_BIN=
 fi
 export KIAM_HELM_BIN KIAM_CFSSL_BIN KIAM_CFSSLJSON_BIN
+# The container image for tests/image.rs (it says SKIPPED without it):
+# built from the Containerfile with podman, for amd64 and arm64, with no
+# registry or daemon (scripts/image.sh; needs root). Images given in
+# KIAM_IMAGE / KIAM_IMAGE_ARM64 are used as they are. As root (CI) a failed
+# image build fails the run; KIAM_SKIP_IMAGE=1 skips it on purpose.
+if [ -z "${KIAM_IMAGE:-}" ] && [ "$(id -u)" = 0 ] && [ "${KIAM_SKIP_IMAGE:-}" != 1 ]; then
+  step "container images (scripts/image.sh)"
+  image_env=$(bash scripts/image.sh)
+  while IFS= read -r line; do export "${line?}"; done <<<"$image_env"
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
