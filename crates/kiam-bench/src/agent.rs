@@ -442,7 +442,10 @@ pub fn agent_rss(report: &mut Report, window: Window) -> Result<()> {
     let worst = peak.max(under_load);
     report.verdict(
         "Agent RSS < 30 MB",
-        format!("{} peak", mib(worst)),
+        format!(
+            "{} (highest of VmHWM and the samples under load)",
+            mib(worst)
+        ),
         worst < 30_000_000,
     );
     report.sections.push(Section {

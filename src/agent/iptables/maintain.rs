@@ -60,10 +60,17 @@ pub async fn maintain_if_available(
             Ok(placement) => break placement,
             Err(e) if !missing => {
                 missing = true;
+                // The IPv6 metadata rule is the common case (a node without
+                // the ip6 nat table): say what that means for pods.
+                let consequence = if rule.destination == rule.family.metadata_address() {
+                    "not intercepting IPv6 metadata requests, serving IPv4 only"
+                } else {
+                    "not intercepting it"
+                };
                 tracing::warn!(
                     error = %e,
-                    "this node cannot have the {} rule for [{}]:{}: not intercepting \
-                     it (trying again every {interval:?} without saying so)",
+                    "this node cannot have the {} rule for [{}]:{}: {consequence} \
+                     (trying again every {interval:?} without saying so)",
                     rule.family.program(),
                     rule.destination,
                     METADATA_PORT,
