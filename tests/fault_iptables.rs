@@ -11,6 +11,7 @@
 #[path = "support/netns.rs"]
 mod netns;
 
+use std::io::Write as _;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -204,7 +205,8 @@ fn a_dnat_put_above_the_rule_is_overtaken_at_the_next_check() {
 fn on_the_legacy_backend_the_rule_is_moved_with_legacy_iptables() {
     let legacy = std::path::Path::new("/usr/sbin/iptables-legacy");
     if !legacy.exists() {
-        eprintln!("SKIPPED: on_the_legacy_backend_the_rule_is_moved_with_legacy_iptables: no iptables-legacy");
+        let _ = writeln!(
+            std::io::stderr(),"SKIPPED: on_the_legacy_backend_the_rule_is_moved_with_legacy_iptables: no iptables-legacy");
         return;
     }
     dnat_put_above_the_rule(

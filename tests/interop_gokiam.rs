@@ -20,6 +20,7 @@ mod gokiam;
 #[path = "support/procs.rs"]
 mod procs;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -358,7 +359,8 @@ fn wait_for_addr(addr: &str, timeout: Duration) -> bool {
 async fn go_agent_keeps_serving_while_either_a_go_or_a_rust_server_is_down() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "\n*** SKIPPED: not root; a Go agent's private /etc/hosts needs unshare -m ***\n"
         );
         return;

@@ -7,6 +7,7 @@
 //! moto. Nothing leaves loopback.
 #![allow(dead_code)]
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -17,7 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// line when it is unset (scripts/test.sh sets it when the peer builds).
 pub fn go_kiam_bin() -> Option<PathBuf> {
     let Some(path) = std::env::var_os("KIAM_GO_BIN").filter(|p| !p.is_empty()) else {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "\n*** SKIPPED: KIAM_GO_BIN is not set (scripts/test.sh sets it from \
              `scripts/peers.sh kiam-go`); nothing was tested against Go kiam ***\n"
         );

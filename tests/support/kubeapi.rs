@@ -8,6 +8,7 @@
 //! token in `system:masters`; authorization is RBAC.
 #![allow(dead_code)]
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -23,7 +24,8 @@ pub fn binaries() -> Option<(PathBuf, PathBuf)> {
     let var = |name: &str| std::env::var_os(name).filter(|p| !p.is_empty());
     let (Some(etcd), Some(apiserver)) = (var("KIAM_ETCD_BIN"), var("KIAM_KUBE_APISERVER_BIN"))
     else {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "\n*** SKIPPED: KIAM_ETCD_BIN or KIAM_KUBE_APISERVER_BIN is not set \
              (scripts/test.sh sets them from scripts/peers.sh etcd / kube-apiserver); \
              nothing was tested against a real kube-apiserver ***\n"

@@ -11,6 +11,7 @@
 //! thread that finishes) would kill children early.
 
 use std::fs::File;
+use std::io::Write as _;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -499,7 +500,8 @@ pub struct Moto {
 /// what needs it. Panics when moto starts but never listens (a test helper).
 pub fn start_moto() -> Option<Moto> {
     let Some(path) = moto_server_path() else {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "\n*** SKIPPED: moto_server not found (set MOTO_SERVER or run scripts/test.sh, \
              which installs moto[server] into .venv); nothing was tested against moto ***\n"
         );
