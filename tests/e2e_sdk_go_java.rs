@@ -30,9 +30,13 @@
 use std::io::Write as _;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[path = "support/clients.rs"]
+mod clients;
+
+use clients::run_json;
 use kiam_sandbox::sandbox::{
     NetworkChoice, Sandbox, SandboxOptions, SandboxPod, StsChoice, REGION, ROLE_BASE_ARN,
 };
@@ -164,48 +168,6 @@ impl AwsHome {
         cmd.envs(env.iter().copied());
         cmd
     }
-}
-
-/// Runs a client with a deadline (a hung client fails its case, not the run).
-fn run(mut cmd: Command, outputs: &mut Vec<String>) -> Result<Output, String> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
-    outputs.push(String::from_utf8_lossy(&out.stderr).into_owned());
-    Ok(out)
-}
-
-/// Runs a client that prints one JSON line; its parsed output.
-fn run_json(cmd: Command, outputs: &mut Vec<String>) -> Result<Value, String> {
-    let out = run(cmd, outputs)?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail = |t: &str| {
-        let lines: Vec<&str> = t.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    };
-    if !out.status.success() {
-        return Err(format!(
-            "client failed ({}): {stdout}{}",
-            out.status,
-            tail(&stderr)
-        ));
-    }
-    let last = stdout.trim().lines().last().unwrap_or("");
-    serde_json::from_str(last)
-        .map_err(|e| format!("client printed {stdout:?} ({e}); stderr: {}", tail(&stderr)))
 }
 
 /// What the agent serves `pod` for `role` (the server prefetches it when

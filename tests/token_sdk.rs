@@ -15,9 +15,13 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+#[path = "support/clients.rs"]
+mod clients;
+
+use clients::run_json;
 use kiam_sandbox::sandbox::{
     NetworkChoice, Sandbox, SandboxOptions, SandboxPod, StsChoice, NODE_IP, REGION,
 };
@@ -134,40 +138,6 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
-}
-
-fn run(mut cmd: Command) -> Result<Output, String> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().map_err(|e| e.to_string())
-}
-
-fn run_json(cmd: Command) -> Result<Value, String> {
-    let out = run(cmd)?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        let tail: Vec<&str> = stderr.lines().collect();
-        return Err(format!(
-            "client failed ({}): {stdout}{}",
-            out.status,
-            tail[tail.len().saturating_sub(4)..].join("\n")
-        ));
-    }
-    serde_json::from_str(stdout.trim())
-        .or_else(|_| serde_json::from_str(stdout.trim().lines().last().unwrap_or("")))
-        .map_err(|e| format!("client printed {stdout:?} ({e})"))
 }
 
 fn expect_role(arn: &str, role: &str) -> Result<(), String> {
@@ -340,7 +310,10 @@ fn real_sdk_clients_get_their_pods_role_by_token() {
                 sts.clone(),
                 REGION.into(),
             ];
-            let answer = run_json(env.command(boto_pod.netns.as_deref(), FULL_URI, &t, &argv))?;
+            let answer = run_json(
+                env.command(boto_pod.netns.as_deref(), FULL_URI, &t, &argv),
+                &mut Vec::new(),
+            )?;
             if answer["method"] != "container-role" {
                 return Err(format!(
                     "botocore did not use the container provider: {answer}"
@@ -372,7 +345,10 @@ fn real_sdk_clients_get_their_pods_role_by_token() {
             ]
             .map(String::from)
             .to_vec();
-            let answer = run_json(env.command(cli_pod.netns.as_deref(), FULL_URI, &t, &argv))?;
+            let answer = run_json(
+                env.command(cli_pod.netns.as_deref(), FULL_URI, &t, &argv),
+                &mut Vec::new(),
+            )?;
             expect_role(answer["Arn"].as_str().unwrap_or_default(), "tok-cli")
         })(),
     );
@@ -394,7 +370,10 @@ fn real_sdk_clients_get_their_pods_role_by_token() {
                 script.display().to_string(),
                 sts.clone(),
             ];
-            let answer = run_json(env.command(js_pod.netns.as_deref(), FULL_URI, &t, &argv))?;
+            let answer = run_json(
+                env.command(js_pod.netns.as_deref(), FULL_URI, &t, &argv),
+                &mut Vec::new(),
+            )?;
             expect_role(answer["arn"].as_str().unwrap_or_default(), "tok-js")
         })(),
     );
@@ -513,19 +492,22 @@ fn real_sdk_clients_get_their_pods_role_by_token() {
                 FULL_URI.to_string(),
                 format!("http://127.0.0.1:{port}/v1/credentials"),
             ] {
-                let answer =
-                    run_json(env.command(Some(node.name()), &uri, &t, &argv)).map_err(|e| {
-                        let show = |cmd: &[&str]| {
-                            node.exec(cmd)
-                                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                                .unwrap_or_default()
-                        };
-                        format!(
-                            "{uri}: {e}\nnat OUTPUT:\n{}route: {}",
-                            show(&["iptables", "-w", "5", "-t", "nat", "-S", "OUTPUT"]),
-                            show(&["ip", "route", "get", "169.254.170.23"]),
-                        )
-                    })?;
+                let answer = run_json(
+                    env.command(Some(node.name()), &uri, &t, &argv),
+                    &mut Vec::new(),
+                )
+                .map_err(|e| {
+                    let show = |cmd: &[&str]| {
+                        node.exec(cmd)
+                            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                            .unwrap_or_default()
+                    };
+                    format!(
+                        "{uri}: {e}\nnat OUTPUT:\n{}route: {}",
+                        show(&["iptables", "-w", "5", "-t", "nat", "-S", "OUTPUT"]),
+                        show(&["ip", "route", "get", "169.254.170.23"]),
+                    )
+                })?;
                 expect_role(answer["arn"].as_str().unwrap_or_default(), "tok-hostnet")?;
             }
             Ok(())
@@ -584,7 +566,10 @@ fn ipv6_pods_use_fd00_ec2_23() {
         REGION.into(),
     ];
     let uri = "http://[fd00:ec2::23]/v1/credentials";
-    let answer = run_json(env.command(pod.netns.as_deref(), uri, &t, &argv));
+    let answer = run_json(
+        env.command(pod.netns.as_deref(), uri, &t, &argv),
+        &mut Vec::new(),
+    );
     drop(sandbox);
     let answer = answer.unwrap();
     assert_eq!(answer["method"], "container-role", "{answer}");
