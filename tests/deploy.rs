@@ -10,6 +10,8 @@
 
 #[path = "support/procs.rs"]
 mod procs;
+#[path = "support/workload.rs"]
+mod workload;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,17 +21,12 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::Value;
+use workload::{containers, kiam_in, kind_name, set_flag, Container, Secrets};
 
 /// The Kubernetes version the manifests are validated against.
 const KUBERNETES_VERSION: &str = "1.30.0";
 /// Kinds with no schema in kubernetes-validate, checked against ours instead.
 const CERT_MANAGER_SCHEMA: &str = "tests/schemas/cert-manager-v1.json";
-/// What the fieldRefs in the manifests resolve to in these tests.
-const FAKE_POD_IP: &str = "10.20.30.40";
-/// The IPv6 address of the same node (2001:2::/48, the benchmarking range).
-const FAKE_POD_IPV6: &str = "2001:2::10";
-/// What the kubelet puts in env from `spec.nodeName`.
-const FAKE_NODE_NAME: &str = "ip-10-20-30-40.eu-west-1.compute.internal";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -180,14 +177,6 @@ fn parse_yaml(s: &str) -> Vec<Value> {
         .map(|d| Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
-}
-
-fn kind_name(doc: &Value) -> String {
-    format!(
-        "{}/{}",
-        doc["kind"].as_str().unwrap_or("?"),
-        doc["metadata"]["name"].as_str().unwrap_or("?")
-    )
 }
 
 fn is_cert_manager(doc: &Value) -> bool {
@@ -365,9 +354,6 @@ fn validators_reject_misspelled_fields() {
 // ---------------------------------------------------------------------------
 // Running what the manifests run.
 
-/// The PEM files each Secret would hold, by Secret name and key.
-type Secrets = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
-
 /// The Secrets as `kiam certs --print-secrets` makes them, plus (when the
 /// rendered objects include cert-manager Certificates) each Certificate's
 /// Secret with cert-manager's keys tls.crt, tls.key and ca.crt.
@@ -422,163 +408,10 @@ fn secrets_for(docs: &[Value], dir: &Path) -> Secrets {
     secrets
 }
 
-/// A container of a rendered workload, with its Secret mounts turned into
-/// local directories.
-struct Container {
-    workload: String,
-    spec: Value,
-    /// mountPath -> local directory holding the Secret's files.
-    mounts: Vec<(String, PathBuf)>,
-}
-
-fn containers(docs: &[Value], secrets: &Secrets, dir: &Path) -> Vec<Container> {
-    let mut out = Vec::new();
-    for doc in docs {
-        let pod = &doc["spec"]["template"]["spec"];
-        if pod.is_null() {
-            continue;
-        }
-        let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
-        for c in pod["containers"].as_array().unwrap() {
-            let mut mounts = Vec::new();
-            for m in c["volumeMounts"].as_array().cloned().unwrap_or_default() {
-                let vol = volumes
-                    .iter()
-                    .find(|v| v["name"] == m["name"])
-                    .unwrap_or_else(|| panic!("{}: no volume {}", kind_name(doc), m["name"]));
-                let Some(secret) = vol["secret"]["secretName"].as_str() else {
-                    continue;
-                };
-                let files = secrets.get(secret).unwrap_or_else(|| {
-                    panic!(
-                        "{} mounts Secret {secret}, which nothing makes",
-                        kind_name(doc)
-                    )
-                });
-                let local = dir.join(format!("{}-{}", kind_name(doc).replace('/', "-"), secret));
-                std::fs::create_dir_all(&local).unwrap();
-                for (key, bytes) in files {
-                    // `items` maps keys to other file names; none means all keys.
-                    let path = match vol["secret"]["items"].as_array() {
-                        Some(items) => match items.iter().find(|i| i["key"] == key.as_str()) {
-                            Some(i) => i["path"].as_str().unwrap().to_string(),
-                            None => continue,
-                        },
-                        None => key.clone(),
-                    };
-                    std::fs::write(local.join(path), bytes).unwrap();
-                }
-                mounts.push((m["mountPath"].as_str().unwrap().to_string(), local));
-            }
-            out.push(Container {
-                workload: kind_name(doc),
-                spec: c.clone(),
-                mounts,
-            });
-        }
-    }
-    out
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
-
-impl Container {
-    /// The kiam argv (without the program) of `command` + `args`, or `None`
-    /// when the container does not run kiam.
-    fn kiam_argv(&self, command: &[String]) -> Option<Vec<String>> {
-        let program = command.first()?;
-        if !program.ends_with("/kiam") && program != "kiam" {
-            return None;
-        }
-        // The image provides these two paths (Containerfile).
-        assert!(
-            ["/usr/local/bin/kiam", "/kiam"].contains(&program.as_str()),
-            "{}: {program} is not where the image installs kiam",
-            self.workload
-        );
-        Some(command[1..].iter().map(|a| self.local_paths(a)).collect())
-    }
-
-    fn main_argv(&self) -> Option<Vec<String>> {
-        let mut cmd = strings(&self.spec["command"]);
-        cmd.extend(strings(&self.spec["args"]));
-        self.kiam_argv(&cmd)
-    }
-
-    /// Exec probes that run kiam, by probe name.
-    fn probe_argvs(&self) -> Vec<(String, Vec<String>)> {
-        ["startupProbe", "readinessProbe", "livenessProbe"]
-            .iter()
-            .filter_map(|p| {
-                let cmd = strings(&self.spec[*p]["exec"]["command"]);
-                self.kiam_argv(&cmd).map(|a| (p.to_string(), a))
-            })
-            .collect()
-    }
-
-    /// Points paths under a Secret mount at the local copy of that Secret.
-    fn local_paths(&self, arg: &str) -> String {
-        let mut arg = arg.to_string();
-        for (mount, local) in &self.mounts {
-            let prefix = format!("{}/", mount.trim_end_matches('/'));
-            arg = arg.replace(&prefix, &format!("{}/", local.display()));
-        }
-        arg
-    }
-
-    /// The container's environment as the kubelet would set it.
-    fn env(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for e in self.spec["env"].as_array().cloned().unwrap_or_default() {
-            let name = e["name"].as_str().unwrap().to_string();
-            let value = if let Some(v) = e["value"].as_str() {
-                v.to_string()
-            } else {
-                match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-                    Some("status.podIP" | "status.hostIP") => FAKE_POD_IP.to_string(),
-                    // A dual-stack node: the list the downward API gives.
-                    Some("status.podIPs" | "status.hostIPs") => {
-                        format!("{FAKE_POD_IP},{FAKE_POD_IPV6}")
-                    }
-                    Some("spec.nodeName") => FAKE_NODE_NAME.to_string(),
-                    other => panic!(
-                        "{}: env {name} from {other:?} is not simulated",
-                        self.workload
-                    ),
-                }
-            };
-            out.push((name, value));
-        }
-        out
-    }
-}
-
-/// `kiam` with only the container's environment (and PATH), so no KIAM_*
-/// variable of the test run leaks in.
-fn kiam_in(c: &Container, argv: &[String]) -> Command {
-    let mut cmd = procs::kiam_bin();
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(c.env())
-        .args(argv);
-    cmd
-}
-
 /// The value of `--flag=value` in `argv` (manifests use the `=` form).
 fn flag<'a>(argv: &'a [String], name: &str) -> Option<&'a str> {
     let prefix = format!("--{name}=");
     argv.iter().find_map(|a| a.strip_prefix(&prefix))
-}
-
-/// Replaces `--flag=...` (or adds it).
-fn set_flag(argv: &mut Vec<String>, name: &str, value: &str) {
-    let prefix = format!("--{name}=");
-    argv.retain(|a| !a.starts_with(&prefix) && a != &format!("--{name}"));
-    argv.push(format!("{prefix}{value}"));
 }
 
 fn port_of(addr: &str) -> u16 {

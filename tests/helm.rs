@@ -16,6 +16,8 @@
 mod kubeapi;
 #[path = "support/procs.rs"]
 mod procs;
+#[path = "support/workload.rs"]
+mod workload;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,12 +27,12 @@ use std::time::Duration;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::Value;
+use workload::{
+    containers, decode_data, kiam_in, kind_name, set_flag, strings, Container, Secrets,
+};
 
 const KUBERNETES_VERSION: &str = "1.30.0";
 const NAMESPACE: &str = "kube-system";
-/// What the downward API gives in these tests.
-const FAKE_POD_IP: &str = "10.20.30.40";
-const FAKE_NODE_NAME: &str = "ip-10-20-30-40.eu-west-1.compute.internal";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -94,14 +96,6 @@ fn parse_yaml(s: &str) -> Vec<Value> {
         .collect()
 }
 
-fn kind_name(doc: &Value) -> String {
-    format!(
-        "{}/{}",
-        doc["kind"].as_str().unwrap_or("?"),
-        doc["metadata"]["name"].as_str().unwrap_or("?")
-    )
-}
-
 /// One way of rendering the chart.
 struct Case {
     name: &'static str,
@@ -111,9 +105,6 @@ struct Case {
     secrets: Secrets,
     _dir: Option<tempfile::TempDir>,
 }
-
-/// Secret name -> key -> bytes.
-type Secrets = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
 
 /// `kiam certs --print-secrets`: kiam-server-tls and kiam-agent-tls with
 /// the cfssl file names, as the seed document's steps make them.
@@ -136,17 +127,6 @@ fn kiam_certs_secrets(dir: &Path) -> Secrets {
         );
     }
     secrets
-}
-
-fn decode_data(secret: &Value) -> BTreeMap<String, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    for (k, v) in secret["data"].as_object().unwrap() {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(v.as_str().unwrap())
-            .unwrap_or_else(|e| panic!("Secret {} key {k}: {e}", kind_name(secret)));
-        files.insert(k.clone(), bytes);
-    }
-    files
 }
 
 fn cases() -> Vec<Case> {
@@ -339,22 +319,9 @@ fn rendered_objects_validate() {
 // ---------------------------------------------------------------------------
 // The containers as a kubelet would run them.
 
-struct Container {
-    workload: String,
-    spec: Value,
-    /// mountPath -> local directory with the Secret's files.
-    mounts: Vec<(String, PathBuf)>,
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
-
 /// Every container, with Secret volumes written out from the rendered
 /// Secrets and those the operator made (`case.secrets`).
-fn containers(docs: &[Value], case: &Case, dir: &Path) -> Vec<Container> {
+fn case_containers(docs: &[Value], case: &Case, dir: &Path) -> Vec<Container> {
     let mut secrets = case.secrets.clone();
     for s in docs.iter().filter(|d| d["kind"] == "Secret") {
         secrets.insert(
@@ -362,115 +329,7 @@ fn containers(docs: &[Value], case: &Case, dir: &Path) -> Vec<Container> {
             decode_data(s),
         );
     }
-    let mut out = Vec::new();
-    for doc in docs {
-        let pod = &doc["spec"]["template"]["spec"];
-        if pod.is_null() {
-            continue;
-        }
-        let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
-        for c in pod["containers"].as_array().unwrap() {
-            let mut mounts = Vec::new();
-            for m in c["volumeMounts"].as_array().cloned().unwrap_or_default() {
-                let vol = volumes
-                    .iter()
-                    .find(|v| v["name"] == m["name"])
-                    .unwrap_or_else(|| panic!("{}: no volume {}", kind_name(doc), m["name"]));
-                let Some(secret) = vol["secret"]["secretName"].as_str() else {
-                    continue;
-                };
-                let files = secrets.get(secret).unwrap_or_else(|| {
-                    panic!(
-                        "{} ({}) mounts Secret {secret}, which nothing makes",
-                        kind_name(doc),
-                        case.name
-                    )
-                });
-                let local = dir.join(format!("{}-{secret}", kind_name(doc).replace('/', "-")));
-                std::fs::create_dir_all(&local).unwrap();
-                for (key, bytes) in files {
-                    std::fs::write(local.join(key), bytes).unwrap();
-                }
-                mounts.push((m["mountPath"].as_str().unwrap().to_string(), local));
-            }
-            out.push(Container {
-                workload: kind_name(doc),
-                spec: c.clone(),
-                mounts,
-            });
-        }
-    }
-    out
-}
-
-impl Container {
-    fn kiam_argv(&self, command: &[String]) -> Option<Vec<String>> {
-        let program = command.first()?;
-        if !program.ends_with("/kiam") {
-            return None;
-        }
-        assert_eq!(program, "/usr/local/bin/kiam", "{}", self.workload);
-        Some(command[1..].iter().map(|a| self.local_paths(a)).collect())
-    }
-
-    fn main_argv(&self) -> Option<Vec<String>> {
-        let mut cmd = strings(&self.spec["command"]);
-        cmd.extend(strings(&self.spec["args"]));
-        self.kiam_argv(&cmd)
-    }
-
-    fn probe_argvs(&self) -> Vec<(String, Vec<String>)> {
-        ["startupProbe", "readinessProbe", "livenessProbe"]
-            .iter()
-            .filter_map(|p| {
-                let cmd = strings(&self.spec[*p]["exec"]["command"]);
-                self.kiam_argv(&cmd).map(|a| (p.to_string(), a))
-            })
-            .collect()
-    }
-
-    fn local_paths(&self, arg: &str) -> String {
-        let mut arg = arg.to_string();
-        for (mount, local) in &self.mounts {
-            let prefix = format!("{}/", mount.trim_end_matches('/'));
-            arg = arg.replace(&prefix, &format!("{}/", local.display()));
-        }
-        arg
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for e in self.spec["env"].as_array().cloned().unwrap_or_default() {
-            let name = e["name"].as_str().unwrap().to_string();
-            let value = if let Some(v) = e["value"].as_str() {
-                v.to_string()
-            } else {
-                match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-                    Some("status.podIP") => FAKE_POD_IP.to_string(),
-                    Some("status.podIPs") => FAKE_POD_IP.to_string(),
-                    Some("spec.nodeName") => FAKE_NODE_NAME.to_string(),
-                    other => panic!("{}: env {name} from {other:?}", self.workload),
-                }
-            };
-            out.push((name, value));
-        }
-        out
-    }
-}
-
-fn kiam_in(c: &Container, argv: &[String]) -> Command {
-    let mut cmd = procs::kiam_bin();
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(c.env())
-        .args(argv);
-    cmd
-}
-
-fn set_flag(argv: &mut Vec<String>, name: &str, value: &str) {
-    let prefix = format!("--{name}=");
-    argv.retain(|a| !a.starts_with(&prefix) && a != &format!("--{name}"));
-    argv.push(format!("{prefix}{value}"));
+    containers(docs, &secrets, dir)
 }
 
 #[test]
@@ -481,7 +340,7 @@ fn every_kiam_command_line_passes_check_config() {
         let docs = render(&helm, &case);
         let dir = tempfile::tempdir().unwrap();
         let mut roles = Vec::new();
-        for c in containers(&docs, &case, dir.path()) {
+        for c in case_containers(&docs, &case, dir.path()) {
             let Some(argv) = c.main_argv() else { continue };
             let leftover: Vec<&String> = argv.iter().filter(|a| a.contains("/etc/kiam")).collect();
             assert!(
@@ -820,7 +679,7 @@ async fn chart_generated_certificates_give_working_mtls() {
     };
     let docs = render(&helm, &case);
     let dir = tempfile::tempdir().unwrap();
-    let cs = containers(&docs, &case, dir.path());
+    let cs = case_containers(&docs, &case, dir.path());
     let find = |role: &str| {
         cs.iter()
             .find(|c| c.main_argv().is_some_and(|a| a[0] == role))
