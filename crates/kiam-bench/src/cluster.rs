@@ -208,3 +208,34 @@ impl Cluster {
         Ok((cluster, listener, deps))
     }
 }
+
+/// Asks for every request's credentials once, 64 at a time over
+/// `channels`, each retried (every 20 ms, up to `tries` times) while
+/// prefetch or the first sync may still be running: afterwards every
+/// identity is cached and every pod is in the servers' caches.
+pub async fn ask_every_pod_once(
+    channels: &[Channel],
+    requests: Arc<Vec<kiam::proto::GetPodCredentialsRequest>>,
+    tries: u32,
+) -> Result<()> {
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let requests = requests.clone();
+        let mut client = KiamServiceClient::new(channels[w % channels.len()].clone());
+        tasks.push(tokio::spawn(async move {
+            for r in requests.iter().skip(w).step_by(64) {
+                let mut tried = 0;
+                while let Err(e) = client.get_pod_credentials(r.clone()).await {
+                    tried += 1;
+                    anyhow::ensure!(tried < tries, "warming {}: {e}", r.ip);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}

@@ -111,28 +111,11 @@ fn run(pods_n: usize, budget: Option<&str>, measure: Duration) -> Result<Run> {
     })?;
     // Warm-up: every pod once, so every identity is cached and every pod
     // is in the server's cache (retried: prefetch may still be running).
-    load_rt.block_on(async {
-        let mut tasks = Vec::new();
-        for w in 0..64 {
-            let requests = requests.clone();
-            let mut client = KiamServiceClient::new(channels[w % channels.len()].clone());
-            tasks.push(tokio::spawn(async move {
-                for r in requests.iter().skip(w).step_by(64) {
-                    let mut tries = 0;
-                    while let Err(e) = client.get_pod_credentials(r.clone()).await {
-                        tries += 1;
-                        anyhow::ensure!(tries < 100, "warming {}: {e}", r.ip);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                Ok(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        Ok::<_, anyhow::Error>(())
-    })?;
+    load_rt.block_on(crate::cluster::ask_every_pod_once(
+        &channels,
+        requests.clone(),
+        100,
+    ))?;
     // Past CONFIRM_TTL, so the warm-up's confirmations have expired and the
     // budget's bucket is full again: the window starts from a steady state.
     std::thread::sleep(Duration::from_millis(1500));

@@ -99,28 +99,11 @@ fn run(pods_n: usize, agents: usize, tags: bool, measure: Duration) -> Result<Ru
             .collect::<Result<Vec<_>>>()
     })?;
     // Every pod asked once on some server (prefetch is running on all).
-    load_rt.block_on(async {
-        let mut tasks = Vec::new();
-        for w in 0..64 {
-            let requests = requests.clone();
-            let mut client = KiamServiceClient::new(channels[w % channels.len()].clone());
-            tasks.push(tokio::spawn(async move {
-                for r in requests.iter().skip(w).step_by(64) {
-                    let mut tries = 0;
-                    while let Err(e) = client.get_pod_credentials(r.clone()).await {
-                        tries += 1;
-                        anyhow::ensure!(tries < 200, "warming {}: {e}", r.ip);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                Ok(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        Ok::<_, anyhow::Error>(())
-    })?;
+    load_rt.block_on(crate::cluster::ask_every_pod_once(
+        &channels,
+        requests.clone(),
+        200,
+    ))?;
     std::thread::sleep(Duration::from_millis(1500));
     let sts_before: usize = servers.iter().map(|s| s.sts.calls()).sum();
     api.clear_requests();
