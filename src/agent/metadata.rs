@@ -549,7 +549,7 @@ async fn credentials(
     }
     if !extended || documents::full_arn(role).is_some() {
         let rendered = fetch_credentials(ctx, caller, role, extended).await?;
-        let body = rendered.body(documents::full_arn(role), extended);
+        let body = rendered.body(|| documents::full_arn(role), extended);
         return Ok(documents::json_response(body));
     }
     // A bare name: its account is in the ARN the server resolved it to,
@@ -560,7 +560,7 @@ async fn credentials(
     );
     let rendered = rendered?;
     let arn = documents::role_arn(role, pod.as_ref());
-    Ok(documents::json_response(rendered.body(arn, extended)))
+    Ok(documents::json_response(rendered.body(|| arn, extended)))
 }
 
 /// The pod's role with the ARN a server resolved it to, for `AccountId`

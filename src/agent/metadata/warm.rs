@@ -61,15 +61,20 @@ impl Rendered {
     }
 
     /// The JSON document, with `AccountId` from `arn` when `extended`;
-    /// rendered on first use of each form, then the same bytes (`arn` is
-    /// the same for one pod and role within a window).
-    pub(super) fn body(&self, arn: Option<crate::arn::RoleArn<'_>>, extended: bool) -> Bytes {
+    /// rendered on first use of each form, then the same bytes. `arn` is
+    /// asked only for that first rendering (it is the same for one pod and
+    /// role within a window), so repeats do no work beyond the lookup.
+    pub(super) fn body<'a>(
+        &self,
+        arn: impl FnOnce() -> Option<crate::arn::RoleArn<'a>>,
+        extended: bool,
+    ) -> Bytes {
         let cell = if extended {
             &self.extended
         } else {
             &self.plain
         };
-        cell.get_or_init(|| documents::credentials_body(&self.credentials, arn, extended))
+        cell.get_or_init(|| documents::credentials_body(&self.credentials, arn(), extended))
             .clone()
     }
 }
@@ -299,8 +304,8 @@ mod tests {
         let kept = warm.credentials(IP, "r").unwrap();
         assert!(warm.credentials(IP, "other").is_none());
         // Rendered once: the same bytes, not an equal copy.
-        let a = kept.body(None, false);
-        let b = warm.credentials(IP, "r").unwrap().body(None, false);
+        let a = kept.body(|| None, false);
+        let b = warm.credentials(IP, "r").unwrap().body(|| None, false);
         assert_eq!(a.as_ptr(), b.as_ptr());
         assert!(std::str::from_utf8(&a)
             .unwrap()
