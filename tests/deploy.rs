@@ -636,24 +636,6 @@ async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-/// One HTTP GET: the status code (0 when nothing answered).
-async fn http_status(port: u16, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return 0;
-    };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return 0;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The server and agent run with the manifests' own arguments (only
 /// addresses, the kubeconfig and the metadata endpoint are pointed at the
 /// test's emulators, and the agent leaves iptables alone), and the probes
@@ -746,7 +728,7 @@ async fn server_and_agent_pass_their_own_probes() {
             let deadline = Instant::now() + Duration::from_secs(15);
             let mut status = 0;
             while Instant::now() < deadline {
-                status = http_status(agent_port, &path).await;
+                status = workload::http_status(agent_port, &path).await;
                 if (200..400).contains(&status) {
                     break;
                 }

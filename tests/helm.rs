@@ -645,23 +645,6 @@ fn default_rendering_matches_deploy_base() {
 // ---------------------------------------------------------------------------
 // Running what the chart renders.
 
-async fn http_status(port: u16, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return 0;
-    };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return 0;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The certificates the chart generates (no tlsSecret, no tlsFiles) work:
 /// the server and agent started with the rendered arguments and Secrets
 /// (addresses pointed at the test's API server and metadata emulator, no
@@ -752,7 +735,7 @@ async fn chart_generated_certificates_give_working_mtls() {
     let _agent = procs::ChildGuard::spawn("kiam agent", kiam_in(agent, &argv)).unwrap();
     let mut status = 0;
     for _ in 0..150 {
-        status = http_status(agent_port, "/health?deep=1").await;
+        status = workload::http_status(agent_port, "/health?deep=1").await;
         if status == 200 {
             break;
         }

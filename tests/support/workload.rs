@@ -196,3 +196,12 @@ pub fn set_flag(argv: &mut Vec<String>, name: &str, value: &str) {
     argv.retain(|a| !a.starts_with(&prefix) && a != &format!("--{name}"));
     argv.push(format!("{prefix}{value}"));
 }
+
+/// One HTTP GET to a probe's port: the status code (0 when nothing
+/// answered within 15 s).
+pub async fn http_status(port: u16, path: &str) -> u16 {
+    procs::http_get(port, path, std::time::Duration::from_secs(15))
+        .await
+        .map(|(status, _)| status)
+        .unwrap_or(0)
+}
