@@ -114,6 +114,7 @@ fn spawn_server(
     port: u16,
     sts_url: &str,
     log: &Path,
+    metrics_port: u16,
 ) -> ChildGuard {
     let mut cmd = kiam_bin();
     kiam_sandbox::procs::server_args(&mut cmd, kubeconfig, &pki.dir)
@@ -121,7 +122,7 @@ fn spawn_server(
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .args([
             "--prometheus-listen-addr",
-            &format!("127.0.0.1:{}", free_port()),
+            &format!("127.0.0.1:{metrics_port}"),
         ]);
     procs::moto_env(&mut cmd, sts_url);
     cmd.stdin(Stdio::null())
@@ -231,7 +232,7 @@ async fn kiam_server_on_the_manifests_rbac_and_a_service_account_token() {
     );
     let bad_port = free_port();
     let bad_log = dir.join("kiam-incomplete.log");
-    let bad = spawn_server(&kc_bad, &pki, bad_port, &moto.url, &bad_log);
+    let bad = spawn_server(&kc_bad, &pki, bad_port, &moto.url, &bad_log, free_port());
     let refused = kiam_sandbox::procs::wait_until(
         Duration::from_secs(60),
         Duration::from_millis(200),
@@ -259,7 +260,8 @@ async fn kiam_server_on_the_manifests_rbac_and_a_service_account_token() {
     api.kubeconfig_with_token(&kc, &api.service_account_token(KIAM_NAMESPACE, &sa));
     let port = free_port();
     let log = dir.join("kiam-server.log");
-    let _server = spawn_server(&kc, &pki, port, &moto.url, &log);
+    let metrics_port = free_port();
+    let _server = spawn_server(&kc, &pki, port, &moto.url, &log, metrics_port);
     let mut out = health(&pki, port);
     for _ in 0..300 {
         if out.status.success() {
@@ -300,6 +302,36 @@ async fn kiam_server_on_the_manifests_rbac_and_a_service_account_token() {
     });
     assert!(!creds.access_key_id.is_empty());
     assert!(!creds.token.is_empty());
+
+    // The server proves its Pod watch current with `limit=1` LISTs read
+    // against the real API server's resourceVersions: once a pod change is
+    // the newest write, requests are confirmed without a GET per pod.
+    api.pod("team-a", "newest", "198.18.2.12", "web-role");
+    let wanted = [
+        r#"kiam_k8s_pod_watch_checks_total{result="current"}"#,
+        r#"kiam_k8s_pod_confirmations_total{result="current"}"#,
+    ];
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        grpc::credentials(&client, "198.18.2.10", "web-role")
+            .await
+            .unwrap();
+        metrics = procs::http_get(metrics_port, "/metrics", Duration::from_secs(2))
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        if wanted.iter().all(|w| metrics.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for w in wanted {
+        assert!(metrics.contains(w), "{w} missing:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains(r#"kiam_k8s_pod_watch_checks_total{result="failed"}"#),
+        "{metrics}"
+    );
 
     // And through a real agent, as a pod's SDK asks (by `?ip=` here: the
     // pod's address exists only in the API server).
@@ -411,7 +443,7 @@ async fn a_pods_boto3_gets_its_role_through_iptables_on_the_real_apiserver() {
 
     let port = free_port();
     let log = dir.join("kiam-server.log");
-    let _server = spawn_server(&kc, &pki, port, &moto.url, &log);
+    let _server = spawn_server(&kc, &pki, port, &moto.url, &log, free_port());
     let agent_port = free_port();
     let mut cmd = kiam_bin();
     kiam_sandbox::procs::agent_args(

@@ -212,7 +212,9 @@ async fn misses_on_one_ip_cost_one_api_lookup() {
 
 /// Confirmation GETs are bounded by `--pod-confirmations-per-second`
 /// across all pods: past the budget the cache is trusted (and counted), so
-/// busy pods cannot turn the server into an etcd load generator.
+/// busy pods cannot turn the server into an etcd load generator. The budget
+/// is spent only while the watch cannot be proven current (here: its events
+/// are held back and a newer pod change is waiting).
 #[tokio::test]
 async fn confirmations_stay_within_their_budget() {
     let f = fixture_with(100, 3).await;
@@ -227,6 +229,10 @@ async fn confirmations_stay_within_their_budget() {
             .unwrap();
     }
     f.cached("b12", |_| true).await;
+    f.api.hold_watch_events(true);
+    f.api
+        .apply_pod(pod("held", "10.1.7.99", "Running", None))
+        .unwrap();
     let gets =
         |api: &FakeApiServer| api.count_requests(|r| r.verb == "get" && r.path.contains("/pods/b"));
     let before = gets(&f.api);
@@ -246,6 +252,12 @@ async fn confirmations_stay_within_their_budget() {
         )),
         "{text}"
     );
+
+    assert!(
+        !text.contains(r#"kiam_k8s_pod_confirmations_total{result="current"}"#),
+        "{text}"
+    );
+    f.api.hold_watch_events(false);
 
     // 0 turns confirmation off: no GET at all.
     let off = fixture_with(100, 0).await;
@@ -789,4 +801,116 @@ async fn a_cached_pod_that_lost_an_ipv6_address_is_not_its_owner() {
         &*f.pods.find_by_ip(ip("198.18.1.5")).await.unwrap().name,
         "old"
     );
+}
+
+fn watch_checks(api: &FakeApiServer) -> usize {
+    api.count_requests(|r| {
+        r.verb == "list" && r.path == "/api/v1/pods" && r.param("limit") == Some("1")
+    })
+}
+
+/// Waits until a check proved the watch current (the first request starts
+/// one; it answers per pod meanwhile).
+async fn proven_current(f: &Fixture, ip_of_a_cached_pod: &str) {
+    f.pods.find_by_ip(ip(ip_of_a_cached_pod)).await.unwrap();
+    let registry = &f.registry;
+    eventually("a check proving the watch current", || {
+        kiam::telemetry::encode(registry)
+            .contains(r#"kiam_k8s_pod_watch_checks_total{result="current"}"#)
+    })
+    .await;
+}
+
+/// While the watch is proven current (one `limit=1` LIST whose
+/// resourceVersion the watch has reached), every cached pod is confirmed at
+/// once: no GET per pod however many pods ask, and every answer may be
+/// reused by the agent until the proof ends.
+#[tokio::test]
+async fn a_current_watch_confirms_every_pod_with_one_list() {
+    let f = fixture_with(100, 3).await;
+    for n in 1..=40 {
+        f.api
+            .apply_pod(pod(
+                &format!("p{n}"),
+                &format!("10.1.8.{n}"),
+                "Running",
+                Some("reader"),
+            ))
+            .unwrap();
+    }
+    f.cached("p40", |_| true).await;
+    proven_current(&f, "10.1.8.1").await;
+    let gets = || {
+        f.api
+            .count_requests(|r| r.verb == "get" && r.path.contains("/pods/p"))
+    };
+    let (gets_before, checks_before) = (gets(), watch_checks(&f.api));
+    for n in 1..=40 {
+        let at = ip(&format!("10.1.8.{n}"));
+        let found = f.pods.find_by_ip(at).await.unwrap();
+        assert_eq!(&*found.name, format!("p{n}"));
+        let until = f.pods.reuse_until(&found, at);
+        assert!(
+            until.is_some(),
+            "p{n}: no reuse window under a current watch"
+        );
+        assert!(
+            until.unwrap() <= std::time::Instant::now() + kiam::server::pods::CONFIRM_TTL,
+            "p{n}: a window past CONFIRM_TTL"
+        );
+    }
+    // 40 pods with a budget of 3 GETs a second: none spent.
+    assert_eq!(gets() - gets_before, 0, "confirmation GETs");
+    // Renewals only (at most one check in flight and one per 250 ms).
+    assert!(watch_checks(&f.api) - checks_before <= 2);
+    let text = kiam::telemetry::encode(&f.registry);
+    assert!(
+        text.contains(r#"kiam_k8s_pod_confirmations_total{result="current"} 40"#),
+        "{text}"
+    );
+    assert!(!text.contains(r#"result="skipped""#), "{text}");
+}
+
+/// The proof lasts CONFIRM_TTL after its LIST and is renewed only when the
+/// watch reaches the new LIST's resourceVersion: with its events held back
+/// (a lagging watch) and a pod change waiting, it ends, the reused IP's old
+/// pod is checked with a GET again, and the new pod on that IP is answered.
+#[tokio::test]
+async fn a_lagging_watch_ends_the_proof_and_a_reused_ip_is_checked_again() {
+    let f = fixture().await;
+    f.api
+        .apply_pod(pod("old", "10.1.9.1", "Running", Some("reader")))
+        .unwrap();
+    f.api
+        .apply_pod(pod("other", "10.1.9.2", "Running", Some("reader")))
+        .unwrap();
+    f.cached("old", |_| true).await;
+    f.cached("other", |_| true).await;
+    proven_current(&f, "10.1.9.2").await;
+
+    f.api.hold_watch_events(true);
+    f.api.delete_pod(NS, "old").unwrap();
+    f.api
+        .apply_pod(pod("new", "10.1.9.1", "Running", Some("writer")))
+        .unwrap();
+    // Past the last proof's window: whatever checks run now are behind.
+    tokio::time::sleep(kiam::server::pods::CONFIRM_TTL + std::time::Duration::from_millis(100))
+        .await;
+    let found = f.pods.find_by_ip(ip("10.1.9.1")).await.unwrap();
+    assert_eq!(&*found.name, "new", "the old pod's role for a reused IP");
+    assert_eq!(found.role.as_deref(), Some("writer"));
+    let gets = f
+        .api
+        .count_requests(|r| r.verb == "get" && r.path.ends_with("/pods/old"));
+    assert_eq!(
+        gets, 1,
+        "the cached pod is confirmed by name once the proof ended"
+    );
+    let registry = &f.registry;
+    eventually("a check that found the watch behind", || {
+        kiam::telemetry::encode(registry)
+            .contains(r#"kiam_k8s_pod_watch_checks_total{result="behind"}"#)
+    })
+    .await;
+    f.api.hold_watch_events(false);
 }

@@ -178,7 +178,7 @@ impl Service {
             _ => String::new(),
         };
         tracing::debug!(pod.namespace = %pod.namespace, pod.name = %pod.name, pod.ip = %ip, pod.iam.role = %name, pod.iam.arn = %arn, "found role");
-        let reuse_until = self.pods.reuse_until(&pod);
+        let reuse_until = self.pods.reuse_until(&pod, ip);
         Ok(Reusable {
             answer: Role { name, arn },
             reuse_until,
@@ -222,7 +222,7 @@ impl Service {
             Ok(creds) => {
                 // Read after the credentials: a confirmation that ended
                 // while STS answered gives no window.
-                let reuse_until = self.pods.reuse_until(&pod).and_then(|until| {
+                let reuse_until = self.pods.reuse_until(&pod, ip).and_then(|until| {
                     let left = creds.expiration.duration_since(jiff::Timestamp::now());
                     let left = Duration::try_from(left).ok()?;
                     let servable = left.checked_sub(self.credentials.session_refresh())?;

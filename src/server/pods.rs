@@ -19,10 +19,14 @@
 //!
 //! What may be stale: a pod whose deletion or completion the watch has not
 //! delivered yet. Because its IP may already belong to a new pod, a cached
-//! answer is confirmed with one GET of that pod by name (not a list) before
-//! it is used, at most once per [`CONFIRM_TTL`] per pod and shared by
-//! concurrent requests: a pod the API reports gone, completed or moved is
-//! dropped and the IP is looked up afresh. A confirmation that fails or
+//! answer is used only while the API has vouched for it within
+//! [`CONFIRM_TTL`]: either the whole cache was proven current (one `limit=1`
+//! LIST whose resourceVersion the watch has reached, see `progress`; the
+//! usual case on a busy cluster, one check for every pod), or else that pod
+//! is confirmed with one GET by name (not a list), at most once per
+//! [`CONFIRM_TTL`] per pod and shared by concurrent requests: a pod the API
+//! reports gone, completed or moved is dropped and the IP is looked up
+//! afresh. A confirmation that fails or
 //! takes longer than [`CONFIRM_TIMEOUT`] trusts the cache, so an API outage
 //! does not stop kiam serving running pods; while the API is unreachable
 //! the window is the watch's staleness again (see docs/RELIABILITY.md).
@@ -58,9 +62,11 @@ use super::watch::{Synced, Watched};
 
 mod budget;
 mod metrics;
+mod progress;
 
 use budget::Budget;
 pub use metrics::PodCacheMetrics;
+use progress::Progress;
 
 /// At most this many direct pod lookups run at once, however many IPs miss:
 /// a `status.podIP` field selector is not indexed by the API server.
@@ -172,6 +178,10 @@ struct PodCacheState {
     confirmations: Mutex<HashMap<Arc<str>, Confirmation>>,
     // std Mutex: held only to take a token, never across `.await`.
     confirm_budget: Mutex<Budget>,
+    /// `--pod-confirmations-per-second` is not 0.
+    confirming: bool,
+    /// Proof that the whole cache is current (see `progress`).
+    progress: Arc<Progress>,
 }
 
 impl PodCache {
@@ -202,6 +212,8 @@ impl PodCache {
             negatives: Mutex::new(HashMap::new()),
             confirm_budget: Mutex::new(Budget::new(config.confirmations_per_second)),
             confirmations: Mutex::new(HashMap::new()),
+            confirming: config.confirmations_per_second > 0,
+            progress: Arc::new(Progress::default()),
         });
         let api = state.api.clone();
         let handle = Watched::spawn(state, api, config.resync, "pod", PodCacheState::on_event);
@@ -220,8 +232,15 @@ impl PodCache {
         // cache and the field selector alike.
         let ip = ip.to_canonical();
         let state = &self.handle.state;
+        // Asked before reading the cache: a proof that arrives after that
+        // read says nothing about what was read.
+        let current = state.confirming && state.progress.is_current(&state.api, &state.metrics);
         let live = state.index.lock().unwrap().live_on(ip, Timestamp::now());
         if let [only] = live.as_slice() {
+            if current {
+                state.metrics.confirmed("current");
+                return Ok(only.clone());
+            }
             if state.clone().confirm(only.clone(), ip).await == Confirmed::Trusted {
                 return Ok(only.clone());
             }
@@ -234,31 +253,41 @@ impl PodCache {
         state.clone().lookup(ip).await
     }
 
-    /// Until when an answer about `pod` may be reused without asking this
-    /// server again: the end of the window in which the API's last word on
-    /// the pod (a confirmation GET or a direct lookup that found it live on
-    /// its IP) is trusted, [`CONFIRM_TTL`] after that answer, and never past
-    /// the pod's deletion deadline. `None` when the pod is trusted for any
-    /// other reason (the confirmation budget was spent, confirmation is off,
-    /// or the API did not answer): then the server trusts its watch per
-    /// request, and an answer reused past this request would not see what
-    /// the watch delivers next.
-    pub fn reuse_until(&self, pod: &PodInfo) -> Option<Instant> {
+    /// Until when an answer about `pod`, asked from `ip`, may be reused
+    /// without asking this server again: the end of the window in which the
+    /// API's last word on the pod is trusted, [`CONFIRM_TTL`] after that
+    /// word, and never past the pod's deletion deadline. That word is a
+    /// confirmation GET or direct lookup that found the pod live on its IP,
+    /// or a proof that the whole cache was current while it still showed
+    /// the pod as the only live one on `ip`. `None` when the pod is trusted
+    /// for any other reason (the confirmation budget was spent, confirmation
+    /// is off, or the API did not answer): then the server trusts its watch
+    /// per request, and an answer reused past this request would not see
+    /// what the watch delivers next.
+    pub fn reuse_until(&self, pod: &PodInfo, ip: IpAddr) -> Option<Instant> {
         let now = Instant::now();
-        let until = match self
-            .handle
-            .state
-            .confirmations
-            .lock()
-            .unwrap()
-            .get(&pod.uid)
-        {
+        let state = &self.handle.state;
+        // The proof first, then the cache it vouches for.
+        let by_proof = state
+            .confirming
+            .then(|| state.progress.current_until(now))
+            .flatten()
+            .filter(|_| {
+                let live = state
+                    .index
+                    .lock()
+                    .unwrap()
+                    .live_on(ip.to_canonical(), Timestamp::now());
+                matches!(live.as_slice(), [only] if only.uid == pod.uid)
+            });
+        let by_get = match state.confirmations.lock().unwrap().get(&pod.uid) {
             Some(Confirmation::Until {
                 until,
                 by_api: true,
-            }) if *until > now => *until,
-            _ => return None,
+            }) if *until > now => Some(*until),
+            _ => None,
         };
+        let until = by_proof.max(by_get)?;
         match pod.deletion {
             None => Some(until),
             Some(deadline) => {
@@ -332,6 +361,14 @@ impl PodCache {
     }
 }
 
+/// A pod's resourceVersion as a number (etcd's revision), if it is one.
+fn resource_version(pod: &PodView) -> Option<u64> {
+    pod.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok())
+}
+
 impl PodCacheState {
     fn entry(&self, pod: &PodView) -> CachedPod {
         let info = PodInfo::from_view(pod);
@@ -350,11 +387,7 @@ impl PodCacheState {
         CachedPod {
             info: Arc::new(info),
             identity,
-            resource_version: pod
-                .metadata
-                .resource_version
-                .as_deref()
-                .and_then(|rv| rv.parse().ok()),
+            resource_version: resource_version(pod),
         }
     }
 
@@ -363,11 +396,13 @@ impl PodCacheState {
             let mut index = self.index.lock().unwrap();
             match event {
                 watcher::Event::Init => {
+                    self.progress.relist_started();
                     index.relisted = Some(HashSet::new());
                     None
                 }
                 watcher::Event::InitApply(pod) => {
                     let entry = self.entry(&pod);
+                    self.progress.relisted(entry.resource_version);
                     if let Some(seen) = index.relisted.as_mut() {
                         seen.insert(entry.key());
                     }
@@ -376,6 +411,7 @@ impl PodCacheState {
                 watcher::Event::InitDone => {
                     let gone = index.finish_relist();
                     drop(index);
+                    self.progress.relist_done();
                     if gone > 0 {
                         tracing::info!(
                             pods = gone,
@@ -388,11 +424,20 @@ impl PodCacheState {
                     self.synced.set();
                     return;
                 }
-                watcher::Event::Apply(pod) => index.upsert(self.entry(&pod)),
+                watcher::Event::Apply(pod) => {
+                    let entry = self.entry(&pod);
+                    let rv = entry.resource_version;
+                    let prefetch = index.upsert(entry);
+                    drop(index);
+                    self.progress.delivered(rv);
+                    prefetch
+                }
                 watcher::Event::Delete(pod) => {
                     let info = PodInfo::from_view(&pod);
                     tracing::debug!(pod.namespace = %info.namespace, pod.name = %info.name, "pod deleted");
                     index.delete(&(info.namespace, info.name), &info.uid);
+                    drop(index);
+                    self.progress.delivered(resource_version(&pod));
                     None
                 }
             }

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::progress::Unproven;
 use super::FindError;
 use crate::server::model::PodInfo;
 
@@ -30,8 +31,13 @@ pub struct PodCacheMetrics {
     /// `kiam_k8s_pod_confirmations_total{result}`: checks that a cached pod
     /// still owns a request's IP: `owner`, `stale` (gone, completed or
     /// moved), `unanswered` (the GET failed or was slow: cache trusted),
-    /// `skipped` (over `--pod-confirmations-per-second`: cache trusted).
+    /// `skipped` (over `--pod-confirmations-per-second`: cache trusted),
+    /// `current` (the whole cache was proven current: no GET).
     confirmations: Family<LookupLabel, Counter>,
+    /// `kiam_k8s_pod_watch_checks_total{result}`: checks that the Pod watch
+    /// is current (one `limit=1` LIST each): `current`, `behind` (no pod
+    /// event reached the LIST's resourceVersion in time), `failed`.
+    watch_checks: Family<LookupLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,7 +73,23 @@ impl PodCacheMetrics {
             "Checks that a cached pod still owns the IP a request came from, by result",
             m.confirmations.clone(),
         );
+        registry.register(
+            "kiam_k8s_pod_watch_checks",
+            "Checks that the Pod watch has caught up with the API server (one LIST of one pod each), by result",
+            m.watch_checks.clone(),
+        );
         m
+    }
+
+    pub(super) fn progress_checked(&self, outcome: Result<std::time::Instant, Unproven>) {
+        let result = match outcome {
+            Ok(_) => "current",
+            Err(Unproven::Behind) => "behind",
+            Err(Unproven::Failed) => "failed",
+        };
+        self.watch_checks
+            .get_or_create(&LookupLabel { result })
+            .inc();
     }
 
     pub(super) fn confirmed(&self, result: &'static str) {
