@@ -35,6 +35,14 @@ pub const DENIED_CHECK_KEY: &str = "kiam-denied-check";
 /// the server's own answer would be.
 pub const REUSE_KEY: &str = "kiam-reuse-ms";
 
+/// Request metadata key on GetPodRole and GetPodCredentials: the agent's
+/// node (`--node-name`), so a pod the server's watch has not delivered yet
+/// is looked up among that node's pods (`spec.nodeName`, indexed by the API
+/// server) before the whole cluster (`status.podIP`, not indexed). Only a
+/// hint: an answer is still a live pod the API reports on exactly that IP.
+/// Go kiam servers ignore it.
+pub const NODE_KEY: &str = "kiam-node";
+
 /// Which half of the policy refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {

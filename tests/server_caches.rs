@@ -803,6 +803,13 @@ async fn a_cached_pod_that_lost_an_ipv6_address_is_not_its_owner() {
     );
 }
 
+/// The value of one series in an exposition (0 when absent).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn watch_checks(api: &FakeApiServer) -> usize {
     api.count_requests(|r| {
         r.verb == "list" && r.path == "/api/v1/pods" && r.param("limit") == Some("1")
@@ -815,8 +822,11 @@ async fn proven_current(f: &Fixture, ip_of_a_cached_pod: &str) {
     f.pods.find_by_ip(ip(ip_of_a_cached_pod)).await.unwrap();
     let registry = &f.registry;
     eventually("a check proving the watch current", || {
-        kiam::telemetry::encode(registry)
-            .contains(r#"kiam_k8s_pod_watch_checks_total{result="current"}"#)
+        let text = kiam::telemetry::encode(registry);
+        value(
+            &text,
+            r#"kiam_k8s_pod_watch_checks_total{result="current"}"#,
+        ) >= 1.0
     })
     .await;
 }
@@ -908,9 +918,75 @@ async fn a_lagging_watch_ends_the_proof_and_a_reused_ip_is_checked_again() {
     );
     let registry = &f.registry;
     eventually("a check that found the watch behind", || {
-        kiam::telemetry::encode(registry)
-            .contains(r#"kiam_k8s_pod_watch_checks_total{result="behind"}"#)
+        let text = kiam::telemetry::encode(registry);
+        value(&text, r#"kiam_k8s_pod_watch_checks_total{result="behind"}"#) >= 1.0
     })
     .await;
+    f.api.hold_watch_events(false);
+}
+
+/// A pod the watch has not delivered, asked about by an agent that names
+/// its node: looked up among that node's pods (`spec.nodeName`, indexed by
+/// the API server) and not in the whole cluster; a wrong or stale node name
+/// costs one more LIST, never a wrong answer; no live pod anywhere is
+/// `no pod found` as before.
+#[tokio::test]
+async fn a_miss_is_looked_up_on_the_agents_node_first() {
+    let f = fixture().await;
+    f.api.hold_watch_events(true);
+    let mut on_node = pod("early", "10.1.0.31", "Running", Some("reader"));
+    on_node["spec"]["nodeName"] = json!("node-a");
+    f.api.apply_pod(on_node).unwrap();
+    let scoped = |api: &FakeApiServer, node: &str, ip: &str| {
+        api.count_requests(|r| {
+            r.verb == "list"
+                && r.param("fieldSelector")
+                    == Some(&format!("spec.nodeName={node},status.podIP={ip}"))
+        })
+    };
+
+    let found = f
+        .pods
+        .find_by_ip_on(ip("10.1.0.31"), Some("node-a"))
+        .await
+        .unwrap();
+    assert_eq!(&*found.name, "early");
+    assert_eq!(scoped(&f.api, "node-a", "10.1.0.31"), 1);
+    assert_eq!(ip_lookups(&f.api, "10.1.0.31"), 0, "no cluster-wide LIST");
+
+    // The agent named another node: that node has no such pod, so the
+    // whole cluster is asked, and the pod is found there.
+    let mut elsewhere = pod("moved", "10.1.0.32", "Running", Some("writer"));
+    elsewhere["spec"]["nodeName"] = json!("node-a");
+    f.api.apply_pod(elsewhere).unwrap();
+    let found = f
+        .pods
+        .find_by_ip_on(ip("10.1.0.32"), Some("node-b"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&*found.name, found.role.as_deref()),
+        ("moved", Some("writer"))
+    );
+    assert_eq!(scoped(&f.api, "node-b", "10.1.0.32"), 1);
+    assert_eq!(ip_lookups(&f.api, "10.1.0.32"), 1);
+
+    // No pod on that IP anywhere.
+    let err = f
+        .pods
+        .find_by_ip_on(ip("10.1.0.33"), Some("node-a"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FindError::NotFound), "{err}");
+    assert_eq!(ip_lookups(&f.api, "10.1.0.33"), 1);
+    let text = kiam::telemetry::encode(&f.registry);
+    assert!(
+        text.contains(r#"kiam_k8s_pod_lookups_on_node_total{result="found"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"kiam_k8s_pod_lookups_on_node_total{result="not_found"} 2"#),
+        "{text}"
+    );
     f.api.hold_watch_events(false);
 }

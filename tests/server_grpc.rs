@@ -347,6 +347,58 @@ async fn start_up_race_is_answered_from_the_api() {
     c.api.hold_watch_events(false);
 }
 
+/// An agent's node name (`kiam-node` request metadata) scopes the lookup
+/// of a pod the watch has not delivered to that node's pods; a value that
+/// cannot be a node name is ignored (the whole cluster is asked), never an
+/// error.
+#[tokio::test]
+async fn the_agents_node_scopes_a_direct_lookup() {
+    let c = Cluster::start(&[]).await;
+    c.namespace("team-a", Some(".*"));
+    let mut client = c.ready().await;
+    c.api.hold_watch_events(true);
+    for (name, ip) in [("near", "198.18.0.60"), ("odd", "198.18.0.61")] {
+        let mut pod = pod_json("team-a", name, ip, Some("near-role"), "Running");
+        pod["spec"]["nodeName"] = serde_json::json!("node-7");
+        c.api.apply_pod(pod).unwrap();
+    }
+    let with_node = |ip: &str, node: &str| {
+        let mut request = tonic::Request::new(GetPodRoleRequest { ip: ip.into() });
+        request
+            .metadata_mut()
+            .insert(kiam::wire::NODE_KEY, node.parse().unwrap());
+        request
+    };
+    let role = client
+        .get_pod_role(with_node("198.18.0.60", "node-7"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(role.name, "near-role");
+    let selectors = |ip: &str| -> Vec<String> {
+        c.api
+            .requests()
+            .iter()
+            .filter(|r| r.verb == "list")
+            .filter_map(|r| r.param("fieldSelector").map(str::to_string))
+            .filter(|f| f.contains(ip))
+            .collect()
+    };
+    assert_eq!(
+        selectors("198.18.0.60"),
+        ["spec.nodeName=node-7,status.podIP=198.18.0.60"]
+    );
+
+    let role = client
+        .get_pod_role(with_node("198.18.0.61", "Node_7;x"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(role.name, "near-role");
+    assert_eq!(selectors("198.18.0.61"), ["status.podIP=198.18.0.61"]);
+    c.api.hold_watch_events(false);
+}
+
 #[tokio::test]
 async fn clients_without_the_ca_are_refused() {
     let c = Cluster::start(&[]).await;

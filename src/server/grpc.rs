@@ -27,7 +27,8 @@ use crate::proto::{
     TokenCredentials,
 };
 use crate::wire::{
-    ec2_time, Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NO_POD_FOUND, REUSE_KEY, TOKEN_REFUSED,
+    ec2_time, Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, NODE_KEY, NO_POD_FOUND, REUSE_KEY,
+    TOKEN_REFUSED,
 };
 
 /// Everything the service answers from.
@@ -156,12 +157,16 @@ impl Service {
         sources.explain(req).await
     }
 
-    async fn pod_role(&self, req: GetPodRoleRequest) -> Result<Reusable<Role>, Status> {
+    async fn pod_role(
+        &self,
+        req: GetPodRoleRequest,
+        node: Option<String>,
+    ) -> Result<Reusable<Role>, Status> {
         self.ensure_ready()?;
         let ip = parse_ip(&req.ip)?;
         let pod = self
             .pods
-            .find_by_ip(ip)
+            .find_by_ip_on(ip, node.as_deref())
             .await
             .map_err(|e| find_error(ip, e))?;
         let name = pod.role.as_deref().unwrap_or_default().to_string();
@@ -188,12 +193,13 @@ impl Service {
     async fn pod_credentials(
         &self,
         req: GetPodCredentialsRequest,
+        node: Option<String>,
     ) -> Result<Reusable<PbCredentials>, Status> {
         self.ensure_ready()?;
         let ip = parse_ip(&req.ip)?;
         let pod = self
             .pods
-            .find_by_ip(ip)
+            .find_by_ip_on(ip, node.as_deref())
             .await
             .map_err(|e| find_error(ip, e))?;
         // A namespace created moments ago may not be in the cache yet: ask
@@ -389,6 +395,18 @@ impl KiamGrpc {
     }
 }
 
+/// The agent's node from [`NODE_KEY`], if it sent one that can be a node
+/// name (a DNS subdomain); anything else is ignored, never an error.
+fn node_hint<T>(request: &Request<T>) -> Option<String> {
+    let node = request.metadata().get(NODE_KEY)?.to_str().ok()?;
+    let valid = !node.is_empty()
+        && node.len() <= 253
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    valid.then(|| node.to_string())
+}
+
 #[tonic::async_trait]
 impl KiamService for KiamGrpc {
     async fn get_pod_role(
@@ -396,7 +414,8 @@ impl KiamService for KiamGrpc {
         request: Request<GetPodRoleRequest>,
     ) -> Result<Response<Role>, Status> {
         let call = async {
-            let answer = self.0.pod_role(request.into_inner()).await?;
+            let node = node_hint(&request);
+            let answer = self.0.pod_role(request.into_inner(), node).await?;
             Ok(answer.into_response())
         };
         self.instrumented_response("GetPodRole", call).await
@@ -407,7 +426,8 @@ impl KiamService for KiamGrpc {
         request: Request<GetPodCredentialsRequest>,
     ) -> Result<Response<PbCredentials>, Status> {
         let call = async {
-            let answer = self.0.pod_credentials(request.into_inner()).await?;
+            let node = node_hint(&request);
+            let answer = self.0.pod_credentials(request.into_inner(), node).await?;
             Ok(answer.into_response())
         };
         self.instrumented_response("GetPodCredentials", call).await

@@ -4,7 +4,17 @@
 //! Like any watch-based cache it may lag the API server; a miss on an IP
 //! (or two live pods claiming one IP) is therefore settled by one direct API
 //! lookup (`fieldSelector=status.podIP=<ip>`) before answering, and an
-//! answer that is still ambiguous is an error, never a guess.
+//! answer that is still ambiguous is an error, never a guess. The API server
+//! does not index `status.podIP`: each such LIST walks every pod of the
+//! cluster. An agent that names its node (`kiam-node`, from `--node-name`)
+//! has the lookup made among that node's pods first
+//! (`spec.nodeName=<node>,status.podIP=<ip>`, which the API server's watch
+//! cache answers from its node index), and the whole cluster is asked only
+//! when no live pod there has the IP. One live pod on the agent's node is
+//! then the answer without looking at other nodes: the request came through
+//! that node's agent, and pod IPs are unique in a cluster (two live pods on
+//! one IP on different nodes is a broken network that the cluster-wide
+//! lookup would refuse as ambiguous, and this one does not see).
 //!
 //! Pods are indexed under every address of `status.podIPs`, so a dual-stack
 //! pod is found by either. The direct lookup cannot do the same: Kubernetes
@@ -228,6 +238,20 @@ impl PodCache {
     /// one live pod (also put in the cache), none ([`FindError::NotFound`])
     /// or several ([`FindError::Ambiguous`]).
     pub async fn find_by_ip(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+        self.find_by_ip_on(ip, None).await
+    }
+
+    /// [`PodCache::find_by_ip`] for a request an agent on `node` forwarded:
+    /// a pod the cache does not have is looked up among that node's pods
+    /// first (`spec.nodeName`, which the API server indexes), and in the
+    /// whole cluster only if none there has the IP. The node is a hint, not
+    /// a check: the answer is still a live pod the API reports on exactly
+    /// that IP.
+    pub async fn find_by_ip_on(
+        &self,
+        ip: IpAddr,
+        node: Option<&str>,
+    ) -> Result<Arc<PodInfo>, FindError> {
         // `::ffff:198.18.0.5` is 198.18.0.5, in the index, the negative
         // cache and the field selector alike.
         let ip = ip.to_canonical();
@@ -250,7 +274,7 @@ impl PodCache {
             );
         }
         tracing::debug!(pod.ip = %ip, cached_live_pods = live.len(), "asking the API server for the pod");
-        state.clone().lookup(ip).await
+        state.clone().lookup(ip, node.map(Arc::from)).await
     }
 
     /// Until when an answer about `pod`, asked from `ip`, may be reused
@@ -575,7 +599,11 @@ impl PodCacheState {
     /// Joins the in-flight lookup for `ip` or starts one. The lookup is a
     /// task, so a caller that gives up (its gRPC deadline passed) neither
     /// cancels it for the others nor leaves it half-done holding a permit.
-    async fn lookup(self: Arc<Self>, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+    async fn lookup(
+        self: Arc<Self>,
+        ip: IpAddr,
+        node: Option<Arc<str>>,
+    ) -> Result<Arc<PodInfo>, FindError> {
         if self.recently_missing(ip) {
             self.metrics.negative_hits.inc();
             return Err(FindError::NotFound);
@@ -588,7 +616,7 @@ impl PodCacheState {
                     let state = self.clone();
                     let task = tokio::spawn(async move {
                         state.metrics.in_flight.inc();
-                        let result = state.lookup_api(ip).await;
+                        let result = state.lookup_api(ip, node.as_deref()).await;
                         state.metrics.in_flight.dec();
                         state.metrics.lookup_done(&result);
                         if matches!(result, Err(FindError::NotFound)) {
@@ -627,17 +655,30 @@ impl PodCacheState {
         negatives.insert(ip, Instant::now());
     }
 
-    async fn lookup_api(&self, ip: IpAddr) -> Result<Arc<PodInfo>, FindError> {
+    async fn lookup_api(&self, ip: IpAddr, node: Option<&str>) -> Result<Arc<PodInfo>, FindError> {
         // The selector compares text: an IPv6 address is written in RFC
         // 5952's canonical form here (Rust's Display) as by the kubelet (Go's
         // net.IP.String()), so the two spellings agree.
-        let params = ListParams::default().fields(&format!("status.podIP={ip}"));
+        let on_ip = format!("status.podIP={ip}");
         // The timeout covers the wait for a slot too: a queue of lookups
         // behind a slow API server must not hold requests for longer.
         let list = tokio::time::timeout(LOOKUP_TIMEOUT, async {
             // The semaphore is never closed, so acquiring cannot fail.
             let _permit = self.lookup_permits.acquire().await;
-            self.api.list(&params).await
+            if let Some(node) = node {
+                let params = ListParams::default().fields(&format!("spec.nodeName={node},{on_ip}"));
+                let list = self.api.list(&params).await?;
+                let live = list.items.iter().any(|pod| {
+                    let info = PodInfo::from_view(pod);
+                    info.has_ip(ip) && info.matches_ip_at(Timestamp::now())
+                });
+                self.metrics.node_lookup(live);
+                if live {
+                    return Ok(list);
+                }
+                tracing::debug!(pod.ip = %ip, node, "no pod on the agent's node has the IP; asking the whole cluster");
+            }
+            self.api.list(&ListParams::default().fields(&on_ip)).await
         });
         let list = match list.await {
             Ok(Ok(list)) => list,

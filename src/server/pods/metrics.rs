@@ -38,6 +38,10 @@ pub struct PodCacheMetrics {
     /// is current (one `limit=1` LIST each): `current`, `behind` (no pod
     /// event reached the LIST's resourceVersion in time), `failed`.
     watch_checks: Family<LookupLabel, Counter>,
+    /// `kiam_k8s_pod_lookups_on_node_total{result}`: direct lookups among
+    /// the pods of the requesting agent's node (`found`, or `not_found`: then
+    /// the whole cluster is asked).
+    node_lookups: Family<LookupLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,11 +78,30 @@ impl PodCacheMetrics {
             m.confirmations.clone(),
         );
         registry.register(
+            "kiam_k8s_pod_lookups_on_node",
+            "Direct lookups of a pod by IP among the requesting agent's node's pods, by result",
+            m.node_lookups.clone(),
+        );
+        // Every result from the start, at 0, so rates work before the first.
+        for result in ["found", "not_found"] {
+            let _ = m.node_lookups.get_or_create(&LookupLabel { result });
+        }
+        for result in ["current", "behind", "failed"] {
+            let _ = m.watch_checks.get_or_create(&LookupLabel { result });
+        }
+        registry.register(
             "kiam_k8s_pod_watch_checks",
             "Checks that the Pod watch has caught up with the API server (one LIST of one pod each), by result",
             m.watch_checks.clone(),
         );
         m
+    }
+
+    pub(super) fn node_lookup(&self, found: bool) {
+        let result = if found { "found" } else { "not_found" };
+        self.node_lookups
+            .get_or_create(&LookupLabel { result })
+            .inc();
     }
 
     pub(super) fn progress_checked(&self, outcome: Result<std::time::Instant, Unproven>) {
