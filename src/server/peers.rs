@@ -153,6 +153,7 @@ impl Peers {
     pub fn owns(&self, ip: IpAddr) -> bool {
         match &**self.membership.read().unwrap() {
             Membership::Off(_) => true,
+            // Over the addresses as resolved: the ones agents rank too.
             Membership::On { members, me } => crate::shard::owner(ip, members) == Some(*me),
         }
     }
@@ -297,7 +298,19 @@ impl Peers {
         }
         members.sort();
         members.dedup();
-        let Some(me_at) = members.iter().position(|m| *m == me) else {
+        // By address and port; failing that, by address alone when only
+        // one peer has it (a Service port that differs from --bind's).
+        let by_ip = || {
+            let mut same_ip = members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.ip() == me.ip());
+            match (same_ip.next(), same_ip.next()) {
+                (Some((i, _)), None) => Some(i),
+                _ => None,
+            }
+        };
+        let Some(me_at) = members.iter().position(|m| *m == me).or_else(by_ip) else {
             return Membership::Off(format!(
                 "this server ({me}: --advertise-ip and the port of --bind) is not among \
                  --prefetch-peers {members:?}"
