@@ -338,3 +338,103 @@ impl Peers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::BoxFuture;
+
+    /// A resolver answering what the test says (`None`: a lookup failure).
+    struct Scripted(Mutex<Option<Vec<SocketAddr>>>);
+
+    impl Resolve for Scripted {
+        fn resolve<'a>(&'a self, _: &'a Target) -> BoxFuture<'a, std::io::Result<Vec<SocketAddr>>> {
+            let answer = self.0.lock().unwrap().clone();
+            Box::pin(async move { answer.ok_or_else(|| std::io::Error::other("no such host")) })
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn peers(answer: Option<Vec<SocketAddr>>) -> (Arc<Peers>, Arc<Scripted>, Registry) {
+        let mut registry = Registry::default();
+        let resolver = Arc::new(Scripted(Mutex::new(answer)));
+        let config = PeersConfig {
+            targets: vec![Target {
+                host: "kiam-server".into(),
+                port: 443,
+            }],
+            advertise_ip: "198.18.1.2".parse().unwrap(),
+        };
+        let p = Peers::with_resolver(
+            Some(config),
+            443,
+            PeersMetrics::register(&mut registry),
+            resolver.clone(),
+        );
+        (p, resolver, registry)
+    }
+
+    fn gauge(registry: &Registry) -> String {
+        crate::telemetry::encode(registry)
+            .lines()
+            .find(|l| l.starts_with("kiam_server_prefetch_peers "))
+            .unwrap()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn shares_only_when_it_finds_itself_among_two_or_more() {
+        let three = vec![
+            addr("198.18.1.3:443"),
+            addr("198.18.1.2:443"),
+            addr("198.18.1.1:443"),
+        ];
+        let (p, resolver, registry) = peers(Some(three.clone()));
+        assert!(!p.sharing(), "nothing resolved yet");
+        p.refresh().await;
+        assert!(p.sharing());
+        assert_eq!(gauge(&registry), "kiam_server_prefetch_peers 3");
+        // Owns exactly the IPs kiam::shard gives it, whatever the DNS order.
+        for i in 0..200u8 {
+            let ip = IpAddr::from([198, 18, 30, i]);
+            assert_eq!(
+                p.owns(ip),
+                three[crate::shard::owner(ip, &three).unwrap()] == addr("198.18.1.2:443")
+            );
+        }
+
+        // DNS fails: every pod.
+        *resolver.0.lock().unwrap() = None;
+        p.refresh().await;
+        assert!(!p.sharing());
+        assert!((0..50u8).all(|i| p.owns(IpAddr::from([198, 18, 30, i]))));
+        assert_eq!(gauge(&registry), "kiam_server_prefetch_peers 0");
+
+        // Itself missing from the answer.
+        *resolver.0.lock().unwrap() = Some(vec![addr("198.18.1.1:443"), addr("198.18.1.3:443")]);
+        p.refresh().await;
+        assert!(!p.sharing());
+
+        // Alone.
+        *resolver.0.lock().unwrap() = Some(vec![addr("198.18.1.2:443")]);
+        p.refresh().await;
+        assert!(!p.sharing());
+
+        // A Service port that is not --bind's: found by its address alone.
+        *resolver.0.lock().unwrap() = Some(vec![addr("198.18.1.2:8443"), addr("198.18.1.1:8443")]);
+        p.refresh().await;
+        assert!(p.sharing());
+        assert_eq!(gauge(&registry), "kiam_server_prefetch_peers 2");
+    }
+
+    #[tokio::test]
+    async fn unset_flags_never_share() {
+        let p = Peers::new(None, 443, PeersMetrics::register(&mut Registry::default()));
+        p.refresh().await;
+        assert!(!p.sharing());
+        assert!(p.owns("198.18.0.1".parse().unwrap()));
+    }
+}
