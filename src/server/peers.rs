@@ -31,6 +31,10 @@ use crate::agent::server_address::{Resolve, SystemResolver, Target};
 /// How often `--prefetch-peers` is resolved again (servers come and go in
 /// a rollout; agents re-resolve every 15 s).
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// Pods gone from the Pod cache are forgotten every this many refreshes
+/// (a minute); identities the credential cache asks about are cleaned as
+/// they are asked.
+const PRUNE_EVERY: u64 = 6;
 /// A lookup that hangs counts as failed.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -322,19 +326,22 @@ impl Peers {
         Membership::On { members, me: me_at }
     }
 
-    /// Re-resolves every [`REFRESH_INTERVAL`] and forgets pods gone from
-    /// the Pod cache, until `shutdown`.
+    /// Re-resolves every [`REFRESH_INTERVAL`] and, every
+    /// [`PRUNE_EVERY`] of those, forgets pods gone from the Pod cache (one
+    /// pass over every tracked pod), until `shutdown`.
     pub async fn run(self: Arc<Self>, pods: PodCache, shutdown: CancellationToken) {
         if self.config.is_none() {
             return;
         }
-        loop {
+        for round in 1u64.. {
             tokio::select! {
                 _ = tokio::time::sleep(REFRESH_INTERVAL) => {}
                 _ = shutdown.cancelled() => return,
             }
             self.refresh().await;
-            self.prune(&pods);
+            if round % PRUNE_EVERY == 0 {
+                self.prune(&pods);
+            }
         }
     }
 }
