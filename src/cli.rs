@@ -214,6 +214,17 @@ pub struct ServerArgs {
     #[arg(long, env = "KIAM_TOKEN_AUDIENCE", default_value = "kiam")]
     pub token_audience: String,
 
+    /// The kiam servers sharing prefetch by pod IP: the agents'
+    /// --server-address (host:port, a list, dns:///; re-resolved every 10s).
+    /// With --advertise-ip, each pod is prefetched only by the server that
+    /// owns its IP, the one agents ask first. Empty: prefetch every pod.
+    #[arg(long, env = "KIAM_PREFETCH_PEERS", default_value = "")]
+    pub prefetch_peers: String,
+    /// This server's pod IP (from the downward API, status.podIP): with the
+    /// port of --bind, how it appears among --prefetch-peers.
+    #[arg(long, env = "KIAM_ADVERTISE_IP", default_value = "")]
+    pub advertise_ip: String,
+
     /// gRPC keepalive: HTTP/2 PING interval (0s: no pings).
     #[arg(long, env = "KIAM_GRPC_KEEPALIVE_TIME_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub grpc_keepalive_time_duration: Duration,

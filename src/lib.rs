@@ -14,6 +14,7 @@
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
 //! - [`tls`]: the only place certificates are read; reloads them when they change.
 //! - [`server`]: `kiam server` — caches, policy, credentials, gRPC service.
+//! - [`shard`]: which server owns a pod IP (rendezvous hashing), shared by agents and servers.
 //! - [`agent`]: `kiam agent` — metadata API, IMDSv2, proxy, server pool, iptables.
 //! - [`health`]: `kiam health` — one GetHealth call for probes.
 //! - [`explain`]: `kiam explain` — asks a server why a pod gets (or not) its role; prints it.
@@ -56,6 +57,7 @@ pub mod explain;
 pub mod grpc_metrics;
 pub mod health;
 pub mod server;
+pub mod shard;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -13,7 +13,8 @@
 //! each new pod with a role, with its identity, to the prefetcher;
 //! [`namespaces`] keeps each namespace's compiled `permitted` regex;
 //! `grpc` answers agents: pod by IP -> [`policy`] decision -> [`credentials`]
-//! -> [`sts`], recording [`events`] on the Pod; on the container
+//! -> [`sts`], recording [`events`] on the Pod; [`peers`] decides which
+//! pods this server prefetches when servers share that by pod IP; on the container
 //! credentials path the pod is the one a verified [`token`] names instead. `explain` answers `kiam
 //! explain` from the same caches and policy, reading only.
 
@@ -26,6 +27,7 @@ mod grpc;
 mod index;
 pub mod model;
 pub mod namespaces;
+pub mod peers;
 pub mod pods;
 mod podview;
 pub mod policy;
@@ -53,6 +55,7 @@ use events::EventRecorder;
 use grpc::{KiamGrpc, Service};
 use model::Prefetch;
 use namespaces::NamespaceCache;
+use peers::{Peers, PeersMetrics};
 use pods::{PodCache, PodCacheConfig, PodCacheMetrics};
 use policy::ArnResolver;
 use sts::AssumeRole;
@@ -67,6 +70,7 @@ pub struct ServerMetrics {
     grpc: GrpcMetrics,
     credentials: CredentialMetrics,
     pods: PodCacheMetrics,
+    peers: PeersMetrics,
 }
 
 impl ServerMetrics {
@@ -75,6 +79,7 @@ impl ServerMetrics {
             grpc: GrpcMetrics::server(registry),
             credentials: CredentialMetrics::register(registry),
             pods: PodCacheMetrics::register(registry),
+            peers: PeersMetrics::register(registry),
         }
     }
 }
@@ -127,11 +132,21 @@ pub async fn run(
     );
     let tokens = token::TokenVerifier::new(kube.clone(), &config.token_audience);
     let namespaces = NamespaceCache::spawn(kube, policy.clone(), config.sync);
+    // Self among --prefetch-peers: --advertise-ip and the port actually
+    // bound (tests bind port 0).
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    let peers = Peers::new(config.peers.clone(), port, metrics.peers);
+    tokio::spawn(peers.clone().run(pods.clone(), shutdown.clone()));
     let in_use_pods = pods.clone();
+    let in_use_peers = peers.clone();
     let credentials = CredentialCache::new(
         sts,
         config.cache(),
-        Arc::new(move |id| in_use_pods.identity_in_use(id)),
+        // Kept fresh: used by a live pod, and while sharing prefetch, by a
+        // live pod this server owns (not one an agent failed over for).
+        Arc::new(move |id| {
+            in_use_pods.identity_in_use(id) && in_use_peers.in_use(id, &in_use_pods)
+        }),
         metrics.credentials,
         shutdown.clone(),
     );
@@ -146,7 +161,12 @@ pub async fn run(
         metrics: metrics.grpc,
     });
     tokio::spawn(become_ready(service.clone(), shutdown.clone()));
-    tokio::spawn(prefetch(service.clone(), prefetch_rx, shutdown.clone()));
+    tokio::spawn(prefetch(
+        service.clone(),
+        peers,
+        prefetch_rx,
+        shutdown.clone(),
+    ));
 
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "kiam server listening (answers once caches have synced)");
@@ -186,21 +206,31 @@ async fn become_ready(service: Arc<Service>, shutdown: CancellationToken) {
 
 /// Fetches credentials for pods as they appear, before they ask: the pod
 /// cache already decided each pod's identity; here only its namespace is
-/// checked, so a forbidden annotation costs no STS call.
+/// checked, so a forbidden annotation costs no STS call. While servers
+/// share prefetch (`--prefetch-peers`), only pods whose IP this server owns
+/// are fetched; the others are their owners' (agents ask owners first).
 async fn prefetch(
     service: Arc<Service>,
+    peers: Arc<Peers>,
     mut rx: mpsc::Receiver<Prefetch>,
     shutdown: CancellationToken,
 ) {
+    // Membership first, so the initial list of pods is already shared.
     tokio::select! {
-        _ = service.namespaces.wait_synced() => {}
+        _ = async { tokio::join!(service.namespaces.wait_synced(), peers.refresh()) } => {}
         _ = shutdown.cancelled() => return,
     }
     loop {
-        let Prefetch { pod, identity } = tokio::select! {
+        let next = tokio::select! {
             next = rx.recv() => match next { Some(p) => p, None => return },
             _ = shutdown.cancelled() => return,
         };
+        if !peers.should_prefetch(&next) {
+            tracing::trace!(pod.namespace = %next.pod.namespace, pod.name = %next.pod.name,
+                "not prefetching: another server owns the pod's IP");
+            continue;
+        }
+        let Prefetch { pod, identity } = next;
         let ns = match service.namespaces.find(&pod.namespace).await {
             Ok(ns) => ns,
             Err(e) => {

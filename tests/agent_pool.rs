@@ -168,6 +168,7 @@ enum Mode {
 
 /// A gRPC server over mTLS behind a controllable relay.
 struct Server {
+    name: &'static str,
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
     calls: Arc<AtomicUsize>,
@@ -209,6 +210,7 @@ impl Server {
         let (mode, rx) = watch::channel(Mode::Pass);
         tokio::spawn(relay(front, backend_addr, rx));
         Server {
+            name,
             addr,
             mode,
             calls,
@@ -223,6 +225,11 @@ impl Server {
 
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The access key id this stand-in hands out.
+    fn name(&self) -> String {
+        format!("KEY-{}", self.name)
     }
 }
 
@@ -402,15 +409,14 @@ async fn a_killed_server_costs_no_request() {
     )
     .await;
 
-    let failures = traffic(&agent, 120, || a_srv.set(Mode::Dead)).await;
+    // The pod's requests go to its owner: kill that one.
+    let (owner, next) = by_rank(&a_srv, &b_srv);
+    let failures = traffic(&agent, 120, || owner.set(Mode::Dead)).await;
     assert!(failures.is_empty(), "{failures:?}");
-    assert!(
-        a_srv.calls() > 0,
-        "both servers took traffic before the kill"
-    );
-    let b_before = b_srv.calls();
+    assert!(owner.calls() > 0, "the owner took traffic before the kill");
+    let next_before = next.calls();
     assert!(agent.sdk_fetch().await.is_ok());
-    assert!(b_srv.calls() > b_before);
+    assert!(next.calls() > next_before);
     let m = kiam::telemetry::encode(&agent.registry);
     assert!(m.contains(r#"grpc_client_handled_total{grpc_method="GetPodRole",grpc_service="kiam.KiamService",grpc_type="unary",grpc_code="OK"}"#), "{m}");
     assert!(m.contains(r#"grpc_client_started_total{grpc_method="GetPodCredentials",grpc_service="kiam.KiamService",grpc_type="unary"}"#), "{m}");
@@ -429,9 +435,10 @@ async fn a_hung_server_costs_no_request() {
     )
     .await;
 
-    let failures = traffic(&agent, 80, || a_srv.set(Mode::Hang)).await;
+    let (owner, next) = by_rank(&a_srv, &b_srv);
+    let failures = traffic(&agent, 80, || owner.set(Mode::Hang)).await;
     assert!(failures.is_empty(), "{failures:?}");
-    assert!(b_srv.calls() > 0);
+    assert!(next.calls() > 0);
     // The hang was hit and skipped, not avoided by luck.
     let m = kiam::telemetry::encode(&agent.registry);
     assert!(m.contains(r#"grpc_code="DeadlineExceeded"}"#), "{m}");
@@ -548,8 +555,10 @@ async fn the_pool_follows_re_resolution() {
     assert_eq!(pool.addresses(), vec![a_srv.addr, b_srv.addr]);
     use kiam::agent::client::KiamClient;
     let ip: IpAddr = POD.parse().unwrap();
-    for _ in 0..6 {
-        pool.get_pod_role(ip, soon()).await.unwrap();
+    // Pods are spread by IP (each asks its owner first): 40 pods reach
+    // both servers unless the hash is broken (odds 2^-39 otherwise).
+    for i in 0..40u8 {
+        let _ = pool.get_pod_role(IpAddr::from([10, 2, 1, i]), soon()).await;
     }
     assert!(a_srv.calls() > 0 && b_srv.calls() > 0, "balanced over both");
 
@@ -574,6 +583,68 @@ async fn the_pool_follows_re_resolution() {
 }
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+/// The two servers in [`POD`]'s rank: its owner, then the next.
+fn by_rank<'a>(a: &'a Server, b: &'a Server) -> (&'a Server, &'a Server) {
+    let pod: IpAddr = POD.parse().unwrap();
+    match kiam::shard::owner(pod, &[a.addr, b.addr]) {
+        Some(0) => (a, b),
+        _ => (b, a),
+    }
+}
+
+/// Requests about a pod go to the server that owns its IP
+/// ([`kiam::shard`]), all of them, not round robin; with the owner down
+/// they go to the next in the pod's rank, and with the owner back they
+/// return to it. Another pod owned by the other server goes there.
+#[tokio::test]
+async fn a_pods_requests_go_to_its_owner_then_the_next_in_rank() {
+    let s = setup().await;
+    let servers = [
+        Server::start("a", s.pki.server_files()).await,
+        Server::start("b", s.pki.server_files()).await,
+        Server::start("c", s.pki.server_files()).await,
+    ];
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let agent = agent(
+        &s,
+        pool_config(&servers.iter().collect::<Vec<_>>()),
+        Arc::new(SystemResolver),
+        Duration::ZERO,
+    )
+    .await;
+    let pod: IpAddr = POD.parse().unwrap();
+    let rank = kiam::shard::rank(pod, &addrs);
+    let calls = || servers.iter().map(Server::calls).collect::<Vec<_>>();
+
+    for _ in 0..10 {
+        assert_eq!(agent.sdk_fetch().await, Ok(servers[rank[0]].name()));
+    }
+    let mut want = vec![0; 3];
+    want[rank[0]] = 20;
+    assert_eq!(calls(), want, "every call went to the owner");
+
+    // The owner is down: its pods fail over to the next in rank, not to
+    // the third.
+    servers[rank[0]].set(Mode::Dead);
+    for _ in 0..5 {
+        assert_eq!(agent.sdk_fetch().await, Ok(servers[rank[1]].name()));
+    }
+    assert_eq!(
+        servers[rank[2]].calls(),
+        0,
+        "the third in rank was never asked"
+    );
+
+    // Another pod whose owner is the third server goes there.
+    let other = (1..=255u8)
+        .map(|i| IpAddr::from([10, 2, 3, i]))
+        .find(|ip| kiam::shard::owner(*ip, &addrs) == Some(rank[2]))
+        .expect("some pod is owned by the third server");
+    let (status, _) = agent.get_from(&other.to_string(), CREDS).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the stand-in knows one pod");
+    assert!(servers[rank[2]].calls() > 0);
+}
 
 /// Issue 12, defect 1: a server that has the request and is slow to answer
 /// (stuck on a slow API lookup) has answered. The fallback is for servers

@@ -1,6 +1,7 @@
-//! The agent's view of the kiam servers: a pool that spreads calls over every
-//! address `--server-address` resolves to and, within one call, skips a dead
-//! or hung server and asks the next one.
+//! The agent's view of the kiam servers: a pool over every address
+//! `--server-address` resolves to that asks about each pod its owner first
+//! ([`crate::shard`]: the server that prefetched it) and, within one call,
+//! skips a dead or hung server and asks the next in the pod's rank.
 //!
 //! Unlike a plain gRPC client, errors are classified by their *message*
 //! (`no pod found`, `forbidden by policy`), not their code: Go kiam servers
@@ -542,11 +543,17 @@ impl Balancer {
     /// `deadline` passes. A server that had the request and ran out of time
     /// is skipped like an unreachable one, but the call then reports that a
     /// server answered. Any error a server sends ends the call (the caller
-    /// decides whether to ask again; calls rotate over the servers). The
-    /// answer comes with when its attempt was sent.
+    /// decides whether to ask again). The answer comes with when its attempt
+    /// was sent.
+    ///
+    /// A call about a `pod` (its IP) tries the servers in that IP's
+    /// [`rank`](crate::shard::rank): its owner first, which is the one
+    /// server that prefetched its credentials (`--prefetch-peers`), then
+    /// the next. Other calls rotate over the servers.
     async fn call<T, F, Fut>(
         &self,
         method: &'static str,
+        pod: Option<IpAddr>,
         attempt_timeout: Duration,
         deadline: TokioInstant,
         call: F,
@@ -562,12 +569,31 @@ impl Balancer {
                 "no server address resolved yet".into(),
             ));
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % members.len();
         let now = Instant::now();
-        let rotated = members.iter().cycle().skip(start).take(members.len());
-        // Healthy members first (in round-robin order), then cooling ones:
-        // a server that just failed is still tried if nothing else works.
-        let (healthy, cooling): (Vec<_>, Vec<_>) = rotated.partition(|m| !m.is_cooling(now));
+        let ordered: Vec<&Arc<Member>> = match pod {
+            // The pod's owner first, then the next in rank: the server that
+            // prefetched its credentials and confirmed it recently.
+            Some(ip) => {
+                let addrs: Vec<SocketAddr> = members.iter().map(|m| m.addr).collect();
+                crate::shard::rank(ip, &addrs)
+                    .into_iter()
+                    .map(|i| &members[i])
+                    .collect()
+            }
+            None => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % members.len();
+                members
+                    .iter()
+                    .cycle()
+                    .skip(start)
+                    .take(members.len())
+                    .collect()
+            }
+        };
+        // Healthy members first (in that order), then cooling ones: a
+        // server that just failed is still tried if nothing else works.
+        let (healthy, cooling): (Vec<_>, Vec<_>) =
+            ordered.into_iter().partition(|m| !m.is_cooling(now));
         let mut unreached = String::from("no time left to ask a server");
         // Set when a server had the request but did not answer in time.
         let mut slow: Option<String> = None;
@@ -658,6 +684,7 @@ impl KiamClient for Pool {
                 .balancer
                 .call(
                     "GetHealth",
+                    None,
                     self.balancer.cfg.attempt_timeout,
                     deadline,
                     |mut c| async move { c.get_health(proto::GetHealthRequest {}).await },
@@ -673,11 +700,13 @@ impl KiamClient for Pool {
         deadline: TokioInstant,
     ) -> BoxFuture<'_, Result<Answer<Option<PodRole>>, ClientError>> {
         Box::pin(async move {
+            let pod = Some(ip);
             let ip = ip.to_string();
             let (role, sent) = self
                 .balancer
                 .call(
                     "GetPodRole",
+                    pod,
                     self.balancer.cfg.attempt_timeout,
                     deadline,
                     |mut c| {
@@ -703,11 +732,13 @@ impl KiamClient for Pool {
         deadline: TokioInstant,
     ) -> BoxFuture<'a, Result<Answer<Credentials>, ClientError>> {
         Box::pin(async move {
+            let pod = Some(ip);
             let ip = ip.to_string();
             let (creds, sent) = self
                 .balancer
                 .call(
                     "GetPodCredentials",
+                    pod,
                     self.balancer.cfg.credentials_attempt_timeout,
                     deadline,
                     |mut c| {
@@ -734,11 +765,13 @@ impl KiamClient for Pool {
         deadline: TokioInstant,
     ) -> BoxFuture<'a, Result<TokenCredentials, ClientError>> {
         Box::pin(async move {
+            let pod = Some(ip);
             let ip = ip.to_string();
             let (answer, _) = self
                 .balancer
                 .call(
                     "GetTokenCredentials",
+                    pod,
                     self.balancer.cfg.credentials_attempt_timeout,
                     deadline,
                     |mut c| {

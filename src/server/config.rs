@@ -10,6 +10,7 @@ use crate::cli::ServerArgs;
 
 use super::credentials::{CacheConfig, DEFAULT_CALL_TIMEOUT};
 use super::error::ServerError;
+use super::peers::PeersConfig;
 use super::policy::{ArnResolver, NamespacePolicyConfig, Policy};
 
 /// STS rejects sessions shorter than this.
@@ -52,6 +53,35 @@ pub struct ServerConfig {
     pub max_connection_age_grace: Duration,
     /// `--token-audience`.
     pub token_audience: String,
+    /// `--prefetch-peers` with `--advertise-ip`; `None` when unset.
+    pub peers: Option<PeersConfig>,
+}
+
+/// `--prefetch-peers` and `--advertise-ip`: both or neither.
+fn peers_config(args: &ServerArgs) -> Result<Option<PeersConfig>, ServerError> {
+    match (
+        non_empty(&args.prefetch_peers),
+        non_empty(&args.advertise_ip),
+    ) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ServerError::PeersHalfSet("--advertise-ip")),
+        (None, Some(_)) => Err(ServerError::PeersHalfSet("--prefetch-peers")),
+        (Some(peers), Some(ip)) => {
+            let targets =
+                crate::agent::server_address::parse_server_address(&peers).map_err(|e| {
+                    // The parser speaks of --server-address, the agent's flag.
+                    let why = e.to_string().replace("--server-address ", "");
+                    ServerError::PrefetchPeers(why)
+                })?;
+            let advertise_ip = ip
+                .parse()
+                .map_err(|_| ServerError::AdvertiseIp(ip.clone()))?;
+            Ok(Some(PeersConfig {
+                targets,
+                advertise_ip,
+            }))
+        }
+    }
 }
 
 /// Default `--session-refresh`: half the duration, at most 30 minutes, so a
@@ -123,6 +153,7 @@ impl ServerConfig {
                 return Err(ServerError::Region(region.clone()));
             }
         }
+        let peers = peers_config(args)?;
         let kubeconfig = non_empty(&args.kubeconfig).map(PathBuf::from);
         if let Some(path) = &kubeconfig {
             if !path.is_file() {
@@ -152,6 +183,7 @@ impl ServerConfig {
             max_connection_age: args.grpc_max_connection_age_duration,
             max_connection_age_grace: args.grpc_max_connection_age_grace_duration,
             token_audience,
+            peers,
         })
     }
 
@@ -305,5 +337,43 @@ mod config_tests {
             "--role-base-arn-autodetect"
         ])
         .contains("mutually exclusive"));
+    }
+
+    #[test]
+    fn prefetch_peers_and_advertise_ip_go_together() {
+        const ARN: [&str; 2] = ["--role-base-arn", "arn:aws:iam::1:role/"];
+        fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+            [&ARN[..], extra].concat()
+        }
+        assert_eq!(parse(&ARN).unwrap().peers, None);
+        let c = parse(&with(&[
+            "--prefetch-peers",
+            "dns:///kiam-server:443",
+            "--advertise-ip",
+            "198.18.0.7",
+        ]))
+        .unwrap();
+        let peers = c.peers.unwrap();
+        assert_eq!(
+            peers.advertise_ip,
+            "198.18.0.7".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(peers.targets.len(), 1);
+        assert!(usage(&with(&["--prefetch-peers", "kiam-server:443"])).contains("--advertise-ip"));
+        assert!(usage(&with(&["--advertise-ip", "198.18.0.7"])).contains("--prefetch-peers"));
+        let bad = usage(&with(&[
+            "--prefetch-peers",
+            "kiam-server",
+            "--advertise-ip",
+            "198.18.0.7",
+        ]));
+        assert!(bad.starts_with("--prefetch-peers entry"), "{bad}");
+        assert!(usage(&with(&[
+            "--prefetch-peers",
+            "a:1",
+            "--advertise-ip",
+            "pod-ip"
+        ]))
+        .contains("--advertise-ip"));
     }
 }

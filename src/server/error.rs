@@ -34,6 +34,12 @@ pub enum ServerError {
     AssumeRoleArn { arn: String, reason: &'static str },
     #[error("--region {0:?} is not a region name (expected e.g. eu-west-1)")]
     Region(String),
+    #[error("--prefetch-peers {0}")]
+    PrefetchPeers(String),
+    #[error("--advertise-ip {0:?} is not an IP address (deploy it from status.podIP)")]
+    AdvertiseIp(String),
+    #[error("--prefetch-peers and --advertise-ip are set together; {0} is missing")]
+    PeersHalfSet(&'static str),
     #[error("--kubeconfig {path}: {reason}")]
     Kubeconfig { path: String, reason: String },
     #[error(transparent)]
@@ -75,6 +81,9 @@ impl ServerError {
                 | ServerError::AssumeRoleArn { .. }
                 | ServerError::Region(_)
                 | ServerError::Kubeconfig { .. }
+                | ServerError::PrefetchPeers(_)
+                | ServerError::AdvertiseIp(_)
+                | ServerError::PeersHalfSet(_)
                 | ServerError::Tls(_)
         )
     }
