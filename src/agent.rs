@@ -174,7 +174,12 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
         .map_err(|_| AgentError::Host(args.host.clone()))?;
     // Parsed here only for the error; the router builds its own client.
     Upstream::new(&args.metadata_endpoint, UPSTREAM_TIMEOUT)?;
-    let pool = PoolConfig::from_args(&args.client)?;
+    let node_name = match args.node_name.trim() {
+        "" => std::env::var("NODE_NAME").unwrap_or_default(),
+        name => name.to_string(),
+    };
+    let mut pool = PoolConfig::from_args(&args.client)?;
+    pool.node = Some(node_name.clone()).filter(|n| !n.is_empty());
     for t in &pool.targets {
         crate::tls::server_name_of(&t.to_string())?;
     }
@@ -228,10 +233,6 @@ pub fn validate(args: &AgentArgs) -> Result<Validated, AgentError> {
             ))?);
         }
     }
-    let node_name = match args.node_name.trim() {
-        "" => std::env::var("NODE_NAME").unwrap_or_default(),
-        name => name.to_string(),
-    };
     let startup_taint = taint::StartupTaint::new(&args.node_startup_taint, &node_name)
         .map_err(AgentError::StartupTaint)?;
     Ok(Validated {

@@ -347,8 +347,10 @@ pub struct AgentArgs {
     /// Pod starts before the agent is ready (empty: off).
     #[arg(long, env = "KIAM_NODE_STARTUP_TAINT", default_value = "")]
     pub node_startup_taint: String,
-    /// This agent's node, for --node-startup-taint (empty: the NODE_NAME
-    /// environment variable, which the manifests set from spec.nodeName).
+    /// This agent's node (empty: the NODE_NAME environment variable, which the
+    /// manifests set from spec.nodeName), for --node-startup-taint, and sent to
+    /// servers so a pod their watch has not seen yet is looked up among this
+    /// node's pods before the whole cluster.
     #[arg(long, env = "KIAM_NODE_NAME", default_value = "")]
     pub node_name: String,
 

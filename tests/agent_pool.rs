@@ -57,6 +57,18 @@ struct Srv {
     behaviour: Arc<Behaviour>,
 }
 
+impl Srv {
+    /// Notes the node an agent named in a pod call (`kiam-node`).
+    fn note_node<T>(&self, r: &tonic::Request<T>) {
+        let node = r
+            .metadata()
+            .get(kiam::wire::NODE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        self.behaviour.nodes.lock().unwrap().push(node);
+    }
+}
+
 /// What the test makes a stand-in do for the pod's own role.
 #[derive(Default)]
 struct Behaviour {
@@ -65,6 +77,8 @@ struct Behaviour {
     delay: Mutex<Duration>,
     /// Credentials for [`ROLE`] fail with this code and message.
     fail: Mutex<Option<(tonic::Code, &'static str)>>,
+    /// The node each pod call named (`kiam-node`), in order.
+    nodes: Mutex<Vec<Option<String>>>,
 }
 
 impl Behaviour {
@@ -83,6 +97,7 @@ impl KiamService for Srv {
         r: tonic::Request<GetPodRoleRequest>,
     ) -> Result<Response<Role>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.note_node(&r);
         self.behaviour.pause().await;
         if r.into_inner().ip == POD {
             Ok(Response::new(Role {
@@ -99,6 +114,7 @@ impl KiamService for Srv {
         r: tonic::Request<GetPodCredentialsRequest>,
     ) -> Result<Response<Credentials>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.note_node(&r);
         self.behaviour.pause().await;
         let r = r.into_inner();
         if r.ip != POD {
@@ -300,6 +316,7 @@ fn pool_config(servers: &[&Server]) -> PoolConfig {
         keepalive_while_idle: false,
         refresh_interval: Duration::from_secs(3600),
         failure_cooldown: Duration::from_secs(2),
+        node: None,
     }
 }
 
@@ -644,6 +661,34 @@ async fn a_pods_requests_go_to_its_owner_then_the_next_in_rank() {
     let (status, _) = agent.get_from(&other.to_string(), CREDS).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "the stand-in knows one pod");
     assert!(servers[rank[2]].calls() > 0);
+}
+
+/// An agent that knows its node names it with every pod call (so a server
+/// looks up a pod its watch has not delivered among that node's pods); one
+/// that does not names none.
+#[tokio::test]
+async fn pod_calls_name_the_agents_node() {
+    let s = setup().await;
+    let srv = Server::start("a", s.pki.server_files()).await;
+    let mut cfg = pool_config(&[&srv]);
+    cfg.node = Some("node-7".into());
+    let agent = agent(&s, cfg, Arc::new(SystemResolver), Duration::ZERO).await;
+    assert_eq!(agent.sdk_fetch().await, Ok(srv.name()));
+    let nodes = std::mem::take(&mut *srv.behaviour.nodes.lock().unwrap());
+    assert_eq!(
+        nodes,
+        [Some("node-7".to_string()), Some("node-7".to_string())]
+    );
+
+    let plain = self::agent(
+        &s,
+        pool_config(&[&srv]),
+        Arc::new(SystemResolver),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(plain.sdk_fetch().await, Ok(srv.name()));
+    assert_eq!(*srv.behaviour.nodes.lock().unwrap(), [None, None]);
 }
 
 /// Issue 12, defect 1: a server that has the request and is slow to answer

@@ -44,7 +44,8 @@ pub use crate::grpc_metrics::GrpcMetrics;
 use crate::proto;
 use crate::proto::kiam_service_client::KiamServiceClient;
 use crate::wire::{
-    Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, GO_POD_NOT_FOUND, NO_POD_FOUND, REUSE_KEY,
+    Check, DENIED_CHECK_KEY, FORBIDDEN_BY_POLICY, GO_POD_NOT_FOUND, NODE_KEY, NO_POD_FOUND,
+    REUSE_KEY,
 };
 
 /// The longest an answer is reused, whatever a server says: the server's
@@ -337,6 +338,10 @@ pub struct PoolConfig {
     pub refresh_interval: Duration,
     /// How long a server that just failed is tried only after the others.
     pub failure_cooldown: Duration,
+    /// This agent's node (`--node-name` or `NODE_NAME`), sent with pod calls
+    /// as [`NODE_KEY`] so a server looks up a pod its watch has not
+    /// delivered among this node's pods first. `None`: not sent.
+    pub node: Option<String>,
 }
 
 impl PoolConfig {
@@ -351,6 +356,7 @@ impl PoolConfig {
             keepalive_while_idle: args.grpc_keepalive_permit_without_stream,
             refresh_interval: Duration::from_secs(15),
             failure_cooldown: Duration::from_secs(2),
+            node: None,
         })
     }
 }
@@ -461,6 +467,19 @@ impl Pool {
     /// Re-resolves now (tests; the background task does it periodically).
     pub async fn refresh(&self) {
         self.balancer.refresh().await;
+    }
+
+    /// A request about a pod, with this agent's node when it has one (a
+    /// name that cannot be metadata is not sent; servers only use it as a
+    /// hint).
+    fn about_pod<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(node) = self.balancer.cfg.node.as_deref() {
+            if let Ok(value) = node.parse() {
+                request.metadata_mut().insert(NODE_KEY, value);
+            }
+        }
+        request
     }
 }
 
@@ -710,8 +729,8 @@ impl KiamClient for Pool {
                     self.balancer.cfg.attempt_timeout,
                     deadline,
                     |mut c| {
-                        let ip = ip.clone();
-                        async move { c.get_pod_role(proto::GetPodRoleRequest { ip }).await }
+                        let req = self.about_pod(proto::GetPodRoleRequest { ip: ip.clone() });
+                        async move { c.get_pod_role(req).await }
                     },
                 )
                 .await?;
@@ -742,10 +761,10 @@ impl KiamClient for Pool {
                     self.balancer.cfg.credentials_attempt_timeout,
                     deadline,
                     |mut c| {
-                        let req = proto::GetPodCredentialsRequest {
+                        let req = self.about_pod(proto::GetPodCredentialsRequest {
                             ip: ip.clone(),
                             role: role.to_string(),
-                        };
+                        });
                         async move { c.get_pod_credentials(req).await }
                     },
                 )

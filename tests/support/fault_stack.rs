@@ -57,6 +57,7 @@ pub fn pool_config(servers: &[SocketAddr]) -> PoolConfig {
         keepalive_while_idle: false,
         refresh_interval: Duration::from_secs(3600),
         failure_cooldown: Duration::from_secs(2),
+        node: None,
     }
 }
 
