@@ -149,6 +149,14 @@ impl FieldSelector {
         self
     }
 
+    /// The `field=value` terms (not `!=`), for an index to narrow a list with.
+    pub fn equalities(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0
+            .iter()
+            .filter(|(_, negate, _)| !negate)
+            .map(|(field, _, value)| (field.as_str(), value.as_str()))
+    }
+
     pub fn matches(&self, obj: &Value) -> bool {
         self.0
             .iter()
