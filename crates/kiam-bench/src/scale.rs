@@ -211,13 +211,22 @@ fn run(pods_n: usize, agents: usize, tags: bool, window: Duration) -> Result<Run
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
     let t = Instant::now();
-    let mut ips = Vec::with_capacity(pods_n);
-    for i in 0..pods_n {
-        let p = pods::population(i, NAMESPACES, ROLES);
-        api.apply_pod(pod_object(&p, i % agents))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        ips.push(p.ip);
-    }
+    // Built on a second thread while this one stores them.
+    let (tx, rx) = std::sync::mpsc::sync_channel(4096);
+    let builder = std::thread::spawn(move || {
+        for i in 0..pods_n {
+            let p = pods::population(i, NAMESPACES, ROLES);
+            if tx.send(pod_object(&p, i % agents)).is_err() {
+                break;
+            }
+        }
+    });
+    api.apply_pods(rx)
+        .map_err(|e| anyhow::anyhow!("storing pods: {e:?}"))?;
+    builder
+        .join()
+        .map_err(|_| anyhow::anyhow!("the pod builder panicked"))?;
+    let ips: Vec<String> = (0..pods_n).map(pods::ip_for).collect();
     eprintln!("scale: {pods_n} pods stored in {:?}", t.elapsed());
     let flags: Vec<&str> = if tags { vec!["--session-tags"] } else { vec![] };
     let heap_before = alloc::tracked_live();
@@ -431,6 +440,15 @@ pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
             Duration::from_secs(30),
         )
     };
+    // One size, for profiling: KIAM_BENCH_SCALE=<pods>,<agents>,<tags on too: 0|1>.
+    let given: Vec<(usize, usize, bool)> = std::env::var("KIAM_BENCH_SCALE")
+        .ok()
+        .and_then(|v| {
+            let f: Vec<usize> = v.split(',').filter_map(|x| x.parse().ok()).collect();
+            (f.len() == 3).then(|| vec![(f[0], f[1], f[2] == 1)])
+        })
+        .unwrap_or_default();
+    let sizes = if given.is_empty() { sizes } else { &given[..] };
     let started = Instant::now();
     let mut rows: Vec<Run> = Vec::new();
     for &(pods_n, agents, with_tags) in sizes {

@@ -653,14 +653,15 @@ fn list(
                 Box::new(objects.range((from, Bound::Unbounded)))
             }
         };
-    let mut remaining = scoped.filter(|(_, obj)| in_scope(obj));
+    let filtered = !selectors.is_empty();
+    let mut remaining = scoped.filter(|(_, obj)| !filtered || in_scope(obj));
     let page: Vec<(&Key, &Arc<Value>)> = match limit {
         Some(limit) => remaining.by_ref().take(limit).collect(),
         None => remaining.by_ref().collect(),
     };
     // Only an unfiltered list says how many remain (as the real server does), so a
     // filtered one stops at the first match left.
-    let rest = if selectors.is_empty() {
+    let rest = if !filtered {
         remaining.count()
     } else {
         usize::from(remaining.next().is_some())

@@ -98,6 +98,9 @@ impl LabelSelector {
     }
 
     pub fn matches(&self, obj: &Value) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
         let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
         let label = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
         self.0.iter().all(|(key, op)| match op {
