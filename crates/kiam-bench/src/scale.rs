@@ -242,34 +242,6 @@ fn run(pods_n: usize, agents: usize, tags: bool, window: Duration) -> Result<Run
         Ok::<_, anyhow::Error>(servers)
     })?;
     eprintln!("scale: {SERVERS} servers synced in {:?}", t.elapsed());
-    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    // One connection per agent, agent a to server a % SERVERS, each
-    // connected (one health call) before the window.
-    let t = Instant::now();
-    let conns = load_rt.block_on(async {
-        let mut by_server: Vec<Vec<Channel>> = vec![Vec::new(); SERVERS];
-        for a in 0..agents {
-            by_server[a % SERVERS].push(servers[a % SERVERS].channel()?);
-        }
-        let all: Vec<Channel> = by_server.iter().flatten().cloned().collect();
-        let mut tasks = Vec::new();
-        for w in 0..32 {
-            let mine: Vec<Channel> = all.iter().skip(w).step_by(32).cloned().collect();
-            tasks.push(tokio::spawn(async move {
-                for c in mine {
-                    KiamServiceClient::new(c)
-                        .get_health(GetHealthRequest {})
-                        .await?;
-                }
-                Ok::<_, anyhow::Error>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        Ok::<_, anyhow::Error>(Connections { by_server })
-    })?;
-    eprintln!("scale: {agents} agent connections in {:?}", t.elapsed());
     // Prefetch (one STS call per identity per server) settles: wait until
     // no STS call happened for a second.
     let t = Instant::now();
@@ -287,6 +259,42 @@ fn run(pods_n: usize, agents: usize, tags: bool, window: Duration) -> Result<Run
         "scale: prefetch settled in {:?} ({last} STS calls)",
         t.elapsed()
     );
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    // One connection per agent, agent a to server a % SERVERS, each
+    // connected (one health call) before the window.
+    let t = Instant::now();
+    let conns = load_rt.block_on(async {
+        let mut by_server: Vec<Vec<Channel>> = vec![Vec::new(); SERVERS];
+        for a in 0..agents {
+            by_server[a % SERVERS].push(servers[a % SERVERS].channel()?);
+        }
+        let all: Vec<Channel> = by_server.iter().flatten().cloned().collect();
+        let mut tasks = Vec::new();
+        for w in 0..32 {
+            let mine: Vec<Channel> = all.iter().skip(w).step_by(32).cloned().collect();
+            tasks.push(tokio::spawn(async move {
+                for c in mine {
+                    // A server still busy may drop a handshake: try again,
+                    // as an agent's channel would.
+                    let mut tried = 0;
+                    while let Err(e) = KiamServiceClient::new(c.clone())
+                        .get_health(GetHealthRequest {})
+                        .await
+                    {
+                        tried += 1;
+                        anyhow::ensure!(tried < 20, "connecting an agent: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok::<_, anyhow::Error>(Connections { by_server })
+    })?;
+    eprintln!("scale: {agents} agent connections in {:?}", t.elapsed());
     let setup = setup_start.elapsed();
 
     let churn_n = (CHURN * window.as_secs_f64()) as usize;
@@ -579,7 +587,7 @@ pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
          double are linear per pod."
             .to_string(),
         format!(
-            "Setup per row (storing the pods, three servers' first sync, {} connections, prefetch): {}.",
+            "Setup per row (storing the pods, three servers' first sync, prefetch, {} connections): {}.",
             "the agents'",
             setups.join(", ")
         ),
@@ -599,8 +607,8 @@ pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
              that cache credentials and ask once per {:.0} min (botocore refreshes 15 min before a 1 h expiry), \
              {:.0}% build a new client per unit of work and ask every {:.0} s, each at a fixed random phase ({:.0} pod requests/s per 10,000 pods); \
              every pod request is what an agent sends (GetPodRole, then GetPodCredentials), straight to a server \
-             (no agent warm path, so each is a server request). After the servers synced, every connection was \
-             up and prefetch had settled (no STS call for 1 s), for {:?}: the pods ask as modelled, while {CHURN:.0} \
+             (no agent warm path, so each is a server request). After the servers synced, prefetch had settled (no STS call for 1 s) and \
+             every connection was up, for {:?}: the pods ask as modelled, while {CHURN:.0} \
              pods/s are created (each asks at once and retries every {} ms until it has credentials, timed from \
              its creation) and as many deleted. API requests are those the in-memory API server recorded in the \
              window from all servers (watch = watches opened); STS calls are the fake STS calls of all servers; \
