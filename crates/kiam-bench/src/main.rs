@@ -10,7 +10,9 @@
 //! Run: `cargo run --release -p kiam-bench` (full, about 9 minutes) or
 //! `cargo run --release -p kiam-bench -- --quick` (small sizes, under a
 //! minute). Only a full run rewrites BENCHMARKS.md; `--quick` and `--only`
-//! print, and write only to `--out`.
+//! print, and write only to `--out`; `--only <figures> --replace-sections`
+//! replaces just those figures' sections in BENCHMARKS.md, marked as a
+//! separate run (e.g. figure 10, the ~10-minute scale run).
 //!
 //! - [`load`]: closed-loop HTTP and gRPC load with latency histograms.
 //! - [`floor`]: the minimal servers kiam is compared with.
@@ -66,6 +68,10 @@ struct Args {
     /// Pod counts for the sync figure (default 10000,100000; --quick 1000,5000).
     #[arg(long, value_delimiter = ',')]
     sync_sizes: Vec<usize>,
+    /// With --only: replace just those figures' sections in BENCHMARKS.md (or --out),
+    /// each marked as measured in a separate run; the rest of the file is kept.
+    #[arg(long)]
+    replace_sections: bool,
     /// Internal: measure one in-process server's heap (see `sync`).
     #[arg(long, hide = true)]
     heap_child: Option<String>,
@@ -157,6 +163,40 @@ fn main() -> Result<()> {
     let preamble = machine::preamble(&before, &after, args.quick, &wanted, started.elapsed());
     let generated = report.markdown(&preamble);
     println!("{generated}");
+    if args.replace_sections {
+        anyhow::ensure!(
+            !args.only.is_empty() && !args.quick,
+            "--replace-sections: give the figures with --only (and not --quick)"
+        );
+        let path = args.out.clone().unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../BENCHMARKS.md"))
+        });
+        let old = std::fs::read_to_string(&path)?;
+        let provenance = format!(
+            "*Measured in a separate run, not the full run above:* `cargo run --release -p kiam-bench -- \
+             --only {} --replace-sections` from {} to {} ({:.0} s), load average {} at the start and {} \
+             at the end (other sessions' builds and tests may have been running on the 2 cores).",
+            wanted.join(","),
+            before.at,
+            after.at,
+            started.elapsed().as_secs_f64(),
+            before.loadavg,
+            after.loadavg
+        );
+        std::fs::write(
+            &path,
+            report::replace_sections(&old, &report.sections, &provenance),
+        )?;
+        eprintln!(
+            "replaced {} section(s) in {}",
+            report.sections.len(),
+            path.display()
+        );
+        if !report.failures.is_empty() {
+            anyhow::bail!("{} figure(s) failed", report.failures.len());
+        }
+        return Ok(());
+    }
     // Only a full run of every figure replaces the committed report.
     let out = match (&args.out, args.quick || !args.only.is_empty()) {
         (Some(p), _) => Some(p.clone()),

@@ -97,17 +97,67 @@ impl Report {
             let _ = writeln!(out, "\n**Section failed:** {f}");
         }
         for s in &self.sections {
-            let _ = write!(out, "\n## {}\n\n{}\n\n", s.title, s.method);
-            for t in &s.tables {
-                out.push_str(&t.markdown());
-                out.push('\n');
-            }
-            for n in &s.notes {
-                let _ = writeln!(out, "- {n}");
-            }
+            out.push('\n');
+            out.push_str(&s.markdown(None));
         }
         out
     }
+}
+
+impl Section {
+    /// `## title`, the method, an optional line saying which run measured
+    /// it, the tables and the notes.
+    pub fn markdown(&self, provenance: Option<&str>) -> String {
+        let mut out = String::new();
+        let _ = write!(out, "## {}\n\n{}\n\n", self.title, self.method);
+        if let Some(p) = provenance {
+            let _ = write!(out, "{p}\n\n");
+        }
+        for t in &self.tables {
+            out.push_str(&t.markdown());
+            out.push('\n');
+        }
+        for n in &self.notes {
+            let _ = writeln!(out, "- {n}");
+        }
+        out
+    }
+
+    /// The figure's number ("10" for "10. Scale ...").
+    fn number(&self) -> Option<&str> {
+        self.title.split_once(". ").map(|(n, _)| n)
+    }
+}
+
+/// `old` (a BENCHMARKS.md) with each of `sections` in place of the section
+/// of the same number (or, if it has none, added before the kept part),
+/// each marked with `provenance`; everything else is unchanged.
+pub fn replace_sections(old: &str, sections: &[Section], provenance: &str) -> String {
+    let mut text = old.to_string();
+    for s in sections {
+        let new = s.markdown(Some(provenance));
+        let heading = s.number().map(|n| format!("\n## {n}. "));
+        let start = heading.as_deref().and_then(|h| text.find(h)).map(|i| i + 1);
+        let (start, end) = match start {
+            Some(start) => {
+                let after = start + 3;
+                let end = [text[after..].find("\n## "), text[after..].find(KEEP_MARKER)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .map_or(text.len(), |i| {
+                        after + i + usize::from(text[after + i..].starts_with('\n'))
+                    });
+                (start, end)
+            }
+            None => {
+                let at = text.find(KEEP_MARKER).unwrap_or(text.len());
+                (at, at)
+            }
+        };
+        text.replace_range(start..end, &format!("{new}\n"));
+    }
+    text
 }
 
 /// `generated` followed by the kept part of `old` (or a stub for it).
@@ -141,6 +191,26 @@ pub fn rate(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replace_sections_swaps_only_the_numbered_section() {
+        let old = format!(
+            "# B\n\n## 9. Nine\n\nold nine\n\n## 10. Ten\n\nold ten\n\n{KEEP_MARKER}\n## Changes\nkept\n"
+        );
+        let section = |title: &str| Section {
+            title: title.into(),
+            method: "new method".into(),
+            tables: vec![],
+            notes: vec!["a note".into()],
+        };
+        let new = replace_sections(&old, &[section("10. Ten again")], "*separate run*");
+        assert!(new.contains("## 9. Nine\n\nold nine\n\n## 10. Ten again\n\nnew method\n\n*separate run*\n\n- a note\n\n<!--"));
+        assert!(!new.contains("old ten"));
+        assert!(new.ends_with("## Changes\nkept\n"));
+        let added = replace_sections(&old, &[section("11. Eleven")], "*p*");
+        assert!(added.contains("old ten\n\n## 11. Eleven"));
+        assert!(added.contains("- a note\n\n<!--"));
+    }
 
     #[test]
     fn merge_keeps_the_hand_written_part() {

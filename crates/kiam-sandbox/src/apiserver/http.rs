@@ -4,6 +4,7 @@
 //! (`/api/v1/namespaces/{name}/status` versus `/api/v1/namespaces/{ns}/pods`) in ways that
 //! are clearer as one `match` over path segments.
 
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -593,7 +594,7 @@ fn list(
                 .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
         ),
     };
-    let (rv, objects, after) = match params.get("continue").filter(|c| !c.is_empty()) {
+    let continued = match params.get("continue").filter(|c| !c.is_empty()) {
         Some(token) => {
             let (rv, last) = decode_continue(token)?;
             let objects = shared.store.snapshot(res, rv).ok_or_else(|| {
@@ -602,29 +603,69 @@ fn list(
                      You can start a new list without the continue parameter.",
                 )
             })?;
-            (rv, objects, Some(last))
+            Some((rv, objects, last))
         }
-        None => {
+        None => None,
+    };
+    // A first page whose field selector asks for one value of an indexed pod field reads
+    // only the pods the store's index has for it (every selector is still applied).
+    let indexed = match continued {
+        Some(_) => None,
+        None => selectors
+            .fields
+            .equalities()
+            .find_map(|(field, value)| shared.store.list_indexed(res, field, value)),
+    };
+    let (rv, objects, after, candidates) = match (continued, indexed) {
+        (Some((rv, objects, last)), _) => (rv, objects, Some(last), None),
+        (None, Some((rv, objects, keys))) => (rv, objects, None, Some(keys)),
+        (None, None) => {
             let (rv, objects) = shared.store.list(res);
-            (rv, objects, None)
+            (rv, objects, None, None)
         }
     };
-    let in_scope = |obj: &Value| {
-        target
-            .namespace
-            .as_deref()
-            .is_none_or(|ns| namespace_of(obj) == ns)
-            && selectors.matches(obj)
-    };
-    let mut remaining = objects
-        .iter()
-        .filter(|(key, _)| after.as_ref().is_none_or(|last| *key > last))
-        .filter(|(_, obj)| in_scope(obj));
+    let in_scope = |obj: &Value| selectors.matches(obj);
+    // Objects in key order after the continue key, within the namespace if one is given:
+    // a range of the map (keys are `(namespace, name)`), not a walk from its start.
+    let scoped: Box<dyn Iterator<Item = (&Key, &Arc<Value>)>> =
+        match (&candidates, &target.namespace) {
+            (Some(keys), ns) => Box::new(
+                keys.iter()
+                    .filter(move |k| ns.as_deref().is_none_or(|ns| k.0 == ns))
+                    .filter_map(|k| objects.get_key_value(k)),
+            ),
+            (None, Some(ns)) => {
+                let from = match &after {
+                    Some(last) if last.0.as_str() >= ns.as_str() => Bound::Excluded(last.clone()),
+                    _ => Bound::Included((ns.clone(), String::new())),
+                };
+                Box::new(
+                    objects
+                        .range((from, Bound::Unbounded))
+                        .take_while(move |(k, _)| k.0 == *ns),
+                )
+            }
+            (None, None) => {
+                let from = match &after {
+                    Some(last) => Bound::Excluded(last.clone()),
+                    None => Bound::Unbounded,
+                };
+                Box::new(objects.range((from, Bound::Unbounded)))
+            }
+        };
+    let filtered = !selectors.is_empty();
+    let mut remaining = scoped.filter(|(_, obj)| !filtered || in_scope(obj));
     let page: Vec<(&Key, &Arc<Value>)> = match limit {
         Some(limit) => remaining.by_ref().take(limit).collect(),
         None => remaining.by_ref().collect(),
     };
-    let rest = remaining.count();
+    // Only an unfiltered list says how many remain (as the real server does), so a
+    // filtered one stops at the first match left.
+    let rest = if !filtered {
+        remaining.count()
+    } else {
+        usize::from(remaining.next().is_some())
+    };
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if rest > 0 {
         let (last, _) = page.last().expect("a limit of 0 means no limit");
@@ -632,7 +673,7 @@ fn list(
         if selectors.is_empty() {
             metadata["remainingItemCount"] = rest.into();
         }
-        shared.store.save_snapshot(res, rv, objects.clone());
+        shared.store.save_snapshot(res, rv);
     }
     if table::wants_table(accept(headers)) {
         let objs: Vec<&Value> = page.iter().map(|(_, o)| o.as_ref()).collect();
@@ -644,19 +685,48 @@ fn list(
         );
         return Ok(json_response(200, &doc));
     }
-    let items: Vec<Value> = page
-        .into_iter()
-        .map(|(_, obj)| strip_type((**obj).clone()))
-        .collect();
-    Ok(json_response(
-        200,
-        &json!({
-            "kind": res.list_kind(),
-            "apiVersion": res.api_version(),
-            "metadata": metadata,
-            "items": items,
-        }),
-    ))
+    let items: Vec<ListItem<'_>> = page.into_iter().map(|(_, obj)| ListItem(obj)).collect();
+    let body = serde_json::to_vec(&json!({
+        "kind": res.list_kind(),
+        "apiVersion": res.api_version(),
+        "metadata": metadata,
+    }))
+    .expect("JSON values always serialise");
+    // `{...,"items":[...]}`: the head's closing brace gives way to the items, written
+    // from the stored objects without copying them.
+    let mut out = Vec::with_capacity(body.len() + 16);
+    out.extend_from_slice(&body[..body.len() - 1]);
+    out.extend_from_slice(b",\"items\":");
+    serde_json::to_writer(&mut out, &items).expect("JSON values always serialise");
+    out.push(b'}');
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(out))
+        .expect("static headers are valid"))
+}
+
+/// A stored object as a list item: without apiVersion and kind, like the real server's
+/// JSON lists.
+struct ListItem<'a>(&'a Value);
+
+impl serde::Serialize for ListItem<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.0.as_object() {
+            Some(map) => {
+                let fields = map
+                    .iter()
+                    .filter(|(k, _)| *k != "apiVersion" && *k != "kind");
+                let mut out = s.serialize_map(None)?;
+                for (k, v) in fields {
+                    out.serialize_entry(k, v)?;
+                }
+                out.end()
+            }
+            None => self.0.serialize(s),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -98,6 +98,9 @@ impl LabelSelector {
     }
 
     pub fn matches(&self, obj: &Value) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
         let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
         let label = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
         self.0.iter().all(|(key, op)| match op {
@@ -147,6 +150,14 @@ impl FieldSelector {
         self.0
             .push(("metadata.name".to_string(), false, name.to_string()));
         self
+    }
+
+    /// The `field=value` terms (not `!=`), for an index to narrow a list with.
+    pub fn equalities(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0
+            .iter()
+            .filter(|(_, negate, _)| !negate)
+            .map(|(field, _, value)| (field.as_str(), value.as_str()))
     }
 
     pub fn matches(&self, obj: &Value) -> bool {

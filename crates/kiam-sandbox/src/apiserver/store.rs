@@ -5,7 +5,7 @@
 //! but neither broadcast to watchers nor added to the replayable history, so tests can
 //! open the window between a list and a watch that real clusters only open by chance.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::Value;
@@ -34,6 +34,8 @@ pub enum EventType {
 pub struct Record {
     pub rv: u64,
     pub resource: Resource,
+    /// Where the object is stored.
+    pub key: Key,
     pub kind: EventType,
     /// The object after the change (for a deletion, the last state with the deletion's
     /// resourceVersion, as a real DELETED event carries).
@@ -63,6 +65,21 @@ pub struct Subscription {
     pub live: broadcast::Receiver<Arc<Record>>,
 }
 
+/// Fields of pods the store indexes for field selectors, so a `status.podIP=` or
+/// `spec.nodeName=` LIST over a large cluster does not walk every pod. The real API
+/// server's watch cache indexes `spec.nodeName` and scans for `status.podIP`; the results
+/// are the same, only the cost differs.
+pub const POD_INDEXED_FIELDS: [&str; 2] = ["status.podIP", "spec.nodeName"];
+
+/// The indexed field's value of a pod, as a field selector compares it.
+fn indexed_value<'v>(obj: &'v Value, field: &str) -> Option<&'v str> {
+    let (a, b) = field.split_once('.')?;
+    obj.get(a)?.get(b)?.as_str().filter(|v| !v.is_empty())
+}
+
+/// value -> keys of the pods that have it, per indexed field.
+type FieldIndex = HashMap<String, BTreeSet<Key>>;
+
 /// How many list snapshots continue tokens can refer to; older tokens get 410.
 const SNAPSHOT_LIMIT: usize = 32;
 
@@ -79,7 +96,13 @@ struct State {
     compacted_rv: u64,
     /// `Some` while events are held back from watchers.
     held: Option<Vec<Arc<Record>>>,
-    snapshots: VecDeque<(Resource, u64, Objects)>,
+    /// Lists a continue token may read. `None` until a later page is asked for: the
+    /// snapshot is then rebuilt from the current objects and the history since, so a
+    /// first page (e.g. `limit=1` to read the resourceVersion) neither copies the map
+    /// nor makes the next write copy it (which sharing the map's `Arc` would).
+    snapshots: VecDeque<(Resource, u64, Option<Objects>)>,
+    /// Pods by [`POD_INDEXED_FIELDS`] (same order), for the current objects only.
+    pod_index: [FieldIndex; 2],
 }
 
 /// The object store shared by every connection.
@@ -107,6 +130,7 @@ impl Store {
                 compacted_rv: 0,
                 held: None,
                 snapshots: VecDeque::new(),
+                pod_index: Default::default(),
             }),
             live,
         }
@@ -132,8 +156,31 @@ impl Store {
         (state.rv, state.objects[res.index()].clone())
     }
 
-    /// Keeps a list for later pages of a paginated LIST.
-    pub fn save_snapshot(&self, res: Resource, rv: u64, objects: Objects) {
+    /// Every current pod whose indexed `field` (one of [`POD_INDEXED_FIELDS`]) equals
+    /// `value`, in key order, with the objects and the resourceVersion they are current at.
+    /// `None` if the field is not indexed (or `value` is empty).
+    pub fn list_indexed(
+        &self,
+        res: Resource,
+        field: &str,
+        value: &str,
+    ) -> Option<(u64, Objects, Vec<Key>)> {
+        let i = POD_INDEXED_FIELDS.iter().position(|f| *f == field)?;
+        // Pods without the field match "" and are not indexed: scan for those.
+        if res != Resource::Pods || value.is_empty() {
+            return None;
+        }
+        let state = self.lock();
+        let keys = state.pod_index[i]
+            .get(value)
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default();
+        Some((state.rv, state.objects[res.index()].clone(), keys))
+    }
+
+    /// Keeps a list at `rv` for later pages of a paginated LIST (built only if one is
+    /// asked for; see [`State::snapshots`]).
+    pub fn save_snapshot(&self, res: Resource, rv: u64) {
         let mut state = self.lock();
         if state
             .snapshots
@@ -142,18 +189,45 @@ impl Store {
         {
             return;
         }
-        state.snapshots.push_back((res, rv, objects));
+        state.snapshots.push_back((res, rv, None));
         while state.snapshots.len() > SNAPSHOT_LIMIT {
             state.snapshots.pop_front();
         }
     }
 
+    /// The objects of a type as they were at `rv`, if a list at `rv` was saved and the
+    /// changes since are still in history (else the token has expired: 410).
     pub fn snapshot(&self, res: Resource, rv: u64) -> Option<Objects> {
-        self.lock()
+        let mut state = self.lock();
+        let at = state
             .snapshots
             .iter()
-            .find(|(r, v, _)| *r == res && *v == rv)
-            .map(|(_, _, objects)| objects.clone())
+            .position(|(r, v, _)| *r == res && *v == rv)?;
+        if let Some(objects) = &state.snapshots[at].2 {
+            return Some(objects.clone());
+        }
+        if rv < state.compacted_rv {
+            return None;
+        }
+        // Undo every later change to this type, newest first.
+        let mut objects = (*state.objects[res.index()]).clone();
+        let later = state.history.iter().chain(state.held.iter().flatten());
+        let mut undo: Vec<&Arc<Record>> =
+            later.filter(|r| r.rv > rv && r.resource == res).collect();
+        undo.sort_by_key(|r| std::cmp::Reverse(r.rv));
+        for record in undo {
+            match (&record.kind, &record.previous) {
+                (EventType::Added, _) | (_, None) => {
+                    objects.remove(&record.key);
+                }
+                (_, Some(previous)) => {
+                    objects.insert(record.key.clone(), previous.clone());
+                }
+            }
+        }
+        let objects = Arc::new(objects);
+        state.snapshots[at].2 = Some(objects.clone());
+        Some(objects)
     }
 
     /// Runs `f` with exclusive write access; its changes are published when it returns.
@@ -261,7 +335,10 @@ impl Writer<'_> {
         let rv = self.state.rv;
         metadata_mut(&mut obj).insert("resourceVersion".into(), rv.to_string().into());
         let obj = Arc::new(obj);
-        Arc::make_mut(&mut self.state.objects[res.index()]).insert(key, obj.clone());
+        if res == Resource::Pods {
+            self.reindex(&key, previous.as_deref(), Some(&obj));
+        }
+        Arc::make_mut(&mut self.state.objects[res.index()]).insert(key.clone(), obj.clone());
         let kind = if previous.is_some() {
             EventType::Modified
         } else {
@@ -270,6 +347,7 @@ impl Writer<'_> {
         self.emit(Record {
             rv,
             resource: res,
+            key,
             kind,
             object: obj.clone(),
             previous,
@@ -280,6 +358,9 @@ impl Writer<'_> {
     /// Removes an object, emitting DELETED with a new resourceVersion; returns its last state.
     pub fn remove(&mut self, res: Resource, key: &Key) -> Option<Arc<Value>> {
         let previous = Arc::make_mut(&mut self.state.objects[res.index()]).remove(key)?;
+        if res == Resource::Pods {
+            self.reindex(key, Some(&previous), None);
+        }
         self.state.rv += 1;
         let rv = self.state.rv;
         let mut last = (*previous).clone();
@@ -288,11 +369,35 @@ impl Writer<'_> {
         self.emit(Record {
             rv,
             resource: res,
+            key: key.clone(),
             kind: EventType::Deleted,
             object: last.clone(),
             previous: Some(previous),
         });
         Some(last)
+    }
+
+    /// Moves `key` in the pod field indexes from `old`'s values to `new`'s.
+    fn reindex(&mut self, key: &Key, old: Option<&Value>, new: Option<&Value>) {
+        for (i, field) in POD_INDEXED_FIELDS.iter().enumerate() {
+            let before = old.and_then(|o| indexed_value(o, field));
+            let after = new.and_then(|o| indexed_value(o, field));
+            if before == after {
+                continue;
+            }
+            let index = &mut self.state.pod_index[i];
+            if let Some(v) = before {
+                if let Some(keys) = index.get_mut(v) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        index.remove(v);
+                    }
+                }
+            }
+            if let Some(v) = after {
+                index.entry(v.to_string()).or_default().insert(key.clone());
+            }
+        }
     }
 
     fn emit(&mut self, record: Record) {
@@ -396,5 +501,78 @@ mod tests {
             .is_empty());
         store.hold(false);
         assert_eq!(sub.live.try_recv().unwrap().rv, 2);
+    }
+
+    fn pod(name: &str, ip: &str, node: &str) -> Value {
+        json!({"metadata": {"name": name, "namespace": "ns"},
+               "spec": {"nodeName": node}, "status": {"podIP": ip}})
+    }
+
+    #[test]
+    fn a_saved_list_is_rebuilt_as_it_was_when_a_later_page_asks() {
+        let store = Store::new(100);
+        put(&store, "a", 1);
+        put(&store, "b", 1);
+        let (rv, _) = store.list(Resource::Pods);
+        store.save_snapshot(Resource::Pods, rv);
+        // Changes after the list: a modified, b deleted, c added.
+        put(&store, "a", 2);
+        store
+            .write(|w| Ok(w.remove(Resource::Pods, &key("b"))))
+            .unwrap();
+        put(&store, "c", 1);
+        let snap = store.snapshot(Resource::Pods, rv).unwrap();
+        let names: Vec<&str> = snap.keys().map(|k| k.1.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(snap[&key("a")]["v"], 1);
+        // The rebuilt list is kept: later writes do not change it.
+        put(&store, "a", 3);
+        assert_eq!(
+            store.snapshot(Resource::Pods, rv).unwrap()[&key("a")]["v"],
+            1
+        );
+        // An unsaved version, or one compacted away, is expired.
+        assert!(store.snapshot(Resource::Pods, rv + 1).is_none());
+        let (rv2, _) = store.list(Resource::Pods);
+        store.save_snapshot(Resource::Pods, rv2);
+        put(&store, "d", 1);
+        store.compact();
+        assert!(store.snapshot(Resource::Pods, rv2).is_none());
+    }
+
+    #[test]
+    fn pods_are_indexed_by_ip_and_node_as_they_change() {
+        let store = Store::new(100);
+        let put_pod = |name: &str, ip: &str, node: &str| {
+            store
+                .write(|w| Ok(w.put(Resource::Pods, key(name), pod(name, ip, node))))
+                .unwrap()
+        };
+        put_pod("a", "10.0.0.1", "n1");
+        put_pod("b", "10.0.0.1", "n2");
+        let keys = |field: &str, value: &str| {
+            store
+                .list_indexed(Resource::Pods, field, value)
+                .unwrap()
+                .2
+                .into_iter()
+                .map(|k| k.1)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys("status.podIP", "10.0.0.1"), ["a", "b"]);
+        put_pod("b", "10.0.0.2", "n2");
+        assert_eq!(keys("status.podIP", "10.0.0.1"), ["a"]);
+        assert_eq!(keys("status.podIP", "10.0.0.2"), ["b"]);
+        store
+            .write(|w| Ok(w.remove(Resource::Pods, &key("a"))))
+            .unwrap();
+        assert!(keys("status.podIP", "10.0.0.1").is_empty());
+        assert_eq!(keys("spec.nodeName", "n2"), ["b"]);
+        assert!(store
+            .list_indexed(Resource::Pods, "status.podIP", "")
+            .is_none());
+        assert!(store
+            .list_indexed(Resource::Pods, "status.phase", "Running")
+            .is_none());
     }
 }
