@@ -50,8 +50,14 @@ use fetchers::{Fetchers, Outcome};
 /// the Pod cache's own locks.
 pub type InUse = Arc<dyn Fn(&Identity) -> bool + Send + Sync>;
 
-/// How often the sweeper looks for credentials to refresh or drop.
+/// How often the sweeper looks for credentials to refresh (and retries).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the sweeper asks, for every identity, whether a pod still uses
+/// it (to drop the unused ones). Each tick asks only about identities due
+/// for a refresh or retry: with per-pod session tags a server holds one
+/// identity per pod, and asking about 150,000 of them every second was the
+/// server's largest cost at that size (BENCHMARKS.md figure 10).
+const UNUSED_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// An identity no pod uses is still kept this long after its last request,
 /// so a pod found by the direct API lookup (not yet in the watch cache) does
 /// not refetch on every request.
@@ -133,6 +139,15 @@ impl Entry {
             failure: None,
             last_used: now,
         }
+    }
+
+    /// Due a background refresh (or retry) at `now`: not fetching, not
+    /// backing off after a failure, and past its refresh time (or never
+    /// fetched).
+    fn due(&self, now: Instant) -> bool {
+        let backing_off = self.failure.as_ref().is_some_and(|f| now < f.retry_at);
+        let past = self.cached.as_ref().is_none_or(|c| now >= c.refresh_at);
+        self.fetch.is_none() && !backing_off && past
     }
 
     /// The credentials if they have more than `refresh` of life left.
@@ -567,10 +582,16 @@ impl Inner {
         }
     }
 
-    /// Drops identities nobody uses and starts background refreshes and
-    /// retries for the ones still in use.
-    fn sweep(self: &Arc<Self>) {
-        let identities: Vec<Identity> = self.lock().keys().cloned().collect();
+    /// Starts background refreshes and retries for identities due one and
+    /// still in use; with `every_identity`, also drops the ones nobody uses.
+    fn sweep(self: &Arc<Self>, every_identity: bool) {
+        let now = Instant::now();
+        let identities: Vec<Identity> = self
+            .lock()
+            .iter()
+            .filter(|(_, entry)| every_identity || entry.due(now))
+            .map(|(identity, _)| identity.clone())
+            .collect();
         // Asked without our lock: the predicate takes the Pod cache's locks,
         // and the Pod cache calls `prefetch` while holding them.
         let used: Vec<(Identity, bool)> = identities
@@ -597,12 +618,7 @@ impl Inner {
                 }
                 continue;
             }
-            let backing_off = entry.failure.as_ref().is_some_and(|f| now < f.retry_at);
-            let due = match &entry.cached {
-                Some(c) => now >= c.refresh_at,
-                None => true,
-            };
-            if due && !backing_off {
+            if entry.due(now) {
                 tracing::debug!(pod.iam.role = %identity.role_arn, session_name = %identity.session_name,
                     "refreshing credentials");
                 drop(self.start_fetch(entry, &identity, false));
@@ -624,13 +640,18 @@ fn backoff(consecutive: u32) -> Duration {
 async fn sweep_loop(inner: Weak<Inner>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let Some(inner) = inner.upgrade() else { return };
-        inner.sweep();
+        let every_identity = last_full.elapsed() >= UNUSED_CHECK_INTERVAL;
+        if every_identity {
+            last_full = Instant::now();
+        }
+        inner.sweep(every_identity);
     }
 }
 

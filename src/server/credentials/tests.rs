@@ -237,7 +237,7 @@ async fn unused_identity_is_dropped_and_not_refreshed() {
     settle().await;
     assert_eq!(sts.calls(&id), 1);
     used.store(false, Ordering::SeqCst);
-    tokio::time::sleep(IDLE_GRACE + 2 * SWEEP_INTERVAL).await;
+    tokio::time::sleep(IDLE_GRACE + UNUSED_CHECK_INTERVAL + SWEEP_INTERVAL).await;
     assert!(
         !cache.inner.lock().contains_key(&id),
         "dropped once nobody uses it"
@@ -360,4 +360,34 @@ async fn state_reports_what_is_cached_in_flight_and_failed_without_fetching() {
     assert_eq!(failure.code.as_deref(), Some("AccessDenied"));
     assert!(!failure.retryable);
     assert_eq!(failure.consecutive, 1);
+}
+
+/// The sweeper asks whether a pod uses an identity only when the identity
+/// is due a refresh, and about every identity once per
+/// UNUSED_CHECK_INTERVAL: with one identity per pod (session tags), asking
+/// about all of them every second was the server's largest cost.
+#[tokio::test(start_paused = true)]
+async fn the_sweeper_asks_about_every_identity_only_now_and_then() {
+    let sts = Arc::new(FakeSts::new());
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = asked.clone();
+    let (cache, _r) = cache_with(
+        &sts,
+        config(),
+        Arc::new(move |_: &Identity| {
+            count.fetch_add(1, Ordering::SeqCst);
+            true
+        }),
+    );
+    for n in 0..100 {
+        cache.prefetch(&identity(&format!("r{n}")));
+    }
+    settle().await;
+    asked.store(0, Ordering::SeqCst);
+    // Fresh credentials, none due: ticks inside one interval ask nothing.
+    tokio::time::sleep(UNUSED_CHECK_INTERVAL / 2).await;
+    assert_eq!(asked.load(Ordering::SeqCst), 0);
+    // One full pass per interval.
+    tokio::time::sleep(UNUSED_CHECK_INTERVAL).await;
+    assert_eq!(asked.load(Ordering::SeqCst), 100);
 }
