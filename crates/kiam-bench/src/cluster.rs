@@ -180,6 +180,27 @@ impl Cluster {
         api_url: &str,
         extra: &[&str],
     ) -> Result<(Cluster, tokio::net::TcpListener, Deps)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::prepare_on(api_url, extra, listener).await
+    }
+
+    /// A server on a listener bound beforehand, so servers can be told each
+    /// other's addresses (`--prefetch-peers`) before any starts.
+    pub async fn start_on(
+        api: &FakeApiServer,
+        extra: &[&str],
+        listener: tokio::net::TcpListener,
+    ) -> Result<Cluster> {
+        let (cluster, listener, deps) = Self::prepare_on(&api.url(), extra, listener).await?;
+        tokio::spawn(kiam::server::run(listener, deps, cluster.shutdown.clone()));
+        Ok(cluster)
+    }
+
+    async fn prepare_on(
+        api_url: &str,
+        extra: &[&str],
+        listener: tokio::net::TcpListener,
+    ) -> Result<(Cluster, tokio::net::TcpListener, Deps)> {
         let dir = tempfile::tempdir()?;
         let pki = kiam::certs::generate(dir.path(), &[], 1)?;
         let sts = Arc::new(RecordingSts::default());
@@ -195,7 +216,6 @@ impl Cluster {
             tls,
             metrics: ServerMetrics::register(&mut registry),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let cluster = Cluster {
             sts,

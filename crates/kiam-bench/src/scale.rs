@@ -113,19 +113,31 @@ impl Connections {
 
 /// Which server answers a request for the pod at `pod_ip` on `agent`'s node.
 ///
-/// THE ROUTING SWITCH: today an agent sends everything over its one
-/// connection, so the server is the agent's (`agent % SERVERS`). When
-/// agents route by a rendezvous hash of the pod IP, this becomes
-/// `kiam::shard::rank(pod_ip, servers)[0]` and nothing else here changes.
-fn route(pod_ip: &str, agent: usize, servers: &[SocketAddr]) -> usize {
-    let _ = (pod_ip, servers);
-    agent % SERVERS
+/// THE ROUTING SWITCH. Our agents ask a pod's owner first: the server
+/// `kiam::shard::owner` picks for the pod's IP among the servers, the one
+/// that prefetched it when servers share prefetch (`--prefetch-peers`).
+/// Without sharing (the "before" row) every server prefetches every pod and
+/// the agent's own server answers, as a Go kiam agent's connection would.
+fn route(pod_ip: &str, agent: usize, servers: &[SocketAddr], sharing: bool) -> usize {
+    let owner = pod_ip
+        .parse()
+        .ok()
+        .and_then(|ip| kiam::shard::owner(ip, servers));
+    match owner {
+        Some(owner) if sharing => owner,
+        _ => agent % SERVERS,
+    }
+}
+
+/// The name of node `node` (pods' `spec.nodeName`, the agents' `--node-name`).
+fn node_name(node: usize) -> String {
+    format!("node-{node:05}.eu-west-1.compute.internal")
 }
 
 /// Pod `i` of the population (or of the churn) on node `i % nodes`.
 fn pod_object(p: &pods::PodSpec, node: usize) -> serde_json::Value {
     let mut obj = pods::pod(p);
-    obj["spec"]["nodeName"] = format!("node-{node:05}.eu-west-1.compute.internal").into();
+    obj["spec"]["nodeName"] = node_name(node).into();
     let host = format!("10.0.{}.{}", node / 250, node % 250 + 1);
     obj["status"]["hostIP"] = host.clone().into();
     obj["status"]["hostIPs"] = serde_json::json!([{ "ip": host }]);
@@ -136,6 +148,9 @@ struct Run {
     pods: usize,
     agents: usize,
     tags: bool,
+    /// Servers shared prefetch (`--prefetch-peers`) and agents asked each
+    /// pod's owner.
+    sharing: bool,
     requests: usize,
     errors: usize,
     elapsed: Duration,
@@ -187,20 +202,32 @@ fn kiam_runtime() -> tokio::runtime::Runtime {
 
 /// One pod request as an agent sends it: GetPodRole, then
 /// GetPodCredentials for that role.
-async fn pod_request(channel: Channel, ip: String) -> Result<()> {
+/// What an agent on node `agent` sends for one pod request: GetPodRole then
+/// GetPodCredentials, each naming the agent's node (`kiam-node`).
+async fn pod_request(channel: Channel, ip: String, agent: usize) -> Result<()> {
+    let node: tonic::metadata::MetadataValue<_> = node_name(agent).parse()?;
+    let about = |message| {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert(kiam::wire::NODE_KEY, node.clone());
+        request
+    };
     let mut client = KiamServiceClient::new(channel);
     let role = client
-        .get_pod_role(GetPodRoleRequest { ip: ip.clone() })
+        .get_pod_role(about(GetPodRoleRequest { ip: ip.clone() }))
         .await?
         .into_inner()
         .name;
-    client
-        .get_pod_credentials(GetPodCredentialsRequest { ip, role })
-        .await?;
+    let mut request = tonic::Request::new(GetPodCredentialsRequest { ip, role });
+    request
+        .metadata_mut()
+        .insert(kiam::wire::NODE_KEY, node.clone());
+    client.get_pod_credentials(request).await?;
     Ok(())
 }
 
-fn run(pods_n: usize, agents: usize, tags: bool, window: Duration) -> Result<Run> {
+fn run(pods_n: usize, agents: usize, tags: bool, sharing: bool, window: Duration) -> Result<Run> {
     let setup_start = Instant::now();
     let kiam_rt = kiam_runtime();
     let api_rt = runtime("apiserver", 1);
@@ -228,13 +255,29 @@ fn run(pods_n: usize, agents: usize, tags: bool, window: Duration) -> Result<Run
         .map_err(|_| anyhow::anyhow!("the pod builder panicked"))?;
     let ips: Vec<String> = (0..pods_n).map(pods::ip_for).collect();
     eprintln!("scale: {pods_n} pods stored in {:?}", t.elapsed());
-    let flags: Vec<&str> = if tags { vec!["--session-tags"] } else { vec![] };
     let heap_before = alloc::tracked_live();
     let t = Instant::now();
     let servers = kiam_rt.block_on(async {
-        let mut servers = Vec::new();
+        // Bound first, so each server can be given all three addresses.
+        let mut listeners = Vec::new();
         for _ in 0..SERVERS {
-            servers.push(Cluster::start(&api, &flags).await?);
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+        }
+        let peers = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.to_string()))
+            .collect::<std::io::Result<Vec<_>>>()?
+            .join(",");
+        let mut flags: Vec<&str> = Vec::new();
+        if tags {
+            flags.push("--session-tags");
+        }
+        if sharing {
+            flags.extend(["--prefetch-peers", &peers, "--advertise-ip", "127.0.0.1"]);
+        }
+        let mut servers = Vec::new();
+        for listener in listeners {
+            servers.push(Cluster::start_on(&api, &flags, listener).await?);
         }
         for s in &servers {
             s.wait_ready(Duration::from_secs(600)).await?;
@@ -329,11 +372,16 @@ fn run(pods_n: usize, agents: usize, tags: bool, window: Duration) -> Result<Run
                     let gone = pods::population(pods_n - 1 - k, NAMESPACES, ROLES);
                     api.delete_pod(&gone.namespace, &gone.name)
                         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                    let channel = conns.to(route(&p.ip, agent, &addrs), agent).clone();
+                    let channel = conns
+                        .to(route(&p.ip, agent, &addrs, sharing), agent)
+                        .clone();
                     waits.push(tokio::spawn(async move {
                         // Up to 30 s, as an agent's own deadline allows.
                         for tried in 1..=3000 {
-                            if pod_request(channel.clone(), p.ip.clone()).await.is_ok() {
+                            if pod_request(channel.clone(), p.ip.clone(), agent)
+                                .await
+                                .is_ok()
+                            {
                                 return (Some(created.elapsed()), tried);
                             }
                             tokio::time::sleep(RETRY).await;
@@ -353,10 +401,10 @@ fn run(pods_n: usize, agents: usize, tags: bool, window: Duration) -> Result<Run
             tokio::time::sleep_until(start + at).await;
             let agent = i % agents;
             let ip = ips[i].clone();
-            let channel = conns.to(route(&ip, agent, &addrs), agent).clone();
+            let channel = conns.to(route(&ip, agent, &addrs, sharing), agent).clone();
             tasks.push(tokio::spawn(async move {
                 let t0 = Instant::now();
-                let ok = pod_request(channel, ip).await.is_ok();
+                let ok = pod_request(channel, ip, agent).await.is_ok();
                 (ok, t0.elapsed())
             }));
         }
@@ -385,6 +433,7 @@ fn run(pods_n: usize, agents: usize, tags: bool, window: Duration) -> Result<Run
         pods: pods_n,
         agents,
         tags,
+        sharing,
         requests: answers.len(),
         errors: answers.iter().filter(|a| !a.0).count(),
         elapsed,
@@ -432,23 +481,18 @@ fn mib(bytes: isize) -> String {
 
 /// Figure 10.
 pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
-    // (pods, agents, tags on too)
-    let (sizes, window): (&[(usize, usize, bool)], _) = if quick {
-        (
-            &[(2_000, 64, true), (4_000, 128, true)],
-            Duration::from_secs(5),
-        )
+    // (pods, agents, modes: 0 tags off, 1 off and on, 3 off, on, and on
+    // without sharing)
+    let (sizes, window): (&[(usize, usize, usize)], _) = if quick {
+        (&[(2_000, 64, 1), (4_000, 128, 3)], Duration::from_secs(5))
     } else {
         (
-            &[
-                (37_500, 1_250, false),
-                (75_000, 2_500, true),
-                (150_000, 5_000, true),
-            ],
+            &[(37_500, 1_250, 0), (75_000, 2_500, 1), (150_000, 5_000, 3)],
             Duration::from_secs(30),
         )
     };
-    // One size, for profiling: KIAM_BENCH_SCALE=<pods>,<agents>,<tags: 0 off, 1 off and on, 2 on>.
+    // One size, for profiling: KIAM_BENCH_SCALE=<pods>,<agents>,<modes: 0 tags off, 1 off and on,
+    // 2 on, 3 off, on, and on without prefetch sharing>.
     let given: Vec<(usize, usize, usize)> = std::env::var("KIAM_BENCH_SCALE")
         .ok()
         .and_then(|v| {
@@ -457,24 +501,24 @@ pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
         })
         .unwrap_or_default();
     let sizes: Vec<(usize, usize, usize)> = if given.is_empty() {
-        sizes
-            .iter()
-            .map(|&(p, a, t)| (p, a, usize::from(t)))
-            .collect()
+        sizes.to_vec()
     } else {
         given
     };
     let started = Instant::now();
     let mut rows: Vec<Run> = Vec::new();
     for &(pods_n, agents, with_tags) in &sizes {
-        let tag_modes: &[bool] = match with_tags {
-            0 => &[false],
-            1 => &[false, true],
-            _ => &[true],
+        // (tags, sharing): sharing is the default deployment; the last
+        // mode is the "before" row (every server prefetches every pod).
+        let modes: &[(bool, bool)] = match with_tags {
+            0 => &[(false, true)],
+            1 => &[(false, true), (true, true)],
+            2 => &[(true, true)],
+            _ => &[(false, true), (true, true), (true, false)],
         };
-        for &tags in tag_modes {
-            let r = run(pods_n, agents, tags, window)
-                .with_context(|| format!("{pods_n} pods, tags {tags}"))?;
+        for &(tags, sharing) in modes {
+            let r = run(pods_n, agents, tags, sharing, window)
+                .with_context(|| format!("{pods_n} pods, tags {tags}, sharing {sharing}"))?;
             // Give the freed heap of this row back to the system before the
             // next: 150,000 pods as JSON values take ~10 GiB, and glibc keeps
             // freed arenas otherwise (two large rows in a row ran out of the
@@ -484,7 +528,7 @@ pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
                 libc::malloc_trim(0);
             }
             eprintln!(
-                "scale {pods_n} pods {agents} agents tags={tags}: {} requests, api {}/{}/{}/{}, sts {}, setup {:?}",
+                "scale {pods_n} pods {agents} agents tags={tags} sharing={sharing}: {} requests, api {}/{}/{}/{}, sts {}, setup {:?}",
                 r.requests, r.watches, r.lists, r.gets, r.other, r.sts_calls, r.setup
             );
             rows.push(r);
@@ -495,6 +539,7 @@ pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
         "Pods",
         "Agents",
         "Session tags",
+        "Prefetch shared (`--prefetch-peers`), agents ask the owner",
         "Pod requests (/s)",
         "API requests/s (watch / LIST / pod GET / other)",
         "API requests per 1000 pod requests",
@@ -513,6 +558,11 @@ pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
             r.pods.to_string(),
             r.agents.to_string(),
             if r.tags { "on" } else { "off" }.into(),
+            if r.sharing {
+                "yes".to_string()
+            } else {
+                "**no** (before: every server prefetches every pod)".to_string()
+            },
             format!(
                 "{} + {} new pods' ({:.0}/s)",
                 r.requests,
@@ -564,7 +614,10 @@ pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
         "Pod request p99",
     ]);
     for tags in [false, true] {
-        let of: Vec<&Run> = rows.iter().filter(|r| r.tags == tags).collect();
+        let of: Vec<&Run> = rows
+            .iter()
+            .filter(|r| r.tags == tags && r.sharing)
+            .collect();
         for pair in of.windows(2) {
             let (a, b) = (pair[0], pair[1]);
             g.row(vec![
@@ -618,9 +671,13 @@ pub fn scale(report: &mut Report, quick: bool) -> Result<()> {
              STS answering at once) on one 2-worker runtime, the in-memory API server (1 worker) and the agents' \
              connections plus load (2 workers) share this process and the machine's 2 cores. Agents: one \
              mutual-TLS gRPC connection each (agent `a` to server `a mod 3`, not one per server per agent: \
-             {SERVERS}x the connections would not change what the API server or STS see); each pod is on node \
-             `i mod agents` and its requests go to the server `route(pod_ip)` picks (today the agent's own \
-             connection; one place in scale.rs switches it to a rendezvous hash of the pod IP). Pods: realistic \
+             {SERVERS}x the connections would not change what the API server or STS see, and a request for a \
+             pod owned by another server goes over one of that server's connections); each pod is on node \
+             `i mod agents`, and its requests name that node (`kiam-node`, as our agents do) and go to the \
+             pod's owner among the servers (`kiam::shard::owner` of its IP, as our agents ask), which alone \
+             prefetched it (`--prefetch-peers`, the deployed default); in the row whose sharing column says no (before) the servers \
+             run without `--prefetch-peers` (every server prefetches every pod) and each request goes to the \
+             agent's own server. Pods: realistic \
              objects ({min_b}-{max_b} bytes of JSON each) in {NAMESPACES} namespaces over {ROLES} roles, stored \
              straight into the API server; each server watches them all. **Load model**: {:.0}% of pods use SDKs \
              that cache credentials and ask once per {:.0} min (botocore refreshes 15 min before a 1 h expiry), \
