@@ -624,48 +624,65 @@ fn list(
             (rv, objects, None, None)
         }
     };
-    let in_scope = |obj: &Value| selectors.matches(obj);
-    // Objects in key order after the continue key, within the namespace if one is given:
-    // a range of the map (keys are `(namespace, name)`), not a walk from its start.
-    let scoped: Box<dyn Iterator<Item = (&Key, &Arc<Value>)>> =
-        match (&candidates, &target.namespace) {
-            (Some(keys), ns) => Box::new(
-                keys.iter()
-                    .filter(move |k| ns.as_deref().is_none_or(|ns| k.0 == ns))
-                    .filter_map(|k| objects.get_key_value(k)),
-            ),
-            (None, Some(ns)) => {
-                let from = match &after {
-                    Some(last) if last.0.as_str() >= ns.as_str() => Bound::Excluded(last.clone()),
-                    _ => Bound::Included((ns.clone(), String::new())),
-                };
-                Box::new(
-                    objects
-                        .range((from, Bound::Unbounded))
-                        .take_while(move |(k, _)| k.0 == *ns),
-                )
-            }
-            (None, None) => {
-                let from = match &after {
-                    Some(last) => Bound::Excluded(last.clone()),
-                    None => Bound::Unbounded,
-                };
-                Box::new(objects.range((from, Bound::Unbounded)))
-            }
+    let unscoped_first_page = after.is_none() && candidates.is_none() && target.namespace.is_none();
+    // Owned copies of the page's objects, taken inside this block so the list's handle on
+    // the whole map is dropped before the page is serialized: a write meanwhile would
+    // otherwise copy the map (copy-on-write), which a real server never does.
+    let (page, rest): (Vec<(Key, Arc<Value>)>, usize) = {
+        let in_scope = |obj: &Value| selectors.matches(obj);
+        // Objects in key order after the continue key, within the namespace if one is given:
+        // a range of the map (keys are `(namespace, name)`), not a walk from its start.
+        let scoped: Box<dyn Iterator<Item = (&Key, &Arc<Value>)>> =
+            match (&candidates, &target.namespace) {
+                (Some(keys), ns) => Box::new(
+                    keys.iter()
+                        .filter(move |k| ns.as_deref().is_none_or(|ns| k.0 == ns))
+                        .filter_map(|k| objects.get_key_value(k)),
+                ),
+                (None, Some(ns)) => {
+                    let from = match &after {
+                        Some(last) if last.0.as_str() >= ns.as_str() => {
+                            Bound::Excluded(last.clone())
+                        }
+                        _ => Bound::Included((ns.clone(), String::new())),
+                    };
+                    Box::new(
+                        objects
+                            .range((from, Bound::Unbounded))
+                            .take_while(move |(k, _)| k.0 == *ns),
+                    )
+                }
+                (None, None) => {
+                    let from = match &after {
+                        Some(last) => Bound::Excluded(last.clone()),
+                        None => Bound::Unbounded,
+                    };
+                    Box::new(objects.range((from, Bound::Unbounded)))
+                }
+            };
+        let filtered = !selectors.is_empty();
+        let mut remaining = scoped.filter(|(_, obj)| !filtered || in_scope(obj));
+        let page: Vec<(&Key, &Arc<Value>)> = match limit {
+            Some(limit) => remaining.by_ref().take(limit).collect(),
+            None => remaining.by_ref().collect(),
         };
-    let filtered = !selectors.is_empty();
-    let mut remaining = scoped.filter(|(_, obj)| !filtered || in_scope(obj));
-    let page: Vec<(&Key, &Arc<Value>)> = match limit {
-        Some(limit) => remaining.by_ref().take(limit).collect(),
-        None => remaining.by_ref().collect(),
+        // Only an unfiltered list says how many remain (as the real server does), so a
+        // filtered one stops at the first match left.
+        let rest = if !filtered && unscoped_first_page {
+            // Every object not on the page: no walk over the map.
+            objects.len() - page.len()
+        } else if !filtered {
+            remaining.count()
+        } else {
+            usize::from(remaining.next().is_some())
+        };
+        let page = page
+            .into_iter()
+            .map(|(k, o)| (k.clone(), Arc::clone(o)))
+            .collect();
+        (page, rest)
     };
-    // Only an unfiltered list says how many remain (as the real server does), so a
-    // filtered one stops at the first match left.
-    let rest = if !filtered {
-        remaining.count()
-    } else {
-        usize::from(remaining.next().is_some())
-    };
+    drop(objects);
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if rest > 0 {
         let (last, _) = page.last().expect("a limit of 0 means no limit");
@@ -685,7 +702,7 @@ fn list(
         );
         return Ok(json_response(200, &doc));
     }
-    let items: Vec<ListItem<'_>> = page.into_iter().map(|(_, obj)| ListItem(obj)).collect();
+    let items: Vec<ListItem<'_>> = page.iter().map(|(_, obj)| ListItem(obj)).collect();
     let body = serde_json::to_vec(&json!({
         "kind": res.list_kind(),
         "apiVersion": res.api_version(),
