@@ -626,6 +626,9 @@ fn containers_run_as_deployed_and_serve_a_pod() {
     // Credentials and region come from the node's metadata service, as on
     // EC2; only STS is the test's.
     args.push(format!("--env=AWS_ENDPOINT_URL_STS=http://{}", sts.addr()));
+    // The manifest's env (its own Pod IP from the downward API: the node's
+    // address here, as the container shares the node's network).
+    args.extend(server.env_flags(&[("status.podIP", &NODE_IP.to_string())], &[]));
     let mut argv = server.argv();
     let entrypoint = argv.remove(0);
     args.push(format!("--entrypoint={entrypoint}"));
