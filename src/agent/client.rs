@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio::time::Instant as TokioInstant;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -397,6 +398,9 @@ struct Balancer {
     /// RwLock: never held across an await.
     members: RwLock<Arc<Vec<Arc<Member>>>>,
     next: AtomicUsize,
+    /// `cfg.node` as request metadata, made once (a name that cannot be
+    /// metadata is not sent; servers only use it as a hint).
+    node: Option<MetadataValue<Ascii>>,
     /// Wakes the resolver early when every server failed (scale-in/out).
     resolve_now: Notify,
 }
@@ -423,7 +427,9 @@ impl Pool {
         resolver: Arc<dyn Resolve>,
         metrics: GrpcMetrics,
     ) -> Pool {
+        let node = cfg.node.as_deref().and_then(|n| n.parse().ok());
         let balancer = Arc::new(Balancer {
+            node,
             cfg,
             connector,
             resolver,
@@ -469,15 +475,11 @@ impl Pool {
         self.balancer.refresh().await;
     }
 
-    /// A request about a pod, with this agent's node when it has one (a
-    /// name that cannot be metadata is not sent; servers only use it as a
-    /// hint).
+    /// A request about a pod, with this agent's node when it has one.
     fn about_pod<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        if let Some(node) = self.balancer.cfg.node.as_deref() {
-            if let Ok(value) = node.parse() {
-                request.metadata_mut().insert(NODE_KEY, value);
-            }
+        if let Some(node) = &self.balancer.node {
+            request.metadata_mut().insert(NODE_KEY, node.clone());
         }
         request
     }

@@ -206,23 +206,15 @@ fn kiam_runtime() -> tokio::runtime::Runtime {
 /// GetPodCredentials, each naming the agent's node (`kiam-node`).
 async fn pod_request(channel: Channel, ip: String, agent: usize) -> Result<()> {
     let node: tonic::metadata::MetadataValue<_> = node_name(agent).parse()?;
-    let about = |message| {
-        let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert(kiam::wire::NODE_KEY, node.clone());
-        request
+    let about = |request: &mut tonic::metadata::MetadataMap| {
+        request.insert(kiam::wire::NODE_KEY, node.clone());
     };
     let mut client = KiamServiceClient::new(channel);
-    let role = client
-        .get_pod_role(about(GetPodRoleRequest { ip: ip.clone() }))
-        .await?
-        .into_inner()
-        .name;
+    let mut request = tonic::Request::new(GetPodRoleRequest { ip: ip.clone() });
+    about(request.metadata_mut());
+    let role = client.get_pod_role(request).await?.into_inner().name;
     let mut request = tonic::Request::new(GetPodCredentialsRequest { ip, role });
-    request
-        .metadata_mut()
-        .insert(kiam::wire::NODE_KEY, node.clone());
+    about(request.metadata_mut());
     client.get_pod_credentials(request).await?;
     Ok(())
 }
