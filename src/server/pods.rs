@@ -660,28 +660,35 @@ impl PodCacheState {
         // 5952's canonical form here (Rust's Display) as by the kubelet (Go's
         // net.IP.String()), so the two spellings agree.
         let on_ip = format!("status.podIP={ip}");
+        // Filter on the IP again: the field selector is the server's
+        // business, the rule "never another pod's role" is ours.
+        let live_in = |list: kube::api::ObjectList<PodView>| -> Vec<CachedPod> {
+            let now = Timestamp::now();
+            list.items
+                .iter()
+                .map(|pod| self.entry(pod))
+                .filter(|e| e.info.has_ip(ip) && e.info.matches_ip_at(now))
+                .collect()
+        };
         // The timeout covers the wait for a slot too: a queue of lookups
         // behind a slow API server must not hold requests for longer.
-        let list = tokio::time::timeout(LOOKUP_TIMEOUT, async {
+        let live = tokio::time::timeout(LOOKUP_TIMEOUT, async {
             // The semaphore is never closed, so acquiring cannot fail.
             let _permit = self.lookup_permits.acquire().await;
             if let Some(node) = node {
                 let params = ListParams::default().fields(&format!("spec.nodeName={node},{on_ip}"));
-                let list = self.api.list(&params).await?;
-                let live = list.items.iter().any(|pod| {
-                    let info = PodInfo::from_view(pod);
-                    info.has_ip(ip) && info.matches_ip_at(Timestamp::now())
-                });
-                self.metrics.node_lookup(live);
-                if live {
-                    return Ok(list);
+                let live = live_in(self.api.list(&params).await?);
+                self.metrics.node_lookup(!live.is_empty());
+                if !live.is_empty() {
+                    return Ok(live);
                 }
                 tracing::debug!(pod.ip = %ip, node, "no pod on the agent's node has the IP; asking the whole cluster");
             }
-            self.api.list(&ListParams::default().fields(&on_ip)).await
+            let list = self.api.list(&ListParams::default().fields(&on_ip)).await?;
+            Ok::<_, kube::Error>(live_in(list))
         });
-        let list = match list.await {
-            Ok(Ok(list)) => list,
+        let mut live = match live.await {
+            Ok(Ok(live)) => live,
             Ok(Err(e)) => {
                 return Err(FindError::Api {
                     ip,
@@ -695,15 +702,6 @@ impl PodCacheState {
                 })
             }
         };
-        let now = Timestamp::now();
-        // Filter on the IP again: the field selector is the server's
-        // business, the rule "never another pod's role" is ours.
-        let mut live: Vec<CachedPod> = list
-            .items
-            .iter()
-            .map(|pod| self.entry(pod))
-            .filter(|e| e.info.has_ip(ip) && e.info.matches_ip_at(now))
-            .collect();
         match live.len() {
             0 => Err(FindError::NotFound),
             1 => {
